@@ -1,0 +1,63 @@
+"""Backend selection and per-device peak FLOP/s for MFU.
+
+``backend.platform``: ``auto`` keeps jax's default; ``cpu``/``gpu``/``tpu`` pin ``jax_platforms``
+(must happen before the first jax computation). ``hpu`` is reserved for the PJRT-plugin path.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tfm_jax.config import BackendConfig, Config, ConfigError
+
+# Dense peak FLOP/s per device (vendor figures) by device_kind substring, for MFU on accelerators.
+_PEAKS = {
+    "H200": {"bfloat16": 989e12, "float32": 67e12},
+    "H100": {"bfloat16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
+}
+
+
+def configure(cfg: BackendConfig) -> None:
+    if cfg.platform == "auto":
+        return
+    if cfg.platform == "hpu":
+        raise ConfigError("backend.platform=hpu: the HPU PJRT plugin path is not available in "
+                          "this version; use cpu, gpu, tpu or auto")
+    jax.config.update("jax_platforms", cfg.platform)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_peak(n: int = 1024, dtype: str = "float32", seconds: float = 0.5) -> float:
+    """FLOP/s of a jitted n x n x n matmul on the default device (median of repeats).
+
+    On CPU this is the whole machine's practical matmul peak (XLA:CPU spreads one GEMM over all
+    cores), the denominator the benchmarks use for MFU.
+    """
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 3:
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / float(np.median(times))
+
+
+def peak_flops(cfg: Config, n_devices: int) -> float:
+    """Peak FLOP/s of the devices a run uses (the MFU denominator)."""
+    if cfg.train.peak_flops is not None:
+        return cfg.train.peak_flops * n_devices
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":      # fake CPU devices share the same cores
+        return measured_matmul_peak(dtype=cfg.model.dtype)
+    for key, table in _PEAKS.items():
+        if key in dev.device_kind:
+            return table.get(cfg.model.dtype, table["float32"]) * n_devices
+    return measured_matmul_peak(dtype=cfg.model.dtype) * n_devices

@@ -1,0 +1,166 @@
+"""Command line: ``tfm-jax train | eval | generate | config show`` (also ``python -m tfm_jax``).
+
+Every command takes ``--config FILE`` (default ``configs/tiny.yaml``; a bare name such as
+``small`` is looked up in the shipped configs) and trailing ``section.key=value`` overrides.
+Exit codes: 0 ok, 2 invalid config or input, 1 training diverged, 130/143 interrupted (a
+checkpoint was saved; continue with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Optional, Sequence
+
+from tfm_jax.checkpoint import CheckpointMismatch
+from tfm_jax.config import Config, ConfigError, load_config
+from tfm_jax.data import DataError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None,
+                   help="YAML config (default configs/tiny.yaml); bare names resolve in configs/")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted overrides, e.g. model.n_kv_heads=1 train.steps=500")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tfm-jax", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model (default: tiny config, built-in corpus)")
+    _add_common(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p = sub.add_parser("eval", help="validation loss/perplexity of a run's latest checkpoint")
+    _add_common(p)
+    p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
+    p = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
+    _add_common(p)
+    p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
+    p.add_argument("--prompt", default=None, help="prompt text (default train.sample_prompt)")
+    p.add_argument("--tokens", type=int, default=None, help="new tokens (default "
+                   "train.sample_tokens)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("config", help="config utilities")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    p = csub.add_parser("show", help="print the resolved config as YAML")
+    _add_common(p)
+    return ap
+
+
+def _run_config(args) -> Config:
+    """For eval/generate: the run's saved config (if --run-dir given), with overrides."""
+    if getattr(args, "run_dir", None):
+        saved = pathlib.Path(args.run_dir) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--run-dir {args.run_dir}: no config.yaml there; is it a run "
+                              "directory written by 'tfm-jax train'?")
+        return load_config(str(saved), list(args.overrides) + [f"run.dir={args.run_dir}"])
+    return load_config(args.config, args.overrides)
+
+
+def _restore(cfg: Config):
+    from tfm_jax.checkpoint import Checkpointer
+    from tfm_jax.train import build
+
+    setup = build(cfg)
+    ckpt = Checkpointer(cfg.run_dir / "checkpoints")
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint under {cfg.run_dir / 'checkpoints'}; train first "
+                                "('tfm-jax train') or pass --run-dir of a trained run")
+    state = ckpt.restore(setup.abstract_state())
+    ckpt.close()
+    return setup, state
+
+
+def _sample(setup, state, prompt: str, tokens: int, temperature: float, top_k: int,
+            seed: int) -> str:
+    from tfm_jax.generate import generate_text
+
+    variables = {"params": state.params, **state.model_state}
+    with setup.context():
+        return generate_text(setup.model, variables, prompt, max_new_tokens=tokens,
+                             window=setup.cfg.data.seq_len, temperature=temperature,
+                             top_k=top_k, seed=seed)
+
+
+def cmd_train(args) -> int:
+    from tfm_jax import train as train_lib
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = train_lib.train(cfg, resume=args.resume)
+    except train_lib.Interrupted as err:
+        print(f"\ninterrupted: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except train_lib.NonFiniteError as err:
+        print(f"\ntraining stopped: {err}", file=sys.stderr)
+        return 1
+    run_dir = pathlib.Path(result.run_dir)
+    ev = result.eval
+    print(f"\nfinished step {result.final_step}: train loss {result.last_loss:.4f}, "
+          f"val loss {ev.get('val_loss', float('nan')):.4f} nats/token "
+          f"(ppl {ev.get('val_ppl', float('nan')):.2f}) vs unigram baseline "
+          f"{result.unigram_baseline:.4f}"
+          + (f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps
+             else ""))
+    if cfg.train.sample_tokens:
+        text = _sample(result.setup, result.state, cfg.train.sample_prompt, cfg.train.sample_tokens,
+                       0.8, 40, cfg.train.seed)
+        (run_dir / "samples.txt").write_text(text)
+        print(f"\n--- sample (prompt {cfg.train.sample_prompt!r}) ---\n{text}\n---")
+    print(f"\nrun directory: {run_dir}\n  config      {run_dir / 'config.yaml'}\n"
+          f"  metrics     {run_dir / 'metrics.jsonl'}\n  checkpoints {run_dir / 'checkpoints'}\n"
+          f"  tensorboard {run_dir / 'events'}  (tensorboard --logdir {run_dir / 'events'})\n"
+          f"  sample      {run_dir / 'samples.txt'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tfm_jax import data as data_lib
+    from tfm_jax.train import evaluate
+
+    cfg = _run_config(args)
+    setup, state = _restore(cfg)
+    corpus = data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.data.cache_dir)
+    row = evaluate(setup, state, corpus.val)
+    row["step"] = int(state.step)
+    row["unigram_baseline"] = data_lib.unigram_entropy(corpus.train, corpus.val)
+    print(json.dumps(row, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    cfg = _run_config(args)
+    setup, state = _restore(cfg)
+    prompt = cfg.train.sample_prompt if args.prompt is None else args.prompt
+    tokens = cfg.train.sample_tokens if args.tokens is None else args.tokens
+    print(_sample(setup, state, prompt, tokens, args.temperature, args.top_k, args.seed))
+    return 0
+
+
+def cmd_config(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
+                "config": cmd_config}
+    try:
+        return commands[args.command](args)
+    except ConfigError as err:
+        print(f"tfm-jax: {err}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointMismatch, FileNotFoundError, FileExistsError) as err:
+        print(f"tfm-jax: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""Typed, frozen, validated run configuration.
+
+A run is fully described by a YAML file plus dotted ``key=value`` overrides::
+
+    tfm-jax train --config configs/small.yaml model.n_kv_heads=1 train.steps=500
+
+Loading goes: YAML (optionally ``base:`` another YAML it extends) -> overrides applied to the
+raw mapping -> one pydantic validation pass. Every failure is raised as :class:`ConfigError` with
+one line per problem naming the dotted key, the offending value and what is allowed; the CLI turns
+it into exit code 2 before anything is compiled. Checks that need the runtime (device count vs
+mesh size) live in :func:`check_runtime`.
+
+This module imports neither jax nor flax: it sits at the bottom of the dependency graph.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import pathlib
+import re
+from typing import Any, Literal, Optional, Union
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "tiny.yaml"
+
+# Byte-level tokenizer: 256 byte ids + PAD, BOS, EOS (see tfm_jax.data.ByteTokenizer).
+BYTE_VOCAB_SIZE = 259
+
+# Mesh axes, in the order the device mesh is laid out (outermost first).
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# Logical -> mesh axis rules (ordered; flax takes the first rule whose mesh axes are still free
+# for a given array, so activations' `embed` falls back to replicated once `batch` took `fsdp`).
+DEFAULT_RULES: list[tuple[str, Union[str, list[str], None]]] = [
+    ("batch", ["data", "fsdp"]),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("expert", "expert"),
+    ("layers", None),
+    ("norm", None),
+    ("gate", None),
+]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. ``str(err)`` is the full, user-facing message."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    """Decoder-only Transformer LM shape and component choices."""
+
+    vocab_size: int = Field(264, gt=0)
+    d_model: int = Field(128, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    n_kv_heads: int = Field(2, gt=0, description="n_heads: MHA; 1: MQA; in between: GQA")
+    head_dim: Optional[int] = Field(None, gt=0, description="default d_model // n_heads")
+    # FFN hidden size rule (Llama): h = ffn_mult*d; swiglu: h = int(2h/3);
+    # h = int(ffn_dim_multiplier*h) if set; round h up to a multiple of `multiple_of`.
+    ffn_type: Literal["relu", "gelu", "swiglu"] = "swiglu"
+    ffn_mult: float = Field(4.0, gt=0)
+    ffn_dim_multiplier: Optional[float] = Field(None, gt=0)
+    multiple_of: int = Field(1, gt=0)
+    ffn_hidden: Optional[int] = Field(None, gt=0, description="explicit size; bypasses the rule")
+    norm: Literal["layernorm", "rmsnorm", "batchnorm", "none"] = "rmsnorm"
+    norm_position: Literal["pre", "post"] = "pre"
+    norm_eps: float = Field(1e-6, gt=0)
+    bn_masked: bool = Field(True, description="BatchNorm statistics over non-padding tokens only")
+    bn_momentum: float = Field(0.99, gt=0, lt=1)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_embeddings: bool = False
+    init_std: float = Field(0.02, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    scan_layers: bool = False
+    remat: Literal["none", "full", "dots"] = "none"
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_ffn_hidden(self) -> int:
+        return ffn_hidden_size(
+            self.d_model, self.ffn_type, self.ffn_mult, self.ffn_dim_multiplier,
+            self.multiple_of, self.ffn_hidden)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "ModelConfig":
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "choose n_heads dividing d_model or set model.head_dim explicitly")
+        if self.n_kv_heads > self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads="
+                f"{self.n_kv_heads} (MHA: equal, GQA: divisor, MQA: 1)")
+        if self.resolved_head_dim % 2:
+            raise ValueError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
+        return self
+
+
+def ffn_hidden_size(d_model: int, ffn_type: str, ffn_mult: float = 4.0,
+                    ffn_dim_multiplier: Optional[float] = None, multiple_of: int = 1,
+                    explicit: Optional[int] = None) -> int:
+    """FFN hidden width by the Llama rule.
+
+    ``h = ffn_mult * d``; for SwiGLU (three matrices instead of two) ``h = int(2h / 3)`` keeps the
+    parameter count of a 2-matrix FFN; then ``h = int(ffn_dim_multiplier * h)`` if given; finally
+    ``h`` is rounded *up* to a multiple of ``multiple_of``. Llama-3-8B: d=4096 -> 16384 -> 10922
+    -> x1.3 = 14198 -> round up to 1024 -> 14336. (``(2/3)*4d`` alone gives 10922, not 14336.)
+    """
+    if explicit is not None:
+        return explicit
+    hidden = int(ffn_mult * d_model)
+    if ffn_type == "swiglu":
+        hidden = int(2 * hidden / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+class DataConfig(_Section):
+    path: Optional[str] = Field(None, description="text file, folder or glob; None: built-in corpus")
+    tokenizer: Literal["byte"] = "byte"
+    seq_len: int = Field(128, gt=1)
+    val_fraction: float = Field(0.05, gt=0, le=0.5)
+    packing: bool = Field(True, description="False: one document per row, padded (masked)")
+    cache_dir: Optional[str] = None
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(16, gt=0, description="global batch (sequences per optimizer step)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per step (batch_size divisible)")
+    steps: int = Field(600, gt=0)
+    seed: int = 0
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="global-norm clip; 0 disables")
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(200, gt=0)
+    eval_batches: int = Field(8, gt=0)
+    checkpoint_every: int = Field(200, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    async_checkpoint: bool = True
+    sample_tokens: int = Field(200, ge=0, description="tokens generated at the end of a run")
+    sample_prompt: str = "def "
+    peak_flops: Optional[float] = Field(
+        None, gt=0, description="per-device FLOP/s for MFU; None: measured fp32 matmul peak")
+
+    @model_validator(mode="after")
+    def _cross(self) -> "TrainConfig":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
+                             f"train.grad_accum={self.grad_accum}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} exceeds "
+                             f"train.steps={self.steps}")
+        return self
+
+
+class MeshConfig(_Section):
+    """Device mesh sizes (product = device count; one axis may be -1 = fill) and logical rules."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    rules: list[tuple[str, Union[str, list[str], None]]] = Field(
+        default_factory=lambda: [tuple(r) for r in DEFAULT_RULES])
+
+    @model_validator(mode="after")
+    def _cross(self) -> "MeshConfig":
+        sizes = self.sizes
+        if sum(s == -1 for s in sizes.values()) > 1:
+            raise ValueError("at most one mesh axis may be -1 (fill with the remaining devices)")
+        for name, s in sizes.items():
+            if s == 0 or s < -1:
+                raise ValueError(f"mesh.{name}={s}: must be a positive size or -1")
+        seen = set()
+        for logical, mesh in self.rules:
+            targets = [] if mesh is None else [mesh] if isinstance(mesh, str) else list(mesh)
+            bad = [t for t in targets if t not in MESH_AXES]
+            if bad:
+                raise ValueError(f"mesh.rules: rule for '{logical}' names unknown mesh axis "
+                                 f"{bad[0]!r}; mesh axes are {list(MESH_AXES)}")
+            seen.add(logical)
+        return self
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in MESH_AXES}
+
+    def resolved_sizes(self, n_devices: int) -> dict[str, int]:
+        sizes = self.sizes
+        fixed = math.prod(s for s in sizes.values() if s != -1)
+        if -1 in sizes.values():
+            if n_devices % fixed:
+                raise ConfigError(
+                    f"mesh: the fixed axes multiply to {fixed}, which does not divide the "
+                    f"{n_devices} available devices; change the mesh.* sizes")
+            sizes = {a: (n_devices // fixed if s == -1 else s) for a, s in sizes.items()}
+        elif fixed != n_devices:
+            raise ConfigError(
+                f"mesh: data*fsdp*tensor*expert = {fixed} but {n_devices} devices are available; "
+                "make the product equal the device count, or set one axis to -1")
+        return sizes
+
+
+class QuantConfig(_Section):
+    recipe: Literal["none"] = "none"
+
+
+class MoEConfig(_Section):
+    n_experts: int = Field(0, ge=0, description="0: dense FFN")
+    top_k: int = Field(2, gt=0)
+    capacity_factor: float = Field(1.25, gt=0)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "MoEConfig":
+        if self.n_experts:
+            raise ValueError("moe.n_experts > 0: Mixture-of-Experts layers are not implemented in "
+                             "this version; keep moe.n_experts=0")
+        return self
+
+
+class BackendConfig(_Section):
+    platform: Literal["auto", "cpu", "gpu", "tpu", "hpu"] = "auto"
+
+
+class RunConfig(_Section):
+    name: Optional[str] = Field(None, description="default: config file stem + overrides")
+    dir: Optional[str] = Field(None, description="run directory; default runs/<name>")
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    quant: QuantConfig = QuantConfig()
+    moe: MoEConfig = MoEConfig()
+    backend: BackendConfig = BackendConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Config":
+        if self.data.tokenizer == "byte" and self.model.vocab_size < BYTE_VOCAB_SIZE:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the byte "
+                             f"tokenizer's {BYTE_VOCAB_SIZE} ids; use >= {BYTE_VOCAB_SIZE}")
+        return self
+
+    @property
+    def run_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.run.dir or pathlib.Path("runs") / (self.run.name or "run"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **overrides: Any) -> "Config":
+        """Dotted-key replacement with full re-validation: ``cfg.replace(**{"model.n_layers": 2})``."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return validate(raw)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, error formatting.
+
+
+def _section_fields(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at ``loc`` (the parent of an offending key)."""
+    cls = model_cls
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        cls = ann
+    return list(cls.model_fields)
+
+
+def _format_errors(err: pydantic.ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<config>"
+        if e["type"] == "extra_forbidden":
+            valid = _section_fields(Config, loc[:-1])
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join(map(str, loc[:-1] + (near[0],)))}'?" if near else ""
+            lines.append(f"{key}: unknown key{hint} (valid here: {', '.join(valid)})")
+        elif e["type"] == "value_error":
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            lines.append(msg if (not loc or f"{loc[0]}." in msg) else f"{key}: {msg}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except pydantic.ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: '{'.'.join(parts[:i + 1])}' is a value, not a "
+                              "section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["model.n_layers=2", "data.path=null"]`` -> ``{"model.n_layers": 2, "data.path": None}``.
+
+    Values are parsed as YAML scalars/lists, so ``true``, ``3e-4``, ``[a, b]`` and ``null`` work.
+    """
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", key):
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. "
+                              "model.n_layers=2")
+        try:
+            out[key] = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            out[key] = text
+    return out
+
+
+def _read_yaml(path: pathlib.Path, seen: tuple = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; shipped configs are in {CONFIG_DIR}: "
+                          f"{', '.join(sorted(p.name for p in CONFIG_DIR.glob('*.yaml')))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to {base_path}")
+    merged = _read_yaml(base_path, seen + (path.resolve(),))
+    _deep_merge(merged, raw)
+    return merged
+
+
+def _deep_merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def resolve_config_path(path: Optional[str]) -> pathlib.Path:
+    """A path as given, or a bare name looked up in the shipped ``configs/`` folder."""
+    if path is None:
+        return CONFIG_DIR / DEFAULT_CONFIG
+    p = pathlib.Path(path)
+    if not p.exists() and (CONFIG_DIR / p.name).exists() and len(p.parts) == 1:
+        return CONFIG_DIR / p.name
+    if not p.exists() and not p.suffix and (CONFIG_DIR / f"{p.name}.yaml").exists():
+        return CONFIG_DIR / f"{p.name}.yaml"
+    return p
+
+
+def _run_name(stem: str, overrides: dict[str, Any]) -> str:
+    parts = [stem] + [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()
+                      if not k.startswith("run.")]
+    return re.sub(r"[^\w.=+-]+", "_", "-".join(parts))[:120]
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load ``path`` (default ``configs/tiny.yaml``), apply dotted overrides, validate once."""
+    cfg_path = resolve_config_path(path)
+    raw = _read_yaml(cfg_path)
+    ov = parse_overrides(list(overrides or []))
+    for key, value in ov.items():
+        _set_dotted(raw, key, value)
+    run = raw.setdefault("run", {}) if isinstance(raw.get("run", {}), dict) else raw["run"]
+    if isinstance(run, dict) and not run.get("name"):
+        run["name"] = _run_name(cfg_path.stem, ov)
+    return validate(raw)
+
+
+def check_runtime(cfg: Config, n_devices: int) -> dict[str, int]:
+    """Checks that need the runtime: mesh size vs devices, batch divisibility. Returns mesh sizes."""
+    sizes = cfg.mesh.resolved_sizes(n_devices)
+    shards = sizes["data"] * sizes["fsdp"]
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % shards:
+        raise ConfigError(
+            f"train.batch_size/train.grad_accum = {micro} sequences per micro-batch is not "
+            f"divisible by the {shards} batch shards (mesh.data*mesh.fsdp); change the batch "
+            "size or the mesh")
+    return sizes

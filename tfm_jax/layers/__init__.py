@@ -1,0 +1,1 @@
+"""Transformer building blocks: pure numerics plus thin Linen modules holding their parameters."""

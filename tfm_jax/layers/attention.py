@@ -1,0 +1,106 @@
+"""Multi-head attention with grouped K/V heads (MHA / GQA / MQA) and rotary embeddings.
+
+Split in two, as in MaxText:
+
+* pure numerics -- :func:`rope`, :func:`make_attention_mask`, :func:`grouped_attention`;
+* :class:`Attention` -- the projections (q: d -> H x Dh, k/v: d -> Hkv x Dh, o: H x Dh -> d)
+  holding parameters with logical axes, calling the op.
+
+GQA never materialises repeated K/V heads: queries are viewed as (B, T, Hkv, G, Dh) with
+G = H / Hkv query heads per K/V head, and the score einsum contracts each group against its one
+K/V head. Query head ``h`` uses K/V head ``h // G`` (groups are contiguous).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from tfm_jax.layers.linear import Linear
+from tfm_jax.parallel import axes
+
+NEG_INF = -1e30  # finite, so fully-masked rows give a uniform (not NaN) softmax
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, "rotate-half" convention.
+
+    x: (B, T, H, D), positions: (B, T) int. With ``inv_freq[i] = theta^(-2i/D)``, ``a = pos *
+    inv_freq`` and x split into halves (x1, x2): ``out = [x1 cos a - x2 sin a, x2 cos a + x1 sin a]``.
+    """
+    d = x.shape[-1]
+    inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)         # (D/2,)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq               # (B, T, D/2)
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # (B, T, 1, D/2)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def make_attention_mask(q_positions: jax.Array, k_positions: jax.Array,
+                        k_valid: Optional[jax.Array] = None) -> jax.Array:
+    """Causal (+ key padding) mask. q_positions (B, T), k_positions (B, S), k_valid (B, S)
+    -> bool (B, T, S): query t may attend key s iff pos_k[s] <= pos_q[t] and key s is valid."""
+    mask = k_positions[:, None, :] <= q_positions[:, :, None]
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, :].astype(bool)
+    return mask
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention with grouped K/V heads.
+
+    q: (B, T, H, D); k, v: (B, S, Hkv, D); mask: bool (B, T, S). Returns (B, T, H, D).
+    Scores and softmax are computed in float32.
+    """
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    if h % hkv:
+        raise ValueError(f"{h} query heads are not a multiple of {hkv} kv heads")
+    qg = q.reshape(b, t, hkv, h // hkv, d)                                      # (B, T, K, G, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)              # (B, K, G, T, S)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)                             # (B, T, K, G, D)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nn.Module):
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    dot_general_cls: Optional[Callable[[], nn.Module]] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        """x (B, T, d), positions (B, T), mask bool (B, T, T) -> (B, T, d)."""
+        d = x.shape[-1]
+
+        def proj(heads, head_axis, name):
+            return Linear((heads, self.head_dim), (axes.EMBED, head_axis, axes.HEAD_DIM),
+                          init_std=self.init_std, dtype=self.dtype,
+                          param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
+                          name=name)(x)
+
+        q = proj(self.n_heads, axes.HEADS, "q_proj")                   # (B, T, H, Dh)
+        k = proj(self.n_kv_heads, axes.KV_HEADS, "k_proj")             # (B, T, Hkv, Dh)
+        v = proj(self.n_kv_heads, axes.KV_HEADS, "v_proj")             # (B, T, Hkv, Dh)
+        q = nn.with_logical_constraint(q, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
+        k = nn.with_logical_constraint(k, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEAD_DIM))
+        q = rope(q, positions, self.rope_theta)
+        k = rope(k, positions, self.rope_theta)
+        out = grouped_attention(q, k, v, mask)                          # (B, T, H, Dh)
+        out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.HEADS,
+                                               axes.HEAD_DIM))
+        return Linear(d, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), in_axes=2,
+                      init_std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype,
+                      dot_general_cls=self.dot_general_cls, name="o_proj")(out)

@@ -1,0 +1,57 @@
+"""Position-wise feed-forward: ReLU / GELU (2 matrices) or SwiGLU (3 matrices, gate+up fused).
+
+* relu/gelu: ``FFN(x) = act(x W_in) W_out``, W_in: (d, F), W_out: (F, d). GELU is the exact erf
+  form.
+* swiglu:    ``FFN(x) = (silu(x W_gate) * (x W_up)) W_out``; W_gate and W_up are stored as one
+  kernel (d, 2, F) so the input projection is a single GEMM.
+
+The hidden width F comes from :func:`tfm_jax.config.ffn_hidden_size` (the Llama rule).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from tfm_jax.layers.linear import Linear
+from tfm_jax.parallel import axes
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``silu(gate) * up`` with ``silu(z) = z * sigmoid(z)``."""
+    return jax.nn.silu(gate) * up
+
+
+class FeedForward(nn.Module):
+    hidden: int
+    kind: str = "swiglu"
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    dot_general_cls: Optional[Callable[[], nn.Module]] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        dense = lambda feats, kaxes, std, name: Linear(  # noqa: E731
+            feats, kaxes, init_std=std, dtype=self.dtype, param_dtype=self.param_dtype,
+            dot_general_cls=self.dot_general_cls, name=name)
+        if self.kind == "swiglu":
+            h = dense((2, self.hidden), (axes.EMBED, axes.GATE, axes.MLP), self.init_std, "wi")(x)
+            h = swiglu(h[..., 0, :], h[..., 1, :])                   # (B, T, F)
+        elif self.kind in ACTIVATIONS:
+            h = ACTIVATIONS[self.kind](
+                dense(self.hidden, (axes.EMBED, axes.MLP), self.init_std, "wi")(x))
+        else:
+            raise ValueError(f"unknown ffn kind {self.kind!r}")
+        h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.MLP))
+        return dense(d, (axes.MLP, axes.EMBED), self.out_init_std, "wo")(h)   # (B, T, d)

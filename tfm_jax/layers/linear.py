@@ -1,0 +1,55 @@
+"""Projection with logical-axis parameters and an injectable ``dot_general``.
+
+Every matmul of the model goes through :class:`Linear`, so quantization recipes (INT8, FP8 with
+delayed scaling) slot in by passing ``dot_general_cls``: a factory of a Linen module called like
+``jax.lax.dot_general``. Such a module may keep its own state (scales, amax history) as variables
+next to the kernel, i.e. in the params tree under this projection's path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+DotGeneral = Callable[..., jax.Array]
+
+
+def _canon(x: Union[int, Sequence[int]]) -> tuple[int, ...]:
+    return (x,) if isinstance(x, int) else tuple(x)
+
+
+class Linear(nn.Module):
+    """``y = x @ W`` contracting the last ``in_axes`` axes of x with the first of W.
+
+    Kernel shape: ``x.shape[-in_axes:] + features``; its logical axes are ``kernel_axes``.
+    """
+
+    features: Union[int, Sequence[int]]
+    kernel_axes: Sequence[str]
+    in_axes: int = 1
+    init_std: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    dot_general: DotGeneral = jax.lax.dot_general
+    dot_general_cls: Optional[Callable[[], nn.Module]] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = _canon(self.features)
+        in_shape = x.shape[x.ndim - self.in_axes:]
+        kernel_shape = in_shape + features
+        if len(self.kernel_axes) != len(kernel_shape):
+            raise ValueError(f"{self.name}: kernel_axes {self.kernel_axes} do not match kernel "
+                             f"shape {kernel_shape}")
+        init = nn.initializers.normal(self.init_std)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.kernel_axes)),
+                            kernel_shape, self.param_dtype)
+        x = x.astype(self.dtype)
+        kernel = jnp.asarray(kernel, self.dtype)
+        dot_general = self.dot_general_cls() if self.dot_general_cls else self.dot_general
+        lhs_contract = tuple(range(x.ndim - self.in_axes, x.ndim))
+        rhs_contract = tuple(range(self.in_axes))
+        return dot_general(x, kernel, ((lhs_contract, rhs_contract), ((), ())), precision=None)

@@ -1,0 +1,92 @@
+"""Run telemetry: ``metrics.jsonl``, TensorBoard event files and a progress bar.
+
+Only process 0 writes. On resume, rows past the resumed step are dropped (from the JSONL file and,
+via ``purge_step``, from TensorBoard), so a resumed run's logs read as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Optional
+
+import jax
+from tqdm.auto import tqdm
+
+
+def _truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: pathlib.Path, *, resume_step: int = 0, tensorboard: bool = True,
+                 progress: bool = True, total_steps: int = 0, initial_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        self.path = pathlib.Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step:
+            _truncate_jsonl(self.path, resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+        self._file = self.path.open("a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "events"),
+                                     purge_step=resume_step or None)
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
+                             dynamic_ncols=True, desc="train")
+
+    def log(self, step: int, row: dict[str, Any], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: v for k, v in row.items() if v is not None}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            if kind == "train":
+                post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+                if row.get("mfu") is not None:
+                    post["mfu"] = f"{100 * row['mfu']:.1f}%"
+                self._bar.set_postfix(post, refresh=False)
+            else:
+                self.info(f"step {step}: " + ", ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in row.items() if k != "step"))
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            (self._bar.write if self._bar is not None else print)(msg)
+
+    warn = info
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._file.close()
+
+
+def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
+    """All rows of a run's ``metrics.jsonl``."""
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,138 @@
+"""Decoder-only Transformer LM assembled from :mod:`tfm_jax.layers`, every choice from config.
+
+Block (``norm_position``):
+
+* pre  (GPT-2/Llama): ``h = x + Attn(N1(x));  y = h + FFN(N2(h))``; a final norm before the head.
+* post (original):    ``h = N1(x + Attn(x));  y = N2(h + FFN(h))``; no final norm.
+
+Activations carry logical axes (batch, length, embed) at block boundaries; parameters get theirs
+at creation. ``scan_layers`` stacks the blocks under ``nn.scan`` (one compiled block, a leading
+``layers`` axis on every block parameter); ``remat`` recomputes block activations in backward.
+
+Variables: ``params``; with ``norm: batchnorm`` also ``batch_stats`` (running statistics,
+mutable in train mode).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from tfm_jax.config import ModelConfig
+from tfm_jax.layers.attention import Attention, make_attention_mask
+from tfm_jax.layers.embed import Embed
+from tfm_jax.layers.ffn import FeedForward
+from tfm_jax.layers.linear import Linear
+from tfm_jax.layers.norms import make_norm
+from tfm_jax.parallel import axes
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    train: bool = False
+    dot_general_cls: Optional[Callable[[], nn.Module]] = None
+
+    @nn.compact
+    def __call__(self, x, positions, attn_mask, token_mask):
+        """x (B, T, d) -> (B, T, d). Returns ``(y, None)`` so it can be scanned."""
+        cfg = self.cfg
+        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        out_std = cfg.init_std / np.sqrt(2 * cfg.n_layers)   # GPT-2 residual-branch scaling
+        norm = lambda name: make_norm(  # noqa: E731
+            cfg.norm, eps=cfg.norm_eps, bn_momentum=cfg.bn_momentum, bn_masked=cfg.bn_masked,
+            param_dtype=pdtype, name=name)
+        attn = Attention(cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
+                         init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
+                         param_dtype=pdtype, dot_general_cls=self.dot_general_cls, name="attn")
+        ffn = FeedForward(cfg.resolved_ffn_hidden, cfg.ffn_type, init_std=cfg.init_std,
+                          out_init_std=out_std, dtype=dtype, param_dtype=pdtype,
+                          dot_general_cls=self.dot_general_cls, name="ffn")
+        n1, n2 = norm("attn_norm"), norm("ffn_norm")
+        if cfg.norm_position == "pre":
+            h = x + attn(n1(x, token_mask, train=self.train), positions, attn_mask)
+            y = h + ffn(n2(h, token_mask, train=self.train))
+        else:
+            h = n1(x + attn(x, positions, attn_mask), token_mask, train=self.train)
+            y = n2(h + ffn(h), token_mask, train=self.train)
+        return nn.with_logical_constraint(y.astype(dtype), axes.ACT_BTD), None
+
+
+class TransformerLM(nn.Module):
+    """tokens (B, T) -> logits (B, T, vocab) in float32."""
+
+    cfg: ModelConfig
+    dot_general_cls: Optional[Callable[[], nn.Module]] = None
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, *, positions: Optional[jax.Array] = None,
+                 token_mask: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
+        cfg = self.cfg
+        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        attn_mask = make_attention_mask(positions, positions, token_mask)          # (B, T, T)
+
+        embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype, pdtype, name="embed")
+        x = nn.with_logical_constraint(embed(tokens), axes.ACT_BTD)                # (B, T, d)
+
+        block_cls = Block
+        if cfg.remat != "none":
+            policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                      if cfg.remat == "dots" else None)
+            block_cls = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(block_cls, variable_axes={"params": 0, "batch_stats": 0},
+                            split_rngs={"params": True}, in_axes=(nn.broadcast,) * 3,
+                            length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: axes.LAYERS})
+            x, _ = stack(cfg, train, self.dot_general_cls, name="layers")(
+                x, positions, attn_mask, token_mask)
+        else:
+            for i in range(cfg.n_layers):
+                x, _ = block_cls(cfg, train, self.dot_general_cls, name=f"layers_{i}")(
+                    x, positions, attn_mask, token_mask)
+
+        if cfg.norm_position == "pre":
+            x = make_norm(cfg.norm, eps=cfg.norm_eps, bn_momentum=cfg.bn_momentum,
+                          bn_masked=cfg.bn_masked, param_dtype=pdtype, name="final_norm")(
+                x, token_mask, train=train)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Linear(cfg.vocab_size, (axes.EMBED, axes.VOCAB), init_std=cfg.init_std,
+                            dtype=dtype, param_dtype=pdtype,
+                            dot_general_cls=self.dot_general_cls, name="lm_head")(x)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), axes.ACT_BTV)
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by the config's formulas (checked against the real tree in tests)."""
+    d, h, hkv, dh, f, v, n = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
+                              cfg.resolved_ffn_hidden, cfg.vocab_size, cfg.n_layers)
+    attn = d * (h + 2 * hkv) * dh + h * dh * d
+    ffn = (3 if cfg.ffn_type == "swiglu" else 2) * d * f
+    norm_vec = {"layernorm": 2 * d, "rmsnorm": d, "batchnorm": 2 * d, "none": 0}[cfg.norm]
+    final = norm_vec if cfg.norm_position == "pre" else 0
+    head = 0 if cfg.tie_embeddings else d * v
+    embedding = v * d
+    total = embedding + n * (attn + ffn + 2 * norm_vec) + final + head
+    return {"total": total, "embedding": embedding, "matmul": n * (attn + ffn) + (d * v)}
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward), PaLM (appendix B) convention.
+
+    Forward per token: ``2 * N_matmul`` (every projection incl. the LM head -- tied or not -- but
+    not the embedding gather) ``+ 4 * n_layers * seq_len * H * Dh`` (QK^T and PV, counted over
+    the full T x T square, ignoring the causal half). Norms, softmax, RoPE and the optimizer are
+    not counted.
+    """
+    n_matmul = count_params(cfg)["matmul"]
+    attn = 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.resolved_head_dim
+    return 3.0 * (2.0 * n_matmul + attn)

@@ -1,0 +1,1 @@
+"""Logical sharding axes and the mesh they map to."""

@@ -1,0 +1,24 @@
+"""Logical axis names, declared once.
+
+Layers annotate parameters and activations with these names only; one rule table
+(``mesh.rules`` in the config, default :data:`tfm_jax.config.DEFAULT_RULES`) maps them to mesh axes.
+"""
+
+BATCH = "batch"          # sequences
+LENGTH = "length"        # positions in a sequence
+EMBED = "embed"          # model width d_model
+HEADS = "heads"          # query heads
+KV_HEADS = "kv_heads"    # key/value heads (GQA/MQA)
+HEAD_DIM = "head_dim"    # per-head width
+MLP = "mlp"              # FFN hidden width
+VOCAB = "vocab"          # token ids
+EXPERT = "expert"        # MoE experts
+LAYERS = "layers"        # stacked layer axis under nn.scan
+NORM = "norm"            # norm scale/bias vectors (kept replicated)
+GATE = "gate"            # the (gate, up) pair of a fused SwiGLU input projection
+
+ALL = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, EXPERT, LAYERS, NORM, GATE)
+
+# Activation layouts at block boundaries.
+ACT_BTD = (BATCH, LENGTH, EMBED)
+ACT_BTV = (BATCH, LENGTH, VOCAB)

@@ -1,0 +1,446 @@
+"""Train state, the jitted train/eval steps, and the training loop.
+
+The step is one pure function ``(state, batch) -> (state, metrics)``, jitted once with the state
+donated and every array sharded over the mesh by the logical rule table. Gradient accumulation
+runs inside the step (``lax.scan`` over micro-batches), so an optimizer step is one dispatch and
+its result does not depend on how the batch was split (up to float summation order).
+
+Resume is exact: the data pipeline is a pure function of ``(seed, step)`` and the state (params,
+optimizer moments, BatchNorm statistics, step) is restored whole from an orbax checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import time
+from functools import partial
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tfm_jax import backends, data as data_lib
+from tfm_jax.checkpoint import Checkpointer
+from tfm_jax.config import Config, check_runtime
+from tfm_jax.metrics import MetricsLogger
+from tfm_jax.model import TransformerLM, count_params, train_flops_per_token
+from tfm_jax.parallel import mesh as mesh_lib
+
+
+class NonFiniteError(FloatingPointError):
+    """Loss or gradients became NaN/inf and ``train.on_nonfinite`` is ``stop``."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT/SIGTERM received; a checkpoint was saved. ``signum`` says which."""
+
+    def __init__(self, msg: str, signum: int):
+        super().__init__(msg)
+        self.signum = signum
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array        # int32 scalar: optimizer steps taken
+    params: Any
+    model_state: Any       # non-param collections, e.g. {"batch_stats": ...}; {} if none
+    opt_state: Any
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and loss.
+
+
+def lr_schedule(cfg: Config) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, cosine decay to ``lr*min_lr_ratio``
+    at ``steps``."""
+    t = cfg.train
+    return optax.warmup_cosine_decay_schedule(
+        0.0, t.lr, t.warmup_steps, max(t.steps, t.warmup_steps + 1), t.lr * t.min_lr_ratio)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay on matrices only) after global-norm clipping."""
+    t = cfg.train
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
+    parts.append(optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
+                             weight_decay=t.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def input_mask(target_mask: jax.Array) -> jax.Array:
+    """Valid-input mask from the valid-target mask: input t is real iff t == 0 (BOS / first
+    token) or target t-1 is real (inputs are targets shifted right by one). (B, T) -> (B, T)."""
+    return jnp.concatenate([jnp.ones_like(target_mask[:, :1]), target_mask[:, :-1]], axis=1)
+
+
+def masked_ce_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sum over valid positions of -log p(target). logits (B, T, V) f32, targets/mask (B, T)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(ce * mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps.
+
+
+def _forward(model: nn.Module, params, model_state, batch, *, train: bool):
+    variables = {"params": params, **model_state}
+    mutable = list(model_state) if (train and model_state) else False
+    out = model.apply(variables, batch["inputs"], token_mask=input_mask(batch["mask"]),
+                      train=train, mutable=mutable)
+    logits, new_state = out if mutable else (out, model_state)
+    return logits, dict(new_state)
+
+
+def nonfinite_flags(tree: Any) -> Any:
+    """Per-leaf flag ``any(~isfinite)``; leaves stacked by ``nn.scan`` get one flag per layer."""
+    def flag(path, x):
+        stacked = any(getattr(k, "key", None) == "layers" for k in path)
+        if stacked and x.ndim >= 1:
+            return ~jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+        return ~jnp.all(jnp.isfinite(x))
+    return jax.tree_util.tree_map_with_path(flag, tree)
+
+
+def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformation
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    n_micro = cfg.train.grad_accum
+    skip_nonfinite = cfg.train.on_nonfinite == "skip"
+
+    def micro_loss(params, model_state, batch):
+        logits, new_state = _forward(model, params, model_state, batch, train=True)
+        return masked_ce_sum(logits, batch["targets"], batch["mask"]), new_state
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        n_tokens = jnp.maximum(batch["mask"].sum(), 1.0)
+        if n_micro == 1:
+            (loss_sum, model_state), grads = grad_fn(state.params, state.model_state, batch)
+        else:
+            # (B, ...) -> (A, B/A, ...), micro-batch a = rows a, a+A, ... so each device keeps
+            # its own rows in every micro-batch (no resharding of the batch dimension).
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // n_micro, n_micro, *x.shape[1:]).swapaxes(0, 1),
+                batch)
+
+            def body(carry, mb):
+                loss_acc, grad_acc, mstate = carry
+                (loss_sum, mstate), g = grad_fn(state.params, mstate, mb)
+                return (loss_acc + loss_sum, jax.tree.map(jnp.add, grad_acc, g), mstate), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (loss_sum, grads, model_state), _ = jax.lax.scan(
+                body, (jnp.zeros((), jnp.float32), zeros, state.model_state), micro)
+        loss = loss_sum / n_tokens
+        grads = jax.tree.map(lambda g: g / n_tokens, grads)
+        grad_flags = nonfinite_flags(grads)
+        finite = jnp.isfinite(loss) & ~jnp.any(
+            jnp.stack([jnp.any(f) for f in jax.tree.leaves(grad_flags)]))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(state.step + 1, params, model_state, opt_state)
+        if skip_nonfinite:
+            new = TrainState(new.step, *jax.tree.map(
+                lambda n, o: jnp.where(finite, n, o),
+                (new.params, new.model_state, new.opt_state),
+                (state.params, state.model_state, state.opt_state)))
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite,
+                   "grad_nonfinite": grad_flags, "param_nonfinite": nonfinite_flags(state.params),
+                   "lr": lr_schedule(cfg)(state.step), "tokens": n_tokens}
+        return new, metrics
+
+    return step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[TrainState, dict], tuple[jax.Array, jax.Array]]:
+    def step(state: TrainState, batch: dict):
+        logits, _ = _forward(model, state.params, state.model_state, batch, train=False)
+        return masked_ce_sum(logits, batch["targets"], batch["mask"]), batch["mask"].sum()
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up: mesh, sharded state, compiled steps.
+
+
+@dataclasses.dataclass
+class Setup:
+    cfg: Config
+    mesh: Mesh
+    rules: tuple
+    model: TransformerLM
+    tx: optax.GradientTransformation
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    train_step: Callable
+    eval_step: Callable
+    init_fn: Callable
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """Mesh + logical rules, needed while tracing/calling the model."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def init_state(self) -> TrainState:
+        with self.context():
+            return self.init_fn(jax.random.key(self.cfg.train.seed))
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and target shardings of the state (for checkpoint restore)."""
+        shapes = jax.eval_shape(self.init_fn, jax.random.key(self.cfg.train.seed))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings)
+
+    def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return data_lib.shard_batch(batch, self.batch_sharding, self.cfg.train.batch_size)
+
+
+def build(cfg: Config, devices: Optional[list] = None) -> Setup:
+    """Mesh, model, optimizer, state shardings and jitted steps for ``cfg``."""
+    devices = list(jax.devices() if devices is None else devices)
+    check_runtime(cfg, len(devices))
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    rules = mesh_lib.rules_tuple(cfg.mesh.rules)
+    model = TransformerLM(cfg.model)
+    tx = make_optimizer(cfg)
+    dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+
+    def init_boxed(rng):
+        return model.init(rng, dummy, train=False)
+
+    def init_fn(rng) -> TrainState:
+        variables = nn.meta.unbox(init_boxed(rng))
+        params = variables.pop("params")
+        return TrainState(jnp.zeros((), jnp.int32), params, variables, tx.init(params))
+
+    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    var_specs = nn.get_partition_spec(boxed)
+    mesh_lib.check_rules_cover(var_specs, rules)
+    param_specs = var_specs.pop("params")
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    opt_specs = optax.tree_map_params(
+        tx, lambda _, spec: spec, abstract.opt_state, param_specs,
+        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+    specs = TrainState(P(), param_specs, var_specs, opt_specs)
+    state_shardings = mesh_lib.logical_to_sharding(specs, mesh, rules)
+    mesh_lib.check_divisible(abstract, state_shardings)
+    batch_sharding = mesh_lib.data_sharding(mesh, rules)
+    batch_shardings = {k: batch_sharding for k in ("inputs", "targets", "mask")}
+
+    train_step = jax.jit(make_train_step(cfg, model, tx),
+                         in_shardings=(state_shardings, batch_shardings),
+                         out_shardings=(state_shardings, None), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings, batch_shardings))
+    jit_init = jax.jit(init_fn, out_shardings=state_shardings)
+    return Setup(cfg, mesh, rules, model, tx, state_shardings, batch_sharding, train_step,
+                 eval_step, jit_init)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def evaluate(setup: Setup, state: TrainState, val_tokens: np.ndarray) -> dict[str, float]:
+    """Mean validation loss (nats/token) and perplexity over ``train.eval_batches`` batches."""
+    cfg = setup.cfg
+    total, count = 0.0, 0.0
+    with setup.context():
+        for batch in data_lib.eval_batches(val_tokens, batch_size=cfg.train.batch_size,
+                                           seq_len=cfg.data.seq_len,
+                                           max_batches=cfg.train.eval_batches):
+            s, n = setup.eval_step(state, setup.shard_batch(batch))
+            total, count = total + float(s), count + float(n)
+    val_loss = total / max(count, 1.0)
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+            "val_tokens": int(count)}
+
+
+def describe_nonfinite(m: dict, param_paths: list[str]) -> str:
+    """Human description of which parameters/gradients hold NaN/inf, by tree path and layer."""
+    def offenders(flags) -> list[str]:
+        names = []
+        for path, f in zip(param_paths, jax.tree.leaves(flags)):
+            f = np.asarray(f)
+            if f.ndim == 0 and f:
+                names.append(path)
+            elif f.ndim == 1:
+                names += [f"{path}[layer {i}]" for i in np.flatnonzero(f)]
+        return names
+
+    bad_params, bad_grads = offenders(m["param_nonfinite"]), offenders(m["grad_nonfinite"])
+    parts = [f"loss={float(m['loss'])}"]
+    if bad_params:
+        parts.append(f"non-finite parameters in {', '.join(bad_params[:5])}")
+    if bad_grads:
+        parts.append(f"non-finite gradients first in {bad_grads[0]} "
+                     f"({len(bad_grads)} tensors affected)")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    run_dir: str
+    final_step: int
+    last_loss: float
+    eval: dict[str, float]
+    unigram_baseline: float
+    skipped_steps: int
+    setup: Setup
+
+
+class _SignalFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:   # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:        # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
+          corpus: Optional[data_lib.Corpus] = None,
+          step_hook: Optional[Callable[[int], None]] = None) -> TrainResult:
+    """Run training as configured; writes the run directory. ``step_hook(step)`` is called after
+    each step (tests use it to inject interruptions)."""
+    backends.configure(cfg.backend)
+    run_dir = cfg.run_dir
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
+                        async_save=cfg.train.async_checkpoint)
+    if not resume and ckpt.latest_step() is not None:
+        raise FileExistsError(
+            f"run directory {run_dir} already has checkpoints (latest step "
+            f"{ckpt.latest_step()}); pass --resume to continue it, or choose another run.dir")
+    corpus = corpus or data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction,
+                                            cfg.data.cache_dir)
+    setup = build(cfg, devices)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    start_step = 0
+    if resume and ckpt.latest_step() is not None:
+        state = ckpt.restore(setup.abstract_state())
+        start_step = int(state.step)
+    else:
+        state = setup.init_state()
+
+    param_paths = [jax.tree_util.keystr(p, simple=True, separator="/")
+                   for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
+    flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = backends.peak_flops(cfg, n_devices=len(setup.mesh.devices.flat))
+    unigram = data_lib.unigram_entropy(corpus.train, corpus.val)
+    logger = MetricsLogger(run_dir, resume_step=start_step, tensorboard=cfg.run.tensorboard,
+                           progress=cfg.run.progress, total_steps=cfg.train.steps,
+                           initial_step=start_step)
+    logger.info(f"run dir {run_dir} | params {count_params(cfg.model)['total']:,} | "
+                f"mesh {dict(setup.mesh.shape)} | corpus {corpus.num_train_tokens:,} train / "
+                f"{corpus.num_val_tokens:,} val tokens | unigram baseline {unigram:.3f} nats")
+
+    rows = data_lib.process_rows(cfg.train.batch_size)
+    t = cfg.train
+    skipped, last_loss, eval_row = 0, float("nan"), {}
+    window = {"t0": time.perf_counter(), "tokens": 0.0, "losses": []}
+    pending: Optional[tuple[int, dict]] = None
+
+    def handle(step_done: int, m: dict) -> None:
+        """Host-side handling of step ``step_done``'s metrics (one step behind the device)."""
+        nonlocal skipped, last_loss
+        m = jax.device_get(m)
+        if not bool(m["finite"]):
+            msg = f"non-finite loss/gradients at step {step_done}: " + describe_nonfinite(
+                m, param_paths)
+            if t.on_nonfinite == "stop":
+                raise NonFiniteError(msg + ". Lower train.lr, enable train.grad_clip, or set "
+                                     "train.on_nonfinite=skip. Last good checkpoint: "
+                                     f"{ckpt.latest_step()}")
+            skipped += 1
+            logger.warn(msg + " (update skipped)")
+            return
+        last_loss = float(m["loss"])
+        if step_done == start_step + 1:      # includes compilation: keep out of tokens/s
+            window.update(t0=time.perf_counter(), tokens=0.0, losses=[])
+            return
+        window["tokens"] += float(m["tokens"])
+        window["losses"].append(last_loss)
+        if step_done % t.log_every == 0 or step_done == t.steps:
+            dt = time.perf_counter() - window["t0"]
+            tps = window["tokens"] / dt if dt > 0 else 0.0
+            logger.log(step_done, {
+                "loss": float(np.mean(window["losses"])), "lr": float(m["lr"]),
+                "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps,
+                "mfu": tps * flops_tok / peak if peak else None, "skipped": skipped})
+            window.update(t0=time.perf_counter(), tokens=0.0, losses=[])
+
+    with _SignalFlag() as sig, setup.context():
+        step = start_step
+        try:
+            while step < t.steps:
+                batch = data_lib.train_batch(
+                    corpus.train, corpus.train_doc_starts, step=step, seed=t.seed,
+                    batch_size=t.batch_size, seq_len=cfg.data.seq_len,
+                    packing=cfg.data.packing, rows=rows)
+                state, metrics = setup.train_step(state, setup.shard_batch(batch))
+                step += 1
+                if pending is not None:
+                    handle(*pending)
+                pending = (step, metrics)
+                if step_hook is not None:
+                    step_hook(step)
+                if (step % t.eval_every == 0 or step % t.checkpoint_every == 0
+                        or step == t.steps or sig.signum is not None):
+                    handle(*pending)   # never evaluate or save a state not checked finite
+                    pending = None
+                t_pause = time.perf_counter()
+                if step % t.eval_every == 0 or step == t.steps:
+                    eval_row = evaluate(setup, state, corpus.val)
+                    logger.log(step, eval_row, kind="eval")
+                if step % t.checkpoint_every == 0 or step == t.steps:
+                    ckpt.save(step, state)
+                window["t0"] += time.perf_counter() - t_pause   # eval/save: not training time
+                if sig.signum is not None:
+                    if ckpt.latest_step() != step:
+                        ckpt.save(step, state)
+                    ckpt.wait()
+                    name = signal.Signals(sig.signum).name
+                    raise Interrupted(f"{name} at step {step}: checkpoint saved to "
+                                      f"{ckpt.directory}; continue with --resume", sig.signum)
+            if pending is not None:
+                handle(*pending)
+        finally:
+            ckpt.wait()
+            ckpt.close()
+            logger.close()
+    return TrainResult(state, str(run_dir), step, last_loss, eval_row, unigram, skipped, setup)
