@@ -23,7 +23,24 @@ from typing import Any, Literal, Optional, Union
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
+from typing_extensions import Annotated
+
+
+
+def _yaml_float(v: Any) -> Any:
+    # YAML 1.1 reads `3e-4` (no dot) as a string; accept any string float() accepts.
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+# Strict numbers: YAML `true` is not a layer count; ints are still accepted where floats are.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_yaml_float), Strict()]
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "tiny.yaml"
@@ -57,33 +74,62 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              coerce_numbers_to_str=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, raw: Any) -> Any:
+        # A YAML section holding only comments parses as None: treat it as empty.
+        if isinstance(raw, dict):
+            return {k: ({} if v is None and _is_section(cls, k) else v) for k, v in raw.items()}
+        return raw
+
+
+def _is_section(cls: type[BaseModel], key: str) -> bool:
+    field = cls.model_fields.get(key)
+    ann = getattr(field, "annotation", None)
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _check_rule(rule: Any) -> tuple[str, Union[str, tuple[str, ...], None]]:
+    """A logical-axis rule ``[logical, mesh]`` with mesh ``null``, an axis or a list of axes."""
+    if isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str):
+        mesh = rule[1]
+        if mesh is None or isinstance(mesh, str):
+            return (rule[0], mesh)
+        if isinstance(mesh, (list, tuple)) and all(isinstance(m, str) for m in mesh):
+            return (rule[0], list(mesh))
+    raise ValueError(f"rule {rule!r} must be [logical_name, mesh_axis | [mesh_axes] | null]")
+
+
+Rule = Annotated[tuple, BeforeValidator(_check_rule)]
 
 
 class ModelConfig(_Section):
     """Decoder-only Transformer LM shape and component choices."""
 
-    vocab_size: int = Field(264, gt=0)
-    d_model: int = Field(128, gt=0)
-    n_layers: int = Field(4, gt=0)
-    n_heads: int = Field(4, gt=0)
-    n_kv_heads: int = Field(2, gt=0, description="n_heads: MHA; 1: MQA; in between: GQA")
-    head_dim: Optional[int] = Field(None, gt=0, description="default d_model // n_heads")
+    vocab_size: Int = Field(264, gt=0)
+    d_model: Int = Field(128, gt=0)
+    n_layers: Int = Field(4, gt=0)
+    n_heads: Int = Field(4, gt=0)
+    n_kv_heads: Int = Field(2, gt=0, description="n_heads: MHA; 1: MQA; in between: GQA")
+    head_dim: Optional[Int] = Field(None, gt=0, description="default d_model // n_heads")
     # FFN hidden size rule (Llama): h = ffn_mult*d; swiglu: h = int(2h/3);
     # h = int(ffn_dim_multiplier*h) if set; round h up to a multiple of `multiple_of`.
     ffn_type: Literal["relu", "gelu", "swiglu"] = "swiglu"
-    ffn_mult: float = Field(4.0, gt=0)
-    ffn_dim_multiplier: Optional[float] = Field(None, gt=0)
-    multiple_of: int = Field(1, gt=0)
-    ffn_hidden: Optional[int] = Field(None, gt=0, description="explicit size; bypasses the rule")
+    ffn_mult: Float = Field(4.0, gt=0)
+    ffn_dim_multiplier: Optional[Float] = Field(None, gt=0)
+    multiple_of: Int = Field(1, gt=0)
+    ffn_hidden: Optional[Int] = Field(None, gt=0, description="explicit size; bypasses the rule")
     norm: Literal["layernorm", "rmsnorm", "batchnorm", "none"] = "rmsnorm"
     norm_position: Literal["pre", "post"] = "pre"
-    norm_eps: float = Field(1e-6, gt=0)
+    norm_eps: Float = Field(1e-6, gt=0)
     bn_masked: bool = Field(True, description="BatchNorm statistics over non-padding tokens only")
-    bn_momentum: float = Field(0.99, gt=0, lt=1)
-    rope_theta: float = Field(10000.0, gt=0)
+    bn_momentum: Float = Field(0.99, gt=0, lt=1)
+    rope_theta: Float = Field(10000.0, gt=0)
     tie_embeddings: bool = False
-    init_std: float = Field(0.02, gt=0)
+    init_std: Float = Field(0.02, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = False
@@ -110,7 +156,8 @@ class ModelConfig(_Section):
                 f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads="
                 f"{self.n_kv_heads} (MHA: equal, GQA: divisor, MQA: 1)")
         if self.resolved_head_dim % 2:
-            raise ValueError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
+            raise ValueError(f"model.head_dim={self.resolved_head_dim} must be even for RoPE "
+                             "(default: model.d_model // model.n_heads)")
         return self
 
 
@@ -136,36 +183,37 @@ def ffn_hidden_size(d_model: int, ffn_type: str, ffn_mult: float = 4.0,
 
 class DataConfig(_Section):
     path: Optional[str] = Field(None, description="text file, folder or glob; None: built-in corpus")
-    tokenizer: Literal["byte"] = "byte"
-    seq_len: int = Field(128, gt=1)
-    val_fraction: float = Field(0.05, gt=0, le=0.5)
+    tokenizer: Literal["byte", "none"] = Field(
+        "byte", description="none: the caller feeds token ids itself (benchmarks, synthetic)")
+    seq_len: Int = Field(128, gt=1)
+    val_fraction: Float = Field(0.05, gt=0, le=0.5)
     packing: bool = Field(True, description="False: one document per row, padded (masked)")
     cache_dir: Optional[str] = None
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(16, gt=0, description="global batch (sequences per optimizer step)")
-    grad_accum: int = Field(1, gt=0, description="micro-batches per step (batch_size divisible)")
-    steps: int = Field(600, gt=0)
-    seed: int = 0
-    lr: float = Field(3e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(50, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    b1: float = Field(0.9, ge=0, lt=1)
-    b2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
-    grad_clip: float = Field(1.0, ge=0, description="global-norm clip; 0 disables")
+    batch_size: Int = Field(16, gt=0, description="global batch (sequences per optimizer step)")
+    grad_accum: Int = Field(1, gt=0, description="micro-batches per step (batch_size divisible)")
+    steps: Int = Field(600, gt=0)
+    seed: Int = 0
+    lr: Float = Field(3e-3, gt=0)
+    min_lr_ratio: Float = Field(0.1, ge=0, le=1)
+    warmup_steps: Int = Field(50, ge=0)
+    weight_decay: Float = Field(0.1, ge=0)
+    b1: Float = Field(0.9, ge=0, lt=1)
+    b2: Float = Field(0.95, ge=0, lt=1)
+    eps: Float = Field(1e-8, gt=0)
+    grad_clip: Float = Field(1.0, ge=0, description="global-norm clip; 0 disables")
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    log_every: int = Field(10, gt=0)
-    eval_every: int = Field(200, gt=0)
-    eval_batches: int = Field(8, gt=0)
-    checkpoint_every: int = Field(200, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
+    log_every: Int = Field(10, gt=0)
+    eval_every: Int = Field(200, gt=0)
+    eval_batches: Int = Field(8, gt=0)
+    checkpoint_every: Int = Field(200, gt=0)
+    keep_checkpoints: Int = Field(2, gt=0)
     async_checkpoint: bool = True
-    sample_tokens: int = Field(200, ge=0, description="tokens generated at the end of a run")
+    sample_tokens: Int = Field(200, ge=0, description="tokens generated at the end of a run")
     sample_prompt: str = "def "
-    peak_flops: Optional[float] = Field(
+    peak_flops: Optional[Float] = Field(
         None, gt=0, description="per-device FLOP/s for MFU; None: measured fp32 matmul peak")
 
     @model_validator(mode="after")
@@ -182,11 +230,11 @@ class TrainConfig(_Section):
 class MeshConfig(_Section):
     """Device mesh sizes (product = device count; one axis may be -1 = fill) and logical rules."""
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    expert: int = 1
-    rules: list[tuple[str, Union[str, list[str], None]]] = Field(
+    data: Int = -1
+    fsdp: Int = 1
+    tensor: Int = 1
+    expert: Int = 1
+    rules: list[Rule] = Field(
         default_factory=lambda: [tuple(r) for r in DEFAULT_RULES])
 
     @model_validator(mode="after")
@@ -232,9 +280,9 @@ class QuantConfig(_Section):
 
 
 class MoEConfig(_Section):
-    n_experts: int = Field(0, ge=0, description="0: dense FFN")
-    top_k: int = Field(2, gt=0)
-    capacity_factor: float = Field(1.25, gt=0)
+    n_experts: Int = Field(0, ge=0, description="0: dense FFN")
+    top_k: Int = Field(2, gt=0)
+    capacity_factor: Float = Field(1.25, gt=0)
 
     @model_validator(mode="after")
     def _cross(self) -> "MoEConfig":

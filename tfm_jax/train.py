@@ -390,18 +390,18 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
             logger.warn(msg + " (update skipped)")
             return
         last_loss = float(m["loss"])
-        if step_done == start_step + 1:      # includes compilation: keep out of tokens/s
-            window.update(t0=time.perf_counter(), tokens=0.0, losses=[])
-            return
-        window["tokens"] += float(m["tokens"])
         window["losses"].append(last_loss)
+        if step_done == start_step + 1:      # includes compilation: keep out of tokens/s
+            window["t0"] = time.perf_counter()
+        else:
+            window["tokens"] += float(m["tokens"])
         if step_done % t.log_every == 0 or step_done == t.steps:
             dt = time.perf_counter() - window["t0"]
-            tps = window["tokens"] / dt if dt > 0 else 0.0
+            tps = window["tokens"] / dt if window["tokens"] else None
             logger.log(step_done, {
                 "loss": float(np.mean(window["losses"])), "lr": float(m["lr"]),
                 "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps,
-                "mfu": tps * flops_tok / peak if peak else None, "skipped": skipped})
+                "mfu": tps * flops_tok / peak if (peak and tps) else None, "skipped": skipped})
             window.update(t0=time.perf_counter(), tokens=0.0, losses=[])
 
     with _SignalFlag() as sig, setup.context():

@@ -1,0 +1,242 @@
+"""The command line as a user runs it: ``python -m tfm_jax ...`` in a subprocess (one CPU device),
+checking exit codes, stdout/stderr text and the run directory an end-to-end run leaves behind."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+TIMEOUT = 180
+
+# The end-to-end run: seconds on CPU (a 1-layer, d=32 model, 6 steps of 4x32 tokens).
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+        "data.seq_len=32", "train.batch_size=4", "train.warmup_steps=1", "train.eval_every=3",
+        "train.checkpoint_every=3", "train.eval_batches=1", "train.log_every=2",
+        "train.sample_tokens=10", "run.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"   # conftest's 8 devices: not here
+    e["JAX_PLATFORMS"] = "cpu"
+    e["TFM_JAX_CACHE"] = str(tmp_path_factory.mktemp("tfm_jax_cache"))
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small deterministic text file (~100 KB), so runs do not depend on the stdlib corpus."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("".join(f"def f{i}(x, y={i % 7}):\n    return x * y + {i}\n\n"
+                            for i in range(2500)))
+    return path
+
+
+def run(env, cwd, *args, exe=None):
+    cmd = ([exe] if exe else [sys.executable, "-m", "tfm_jax"]) + [str(a) for a in args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          errors="replace", timeout=TIMEOUT)
+
+
+def _check(proc, code):
+    assert proc.returncode == code, (
+        f"exit {proc.returncode} != {code}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+def _config_error(proc) -> str:
+    """A config/input error: exit 2, one 'tfm-jax:' message on stderr, no traceback."""
+    _check(proc, 2)
+    assert proc.stderr.startswith("tfm-jax:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return proc.stderr
+
+
+# ----------------------------------------------------------------------------- help / config show
+
+
+def test_help_module(env, tmp_path):
+    out = _check(run(env, tmp_path, "--help"), 0).stdout
+    for cmd in ("train", "eval", "generate", "config"):
+        assert cmd in out
+    assert "usage: tfm-jax" in out
+
+
+def test_help_console_script(env, tmp_path):
+    exe = shutil.which("tfm-jax", path=env.get("PATH"))
+    if exe is None:
+        pytest.skip("tfm-jax console script not on PATH (package not installed)")
+    out = _check(run(env, tmp_path, "--help", exe=exe), 0).stdout
+    assert re.search(r"\{train,eval,generate,config\}", out), out
+
+
+def test_config_show(env, tmp_path):
+    out = _check(run(env, tmp_path, "config", "show"), 0).stdout
+    assert "n_kv_heads: 2\n" in out
+    assert "name: tiny\n" in out
+    out = _check(run(env, tmp_path, "config", "show", "model.n_kv_heads=1"), 0).stdout
+    assert "n_kv_heads: 1\n" in out and "n_kv_heads: 2" not in out
+    assert "name: tiny-n_kv_heads=1\n" in out
+
+
+def test_config_show_small(env, tmp_path):
+    out = _check(run(env, tmp_path, "config", "show", "--config", "small"), 0).stdout
+    assert "d_model: 256\n" in out and "n_layers: 6\n" in out and "name: small\n" in out
+    assert "vocab_size: 264\n" in out                     # inherited from tiny.yaml
+
+
+def test_bad_override_exits_2(env, tmp_path):
+    err = _config_error(run(env, tmp_path, "config", "show", "model.n_kv_head=1"))
+    assert "model.n_kv_head" in err and "did you mean 'model.n_kv_heads'" in err
+    err = _config_error(run(env, tmp_path, "train", "model.d_model=130"))
+    assert "model.d_model=130" in err and "model.n_heads=4" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_config_exits_2(env, tmp_path):
+    err = _config_error(run(env, tmp_path, "config", "show", "--config", "nope.yaml"))
+    assert "nope.yaml" in err and "not found" in err and "tiny.yaml" in err
+
+
+# ----------------------------------------------------------------------------- train/eval/generate errors
+
+
+def test_train_missing_data_path_fails_fast(env, tmp_path):
+    missing = tmp_path / "no_such_corpus.txt"
+    err = _config_error(run(env, tmp_path, "train", f"data.path={missing}",
+                            f"run.dir={tmp_path / 'run'}"))
+    assert str(missing) in err
+    assert not (tmp_path / "run" / "config.yaml").exists()   # stopped before building the model
+
+
+def test_train_mesh_mismatch(env, tmp_path, corpus):
+    err = _config_error(run(env, tmp_path, "train", "mesh.data=3", f"data.path={corpus}",
+                            f"run.dir={tmp_path / 'run'}"))
+    assert "mesh" in err and "3" in err and "1 devices" in err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_generate_run_dir_without_config(env, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _config_error(run(env, tmp_path, "generate", "--run-dir", empty))
+    assert "no config.yaml" in err and str(empty) in err
+
+
+def test_eval_without_checkpoint(env, tmp_path):
+    rd = tmp_path / "untrained"
+    proc = run(env, tmp_path, "eval", *TINY, f"run.dir={rd}")
+    _check(proc, 2)
+    assert "tfm-jax:" in proc.stderr and "no checkpoint" in proc.stderr
+    assert str(rd / "checkpoints") in proc.stderr
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_steps(rows):
+    return [r["step"] for r in rows if "loss" in r]
+
+
+def _eval_steps(rows):
+    return [r["step"] for r in rows if "val_loss" in r]
+
+
+def _ckpt_steps(run_dir):
+    return sorted(int(re.sub(r"\D", "", p.name)) for p in (run_dir / "checkpoints").iterdir()
+                  if p.is_dir() and re.search(r"\d", p.name))
+
+
+@pytest.fixture(scope="module")
+def trained(env, corpus, tmp_path_factory):
+    """One 6-step training run through the CLI; returns (run_dir, stdout, base directory)."""
+    base = tmp_path_factory.mktemp("e2e")
+    rd = base / "run"
+    proc = _check(run(env, base, "train", *TINY, "train.steps=6", f"data.path={corpus}",
+                      f"run.dir={rd}"), 0)
+    return rd, proc.stdout, base
+
+
+def test_train_writes_run_dir(trained):
+    rd, stdout, _ = trained
+    assert f"run directory: {rd}" in stdout
+    assert "finished step 6" in stdout
+    assert (rd / "config.yaml").is_file()
+    saved = (rd / "config.yaml").read_text()
+    assert "d_model: 32\n" in saved and f"dir: {rd}\n" in saved
+
+    rows = _rows(rd)
+    train_rows = [r for r in rows if "loss" in r]
+    assert _train_steps(rows) == [2, 4, 6]              # log_every=2
+    assert all(r["loss"] > 0 for r in train_rows)
+    # throughput: every row but possibly one whose window is only the compiling first step
+    assert sum("tokens_per_s" in r for r in train_rows) >= 2
+    assert all(r["tokens_per_s"] > 0 for r in train_rows if "tokens_per_s" in r)
+    assert _eval_steps(rows) == [3, 6]                   # eval_every=3
+    assert all(r["val_loss"] > 0 for r in rows if "val_loss" in r)
+
+    assert 6 in _ckpt_steps(rd)
+    events = list((rd / "events").glob("events.out.tfevents*"))
+    assert events and events[0].stat().st_size > 0
+    sample = (rd / "samples.txt").read_text(errors="replace")
+    assert sample.startswith("def ")
+
+
+def test_eval_run_dir(env, trained):
+    rd, _, base = trained
+    proc = _check(run(env, base, "eval", "--run-dir", rd), 0)
+    row = json.loads(proc.stdout)
+    assert row["step"] == 6
+    assert row["val_loss"] > 0 and row["val_ppl"] > 1
+    # the same checkpoint evaluated on the same data as at the end of training
+    final_eval = [r for r in _rows(rd) if "val_loss" in r and r["step"] == 6][0]
+    assert row["val_loss"] == pytest.approx(final_eval["val_loss"], rel=1e-4)
+
+
+def test_generate_run_dir(env, trained):
+    rd, _, base = trained
+    proc = _check(run(env, base, "generate", "--run-dir", rd, "--tokens", "5", "--prompt",
+                      "def "), 0)
+    assert proc.stdout.startswith("def ")
+    assert len(proc.stdout.rstrip("\n")) >= len("def ")
+
+
+def test_train_again_requires_resume(env, trained, corpus):
+    rd, _, base = trained
+    before = (rd / "metrics.jsonl").read_text()
+    err = _config_error(run(env, base, "train", *TINY, "train.steps=6", f"data.path={corpus}",
+                            f"run.dir={rd}"))
+    assert "--resume" in err and str(rd) in err
+    assert (rd / "metrics.jsonl").read_text() == before      # the existing run is untouched
+
+
+def test_resume_continues(env, trained, corpus, tmp_path):
+    """--resume restores the latest checkpoint and continues to train.steps; metrics rows past
+    the restored step are dropped and re-logged once. The run is copied and its last checkpoint
+    (6) removed, so it resumes from 3 and rows 4..6 written before must not appear twice."""
+    rd0, _, _ = trained
+    rd = tmp_path / "run"                  # a copy: the other tests keep seeing the 6-step run
+    shutil.copytree(rd0, rd)
+    assert _ckpt_steps(rd) == [3, 6]
+    shutil.rmtree(rd / "checkpoints" / "6")
+    before = _rows(rd)
+    _check(run(env, tmp_path, "train", "--resume", *TINY, "train.steps=8",
+               "train.sample_tokens=0", f"data.path={corpus}", f"run.dir={rd}"), 0)
+    rows = _rows(rd)
+    assert rows[-1]["step"] == 8
+    steps = _train_steps(rows)
+    assert steps == sorted(set(steps)), steps          # no duplicated train step rows
+    assert {2, 6, 8} <= set(steps) and set(steps) <= {2, 4, 6, 8}
+    assert _eval_steps(rows) == [3, 6, 8]
+    assert [r for r in rows if r["step"] <= 3] == [r for r in before if r["step"] <= 3]
+    assert 8 in _ckpt_steps(rd)

@@ -1,0 +1,86 @@
+"""Export a TransformerLM parameter tree to the canonical flat numpy dict.
+
+The canonical format is the one of ``benchmarks/torch_peer.py`` (``load_numpy_weights``): every
+projection is an ``x @ W`` matrix of shape (in_features, out_features); keys are::
+
+    embed (V, d)
+    layers.{i}.attn_norm (d,)   layers.{i}.wq (d, H*Dh)    layers.{i}.wk (d, Hkv*Dh)
+    layers.{i}.wv (d, Hkv*Dh)   layers.{i}.wo (H*Dh, d)    layers.{i}.ffn_norm (d,)
+    layers.{i}.w_gate (d, F)    layers.{i}.w_up (d, F)     layers.{i}.w_down (F, d)
+    final_norm (d,)             lm_head (d, V)
+
+Head-major flattening: column ``h*Dh + j`` of ``wq`` is head ``h``, dim ``j`` (what a row-major
+reshape of the (d, H, Dh) kernel gives). Only the architecture the torch peer implements is
+exportable: pre-norm, RMSNorm, SwiGLU, untied embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from tfm_jax.config import ModelConfig
+
+
+def _check_supported(cfg: ModelConfig) -> None:
+    problems = []
+    if cfg.norm != "rmsnorm":
+        problems.append(f"norm={cfg.norm!r} (need 'rmsnorm')")
+    if cfg.norm_position != "pre":
+        problems.append(f"norm_position={cfg.norm_position!r} (need 'pre')")
+    if cfg.ffn_type != "swiglu":
+        problems.append(f"ffn_type={cfg.ffn_type!r} (need 'swiglu')")
+    if cfg.tie_embeddings:
+        problems.append("tie_embeddings=True (need untied)")
+    if problems:
+        raise ValueError("export_canonical: the canonical format supports only pre-norm RMSNorm "
+                         "SwiGLU untied models; got " + ", ".join(problems))
+
+
+def _layer_trees(params: Mapping[str, Any], cfg: ModelConfig) -> list[Mapping[str, Any]]:
+    """One (numpy) parameter tree per layer, from the unscanned or scanned layout."""
+    if "layers" in params:                                  # scanned: leading layer axis
+        stacked = params["layers"]
+        return [jax.tree.map(lambda a, i=i: np.asarray(a)[i], stacked)
+                for i in range(cfg.n_layers)]
+    try:
+        return [params[f"layers_{i}"] for i in range(cfg.n_layers)]
+    except KeyError as err:
+        raise ValueError(f"export_canonical: params have neither 'layers' nor {err.args[0]!r}; "
+                         f"top-level keys: {sorted(params)}") from None
+
+
+def export_canonical(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """TransformerLM params (boxed or not; optionally wrapped as ``{"params": ...}``) ->
+    canonical ``{key: float32 np.ndarray}``. Raises ValueError for unsupported configs."""
+    _check_supported(cfg)
+    params = nn.meta.unbox(params)
+    if "params" in params and "embed" not in params:
+        params = params["params"]
+    h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+    d, f = cfg.d_model, cfg.resolved_ffn_hidden
+    # owned, writable, C-contiguous float32 copies (torch.from_numpy warns on read-only views)
+    f32 = lambda a: np.array(a, dtype=np.float32, order="C", copy=True)  # noqa: E731
+
+    out = {"embed": f32(params["embed"]["embedding"])}
+    for i, lp in enumerate(_layer_trees(params, cfg)):
+        p = f"layers.{i}."
+        wi = f32(lp["ffn"]["wi"]["kernel"])                              # (d, 2, F)
+        if wi.shape != (d, 2, f):
+            raise ValueError(f"export_canonical: layer {i} ffn wi has shape {wi.shape}, "
+                             f"expected {(d, 2, f)}")
+        out[p + "attn_norm"] = f32(lp["attn_norm"]["scale"])
+        out[p + "wq"] = f32(lp["attn"]["q_proj"]["kernel"]).reshape(d, h * dh)
+        out[p + "wk"] = f32(lp["attn"]["k_proj"]["kernel"]).reshape(d, hkv * dh)
+        out[p + "wv"] = f32(lp["attn"]["v_proj"]["kernel"]).reshape(d, hkv * dh)
+        out[p + "wo"] = f32(lp["attn"]["o_proj"]["kernel"]).reshape(h * dh, d)
+        out[p + "ffn_norm"] = f32(lp["ffn_norm"]["scale"])
+        out[p + "w_gate"] = np.ascontiguousarray(wi[:, 0, :])
+        out[p + "w_up"] = np.ascontiguousarray(wi[:, 1, :])
+        out[p + "w_down"] = f32(lp["ffn"]["wo"]["kernel"])
+    out["final_norm"] = f32(params["final_norm"]["scale"])
+    out["lm_head"] = f32(params["lm_head"]["kernel"])
+    return out
