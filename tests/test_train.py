@@ -165,11 +165,11 @@ def test_optimizer_matches_optax_reference(tmp_path, corpus, devices):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7),
                  params_np(state), jax.device_get(optax.apply_updates(p0, upd)))
     # second step has lr > 0: the parameters must move
+    head1 = params_np(state)["lm_head"]["kernel"]
     with setup.context():
         state2, m2 = setup.train_step(state, setup.shard_batch(_batch(setup.cfg, corpus, 1)))
     assert float(m2["lr"]) == pytest.approx(t.lr / t.warmup_steps)
-    assert not np.allclose(params_np(state2)["lm_head"]["kernel"],
-                           params_np(state)["lm_head"]["kernel"])
+    assert not np.allclose(params_np(state2)["lm_head"]["kernel"], head1)
 
 
 def _poison(setup, state, layer="layers_1"):
