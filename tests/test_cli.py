@@ -240,3 +240,41 @@ def test_resume_continues(env, trained, corpus, tmp_path):
     assert _eval_steps(rows) == [3, 6, 8]
     assert [r for r in rows if r["step"] <= 3] == [r for r in before if r["step"] <= 3]
     assert 8 in _ckpt_steps(rd)
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_saves_checkpoint_and_resume_finishes(env, tmp_path, corpus, sig):
+    """A real signal to a running `tfm-jax train`: checkpoint saved, exit 128+signum, and
+    `--resume` continues to the configured last step."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = TINY + ["train.steps=400", "train.log_every=1", "train.eval_every=1000",
+                   "train.checkpoint_every=1000", "train.sample_tokens=0",
+                   f"data.path={corpus}", f"run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "tfm_jax", "train", *args], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before the signal could be sent"
+    signum = getattr(signal, sig)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 128 + signum, (proc.returncode, err)
+    m = re.search(rf"{sig} at step (\d+)", err)
+    assert m, err
+    stopped = int(m.group(1))
+    assert 3 <= stopped < 400
+    assert (run_dir / "checkpoints" / str(stopped)).is_dir()
+    _check(run(env, tmp_path, "train", *args, "--resume"), 0)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 401)), steps[:10]

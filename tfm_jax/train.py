@@ -419,8 +419,9 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
                 pending = (step, metrics)
                 if step_hook is not None:
                     step_hook(step)
+                stop = sig.signum    # read once: a signal may land at any point below
                 if (step % t.eval_every == 0 or step % t.checkpoint_every == 0
-                        or step == t.steps or sig.signum is not None):
+                        or step == t.steps or stop is not None):
                     handle(*pending)   # never evaluate or save a state not checked finite
                     pending = None
                 t_pause = time.perf_counter()
@@ -430,13 +431,13 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
                 if step % t.checkpoint_every == 0 or step == t.steps:
                     ckpt.save(step, state)
                 window["t0"] += time.perf_counter() - t_pause   # eval/save: not training time
-                if sig.signum is not None:
+                if stop is not None:
                     if ckpt.latest_step() != step:
                         ckpt.save(step, state)
                     ckpt.wait()
-                    name = signal.Signals(sig.signum).name
+                    name = signal.Signals(stop).name
                     raise Interrupted(f"{name} at step {step}: checkpoint saved to "
-                                      f"{ckpt.directory}; continue with --resume", sig.signum)
+                                      f"{ckpt.directory}; continue with --resume", stop)
             if pending is not None:
                 handle(*pending)
         finally:
