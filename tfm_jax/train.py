@@ -260,7 +260,8 @@ def evaluate(setup: Setup, state: TrainState, val_tokens: np.ndarray) -> dict[st
     with setup.context():
         for batch in data_lib.eval_batches(val_tokens, batch_size=cfg.train.batch_size,
                                            seq_len=cfg.data.seq_len,
-                                           max_batches=cfg.train.eval_batches):
+                                           max_batches=cfg.train.eval_batches,
+                                           rows=data_lib.process_rows(cfg.train.batch_size)):
             s, n = setup.eval_step(state, setup.shard_batch(batch))
             total, count = total + float(s), count + float(n)
     val_loss = total / max(count, 1.0)
