@@ -84,3 +84,57 @@ def export_canonical(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, n
     out["final_norm"] = f32(params["final_norm"]["scale"])
     out["lm_head"] = f32(params["lm_head"]["kernel"])
     return out
+
+
+def import_canonical(w: Mapping[str, np.ndarray], cfg: ModelConfig,
+                     scanned: bool = False) -> dict[str, Any]:
+    """Canonical dict -> TransformerLM ``params`` tree (the inverse of :func:`export_canonical`).
+
+    Lets a model start from weights that do not depend on this package's parameter layout (the
+    torch peer's, or a seeded canonical set), so losses can be compared across layout changes.
+    """
+    _check_supported(cfg)
+    h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+    d = cfg.d_model
+    a = lambda k: np.asarray(w[k], np.float32)  # noqa: E731
+
+    def layer(i: int) -> dict[str, Any]:
+        p = f"layers.{i}."
+        return {
+            "attn_norm": {"scale": a(p + "attn_norm")},
+            "attn": {"q_proj": {"kernel": a(p + "wq").reshape(d, h, dh)},
+                     "k_proj": {"kernel": a(p + "wk").reshape(d, hkv, dh)},
+                     "v_proj": {"kernel": a(p + "wv").reshape(d, hkv, dh)},
+                     "o_proj": {"kernel": a(p + "wo").reshape(h, dh, d)}},
+            "ffn_norm": {"scale": a(p + "ffn_norm")},
+            "ffn": {"wi": {"kernel": np.stack([a(p + "w_gate"), a(p + "w_up")], axis=1)},
+                    "wo": {"kernel": a(p + "w_down")}},
+        }
+
+    layers = [layer(i) for i in range(cfg.n_layers)]
+    out: dict[str, Any] = {"embed": {"embedding": a("embed")},
+                           "final_norm": {"scale": a("final_norm")},
+                           "lm_head": {"kernel": a("lm_head")}}
+    if scanned:
+        out["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+    else:
+        out.update({f"layers_{i}": lp for i, lp in enumerate(layers)})
+    return out
+
+
+def random_canonical(cfg: ModelConfig, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
+    """Seeded canonical weights (normal(std) matrices, norm scales 1 + small noise)."""
+    rng = np.random.default_rng(seed)
+    h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+    d, f, v = cfg.d_model, cfg.resolved_ffn_hidden, cfg.vocab_size
+    mat = lambda *s: (std * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
+    vec = lambda: (1.0 + 0.1 * rng.standard_normal(d)).astype(np.float32)  # noqa: E731
+    w = {"embed": mat(v, d)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        w.update({p + "attn_norm": vec(), p + "wq": mat(d, h * dh), p + "wk": mat(d, hkv * dh),
+                  p + "wv": mat(d, hkv * dh), p + "wo": mat(h * dh, d), p + "ffn_norm": vec(),
+                  p + "w_gate": mat(d, f), p + "w_up": mat(d, f), p + "w_down": mat(f, d)})
+    w["final_norm"] = vec()
+    w["lm_head"] = mat(d, v)
+    return w
