@@ -10,8 +10,8 @@ import pytest
 from flax import linen as nn
 
 from tfm_jax.config import ffn_hidden_size
-from tfm_jax.layers.attention import (Attention, grouped_attention, make_attention_mask,
-                                      rope)
+from tfm_jax.layers.attention import (Attention, causal_attention, grouped_attention,
+                                      make_attention_mask, rope)
 from tfm_jax.layers.embed import Embed
 from tfm_jax.layers.ffn import FeedForward
 from tfm_jax.layers.linear import Linear
@@ -318,18 +318,21 @@ def test_ffn_matches_numpy(kind):
     mod = FeedForward(hidden=f, kind=kind)
     params = init_shapes(mod, jnp.asarray(x))["params"]
     assert params["wo"]["kernel"].shape == (f, d)
-    assert params["wi"]["kernel"].shape == ((d, 2, f) if kind == "swiglu" else (d, f))
+    if kind == "swiglu":
+        assert params["wi_0"]["kernel"].shape == params["wi_1"]["kernel"].shape == (d, f)
+    else:
+        assert params["wi"]["kernel"].shape == (d, f)
     params = randomize(params, 1, std=0.4)
     y = japply(mod)({"params": params}, jnp.asarray(x))
-    wi = np.asarray(params["wi"]["kernel"], np.float64)
-    wo = np.asarray(params["wo"]["kernel"], np.float64)
+    k = lambda name: np.asarray(params[name]["kernel"], np.float64)  # noqa: E731
+    wo = k("wo")
     xd = x.astype(np.float64)
     if kind == "relu":
-        h = np.maximum(xd @ wi, 0.0)
+        h = np.maximum(xd @ k("wi"), 0.0)
     elif kind == "gelu":
-        h = np_gelu(xd @ wi)
+        h = np_gelu(xd @ k("wi"))
     else:
-        h = np_silu(xd @ wi[:, 0, :]) * (xd @ wi[:, 1, :])
+        h = np_silu(xd @ k("wi_0")) * (xd @ k("wi_1"))
     close(y, h @ wo)
 
 
@@ -520,16 +523,15 @@ def test_dot_general_injection_reaches_every_projection():
     assert set(shapes["counters"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     ffn = FeedForward(8, "swiglu", dot_general_cls=DoublingDotGeneral)
     shapes = init_shapes(ffn, jnp.asarray(x))
-    assert set(shapes["counters"]) == {"wi", "wo"}
+    assert set(shapes["counters"]) == {"wi_0", "wi_1", "wo"}
     # the swiglu output with doubled matmuls: silu(2 g) * 2 u, then doubled again
     params = randomize(shapes["params"], 3)
     y, state = japply(ffn, mutable=["counters"])(
         {"params": params, "counters": _zero_counters(shapes)}, jnp.asarray(x))
-    assert [int(c) for c in jax.tree.leaves(state["counters"])] == [1, 1]
-    wi = np.asarray(params["wi"]["kernel"], np.float64)
-    wo = np.asarray(params["wo"]["kernel"], np.float64)
+    assert [int(c) for c in jax.tree.leaves(state["counters"])] == [1, 1, 1]
+    wg, wu, wo = (np.asarray(params[n]["kernel"], np.float64) for n in ("wi_0", "wi_1", "wo"))
     xd = x.astype(np.float64)
-    close(y, 2.0 * (np_silu(2.0 * xd @ wi[:, 0]) * (2.0 * xd @ wi[:, 1])) @ wo)
+    close(y, 2.0 * (np_silu(2.0 * xd @ wg) * (2.0 * xd @ wu)) @ wo)
 
 
 def test_embed_lookup_and_attend():
@@ -566,3 +568,42 @@ def test_ffn_hidden_size_two_matrix(kind):
 
 def test_ffn_hidden_size_explicit_wins():
     assert ffn_hidden_size(4096, "swiglu", 4.0, 1.3, 1024, explicit=48) == 48
+
+
+# ------------------------------------------------------------------------------------------
+# Block-causal fast path (custom VJP) vs the numpy reference and vs the general masked path
+
+
+@pytest.mark.parametrize("t,h,hkv,block", [(12, 4, 2, 4), (13, 4, 1, 5), (8, 2, 2, 64),
+                                           (16, 8, 2, 3)])
+def test_causal_attention_matches_numpy(t, h, hkv, block):
+    r = rng(7)
+    b, d = 2, 8
+    q, k, v = (f32(r.normal(size=(b, t, n, d))) for n in (h, hkv, hkv))
+    valid = np.ones((b, t), bool)
+    valid[1, t - 3:] = False                                   # right padding on one row
+    out = jax.jit(functools.partial(causal_attention, block_q=block))(q, k, v, valid)
+    close(out, np_grouped_attention(q, k, v, np_causal(b, t, valid)))
+
+
+@pytest.mark.parametrize("block", [3, 4, 16])
+def test_causal_attention_grads_match_masked_autodiff(block):
+    """The hand-written VJP equals autodiff through the general masked path."""
+    r = rng(8)
+    b, t, h, hkv, d = 2, 11, 4, 2, 8
+    q, k, v = (jnp.asarray(f32(r.normal(size=(b, t, n, d)))) for n in (h, hkv, hkv))
+    valid = jnp.asarray(np.arange(t)[None, :] < np.array([[t], [t - 4]]))
+    w = jnp.asarray(f32(r.normal(size=(b, t, h, d))))
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = make_attention_mask(pos, pos, valid)
+
+    def loss_fast(q, k, v):
+        return jnp.sum(causal_attention(q, k, v, valid, block_q=block) * w)
+
+    def loss_ref(q, k, v):
+        return jnp.sum(grouped_attention(q, k, v, mask) * w)
+
+    g_fast = jax.jit(jax.grad(loss_fast, argnums=(0, 1, 2)))(q, k, v)
+    g_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1, 2)))(q, k, v)
+    for a, b_ in zip(g_fast, g_ref):
+        close(a, np.asarray(b_, np.float64), rtol=1e-4, atol=1e-5)

@@ -149,7 +149,7 @@ def test_every_variable_has_logical_axes(kw):
 def test_check_rules_cover_requires_every_used_name():
     specs = nn.get_partition_spec(abstract_vars(make_cfg(scan_layers=True, norm="batchnorm")))
     used = used_logical_names(specs)
-    assert used == {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "gate", "norm",
+    assert used == {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm",
                     "layers"}
     check_rules_cover(specs, DEFAULT_RULES)            # does not raise
     for name in sorted(used):
@@ -349,9 +349,9 @@ def test_export_layouts_agree():
     # head-major flattening: column h*Dh + j of wq is head h, dim j
     qk = np.asarray(params["layers_1"]["attn"]["q_proj"]["kernel"])
     np.testing.assert_array_equal(w["layers.1.wq"][:, 2 * dh + 3], qk[:, 2, 3])
-    wi = np.asarray(params["layers_0"]["ffn"]["wi"]["kernel"])
-    np.testing.assert_array_equal(w["layers.0.w_gate"], wi[:, 0, :])
-    np.testing.assert_array_equal(w["layers.0.w_up"], wi[:, 1, :])
+    ffn = params["layers_0"]["ffn"]
+    np.testing.assert_array_equal(w["layers.0.w_gate"], np.asarray(ffn["wi_0"]["kernel"]))
+    np.testing.assert_array_equal(w["layers.0.w_up"], np.asarray(ffn["wi_1"]["kernel"]))
 
 
 def test_forward_and_loss_match_torch_peer():
@@ -377,3 +377,24 @@ def test_forward_and_loss_match_torch_peer():
     logp = jax.nn.log_softmax(jnp.asarray(logits), -1)
     loss = -jnp.take_along_axis(logp, tgt[..., None], -1).mean()
     np.testing.assert_allclose(float(loss), t_loss.item(), rtol=1e-5, atol=1e-5)
+
+
+def test_block_causal_path_equals_masked_path():
+    """attn_block_q > 0 (block-causal, custom VJP) vs 0 (full masked scores): same logits and
+    gradients, with and without right padding."""
+    fast_cfg = make_cfg(attn_block_q=4)
+    slow_cfg = make_cfg(attn_block_q=0)
+    fast, slow = TransformerLM(fast_cfg), TransformerLM(slow_cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, fast_cfg.vocab_size, (2, 10)))
+    params = fast.init(jax.random.key(0), tokens)["params"]
+    valid = jnp.asarray(np.arange(10)[None] < np.array([[10], [7]]))
+
+    def loss(model, p, mask):
+        logits = model.apply({"params": p}, tokens, token_mask=mask)
+        return jnp.sum(logits * (mask[..., None] if mask is not None else 1.0))
+
+    for mask in (None, valid):
+        lf, gf = jax.value_and_grad(lambda p: loss(fast, p, mask))(params)
+        ls, gs = jax.value_and_grad(lambda p: loss(slow, p, mask))(params)
+        np.testing.assert_allclose(float(lf), float(ls), rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), gf, gs)

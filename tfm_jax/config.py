@@ -65,7 +65,6 @@ DEFAULT_RULES: list[tuple[str, Union[str, list[str], None]]] = [
     ("expert", "expert"),
     ("layers", None),
     ("norm", None),
-    ("gate", None),
 ]
 
 
@@ -128,6 +127,9 @@ class ModelConfig(_Section):
     bn_masked: bool = Field(True, description="BatchNorm statistics over non-padding tokens only")
     bn_momentum: Float = Field(0.99, gt=0, lt=1)
     rope_theta: Float = Field(10000.0, gt=0)
+    attn_block_q: Int = Field(
+        64, ge=0, description="query block of the block-causal attention path; 0: always the "
+        "general masked path (materialises the full T x T scores)")
     tie_embeddings: bool = False
     init_std: Float = Field(0.02, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -68,18 +68,18 @@ def export_canonical(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, n
     out = {"embed": f32(params["embed"]["embedding"])}
     for i, lp in enumerate(_layer_trees(params, cfg)):
         p = f"layers.{i}."
-        wi = f32(lp["ffn"]["wi"]["kernel"])                              # (d, 2, F)
-        if wi.shape != (d, 2, f):
-            raise ValueError(f"export_canonical: layer {i} ffn wi has shape {wi.shape}, "
-                             f"expected {(d, 2, f)}")
+        gate, up = f32(lp["ffn"]["wi_0"]["kernel"]), f32(lp["ffn"]["wi_1"]["kernel"])
+        if gate.shape != (d, f) or up.shape != (d, f):
+            raise ValueError(f"export_canonical: layer {i} ffn wi_0/wi_1 have shapes "
+                             f"{gate.shape}/{up.shape}, expected {(d, f)}")
         out[p + "attn_norm"] = f32(lp["attn_norm"]["scale"])
         out[p + "wq"] = f32(lp["attn"]["q_proj"]["kernel"]).reshape(d, h * dh)
         out[p + "wk"] = f32(lp["attn"]["k_proj"]["kernel"]).reshape(d, hkv * dh)
         out[p + "wv"] = f32(lp["attn"]["v_proj"]["kernel"]).reshape(d, hkv * dh)
         out[p + "wo"] = f32(lp["attn"]["o_proj"]["kernel"]).reshape(h * dh, d)
         out[p + "ffn_norm"] = f32(lp["ffn_norm"]["scale"])
-        out[p + "w_gate"] = np.ascontiguousarray(wi[:, 0, :])
-        out[p + "w_up"] = np.ascontiguousarray(wi[:, 1, :])
+        out[p + "w_gate"] = gate
+        out[p + "w_up"] = up
         out[p + "w_down"] = f32(lp["ffn"]["wo"]["kernel"])
     out["final_norm"] = f32(params["final_norm"]["scale"])
     out["lm_head"] = f32(params["lm_head"]["kernel"])
@@ -107,7 +107,7 @@ def import_canonical(w: Mapping[str, np.ndarray], cfg: ModelConfig,
                      "v_proj": {"kernel": a(p + "wv").reshape(d, hkv, dh)},
                      "o_proj": {"kernel": a(p + "wo").reshape(h, dh, d)}},
             "ffn_norm": {"scale": a(p + "ffn_norm")},
-            "ffn": {"wi": {"kernel": np.stack([a(p + "w_gate"), a(p + "w_up")], axis=1)},
+            "ffn": {"wi_0": {"kernel": a(p + "w_gate")}, "wi_1": {"kernel": a(p + "w_up")},
                     "wo": {"kernel": a(p + "w_down")}},
         }
 

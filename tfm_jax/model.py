@@ -49,16 +49,17 @@ class Block(nn.Module):
             param_dtype=pdtype, name=name)
         attn = Attention(cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
                          init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
-                         param_dtype=pdtype, dot_general_cls=self.dot_general_cls, name="attn")
+                         param_dtype=pdtype, block_q=cfg.attn_block_q,
+                         dot_general_cls=self.dot_general_cls, name="attn")
         ffn = FeedForward(cfg.resolved_ffn_hidden, cfg.ffn_type, init_std=cfg.init_std,
                           out_init_std=out_std, dtype=dtype, param_dtype=pdtype,
                           dot_general_cls=self.dot_general_cls, name="ffn")
         n1, n2 = norm("attn_norm"), norm("ffn_norm")
         if cfg.norm_position == "pre":
-            h = x + attn(n1(x, token_mask, train=self.train), positions, attn_mask)
+            h = x + attn(n1(x, token_mask, train=self.train), positions, attn_mask, token_mask)
             y = h + ffn(n2(h, token_mask, train=self.train))
         else:
-            h = n1(x + attn(x, positions, attn_mask), token_mask, train=self.train)
+            h = n1(x + attn(x, positions, attn_mask, token_mask), token_mask, train=self.train)
             y = n2(h + ffn(h), token_mask, train=self.train)
         return nn.with_logical_constraint(y.astype(dtype), axes.ACT_BTD), None
 
@@ -75,9 +76,12 @@ class TransformerLM(nn.Module):
         cfg = self.cfg
         dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         b, t = tokens.shape
+        # positions 0..T-1 (training, prefill): the block-causal path, no (B, T, T) mask at all
+        causal_fast_path = positions is None and cfg.attn_block_q > 0
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        attn_mask = make_attention_mask(positions, positions, token_mask)          # (B, T, T)
+        attn_mask = (None if causal_fast_path
+                     else make_attention_mask(positions, positions, token_mask))   # (B, T, T)
 
         embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype, pdtype, name="embed")
         x = nn.with_logical_constraint(embed(tokens), axes.ACT_BTD)                # (B, T, d)

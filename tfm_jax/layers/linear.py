@@ -8,6 +8,7 @@ next to the kernel, i.e. in the params tree under this projection's path.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
@@ -25,6 +26,7 @@ class Linear(nn.Module):
     """``y = x @ W`` contracting the last ``in_axes`` axes of x with the first of W.
 
     Kernel shape: ``x.shape[-in_axes:] + features``; its logical axes are ``kernel_axes``.
+    The injected ``dot_general`` always sees 2-D operands: (tokens, in) and (in, out).
     """
 
     features: Union[int, Sequence[int]]
@@ -47,9 +49,13 @@ class Linear(nn.Module):
         init = nn.initializers.normal(self.init_std)
         kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.kernel_axes)),
                             kernel_shape, self.param_dtype)
-        x = x.astype(self.dtype)
-        kernel = jnp.asarray(kernel, self.dtype)
+        # Always one 2-D GEMM (tokens, in) @ (in, out): contracting several axes, or keeping
+        # (B, T) as two free axes, makes XLA:CPU emit transposes and slower batched dots
+        # (benchmarks/README.md). The reshapes only merge adjacent row-major axes: free.
+        lead = x.shape[:x.ndim - self.in_axes]
+        k_in, k_out = math.prod(in_shape), math.prod(features)
+        x2 = x.astype(self.dtype).reshape(math.prod(lead), k_in)
+        kernel = jnp.asarray(kernel, self.dtype).reshape(k_in, k_out)
         dot_general = self.dot_general_cls() if self.dot_general_cls else self.dot_general
-        lhs_contract = tuple(range(x.ndim - self.in_axes, x.ndim))
-        rhs_contract = tuple(range(self.in_axes))
-        return dot_general(x, kernel, ((lhs_contract, rhs_contract), ((), ())), precision=None)
+        y = dot_general(x2, kernel, (((1,), (0,)), ((), ())), precision=None)
+        return y.reshape(lead + features)

@@ -15,9 +15,8 @@ VOCAB = "vocab"          # token ids
 EXPERT = "expert"        # MoE experts
 LAYERS = "layers"        # stacked layer axis under nn.scan
 NORM = "norm"            # norm scale/bias vectors (kept replicated)
-GATE = "gate"            # the (gate, up) pair of a fused SwiGLU input projection
 
-ALL = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, EXPERT, LAYERS, NORM, GATE)
+ALL = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, EXPERT, LAYERS, NORM)
 
 # Activation layouts at block boundaries.
 ACT_BTD = (BATCH, LENGTH, EMBED)
