@@ -607,3 +607,25 @@ def test_causal_attention_grads_match_masked_autodiff(block):
     g_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1, 2)))(q, k, v)
     for a, b_ in zip(g_fast, g_ref):
         close(a, np.asarray(b_, np.float64), rtol=1e-4, atol=1e-5)
+
+
+def test_swiglu_custom_vjp_matches_autodiff():
+    from tfm_jax.layers.ffn import swiglu
+    r = rng(9)
+    g, u, w = (jnp.asarray(f32(r.normal(size=(3, 5, 7)) * 3)) for _ in range(3))
+    plain = lambda g, u: jnp.sum(jax.nn.silu(g) * u * w)  # noqa: E731
+    custom = lambda g, u: jnp.sum(swiglu(g, u) * w)  # noqa: E731
+    close(swiglu(g, u), np_silu(np.asarray(g, np.float64)) * np.asarray(u, np.float64))
+    for a, b in zip(jax.grad(custom, (0, 1))(g, u), jax.grad(plain, (0, 1))(g, u)):
+        close(a, np.asarray(b, np.float64))
+
+
+def test_rope_custom_vjp_matches_autodiff():
+    from tfm_jax.layers.attention import _rotate, apply_rope, rope_tables
+    r = rng(10)
+    x = jnp.asarray(f32(r.normal(size=(2, 6, 3, 8))))
+    w = jnp.asarray(f32(r.normal(size=(2, 6, 3, 8))))
+    sc = rope_tables(jnp.asarray(r.integers(0, 50, (2, 6))), 8, 500.0)
+    g_custom = jax.grad(lambda x: jnp.sum(apply_rope(x, sc) * w))(x)
+    g_plain = jax.grad(lambda x: jnp.sum(_rotate(x, sc[0], sc[1]) * w))(x)
+    close(g_custom, np.asarray(g_plain, np.float64))

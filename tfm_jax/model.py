@@ -23,7 +23,7 @@ import numpy as np
 from flax import linen as nn
 
 from tfm_jax.config import ModelConfig
-from tfm_jax.layers.attention import Attention, make_attention_mask
+from tfm_jax.layers.attention import Attention, make_attention_mask, rope_tables
 from tfm_jax.layers.embed import Embed
 from tfm_jax.layers.ffn import FeedForward
 from tfm_jax.layers.linear import Linear
@@ -39,7 +39,7 @@ class Block(nn.Module):
     dot_general_cls: Optional[Callable[[], nn.Module]] = None
 
     @nn.compact
-    def __call__(self, x, positions, attn_mask, token_mask):
+    def __call__(self, x, positions, attn_mask, token_mask, rope_sincos):
         """x (B, T, d) -> (B, T, d). Returns ``(y, None)`` so it can be scanned."""
         cfg = self.cfg
         dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -56,10 +56,12 @@ class Block(nn.Module):
                           dot_general_cls=self.dot_general_cls, name="ffn")
         n1, n2 = norm("attn_norm"), norm("ffn_norm")
         if cfg.norm_position == "pre":
-            h = x + attn(n1(x, token_mask, train=self.train), positions, attn_mask, token_mask)
+            h = x + attn(n1(x, token_mask, train=self.train), positions, attn_mask, token_mask,
+                         rope_sincos)
             y = h + ffn(n2(h, token_mask, train=self.train))
         else:
-            h = n1(x + attn(x, positions, attn_mask, token_mask), token_mask, train=self.train)
+            h = n1(x + attn(x, positions, attn_mask, token_mask, rope_sincos), token_mask,
+                   train=self.train)
             y = n2(h + ffn(h), token_mask, train=self.train)
         return nn.with_logical_constraint(y.astype(dtype), axes.ACT_BTD), None
 
@@ -82,6 +84,7 @@ class TransformerLM(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         attn_mask = (None if causal_fast_path
                      else make_attention_mask(positions, positions, token_mask))   # (B, T, T)
+        rope_sincos = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
 
         embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype, pdtype, name="embed")
         x = nn.with_logical_constraint(embed(tokens), axes.ACT_BTD)                # (B, T, d)
@@ -93,14 +96,14 @@ class TransformerLM(nn.Module):
             block_cls = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             stack = nn.scan(block_cls, variable_axes={"params": 0, "batch_stats": 0},
-                            split_rngs={"params": True}, in_axes=(nn.broadcast,) * 3,
+                            split_rngs={"params": True}, in_axes=(nn.broadcast,) * 4,
                             length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: axes.LAYERS})
             x, _ = stack(cfg, train, self.dot_general_cls, name="layers")(
-                x, positions, attn_mask, token_mask)
+                x, positions, attn_mask, token_mask, rope_sincos)
         else:
             for i in range(cfg.n_layers):
                 x, _ = block_cls(cfg, train, self.dot_general_cls, name=f"layers_{i}")(
-                    x, positions, attn_mask, token_mask)
+                    x, positions, attn_mask, token_mask, rope_sincos)
 
         if cfg.norm_position == "pre":
             x = make_norm(cfg.norm, eps=cfg.norm_eps, bn_momentum=cfg.bn_momentum,

@@ -69,13 +69,12 @@ def lr_schedule(cfg: Config) -> optax.Schedule:
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """AdamW (decoupled weight decay on matrices only) after global-norm clipping."""
+    """AdamW, decoupled weight decay on matrices only. (Global-norm clipping happens in the
+    train step, which already has the norm.)"""
     t = cfg.train
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
-    parts.append(optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
-                             weight_decay=t.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+    return optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
+                       weight_decay=t.weight_decay, mask=decay_mask)
 
 
 def input_mask(target_mask: jax.Array) -> jax.Array:
@@ -103,20 +102,41 @@ def _forward(model: nn.Module, params, model_state, batch, *, train: bool):
     return logits, dict(new_state)
 
 
+def _stacked(path) -> bool:
+    return any(getattr(k, "key", None) == "layers" for k in path)
+
+
 def nonfinite_flags(tree: Any) -> Any:
     """Per-leaf flag ``any(~isfinite)``; leaves stacked by ``nn.scan`` get one flag per layer."""
     def flag(path, x):
-        stacked = any(getattr(k, "key", None) == "layers" for k in path)
-        if stacked and x.ndim >= 1:
+        if _stacked(path) and x.ndim >= 1:
             return ~jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
         return ~jnp.all(jnp.isfinite(x))
     return jax.tree_util.tree_map_with_path(flag, tree)
 
 
+def leaf_sumsq(tree: Any) -> Any:
+    """Per-leaf sum of squares in float32 (per layer for ``nn.scan``-stacked leaves).
+
+    One pass over the gradients gives both the global norm (clipping, metrics) and the
+    non-finite check: a NaN/inf anywhere in a leaf makes its sum of squares non-finite (so does
+    a finite gradient beyond ~1e19 in magnitude, which is counted as divergence too).
+    """
+    def f(path, x):
+        x = jnp.square(x.astype(jnp.float32))
+        if _stacked(path) and x.ndim >= 1:
+            return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
+        return jnp.sum(x)
+    return jax.tree_util.tree_map_with_path(f, tree)
+
+
 def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformation
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure train step. Non-finite loss or gradients never update the state (in both
+    ``on_nonfinite`` modes): the step counter advances, everything else is kept, and the
+    metrics say so (``finite``, per-leaf ``grad_nonfinite``); the loop decides to stop or skip."""
     n_micro = cfg.train.grad_accum
-    skip_nonfinite = cfg.train.on_nonfinite == "skip"
+    clip = cfg.train.grad_clip
 
     def micro_loss(params, model_state, batch):
         logits, new_state = _forward(model, params, model_state, batch, train=True)
@@ -145,19 +165,24 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
                 body, (jnp.zeros((), jnp.float32), zeros, state.model_state), micro)
         loss = loss_sum / n_tokens
         grads = jax.tree.map(lambda g: g / n_tokens, grads)
-        grad_flags = nonfinite_flags(grads)
-        finite = jnp.isfinite(loss) & ~jnp.any(
-            jnp.stack([jnp.any(f) for f in jax.tree.leaves(grad_flags)]))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = TrainState(state.step + 1, params, model_state, opt_state)
-        if skip_nonfinite:
-            new = TrainState(new.step, *jax.tree.map(
-                lambda n, o: jnp.where(finite, n, o),
-                (new.params, new.model_state, new.opt_state),
-                (state.params, state.model_state, state.opt_state)))
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite,
-                   "grad_nonfinite": grad_flags, "param_nonfinite": nonfinite_flags(state.params),
+        sumsq = leaf_sumsq(grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(x) for x in jax.tree.leaves(sumsq)))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if clip > 0:   # clip_by_global_norm, reusing the norm computed above
+            scale = jnp.where(grad_norm < clip, 1.0, clip / grad_norm)
+            grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+
+        def apply(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return TrainState(state.step + 1, optax.apply_updates(state.params, updates),
+                              model_state, opt_state)
+
+        def keep(_):
+            return TrainState(state.step + 1, state.params, state.model_state, state.opt_state)
+
+        new = jax.lax.cond(finite, apply, keep, None)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                   "grad_nonfinite": jax.tree.map(lambda x: ~jnp.isfinite(x), sumsq),
                    "lr": lr_schedule(cfg)(state.step), "tokens": n_tokens}
         return new, metrics
 
@@ -269,8 +294,9 @@ def evaluate(setup: Setup, state: TrainState, val_tokens: np.ndarray) -> dict[st
             "val_tokens": int(count)}
 
 
-def describe_nonfinite(m: dict, param_paths: list[str]) -> str:
-    """Human description of which parameters/gradients hold NaN/inf, by tree path and layer."""
+def describe_nonfinite(m: dict, param_flags: Any, param_paths: list[str]) -> str:
+    """Human description of which parameters/gradients hold NaN/inf, by tree path and layer.
+    ``m``: a step's metrics; ``param_flags``: :func:`nonfinite_flags` of the parameters."""
     def offenders(flags) -> list[str]:
         names = []
         for path, f in zip(param_paths, jax.tree.leaves(flags)):
@@ -281,7 +307,7 @@ def describe_nonfinite(m: dict, param_paths: list[str]) -> str:
                 names += [f"{path}[layer {i}]" for i in np.flatnonzero(f)]
         return names
 
-    bad_params, bad_grads = offenders(m["param_nonfinite"]), offenders(m["grad_nonfinite"])
+    bad_params, bad_grads = offenders(param_flags), offenders(m["grad_nonfinite"])
     parts = [f"loss={float(m['loss'])}"]
     if bad_params:
         parts.append(f"non-finite parameters in {', '.join(bad_params[:5])}")
@@ -381,8 +407,10 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
         nonlocal skipped, last_loss
         m = jax.device_get(m)
         if not bool(m["finite"]):
+            # the step kept the state, so these are the parameters the failing step saw
+            param_flags = jax.device_get(jax.jit(nonfinite_flags)(state.params))
             msg = f"non-finite loss/gradients at step {step_done}: " + describe_nonfinite(
-                m, param_paths)
+                m, param_flags, param_paths)
             if t.on_nonfinite == "stop":
                 raise NonFiniteError(msg + ". Lower train.lr, enable train.grad_clip, or set "
                                      "train.on_nonfinite=skip. Last good checkpoint: "

@@ -2,7 +2,8 @@
 
 Split in two, as in MaxText:
 
-* pure numerics -- :func:`rope`, :func:`make_attention_mask`, :func:`grouped_attention`;
+* pure numerics -- :func:`rope` (:func:`rope_tables` + :func:`apply_rope`),
+  :func:`make_attention_mask`, :func:`grouped_attention`, :func:`causal_attention`;
 * :class:`Attention` -- the projections (q: d -> H x Dh, k/v: d -> Hkv x Dh, o: H x Dh -> d)
   holding parameters with logical axes, calling the op.
 
@@ -27,19 +28,47 @@ from tfm_jax.parallel import axes
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform (not NaN) softmax
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding, "rotate-half" convention.
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> jax.Array:
+    """sin/cos tables for :func:`apply_rope`: positions (B, T) -> (2, B, T, 1, D/2) float32.
 
-    x: (B, T, H, D), positions: (B, T) int. With ``inv_freq[i] = theta^(-2i/D)``, ``a = pos *
-    inv_freq`` and x split into halves (x1, x2): ``out = [x1 cos a - x2 sin a, x2 cos a + x1 sin a]``.
+    ``inv_freq[i] = theta^(-2i/D)``, angle ``a = pos * inv_freq``. Computed once per forward and
+    shared by every layer (and constant for the backward pass).
     """
-    d = x.shape[-1]
-    inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)         # (D/2,)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq               # (B, T, D/2)
-    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # (B, T, 1, D/2)
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # (D/2,)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq                    # (B, T, D/2)
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)])[:, :, :, None, :]
+
+
+def _rotate(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+@jax.custom_vjp
+def apply_rope(x: jax.Array, sincos: jax.Array) -> jax.Array:
+    """Rotary embedding, "rotate-half" convention: x (B, T, H, D) split into halves (x1, x2),
+    ``out = [x1 cos a - x2 sin a, x2 cos a + x1 sin a]``.
+
+    The rotation is orthogonal, so its VJP is the inverse rotation (angle -a): one fused pass,
+    written by hand. The tables are constants of the positions: no gradient flows to them.
+    """
+    return _rotate(x, sincos[0], sincos[1])
+
+
+def _apply_rope_fwd(x, sincos):
+    return _rotate(x, sincos[0], sincos[1]), sincos
+
+
+def _apply_rope_bwd(sincos, dy):
+    return _rotate(dy, -sincos[0], sincos[1]), jnp.zeros_like(sincos)
+
+
+apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding of x (B, T, H, D) at positions (B, T)."""
+    return apply_rope(x, rope_tables(positions, x.shape[-1], theta))
 
 
 def make_attention_mask(q_positions: jax.Array, k_positions: jax.Array,
@@ -162,8 +191,10 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: Optional[jax.Array],
-                 k_valid: Optional[jax.Array] = None) -> jax.Array:
-        """x (B, T, d), positions (B, T) -> (B, T, d).
+                 k_valid: Optional[jax.Array] = None,
+                 rope_sincos: Optional[jax.Array] = None) -> jax.Array:
+        """x (B, T, d), positions (B, T) -> (B, T, d). ``rope_sincos``: precomputed
+        :func:`rope_tables` of ``positions`` (computed here when not given).
 
         ``mask`` bool (B, T, T): general masked attention. ``mask=None``: causal self-attention
         over positions 0..T-1 with optional key padding ``k_valid`` (B, T), block-causal path.
@@ -181,8 +212,10 @@ class Attention(nn.Module):
         v = proj(self.n_kv_heads, axes.KV_HEADS, "v_proj")             # (B, T, Hkv, Dh)
         q = nn.with_logical_constraint(q, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
         k = nn.with_logical_constraint(k, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEAD_DIM))
-        q = rope(q, positions, self.rope_theta)
-        k = rope(k, positions, self.rope_theta)
+        if rope_sincos is None:
+            rope_sincos = rope_tables(positions, self.head_dim, self.rope_theta)
+        q = apply_rope(q, rope_sincos)
+        k = apply_rope(k, rope_sincos)
         if mask is None:
             out = causal_attention(q, k, v, k_valid, block_q=self.block_q)  # (B, T, H, Dh)
         else:
