@@ -629,3 +629,14 @@ def test_rope_custom_vjp_matches_autodiff():
     g_custom = jax.grad(lambda x: jnp.sum(apply_rope(x, sc) * w))(x)
     g_plain = jax.grad(lambda x: jnp.sum(_rotate(x, sc[0], sc[1]) * w))(x)
     close(g_custom, np.asarray(g_plain, np.float64))
+
+
+def test_linear_matmul_custom_vjp_matches_autodiff():
+    from tfm_jax.layers.linear import matmul
+    r = rng(11)
+    x, w, c = (jnp.asarray(f32(r.normal(size=s))) for s in ((6, 5), (5, 7), (6, 7)))
+    g = jax.jit(jax.grad(lambda x, w: jnp.sum(matmul(x, w) * c), (0, 1)))(x, w)
+    ref_x = np.asarray(c, np.float64) @ np.asarray(w, np.float64).T
+    ref_w = np.asarray(x, np.float64).T @ np.asarray(c, np.float64)
+    close(g[0], ref_x)
+    close(g[1], ref_w)

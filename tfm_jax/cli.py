@@ -121,14 +121,14 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from tfm_jax import data as data_lib
-    from tfm_jax.train import evaluate
+    from tfm_jax.train import eval_span, evaluate
 
     cfg = _run_config(args)
     setup, state = _restore(cfg)
     corpus = data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.data.cache_dir)
     row = evaluate(setup, state, corpus.val)
     row["step"] = int(state.step)
-    row["unigram_baseline"] = data_lib.unigram_entropy(corpus.train, corpus.val)
+    row["unigram_baseline"] = data_lib.unigram_entropy(corpus.train, eval_span(cfg, corpus.val))
     print(json.dumps(row, indent=2))
     return 0
 

@@ -294,6 +294,12 @@ def evaluate(setup: Setup, state: TrainState, val_tokens: np.ndarray) -> dict[st
             "val_tokens": int(count)}
 
 
+def eval_span(cfg: Config, val_tokens: np.ndarray) -> np.ndarray:
+    """The validation tokens :func:`evaluate` reads (its baseline must use the same text)."""
+    n = cfg.train.eval_batches * cfg.train.batch_size * cfg.data.seq_len + 1
+    return val_tokens[:n]
+
+
 def describe_nonfinite(m: dict, param_flags: Any, param_paths: list[str]) -> str:
     """Human description of which parameters/gradients hold NaN/inf, by tree path and layer.
     ``m``: a step's metrics; ``param_flags``: :func:`nonfinite_flags` of the parameters."""
@@ -388,7 +394,7 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
                    for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
     flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len)
     peak = backends.peak_flops(cfg, n_devices=len(setup.mesh.devices.flat))
-    unigram = data_lib.unigram_entropy(corpus.train, corpus.val)
+    unigram = data_lib.unigram_entropy(corpus.train, eval_span(cfg, corpus.val))
     logger = MetricsLogger(run_dir, resume_step=start_step, tensorboard=cfg.run.tensorboard,
                            progress=cfg.run.progress, total_steps=cfg.train.steps,
                            initial_step=start_step)

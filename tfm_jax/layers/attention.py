@@ -113,7 +113,11 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
 
 def _block_core_fwd(qh, kh, vh, k_valid, q_start, group):
     """qh (B, K, G*bq, D) already scaled by 1/sqrt(D), rows ordered (g, t); kh, vh (B, K, S, D);
-    k_valid (B, S) float 1/0. Query row t sits at absolute position q_start + t."""
+    k_valid (B, S) float 1/0. Query row t sits at absolute position q_start + t.
+
+    Returns the output and the unnormalised probabilities ``e = exp(s - max)`` with their row
+    sums ``l``: normalising the (rows, D) output instead of the (rows, S) tile saves a pass.
+    """
     rows, keys = qh.shape[2], kh.shape[2]
     bq = rows // group
     t = q_start + jax.lax.broadcasted_iota(jnp.int32, (rows, keys), 0) % bq
@@ -121,10 +125,11 @@ def _block_core_fwd(qh, kh, vh, k_valid, q_start, group):
     allowed = (s_idx <= t)[None, None] & (k_valid[:, None, None, :] > 0)
     s = jnp.einsum("bkmd,bksd->bkms", qh, kh, preferred_element_type=jnp.float32)
     s = jnp.where(allowed, s, NEG_INF)
-    p = jnp.exp(s - s.max(-1, keepdims=True))
-    p = p / p.sum(-1, keepdims=True)
-    o = jnp.einsum("bkms,bksd->bkmd", p.astype(vh.dtype), vh)
-    return o, p
+    e = jnp.exp(s - s.max(-1, keepdims=True))                                 # (B, K, M, S)
+    l = e.sum(-1, keepdims=True)                                              # (B, K, M, 1)
+    o = jnp.einsum("bkms,bksd->bkmd", e.astype(vh.dtype), vh,
+                   preferred_element_type=jnp.float32) / l
+    return o.astype(vh.dtype), e, l
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -133,17 +138,20 @@ def _block_core(qh, kh, vh, k_valid, q_start, group):
 
 
 def _block_core_vjp_fwd(qh, kh, vh, k_valid, q_start, group):
-    o, p = _block_core_fwd(qh, kh, vh, k_valid, q_start, group)
-    return o, (qh, kh, vh, k_valid, o, p)
+    o, e, l = _block_core_fwd(qh, kh, vh, k_valid, q_start, group)
+    return o, (qh, kh, vh, k_valid, o, e, l)
 
 
 def _block_core_vjp_bwd(q_start, group, res, do):
-    qh, kh, vh, k_valid, o, p = res
+    # With P = E / l:  dV = P^T dO = E^T (dO / l);  dS = P * (dP - rowsum(dO * O)), dP = dO V^T.
+    qh, kh, vh, k_valid, o, e, l = res
     f32 = jnp.float32
-    dv = jnp.einsum("bkms,bkmd->bksd", p.astype(do.dtype), do)
+    inv_l = 1.0 / l
+    do32 = do.astype(f32)
+    dv = jnp.einsum("bkms,bkmd->bksd", e.astype(do.dtype), (do32 * inv_l).astype(do.dtype))
     dp = jnp.einsum("bkmd,bksd->bkms", do, vh, preferred_element_type=f32)
-    delta = jnp.sum(do.astype(f32) * o.astype(f32), -1, keepdims=True)
-    ds = (p * (dp - delta)).astype(qh.dtype)
+    delta = jnp.sum(do32 * o.astype(f32), -1, keepdims=True)
+    ds = (e * inv_l * (dp - delta)).astype(qh.dtype)
     dq = jnp.einsum("bkms,bksd->bkmd", ds, kh)
     dk = jnp.einsum("bkms,bkmd->bksd", ds, qh)
     return dq, dk, dv, jnp.zeros_like(k_valid)

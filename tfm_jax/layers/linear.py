@@ -18,6 +18,35 @@ from flax import linen as nn
 DotGeneral = Callable[..., jax.Array]
 
 
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """(N, K) @ (K, M), with a backward whose weight gradient is a plain (K, N) @ (N, M) GEMM.
+
+    Left to itself XLA:CPU computes ``dW = x^T dy`` as a transposed-operand dot on a different
+    (Eigen) path that runs beside the YNNPACK GEMMs; materialising ``x^T`` first (one cheap copy,
+    kept by an optimization barrier) keeps every GEMM of the step on the same fast path.
+    """
+    return x @ w
+
+
+def _matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_bwd(res, dy):
+    x, w = res
+    x_t = jax.lax.optimization_barrier(x.T)
+    return dy @ w.T, (x_t @ dy).astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _matmul_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
+    assert dimension_numbers == (((1,), (0,)), ((), ())), dimension_numbers
+    return matmul(x, w)
+
+
 def _canon(x: Union[int, Sequence[int]]) -> tuple[int, ...]:
     return (x,) if isinstance(x, int) else tuple(x)
 
@@ -35,7 +64,7 @@ class Linear(nn.Module):
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    dot_general: DotGeneral = jax.lax.dot_general
+    dot_general: DotGeneral = _matmul_dot_general
     dot_general_cls: Optional[Callable[[], nn.Module]] = None
 
     @nn.compact
