@@ -18,3 +18,16 @@ def test_quick_sweep_writes_outputs(tmp_path):
     assert "| seq 32 |" in (tmp_path / "sweep.md").read_text()
     png = (tmp_path / "seq_scaling.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_profile_step_phases_and_ablations_run():
+    from benchmarks import profile_step
+    shape = dict(vocab_size=256, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                 ffn_hidden=64)
+    ph = profile_step.phases(shape, 16, 2, 2)
+    assert set(ph) == {"forward", "forward+backward", "forward+backward+adamw",
+                       "full train step"}
+    ab = profile_step.ablations(shape, 16, 2, 2)
+    assert len(ab) == 4 and all(v["min_ms"] > 0 for v in ab.values())
+    tr = profile_step.trace(shape, 16, 2, top=5)
+    assert tr["rows"] and {"phase", "kind", "module", "ms"} <= set(tr["rows"][0])
