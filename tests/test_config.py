@@ -243,7 +243,7 @@ def test_batch_size_not_divisible_by_grad_accum():
 
 
 def test_warmup_exceeds_steps():
-    line = _one_problem(["train.warmup_steps=700"])
+    line = _one_problem(["train.steps=600", "train.warmup_steps=700"])
     assert "train.warmup_steps=700" in line and "train.steps=600" in line
 
 
@@ -432,4 +432,5 @@ def test_number_accepted_for_text_and_empty_section(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  # nothing here yet\nmodel:\n  n_layers: 2\n")
     cfg = load_config(str(p))
-    assert cfg.model.n_layers == 2 and cfg.train.steps == load_config().train.steps
+    from tfm_jax.config import TrainConfig
+    assert cfg.model.n_layers == 2 and cfg.train.steps == TrainConfig().steps
