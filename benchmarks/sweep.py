@@ -35,19 +35,18 @@ CASES = [
 SEQ_LENS = [128, 256, 512, 1024]   # reference width, batch 8
 
 
-def quick_cases() -> tuple[list[tuple[str, list[str]]], list[int]]:
-    tiny = ["--d-model", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
-            "--ffn-hidden", "64", "--batch", "2", "--steps", "2", "--warmup", "1",
-            "--peak-n", "128"]
-    return [("tiny", tiny + ["--seq", "16"])], [16, 32]
+TINY = ["--d-model", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--ffn-hidden",
+        "64", "--batch", "2", "--steps", "2", "--warmup", "1", "--peak-n", "128"]
+SEQ_BASE = ["--preset", "reference", "--steps", "6", "--warmup", "2"]
 
 
 def run_sweep(out_dir: pathlib.Path, quick: bool = False, no_torch: bool = False
               ) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    cases, seq_lens = quick_cases() if quick else (CASES, SEQ_LENS)
-    seq_base = (quick_cases()[0][0][1][:-2] if quick
-                else ["--preset", "reference", "--steps", "6", "--warmup", "2"])
+    if quick:
+        cases, seq_lens, seq_base = [("tiny", TINY + ["--seq", "16"])], [16, 32], TINY
+    else:
+        cases, seq_lens, seq_base = CASES, SEQ_LENS, SEQ_BASE
     cases = cases + [(f"seq {t}", seq_base + ["--seq", str(t)]) for t in seq_lens]
     rows = []
     for label, argv in cases:

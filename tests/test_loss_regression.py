@@ -30,7 +30,9 @@ BASE = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_h
         "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=0", "train.min_lr_ratio=1.0",
         "train.weight_decay=0.1", "train.grad_clip=1.0", "mesh.data=1"]
 VARIANTS = {"plain": [], "scan": ["model.scan_layers=true"], "accum2": ["train.grad_accum=2"],
-            "remat": ["model.remat=full"]}
+            "remat": ["model.remat=full"], "remat_dots": ["model.remat=dots"],
+            # several query blocks (the golden curve was recorded with the masked path)
+            "blocks16": ["model.attn_block_q=16"], "masked": ["model.attn_block_q=0"]}
 
 
 def corpus_tokens() -> np.ndarray:

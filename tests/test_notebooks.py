@@ -2,7 +2,7 @@
 
 The kernel is a subprocess of this test and inherits its environment, including the 8 fake CPU
 devices that ``conftest.py`` puts in ``XLA_FLAGS`` -- the notebooks must work with 1 or 8 devices.
-``01_quickstart`` takes about 25 s here (2 CPU cores), so the test is not marked slow.
+``01_quickstart`` takes about 15 s here (2 CPU cores), so the test is not marked slow.
 """
 
 from __future__ import annotations

@@ -52,12 +52,14 @@ def measured_matmul_peak(n: int = 1024, dtype: str = "float32", seconds: float =
 
 def peak_flops(cfg: Config, n_devices: int) -> float:
     """Peak FLOP/s of the devices a run uses (the MFU denominator)."""
-    if cfg.train.peak_flops is not None:
-        return cfg.train.peak_flops * n_devices
     dev = jax.devices()[0]
-    if dev.platform == "cpu":      # fake CPU devices share the same cores
+    per_device = dev.platform != "cpu"     # fake CPU devices share the same cores
+    if cfg.train.peak_flops is not None:
+        return cfg.train.peak_flops * (n_devices if per_device else 1)
+    if not per_device:
         return measured_matmul_peak(dtype=cfg.model.dtype)
+    dtype = "bfloat16" if cfg.model.dtype == "float16" else cfg.model.dtype
     for key, table in _PEAKS.items():
         if key in dev.device_kind:
-            return table.get(cfg.model.dtype, table["float32"]) * n_devices
+            return table.get(dtype, table["float32"]) * n_devices
     return measured_matmul_peak(dtype=cfg.model.dtype) * n_devices

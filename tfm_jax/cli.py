@@ -63,9 +63,11 @@ def _run_config(args) -> Config:
 
 
 def _restore(cfg: Config):
+    from tfm_jax import backends
     from tfm_jax.checkpoint import Checkpointer
     from tfm_jax.train import build
 
+    backends.configure(cfg.backend)
     setup = build(cfg)
     ckpt = Checkpointer(cfg.run_dir / "checkpoints")
     if ckpt.latest_step() is None:
@@ -143,8 +145,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_config(args) -> int:
+    from tfm_jax.model import count_params
+
     cfg = load_config(args.config, args.overrides)
+    m = cfg.model
     print(cfg.to_yaml(), end="")
+    print(f"# derived: model.head_dim={m.resolved_head_dim}, model.ffn_hidden="
+          f"{m.resolved_ffn_hidden}, parameters={count_params(m)['total']:,}")
     return 0
 
 

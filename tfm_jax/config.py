@@ -23,8 +23,10 @@ from typing import Any, Literal, Optional, Union
 
 import pydantic
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
-from typing_extensions import Annotated
+from typing import Annotated
+
+from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, Strict,
+                      model_validator)
 
 
 
@@ -40,7 +42,7 @@ def _yaml_float(v: Any) -> Any:
 
 # Strict numbers: YAML `true` is not a layer count; ints are still accepted where floats are.
 Int = Annotated[int, Strict()]
-Float = Annotated[float, BeforeValidator(_yaml_float), Strict()]
+Float = Annotated[float, BeforeValidator(_yaml_float), Strict(), AllowInfNan(False)]
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "tiny.yaml"
@@ -196,7 +198,7 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     batch_size: Int = Field(16, gt=0, description="global batch (sequences per optimizer step)")
     grad_accum: Int = Field(1, gt=0, description="micro-batches per step (batch_size divisible)")
-    steps: Int = Field(600, gt=0)
+    steps: Int = Field(1200, gt=0)
     seed: Int = 0
     lr: Float = Field(3e-3, gt=0)
     min_lr_ratio: Float = Field(0.1, ge=0, le=1)
@@ -208,15 +210,16 @@ class TrainConfig(_Section):
     grad_clip: Float = Field(1.0, ge=0, description="global-norm clip; 0 disables")
     on_nonfinite: Literal["stop", "skip"] = "stop"
     log_every: Int = Field(10, gt=0)
-    eval_every: Int = Field(200, gt=0)
-    eval_batches: Int = Field(8, gt=0)
-    checkpoint_every: Int = Field(200, gt=0)
+    eval_every: Int = Field(400, gt=0)
+    eval_batches: Int = Field(32, gt=0)
+    checkpoint_every: Int = Field(400, gt=0)
     keep_checkpoints: Int = Field(2, gt=0)
     async_checkpoint: bool = True
     sample_tokens: Int = Field(200, ge=0, description="tokens generated at the end of a run")
     sample_prompt: str = "def "
     peak_flops: Optional[Float] = Field(
-        None, gt=0, description="per-device FLOP/s for MFU; None: measured fp32 matmul peak")
+        None, gt=0, description="per-device FLOP/s for MFU (on CPU: the whole machine's); "
+        "None: measured matmul peak on CPU, vendor figure on known GPUs")
 
     @model_validator(mode="after")
     def _cross(self) -> "TrainConfig":
@@ -247,14 +250,14 @@ class MeshConfig(_Section):
         for name, s in sizes.items():
             if s == 0 or s < -1:
                 raise ValueError(f"mesh.{name}={s}: must be a positive size or -1")
-        seen = set()
+        # Several rules for one logical name are allowed: flax takes the first whose mesh axes
+        # are still free for the array at hand (a fallback list, as in MaxText).
         for logical, mesh in self.rules:
             targets = [] if mesh is None else [mesh] if isinstance(mesh, str) else list(mesh)
             bad = [t for t in targets if t not in MESH_AXES]
             if bad:
                 raise ValueError(f"mesh.rules: rule for '{logical}' names unknown mesh axis "
                                  f"{bad[0]!r}; mesh axes are {list(MESH_AXES)}")
-            seen.add(logical)
         return self
 
     @property

@@ -61,7 +61,9 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             if kind == "train":
-                post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+                post = {"loss": f"{row['loss']:.3f}"}
+                if row.get("tokens_per_s") is not None:
+                    post["tok/s"] = f"{row['tokens_per_s']:.0f}"
                 if row.get("mfu") is not None:
                     post["mfu"] = f"{100 * row['mfu']:.1f}%"
                 self._bar.set_postfix(post, refresh=False)

@@ -3,7 +3,9 @@
 The step is one pure function ``(state, batch) -> (state, metrics)``, jitted once with the state
 donated and every array sharded over the mesh by the logical rule table. Gradient accumulation
 runs inside the step (``lax.scan`` over micro-batches), so an optimizer step is one dispatch and
-its result does not depend on how the batch was split (up to float summation order).
+its result does not depend on how the batch was split (up to float summation order) -- except
+with ``norm: batchnorm``, whose statistics are per micro-batch (running averages are updated
+once per micro-batch).
 
 Resume is exact: the data pipeline is a pure function of ``(seed, step)`` and the state (params,
 optimizer moments, BatchNorm statistics, step) is restored whole from an orbax checkpoint.
@@ -113,6 +115,9 @@ def nonfinite_flags(tree: Any) -> Any:
             return ~jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
         return ~jnp.all(jnp.isfinite(x))
     return jax.tree_util.tree_map_with_path(flag, tree)
+
+
+_jit_nonfinite_flags = jax.jit(nonfinite_flags)
 
 
 def leaf_sumsq(tree: Any) -> Any:
@@ -370,6 +375,7 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     """Run training as configured; writes the run directory. ``step_hook(step)`` is called after
     each step (tests use it to inject interruptions)."""
     backends.configure(cfg.backend)
+    check_runtime(cfg, len(jax.devices() if devices is None else devices))   # before any I/O
     run_dir = cfg.run_dir
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoint)
@@ -413,8 +419,9 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
         nonlocal skipped, last_loss
         m = jax.device_get(m)
         if not bool(m["finite"]):
-            # the step kept the state, so these are the parameters the failing step saw
-            param_flags = jax.device_get(jax.jit(nonfinite_flags)(state.params))
+            # Parameters at detection time (one step later: a failing step keeps the state, so
+            # they are the failing step's unless the following step succeeded).
+            param_flags = jax.device_get(_jit_nonfinite_flags(state.params))
             msg = f"non-finite loss/gradients at step {step_done}: " + describe_nonfinite(
                 m, param_flags, param_paths)
             if t.on_nonfinite == "stop":
@@ -475,6 +482,8 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
                                       f"{ckpt.directory}; continue with --resume", stop)
             if pending is not None:
                 handle(*pending)
+            if not eval_row:          # resumed at the last step: report its evaluation
+                eval_row = evaluate(setup, state, corpus.val)
         finally:
             ckpt.wait()
             ckpt.close()

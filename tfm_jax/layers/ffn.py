@@ -1,4 +1,4 @@
-"""Position-wise feed-forward: ReLU / GELU (2 matrices) or SwiGLU (3 matrices, gate+up fused).
+"""Position-wise feed-forward: ReLU / GELU (2 matrices) or SwiGLU (3 matrices).
 
 * relu/gelu: ``FFN(x) = act(x W_in) W_out``, W_in: (d, F), W_out: (F, d). GELU is the exact erf
   form.
