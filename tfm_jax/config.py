@@ -44,7 +44,8 @@ def _yaml_float(v: Any) -> Any:
 Int = Annotated[int, Strict()]
 Float = Annotated[float, BeforeValidator(_yaml_float), Strict(), AllowInfNan(False)]
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+# Shipped with the package (package data); the repository's top-level configs/ links here.
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "tiny.yaml"
 
 # Byte-level tokenizer: 256 byte ids + PAD, BOS, EOS (see tfm_jax.data.ByteTokenizer).
