@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Optional
+from typing import Any
 
 import jax
 from tqdm.auto import tqdm

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import signal
 import time
-from functools import partial
 from typing import Any, Callable, Iterator, Optional
 
 import jax
