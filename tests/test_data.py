@@ -255,9 +255,17 @@ def test_eval_batches():
     for b in batches:
         assert np.array_equal(b["targets"][:, :-1], b["inputs"][:, 1:]) and np.all(b["mask"] == 1)
         assert np.array_equal(b["targets"][:, -1], b["inputs"][:, -1] + 1)
-    assert len(list(data.eval_batches(tokens, batch_size=4, seq_len=10, max_batches=3))) == 3
+    capped = list(data.eval_batches(tokens, batch_size=4, seq_len=10, max_batches=3))
+    assert len(capped) == 3
+    # a capped evaluation spreads its 12 windows over all 99 slots of the stream
+    starts = np.concatenate([b["inputs"][:, 0] for b in capped])
+    assert np.array_equal(starts, (np.arange(12) * 99 // 12) * 10)
+    assert np.all(np.diff(starts) >= 10) and starts[-1] >= 900
+    np.testing.assert_array_equal(
+        starts, data.eval_window_starts(tokens, batch_size=4, seq_len=10, max_batches=3))
     half = next(data.eval_batches(tokens, batch_size=4, seq_len=10, max_batches=1, rows=slice(2, 4)))
-    assert np.array_equal(half["inputs"], batches[0]["inputs"][2:4])
+    full = next(data.eval_batches(tokens, batch_size=4, seq_len=10, max_batches=1))
+    assert np.array_equal(half["inputs"], full["inputs"][2:4])
     with pytest.raises(DataError, match=r"100 tokens.*val_fraction"):
         data.eval_batches(tokens[:100], batch_size=16, seq_len=10, max_batches=1)
 

@@ -273,3 +273,13 @@ def test_process_killed_during_async_save_resumes_exactly(tmp_path, corpus, devi
     full = train(load_config(None, common + [f"run.dir={tmp_path / 'full'}"]),
                  devices=devices[:1])
     jax.tree.map(np.testing.assert_array_equal, params_np(full.state), params_np(resumed.state))
+
+
+def test_eval_span_is_exactly_the_scored_tokens(tmp_path, corpus):
+    """The unigram baseline is scored on the tokens the evaluation scores (its targets)."""
+    from tfm_jax.train import eval_span
+    cfg = small_cfg(tmp_path, "train.eval_batches=3")
+    span = eval_span(cfg, corpus.val)
+    targets = np.concatenate([b["targets"].ravel() for b in data_lib.eval_batches(
+        corpus.val, batch_size=8, seq_len=32, max_batches=3)])
+    np.testing.assert_array_equal(span, targets)

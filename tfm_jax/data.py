@@ -455,15 +455,15 @@ def train_batch(tokens: np.ndarray, doc_starts: np.ndarray, *, step: int, seed: 
     return _as_batch(windows, real)  # target t is body[t]: masked exactly where it is padding
 
 
-def eval_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int | None,
-                 rows: slice | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Deterministic evaluation batches over the start of ``tokens`` (the val stream).
+def eval_window_starts(tokens: np.ndarray, *, batch_size: int, seq_len: int,
+                       max_batches: int | None) -> np.ndarray:
+    """Start offsets (num_batches * batch_size,) of the evaluation windows.
 
-    Row r of batch b holds inputs ``tokens[s : s + seq_len]`` and targets shifted by one,
-    with ``s = (b * batch_size + r) * seq_len``: consecutive, non-overlapping windows. Only
-    full batches are yielded, at most ``max_batches`` (None: all). ``rows`` selects a
-    contiguous subset of each batch as in ``train_batch``. Raises ``DataError`` (eagerly)
-    if the stream holds fewer than ``batch_size`` windows.
+    The stream is cut into non-overlapping slots of ``seq_len`` tokens; the windows are spread
+    evenly over all slots (``slot_i = floor(i * slots / needed)``), so a capped evaluation still
+    samples the whole validation split, not only its first files. When every full batch is
+    used (``max_batches`` None or large enough) the windows are consecutive from the start.
+    Raises ``DataError`` if fewer slots than one batch exist.
     """
     n = _check_sizes(tokens, batch_size, seq_len)
     num_windows = (n - 1) // seq_len
@@ -471,15 +471,33 @@ def eval_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int, max_batch
         raise DataError(f"validation split has {n} tokens = {num_windows} windows of seq_len={seq_len}, "
                         f"fewer than one eval batch of {batch_size}; use a smaller batch size or "
                         f"seq_len, or a larger data.val_fraction")
-    num_batches = num_windows // batch_size
-    if max_batches is not None:
-        num_batches = min(num_batches, max_batches)
+    all_batches = num_windows // batch_size
+    num_batches = all_batches if max_batches is None else min(all_batches, max_batches)
+    needed = num_batches * batch_size
+    if num_batches == all_batches:            # every full batch: consecutive from the start
+        return np.arange(needed, dtype=np.int64) * seq_len
+    return (np.arange(needed, dtype=np.int64) * num_windows) // needed * seq_len
+
+
+def eval_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int | None,
+                 rows: slice | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Deterministic evaluation batches over ``tokens`` (the val stream).
+
+    Row r of batch b holds inputs ``tokens[s : s + seq_len]`` and targets shifted by one, with
+    ``s = eval_window_starts(...)[b * batch_size + r]``: non-overlapping windows spread over the
+    whole stream (consecutive when all of them are used). At most ``max_batches`` full batches
+    (None: all). ``rows`` selects a contiguous subset of each batch as in ``train_batch``.
+    Raises ``DataError`` (eagerly) if the stream holds fewer than ``batch_size`` windows.
+    """
+    starts_all = eval_window_starts(tokens, batch_size=batch_size, seq_len=seq_len,
+                                    max_batches=max_batches)
+    num_batches = starts_all.size // batch_size
     offsets = np.arange(seq_len + 1)
     first = _select(np.arange(batch_size), rows, batch_size)
 
     def generate() -> Iterator[dict[str, np.ndarray]]:
         for b in range(num_batches):
-            starts = (b * batch_size + first) * seq_len
+            starts = starts_all[b * batch_size + first]
             windows = tokens[starts[:, None] + offsets]
             yield _as_batch(windows, np.ones((starts.size, seq_len), np.float32))
 

@@ -298,9 +298,12 @@ def evaluate(setup: Setup, state: TrainState, val_tokens: np.ndarray) -> dict[st
 
 
 def eval_span(cfg: Config, val_tokens: np.ndarray) -> np.ndarray:
-    """The validation tokens :func:`evaluate` reads (its baseline must use the same text)."""
-    n = cfg.train.eval_batches * cfg.train.batch_size * cfg.data.seq_len + 1
-    return val_tokens[:n]
+    """The validation tokens :func:`evaluate` scores (its baseline must use the same text): the
+    target tokens of every evaluation window."""
+    starts = data_lib.eval_window_starts(val_tokens, batch_size=cfg.train.batch_size,
+                                         seq_len=cfg.data.seq_len,
+                                         max_batches=cfg.train.eval_batches)
+    return np.asarray(val_tokens)[(starts[:, None] + np.arange(1, cfg.data.seq_len + 1)).ravel()]
 
 
 def describe_nonfinite(m: dict, param_flags: Any, param_paths: list[str]) -> str:
