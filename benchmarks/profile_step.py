@@ -3,7 +3,9 @@
 Three views of the same step, at the benchmark's reference shape unless told otherwise:
 
 1. **Phases** -- forward only, forward+backward, +AdamW, and the framework's full step (which adds
-   grad-norm, clipping, the non-finite guard and metrics).
+   grad-norm, clipping, the non-finite guard and metrics); with ``--torch`` the PyTorch peer's
+   forward, forward+backward and full step at the same shape, timed in the same run, so the gap is
+   located in forward or backward.
 2. **Ablations** -- the same model with one sub-layer replaced by ``x * w`` (a scalar weight):
    the time that disappears is what that sub-layer costs inside the real step, overlap and cache
    effects included (isolated micro-benchmarks of a sub-layer mislead on CPU).
@@ -15,6 +17,7 @@ Three views of the same step, at the benchmark's reference shape unless told oth
     python -m benchmarks.profile_step                       # phases + ablations, reference shape
     python -m benchmarks.profile_step --preset large --steps 5
     python -m benchmarks.profile_step --trace --top 25
+    python -m benchmarks.profile_step --torch --no-ablations   # phases of both frameworks
 """
 
 from __future__ import annotations
@@ -110,6 +113,42 @@ def phases(shape, seq, batch, steps) -> dict[str, dict[str, float]]:
     return out
 
 
+def torch_phases(shape, seq, batch, steps) -> dict[str, dict[str, float]]:
+    """The PyTorch peer's phases at the same shape (fp32, all CPU threads, AdamW as the peer)."""
+    import torch
+
+    from benchmarks import torch_peer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    model = torch_peer.TorchLM(**shape)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, min(shape["vocab_size"], 256), (batch, seq + 1), generator=g)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+    def fwd():
+        with torch.no_grad():
+            return model(x, y)[1]
+
+    def fwd_bwd():
+        loss = model(x, y)[1]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss
+
+    def step():
+        loss = model(x, y)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return {"torch forward": timeit(fwd, steps), "torch forward+backward": timeit(fwd_bwd, steps),
+            "torch full step (AdamW)": timeit(step, steps)}
+
+
 def ablations(shape, seq, batch, steps) -> dict[str, dict[str, float]]:
     """fwd+bwd of the model with sub-layers swapped for ``x * w``."""
     variants = {"full model": {}, "FFN -> x*w": {"FeedForward": _stand_in},
@@ -187,6 +226,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--trace", action="store_true")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--torch", action="store_true",
+                   help="also time the PyTorch peer's phases at the same shape")
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--json")
     a = p.parse_args(argv)
@@ -195,6 +236,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(f"preset {a.preset}: {shape}, seq {seq}, batch {batch}; ms per step (median / min of "
           f"{a.steps})")
     out["phases"] = phases(shape, seq, batch, a.steps)
+    if a.torch:
+        out["phases"].update(torch_phases(shape, seq, batch, a.steps))
     for k, v in out["phases"].items():
         print(f"  {k:<42} {v['median_ms']:8.1f} / {v['min_ms']:8.1f}")
     if not a.no_ablations:
