@@ -32,6 +32,36 @@ def configure(cfg: BackendConfig) -> None:
     jax.config.update("jax_platforms", cfg.platform)
 
 
+def resolve_kernels(cfg: Config, devices: list) -> tuple[str, str]:
+    """("native" | "xla", why) for ``backend.cpu_kernels`` on these devices.
+
+    The native kernels are single-device fp32 CPU custom calls: XLA cannot partition them over a
+    mesh, so sharded runs keep XLA's ops. ``auto`` falls back with the reason;
+    ``native`` raises ConfigError with it.
+    """
+    choice = cfg.backend.cpu_kernels
+    if choice == "xla":
+        return "xla", "backend.cpu_kernels=xla"
+    reason = None
+    if devices[0].platform != "cpu":
+        reason = f"the devices are {devices[0].platform}, not cpu"
+    elif len(devices) > 1:
+        reason = (f"the run uses {len(devices)} devices (native kernels are single-device; XLA "
+                  f"cannot partition a custom call)")
+    elif cfg.model.dtype != "float32" or cfg.model.param_dtype != "float32":
+        reason = f"model dtype {cfg.model.dtype}/{cfg.model.param_dtype} (native kernels: float32)"
+    else:
+        from tfm_jax.kernels import cpu
+        ok, detail = cpu.available()
+        if ok:
+            return "native", f"native CPU kernels ({detail})"
+        reason = detail
+    if choice == "native":
+        raise ConfigError(f"backend.cpu_kernels=native: {reason}; use backend.cpu_kernels=auto "
+                          f"or xla")
+    return "xla", f"XLA ops ({reason})"
+
+
 @functools.lru_cache(maxsize=None)
 def measured_matmul_peak(n: int = 1024, dtype: str = "float32", seconds: float = 0.5) -> float:
     """FLOP/s of a jitted n x n x n matmul on the default device (median of repeats).

@@ -26,7 +26,7 @@ from tfm_jax.config import ModelConfig
 from tfm_jax.layers.attention import Attention, make_attention_mask, rope_tables
 from tfm_jax.layers.embed import Embed
 from tfm_jax.layers.ffn import FeedForward
-from tfm_jax.layers.linear import Linear
+from tfm_jax.layers.linear import Linear, kernel_kwargs
 from tfm_jax.layers.norms import make_norm
 from tfm_jax.parallel import axes
 
@@ -37,6 +37,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     train: bool = False
     dot_general_cls: Optional[Callable[[], nn.Module]] = None
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x, positions, attn_mask, token_mask, rope_sincos):
@@ -50,10 +51,12 @@ class Block(nn.Module):
         attn = Attention(cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
                          init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
                          param_dtype=pdtype, block_q=cfg.attn_block_q,
-                         dot_general_cls=self.dot_general_cls, name="attn")
+                         dot_general_cls=self.dot_general_cls, kernels=self.kernels,
+                         name="attn")
         ffn = FeedForward(cfg.resolved_ffn_hidden, cfg.ffn_type, init_std=cfg.init_std,
                           out_init_std=out_std, dtype=dtype, param_dtype=pdtype,
-                          dot_general_cls=self.dot_general_cls, name="ffn")
+                          dot_general_cls=self.dot_general_cls, kernels=self.kernels,
+                          name="ffn")
         n1, n2 = norm("attn_norm"), norm("ffn_norm")
         if cfg.norm_position == "pre":
             h = x + attn(n1(x, token_mask, train=self.train), positions, attn_mask, token_mask,
@@ -71,6 +74,10 @@ class TransformerLM(nn.Module):
 
     cfg: ModelConfig
     dot_general_cls: Optional[Callable[[], nn.Module]] = None
+    # "xla": every op is XLA's; "native": fp32 GEMMs and the causal attention core run as
+    # custom calls (tfm_jax.kernels.cpu; chosen by tfm_jax.train.build from backend.cpu_kernels).
+    # Same parameters and, to fp32 rounding, the same numbers.
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, positions: Optional[jax.Array] = None,
@@ -98,11 +105,12 @@ class TransformerLM(nn.Module):
             stack = nn.scan(block_cls, variable_axes={"params": 0, "batch_stats": 0},
                             split_rngs={"params": True}, in_axes=(nn.broadcast,) * 4,
                             length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-            x, _ = stack(cfg, train, self.dot_general_cls, name="layers")(
+            x, _ = stack(cfg, train, self.dot_general_cls, self.kernels, name="layers")(
                 x, positions, attn_mask, token_mask, rope_sincos)
         else:
             for i in range(cfg.n_layers):
-                x, _ = block_cls(cfg, train, self.dot_general_cls, name=f"layers_{i}")(
+                x, _ = block_cls(cfg, train, self.dot_general_cls, self.kernels,
+                                 name=f"layers_{i}")(
                     x, positions, attn_mask, token_mask, rope_sincos)
 
         if cfg.norm_position == "pre":
@@ -114,7 +122,8 @@ class TransformerLM(nn.Module):
         else:
             logits = Linear(cfg.vocab_size, (axes.EMBED, axes.VOCAB), init_std=cfg.init_std,
                             dtype=dtype, param_dtype=pdtype,
-                            dot_general_cls=self.dot_general_cls, name="lm_head")(x)
+                            dot_general_cls=self.dot_general_cls, name="lm_head",
+                            **kernel_kwargs(self.kernels))(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32), axes.ACT_BTV)
 
 

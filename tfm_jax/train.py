@@ -215,6 +215,8 @@ class Setup:
     train_step: Callable
     eval_step: Callable
     init_fn: Callable
+    kernels: str = "xla"          # "native" | "xla" (backends.resolve_kernels)
+    kernels_note: str = ""
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
@@ -242,7 +244,8 @@ def build(cfg: Config, devices: Optional[list] = None) -> Setup:
     check_runtime(cfg, len(devices))
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     rules = mesh_lib.rules_tuple(cfg.mesh.rules)
-    model = TransformerLM(cfg.model)
+    kernels, kernels_note = backends.resolve_kernels(cfg, devices)
+    model = TransformerLM(cfg.model, kernels=kernels)
     tx = make_optimizer(cfg)
     dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
 
@@ -274,7 +277,7 @@ def build(cfg: Config, devices: Optional[list] = None) -> Setup:
     eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings, batch_shardings))
     jit_init = jax.jit(init_fn, out_shardings=state_shardings)
     return Setup(cfg, mesh, rules, model, tx, state_shardings, batch_sharding, train_step,
-                 eval_step, jit_init)
+                 eval_step, jit_init, kernels, kernels_note)
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,6 +411,7 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     logger.info(f"run dir {run_dir} | params {count_params(cfg.model)['total']:,} | "
                 f"mesh {dict(setup.mesh.shape)} | corpus {corpus.num_train_tokens:,} train / "
                 f"{corpus.num_val_tokens:,} val tokens | unigram baseline {unigram:.3f} nats")
+    logger.info(f"kernels: {setup.kernels_note}")
 
     rows = data_lib.process_rows(cfg.train.batch_size)
     t = cfg.train

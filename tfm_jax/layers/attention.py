@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from tfm_jax.layers.linear import Linear
+from tfm_jax.layers.linear import Linear, kernel_kwargs
 from tfm_jax.parallel import axes
 
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform (not NaN) softmax
@@ -196,6 +196,7 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
     block_q: int = 64
     dot_general_cls: Optional[Callable[[], nn.Module]] = None
+    kernels: str = "xla"   # "native": fp32 projections and attention core as custom calls
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: Optional[jax.Array],
@@ -208,12 +209,18 @@ class Attention(nn.Module):
         over positions 0..T-1 with optional key padding ``k_valid`` (B, T), block-causal path.
         """
         d = x.shape[-1]
+        lin_kw = kernel_kwargs(self.kernels)
+        if self.kernels == "native":
+            from tfm_jax.kernels import cpu
+            attention_core = cpu.causal_attention
+        else:
+            attention_core = causal_attention
 
         def proj(heads, head_axis, name):
             return Linear((heads, self.head_dim), (axes.EMBED, head_axis, axes.HEAD_DIM),
                           init_std=self.init_std, dtype=self.dtype,
                           param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
-                          name=name)(x)
+                          name=name, **lin_kw)(x)
 
         q = proj(self.n_heads, axes.HEADS, "q_proj")                   # (B, T, H, Dh)
         k = proj(self.n_kv_heads, axes.KV_HEADS, "k_proj")             # (B, T, Hkv, Dh)
@@ -225,11 +232,12 @@ class Attention(nn.Module):
         q = apply_rope(q, rope_sincos)
         k = apply_rope(k, rope_sincos)
         if mask is None:
-            out = causal_attention(q, k, v, k_valid, block_q=self.block_q)  # (B, T, H, Dh)
+            out = attention_core(q, k, v, k_valid, block_q=self.block_q)  # (B,T,H,Dh)
         else:
             out = grouped_attention(q, k, v, mask)                          # (B, T, H, Dh)
         out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.HEADS,
                                                axes.HEAD_DIM))
         return Linear(d, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), in_axes=2,
                       init_std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype,
-                      dot_general_cls=self.dot_general_cls, name="o_proj")(out)
+                      dot_general_cls=self.dot_general_cls, name="o_proj",
+                      **lin_kw)(out)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tfm_jax.layers.linear import Linear
+from tfm_jax.layers.linear import Linear, kernel_kwargs
 from tfm_jax.parallel import axes
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -62,13 +62,15 @@ class FeedForward(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     dot_general_cls: Optional[Callable[[], nn.Module]] = None
+    kernels: str = "xla"   # "native": fp32 GEMMs as custom calls (tfm_jax.kernels.cpu)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
+        native = kernel_kwargs(self.kernels)
         dense = lambda feats, kaxes, std, name: Linear(  # noqa: E731
             feats, kaxes, init_std=std, dtype=self.dtype, param_dtype=self.param_dtype,
-            dot_general_cls=self.dot_general_cls, name=name)
+            dot_general_cls=self.dot_general_cls, name=name, **native)
         if self.kind == "swiglu":
             gate = dense(self.hidden, (axes.EMBED, axes.MLP), self.init_std, "wi_0")(x)
             up = dense(self.hidden, (axes.EMBED, axes.MLP), self.init_std, "wi_1")(x)

@@ -47,6 +47,18 @@ def _matmul_dot_general(x, w, dimension_numbers, precision=None, preferred_eleme
     return matmul(x, w)
 
 
+def kernel_kwargs(kernels: str) -> dict:
+    """Extra ``Linear`` arguments for a module's ``kernels`` setting: ``"xla"`` (XLA's dots) or
+    ``"native"`` (fp32 MKL GEMM custom calls, :mod:`tfm_jax.kernels.cpu`)."""
+    if kernels == "xla":
+        return {}
+    if kernels == "native":
+        from tfm_jax.kernels import cpu
+        cpu.load()
+        return {"dot_general": cpu.dot_general}
+    raise ValueError(f"kernels must be 'xla' or 'native', got {kernels!r}")
+
+
 def _canon(x: Union[int, Sequence[int]]) -> tuple[int, ...]:
     return (x,) if isinstance(x, int) else tuple(x)
 

@@ -1,0 +1,272 @@
+// Native CPU kernels for tfm_jax (XLA FFI custom calls), fp32:
+//
+//  * tfm_gemm      C = op(A) op(B) through MKL's cblas_sgemm (sequential MKL; rows split over
+//                  XLA's intra-op thread pool), so the weight-gradient GEMMs contract the token
+//                  axis without a materialised transpose.
+//  * tfm_attn_fwd  causal GQA attention, query blocks x all keys up to the block end, exact
+//    tfm_attn_bwd  softmax per block (same blocks and masking as layers/attention.py's XLA
+//                  path); forward saves the row max and row sum, backward recomputes the
+//                  probabilities (FlashAttention's recipe) and owns dK/dV per (batch, kv head).
+//
+// Layouts are the model's own: q (B, T, H, D), k/v (B, T, Hkv, D), k_valid (B, T) as 1/0
+// floats; no transposes are needed because every GEMM takes strided rows (ld = heads * D).
+// Built and loaded by tfm_jax/kernels/cpu.py.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+extern "C" void cblas_sgemm(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                            int ldc);
+extern "C" int MKL_Set_Threading_Layer(int);
+static const int kRow = 101, kN = 111, kT = 112;
+static const float kNegInf = -1e30f;
+
+// exp(x) for x <= ~88, written so that GCC vectorises loops over it (no libm call): 2^n * p(f)
+// with n = round(x / ln2), f = x - n ln2 (Cody-Waite), p a degree-6 polynomial (rel. error
+// ~2e-7, like expf). x < -87.3 (including the -1e30 mask value) gives exactly 0.
+static inline float fast_exp(float x) {
+  float xc = std::max(x, -87.3f);
+  float n = std::nearbyint(xc * 1.44269504088896341f);
+  float f = xc - n * 0.693359375f;
+  f = f - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.0f;
+  int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.3f ? 0.0f : p * scale;
+}
+
+// Runs fn(i) for i in [0, n) on the calling thread and the XLA intra-op pool. Tasks are claimed
+// from an atomic counter, so the caller never blocks on a task that has not started.
+static void ParallelFor(ffi::ThreadPool& pool, int n, std::function<void(int)> fn) {
+  struct State {
+    std::atomic<int> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto st = std::make_shared<State>();
+  auto f = std::make_shared<std::function<void(int)>>(std::move(fn));
+  auto work = [st, f, n]() {
+    int i;
+    while ((i = st->next.fetch_add(1)) < n) {
+      (*f)(i);
+      if (st->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> l(st->mu);
+        st->cv.notify_all();
+      }
+    }
+  };
+  int helpers = std::min<int>(n - 1, (int)pool.num_threads());
+  for (int i = 0; i < helpers; ++i) pool.Schedule([work]() { work(); });
+  work();
+  std::unique_lock<std::mutex> l(st->mu);
+  st->cv.wait(l, [&] { return st->done.load() == n; });
+}
+
+struct Dims {
+  int B, T, H, K, D, G;
+};
+
+// S = scale * Q_blk K^T over keys [0, end) for query rows [t0, t1) of head h; entries with
+// key > query or k_valid == 0 are set to -1e30 (finite, as in the XLA path).
+static void Scores(const float* q, const float* k, const float* kvalid, const Dims& d, int b,
+                   int h, int t0, int t1, float scale, float* S) {
+  int kh = h / d.G, rows = t1 - t0, end = t1;
+  const float* qb = q + ((int64_t)b * d.T + t0) * d.H * d.D + (int64_t)h * d.D;
+  const float* kb = k + (int64_t)b * d.T * d.K * d.D + (int64_t)kh * d.D;
+  cblas_sgemm(kRow, kN, kT, rows, end, d.D, scale, qb, d.H * d.D, kb, d.K * d.D, 0.f, S, end);
+  const float* kv = kvalid + (int64_t)b * d.T;
+  for (int i = 0; i < rows; ++i) {
+    float* s = S + (int64_t)i * end;
+    int t = t0 + i;
+    for (int j = t + 1; j < end; ++j) s[j] = kNegInf;
+    for (int j = 0; j <= t && j < end; ++j)
+      if (kv[j] <= 0.f) s[j] = kNegInf;
+  }
+}
+
+static ffi::Error AttnFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> kvalid,
+                          ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse,
+                          int64_t block) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  Dims d{(int)qd[0], (int)qd[1], (int)qd[2], (int)kd[2], (int)qd[3], (int)(qd[2] / kd[2])};
+  float scale = 1.0f / std::sqrt((float)d.D);
+  const float *Q = q.typed_data(), *Kp = k.typed_data(), *V = v.typed_data(),
+              *KV = kvalid.typed_data();
+  float *O = o->typed_data(), *L = lse->typed_data();
+  int nb = (d.T + block - 1) / block;
+  ParallelFor(pool, d.B * d.H, [&](int task) {
+    int b = task / d.H, h = task % d.H, kh = h / d.G;
+    std::vector<float> S((size_t)block * d.T);
+    for (int blk = 0; blk < nb; ++blk) {
+      int t0 = blk * block, t1 = std::min<int>(d.T, t0 + block), rows = t1 - t0, end = t1;
+      Scores(Q, Kp, KV, d, b, h, t0, t1, scale, S.data());
+      for (int i = 0; i < rows; ++i) {
+        float* s = S.data() + (int64_t)i * end;
+        float m = kNegInf;
+        for (int j = 0; j < end; ++j) m = std::max(m, s[j]);
+        float l = 0.f;
+        for (int j = 0; j < end; ++j) {
+          s[j] = fast_exp(s[j] - m);
+          l += s[j];
+        }
+        float inv = 1.f / l;
+        for (int j = 0; j < end; ++j) s[j] *= inv;
+        int64_t li = ((int64_t)b * d.H + h) * d.T + t0 + i;
+        L[li] = m;                                   // row max and row sum: P = exp(S - m) / l
+        L[li + (int64_t)d.B * d.H * d.T] = l;
+      }
+      const float* vb = V + (int64_t)b * d.T * d.K * d.D + (int64_t)kh * d.D;
+      float* ob = O + ((int64_t)b * d.T + t0) * d.H * d.D + (int64_t)h * d.D;
+      cblas_sgemm(kRow, kN, kN, rows, d.D, end, 1.f, S.data(), end, vb, d.K * d.D, 0.f, ob,
+                  d.H * d.D);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+static ffi::Error AttnBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> kvalid,
+                          ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
+                          ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                          ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                          int64_t block) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  Dims d{(int)qd[0], (int)qd[1], (int)qd[2], (int)kd[2], (int)qd[3], (int)(qd[2] / kd[2])};
+  float scale = 1.0f / std::sqrt((float)d.D);
+  const float *Q = q.typed_data(), *Kp = k.typed_data(), *V = v.typed_data(),
+              *KV = kvalid.typed_data(), *O = o.typed_data(), *L = lse.typed_data(),
+              *DO = dout.typed_data();
+  float *DQ = dq->typed_data(), *DK = dk->typed_data(), *DV = dv->typed_data();
+  int nb = (d.T + block - 1) / block;
+  int ldq = d.H * d.D, ldk = d.K * d.D;
+  // One task per (batch, kv head): it owns dK/dV of that head (no races).
+  ParallelFor(pool, d.B * d.K, [&](int task) {
+    int b = task / d.K, kh = task % d.K;
+    float* dkb = DK + (int64_t)b * d.T * ldk + (int64_t)kh * d.D;
+    float* dvb = DV + (int64_t)b * d.T * ldk + (int64_t)kh * d.D;
+    for (int t = 0; t < d.T; ++t) {
+      std::memset(dkb + (int64_t)t * ldk, 0, sizeof(float) * d.D);
+      std::memset(dvb + (int64_t)t * ldk, 0, sizeof(float) * d.D);
+    }
+    const float* kb = Kp + (int64_t)b * d.T * ldk + (int64_t)kh * d.D;
+    const float* vb = V + (int64_t)b * d.T * ldk + (int64_t)kh * d.D;
+    std::vector<float> S((size_t)block * d.T), dP((size_t)block * d.T);
+    for (int g = 0; g < d.G; ++g) {
+      int h = kh * d.G + g;
+      for (int blk = 0; blk < nb; ++blk) {
+        int t0 = blk * block, t1 = std::min<int>(d.T, t0 + block), rows = t1 - t0, end = t1;
+        Scores(Q, Kp, KV, d, b, h, t0, t1, scale, S.data());
+        const float* mm = L + ((int64_t)b * d.H + h) * d.T + t0;
+        const float* ll = mm + (int64_t)d.B * d.H * d.T;
+        for (int i = 0; i < rows; ++i) {
+          float* s = S.data() + (int64_t)i * end;
+          float m = mm[i], inv = 1.f / ll[i];
+          for (int j = 0; j < end; ++j) s[j] = fast_exp(s[j] - m) * inv;
+        }
+        const float* qb = Q + ((int64_t)b * d.T + t0) * ldq + (int64_t)h * d.D;
+        const float* ob = O + ((int64_t)b * d.T + t0) * ldq + (int64_t)h * d.D;
+        const float* dob = DO + ((int64_t)b * d.T + t0) * ldq + (int64_t)h * d.D;
+        float* dqb = DQ + ((int64_t)b * d.T + t0) * ldq + (int64_t)h * d.D;
+        // dV[:end] += P^T dO
+        cblas_sgemm(kRow, kT, kN, end, d.D, rows, 1.f, S.data(), end, dob, ldq, 1.f, dvb, ldk);
+        // dP = dO V^T
+        cblas_sgemm(kRow, kN, kT, rows, end, d.D, 1.f, dob, ldq, vb, ldk, 0.f, dP.data(), end);
+        for (int i = 0; i < rows; ++i) {
+          const float* oi = ob + (int64_t)i * ldq;
+          const float* doi = dob + (int64_t)i * ldq;
+          float delta = 0.f;
+          for (int c = 0; c < d.D; ++c) delta += oi[c] * doi[c];
+          float* s = S.data() + (int64_t)i * end;
+          const float* dp = dP.data() + (int64_t)i * end;
+          for (int j = 0; j < end; ++j) s[j] = s[j] * (dp[j] - delta) * scale;   // dS * scale
+        }
+        // dQ = dS K ; dK[:end] += dS^T Q
+        cblas_sgemm(kRow, kN, kN, rows, d.D, end, 1.f, S.data(), end, kb, ldk, 0.f, dqb, ldq);
+        cblas_sgemm(kRow, kT, kN, end, d.D, rows, 1.f, S.data(), end, qb, ldq, 1.f, dkb, ldk);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_attn_fwd, AttnFwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_attn_bwd, AttnBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block"));
+
+// C (m, n) = op(A) @ op(B); A stored (m, k), or (k, m) if ta; B stored (k, n), or (n, k) if tb.
+static ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                       ffi::ResultBuffer<ffi::F32> c, bool ta, bool tb) {
+  auto ad = a.dimensions(), bd = b.dimensions();
+  int m = ta ? ad[1] : ad[0], k = ta ? ad[0] : ad[1], n = tb ? bd[0] : bd[1];
+  int lda = ad[1], ldb = bd[1];
+  const float* A = a.typed_data();
+  const float* B = b.typed_data();
+  float* C = c->typed_data();
+  int parts = std::max<int>(1, std::min<int>((int)pool.num_threads(), m / 64));
+  int chunk = (m + parts - 1) / parts;
+  auto rows = [=](int i) {
+    int r0 = i * chunk, r1 = std::min(m, r0 + chunk);
+    if (r1 <= r0) return;
+    const float* Ap = ta ? A + r0 : A + (int64_t)r0 * lda;
+    cblas_sgemm(kRow, ta ? kT : kN, tb ? kT : kN, r1 - r0, n, k, 1.0f, Ap, lda, B, ldb, 0.0f,
+                C + (int64_t)r0 * n, n);
+  };
+  if (parts == 1) {
+    rows(0);
+  } else {
+    ParallelFor(pool, parts, rows);
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_gemm, Gemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("ta")
+                                  .Attr<bool>("tb"));
+
+// MKL runs single-threaded inside each task: the parallelism is XLA's pool (no oversubscription).
+extern "C" int tfm_mkl_sequential() { return MKL_Set_Threading_Layer(1); }
