@@ -1,0 +1,160 @@
+"""Native fp32 CPU kernels (tfm_jax/kernels): numerics against numpy and against the XLA path,
+the model with kernels="native" vs "xla", the backend.cpu_kernels resolution, the build cache."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.test_util  # noqa: F401  (check_grads)
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tfm_jax import backends
+from tfm_jax.config import ConfigError, ModelConfig, load_config
+from tfm_jax.layers import attention as attn_lib
+from tfm_jax.model import TransformerLM
+
+cpu = pytest.importorskip("tfm_jax.kernels.cpu")
+OK, WHY = cpu.available()
+needs_kernels = pytest.mark.skipif(not OK, reason=f"native kernels unavailable: {WHY}")
+
+
+def rand(rng, *shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k,m", [(300, 40, 24), (17, 8, 5), (256, 64, 128)])
+def test_matmul_and_grads_match_numpy(n, k, m):
+    rng = np.random.default_rng(0)
+    x, w, dy = rand(rng, n, k), rand(rng, k, m), rand(rng, n, m)
+    y, vjp = jax.vjp(cpu.matmul, x, w)
+    dx, dw = vjp(dy)
+    x64, w64, dy64 = (np.asarray(a, np.float64) for a in (x, w, dy))
+    np.testing.assert_allclose(y, x64 @ w64, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dx, dy64 @ w64.T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dw, x64.T @ dy64, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+def test_dot_general_refuses_what_it_cannot_do():
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match="fp32 only"):
+        cpu.dot_general(x.astype(jnp.bfloat16), jnp.ones((3, 2), jnp.bfloat16),
+                        (((1,), (0,)), ((), ())))
+    with pytest.raises(ValueError, match=r"\(N, K\) @ \(K, M\)"):
+        cpu.dot_general(x, jnp.ones((2, 3)), (((1,), (1,)), ((), ())))
+
+
+def numpy_causal_attention(q, k, v, k_valid, block):
+    """Independent float64 reference with the framework's semantics: query block i sees keys
+    [0, end_i), masked scores are -1e30 (finite), so a fully masked row is uniform over them."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for hi in range(h):
+            for t0 in range(0, t, block):
+                end = min(t0 + block, t)
+                s = q[bi, t0:end, hi] @ k[bi, :end, hi // g].T / np.sqrt(d)
+                pos = np.arange(t0, end)[:, None]
+                ok = (np.arange(end)[None] <= pos) & (np.asarray(k_valid)[bi, :end] > 0)[None]
+                s = np.where(ok, s, -1e30)
+                p = np.exp(s - s.max(-1, keepdims=True))
+                out[bi, t0:end, hi] = (p / p.sum(-1, keepdims=True)) @ v[bi, :end, hi // g]
+    return out
+
+
+CASES = [  # B, T, H, Hkv, D, block, padded
+    (2, 100, 4, 2, 16, 32, True),      # GQA, T not a multiple of the block, fully masked rows
+    (1, 64, 2, 1, 8, 64, False),       # MQA, one block
+    (3, 130, 6, 3, 32, 64, True),      # 3 blocks, the last one short
+    (2, 48, 4, 4, 8, 16, False),       # MHA
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,t,h,hkv,d,block,padded", CASES)
+def test_attention_matches_numpy_and_xla_path(b, t, h, hkv, d, block, padded):
+    rng = np.random.default_rng(1)
+    q, k, v = rand(rng, b, t, h, d), rand(rng, b, t, hkv, d), rand(rng, b, t, hkv, d)
+    kv = np.ones((b, t), np.float32)
+    if padded:
+        kv[0, :3] = 0          # rows 0..2 of batch 0 see no valid key at all
+        kv[-1, t // 2:] = 0
+    kv = jnp.asarray(kv)
+    do = rand(rng, b, t, h, d)
+    o_nat, vjp_nat = jax.vjp(lambda q, k, v: cpu.causal_attention(q, k, v, kv, block_q=block),
+                             q, k, v)
+    o_xla, vjp_xla = jax.vjp(
+        lambda q, k, v: attn_lib.causal_attention(q, k, v, kv, block_q=block), q, k, v)
+    np.testing.assert_allclose(o_nat, numpy_causal_attention(q, k, v, kv, block),
+                               rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(o_nat, o_xla, rtol=1e-5, atol=2e-6)
+    for g_nat, g_xla in zip(vjp_nat(do), vjp_xla(do)):
+        np.testing.assert_allclose(g_nat, g_xla, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+def test_attention_grads_match_finite_differences():
+    rng = np.random.default_rng(2)
+    q, k, v = rand(rng, 1, 20, 2, 4), rand(rng, 1, 20, 1, 4), rand(rng, 1, 20, 1, 4)
+
+    def f(q, k, v):
+        return jnp.sum(jnp.sin(cpu.causal_attention(q, k, v, block_q=8)))
+
+    jax.test_util.check_grads(f, (q, k, v), order=1, modes=["rev"], atol=2e-2, rtol=2e-2,
+                              eps=1e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("scan", [False, True])
+def test_model_native_matches_xla(scan):
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      attn_block_q=8, scan_layers=scan, remat="full" if scan else "none")
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 24)), jnp.int32)
+    xla_m, nat_m = TransformerLM(cfg), TransformerLM(cfg, kernels="native")
+    params = xla_m.init(jax.random.key(0), toks)["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(
+        nat_m.init(jax.random.key(0), toks)["params"])           # same parameters
+
+    def loss(model, p):
+        logits = model.apply({"params": p}, toks)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+    (l_x, g_x), (l_n, g_n) = (jax.value_and_grad(lambda p, m=m: loss(m, p))(params)
+                              for m in (xla_m, nat_m))
+    np.testing.assert_allclose(l_n, l_x, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_n), jax.tree.leaves(g_x)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_resolve_kernels_rules():
+    cfg = load_config()
+    devs = jax.devices()
+    xla = load_config(overrides=["backend.cpu_kernels=xla"])
+    assert backends.resolve_kernels(xla, devs[:1])[0] == "xla"
+    choice, why = backends.resolve_kernels(cfg, devs)           # conftest: 8 fake devices
+    assert choice == "xla" and "8 devices" in why
+    with pytest.raises(ConfigError, match="single-device"):
+        backends.resolve_kernels(load_config(overrides=["backend.cpu_kernels=native"]), devs)
+    bf = load_config(overrides=["model.dtype=bfloat16"])
+    assert backends.resolve_kernels(bf, devs[:1])[0] == "xla"
+    assert backends.resolve_kernels(cfg, devs[:1])[0] == ("native" if OK else "xla")
+
+
+def test_kernel_library_builds_into_a_fresh_cache(tmp_path):
+    if not OK:
+        pytest.skip(f"native kernels unavailable: {WHY}")
+    env = {**os.environ, "TFM_JAX_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    code = "from tfm_jax.kernels import cpu; ok, p = cpu.available(); print(ok); print(p)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == "True" and pathlib.Path(out[1]).is_relative_to(tmp_path)
+    files = [p.name for p in (tmp_path / "kernels").rglob("*")]
+    assert files.count("libtfm_cpu_kernels.so") == 1
+    assert not [f for f in files if f.startswith(".build.")]     # no half-written library left
