@@ -49,6 +49,9 @@ from benchmarks import train_throughput as tt  # noqa: E402
 from tfm_jax.train import build, masked_ce_sum  # noqa: E402
 
 
+KERNELS = {"choice": "auto"}   # backend.cpu_kernels of every setup (--kernels)
+
+
 def timeit(fn: Callable[[], Any], steps: int) -> dict[str, float]:
     jax.block_until_ready(fn())
     ts = []
@@ -73,6 +76,7 @@ def _stand_in(*args, name=None, **kwargs):
 
 def setup_for(shape: dict[str, int], seq: int, batch: int, steps: int):
     cfg, _ = tt.make_jax_config(shape, seq, batch, steps + 10)
+    cfg = cfg.replace(**{"backend.cpu_kernels": KERNELS["choice"]})
     setup = build(cfg, devices=jax.devices()[:1])
     rng = np.random.default_rng(0)
     high = min(shape["vocab_size"], 256)
@@ -162,7 +166,7 @@ def ablations(shape, seq, batch, steps) -> dict[str, dict[str, float]]:
             for k, v in swaps.items():
                 setattr(model_lib, k, v)
             cfg, setup, b = setup_for(shape, seq, batch, steps)
-            model = model_lib.TransformerLM(cfg.model)
+            model = model_lib.TransformerLM(cfg.model, kernels=setup.kernels)
             tokens = jnp.asarray(b["inputs"])
             params = model.init(jax.random.key(0), tokens)["params"]
 
@@ -199,6 +203,8 @@ def trace(shape, seq, batch, top: int) -> dict[str, Any]:
     calls = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = \S+ fusion\(.*?calls=%?([\w.\-]+)',
                             hlo, re.M))
     bodies = dict(re.findall(r'^%?([\w.\-]+) (?:\(.*?\) -> .*?)?\{\n(.*?)\n\}', hlo, re.M | re.S))
+    targets = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?custom_call_target="([^"]+)"',
+                              hlo, re.M))
     f = sorted(pathlib.Path(logdir).rglob("*.trace.json.gz"))[-1]
     events = [e for e in json.load(gzip.open(f))["traceEvents"] if e.get("ph") == "X"]
     per_op = collections.defaultdict(float)
@@ -213,8 +219,11 @@ def trace(shape, seq, batch, top: int) -> dict[str, Any]:
         src = re.sub(r"layers_\d+", "L", re.sub(r"transpose\(|jvp\(|\)", "", src))
         parts = src.split("/")
         module = "/".join(parts[1:3]) if len(parts) > 2 else src
-        is_dot = op.startswith("dot") or " dot(" in bodies.get(calls.get(op, ""), "")
-        groups[(phase, "GEMM" if is_dot else "elementwise", module)] += ms
+        is_dot = (op.startswith("dot") or " dot(" in bodies.get(calls.get(op, ""), "")
+                  or targets.get(op) == "tfm_gemm")
+        kind = ("native attn" if targets.get(op, "").startswith("tfm_attn") else
+                "GEMM" if is_dot else "elementwise")
+        groups[(phase, kind, module)] += ms
     rows = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
     return {"logdir": logdir, "rows": [{"phase": k[0], "kind": k[1], "module": k[2], "ms": v}
                                        for k, v in rows]}
@@ -226,18 +235,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--trace", action="store_true")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--kernels", choices=["auto", "native", "xla"], default="auto",
+                   help="backend.cpu_kernels (xla: profile the XLA-only path)")
     p.add_argument("--torch", action="store_true",
                    help="also time the PyTorch peer's phases at the same shape")
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--json")
     a = p.parse_args(argv)
+    KERNELS["choice"] = a.kernels
     shape, seq, batch = tt.resolve_shape(tt.parse_args(["--preset", a.preset]))
     out: dict[str, Any] = {"preset": a.preset, "shape": shape, "seq": seq, "batch": batch}
     print(f"preset {a.preset}: {shape}, seq {seq}, batch {batch}; ms per step (median / min of "
           f"{a.steps})")
-    out["phases"] = phases(shape, seq, batch, a.steps)
-    if a.torch:
-        out["phases"].update(torch_phases(shape, seq, batch, a.steps))
+    # The peer first: timed after tfm_jax's phases, torch's step measured up to 1.5x slower in
+    # this process (cause not pinned down: not thread affinity, not MKL's threading layer).
+    peer = torch_phases(shape, seq, batch, a.steps) if a.torch else {}
+    out["phases"] = {**phases(shape, seq, batch, a.steps), **peer}
     for k, v in out["phases"].items():
         print(f"  {k:<42} {v['median_ms']:8.1f} / {v['min_ms']:8.1f}")
     if not a.no_ablations:

@@ -85,6 +85,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1,
                    help="interleaved rounds (jax then torch each round)")
     p.add_argument("--no-torch", action="store_true", help="tfm_jax only")
+    p.add_argument("--kernels", choices=["auto", "native", "xla"], default="auto",
+                   help="tfm_jax's backend.cpu_kernels (xla: XLA's ops only, the pre-kernel path)")
     p.add_argument("--peak-n", type=int, default=1024, help="matmul size for the fp32 peak")
     p.add_argument("--json", metavar="OUT.json", help="also write the results here")
     args = p.parse_args(argv)
@@ -252,6 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     token_high = min(shape["vocab_size"], 256)
     total = args.repeats * (args.warmup + args.steps)
     cfg, vocab_note = make_jax_config(shape, seq, batch, total)
+    cfg = cfg.replace(**{"backend.cpu_kernels": args.kernels})
     if vocab_note:
         print(vocab_note, flush=True)
 
@@ -351,6 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       dtype="float32"),
         "optimizer": dict(OPTIMIZER, name="adamw", grad_clip=0.0, grad_accum=1),
         "vocab_note": vocab_note,
+        "kernels": jb.setup.kernels, "kernels_note": jb.setup.kernels_note,
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
         "train_flops_per_token": flops_tok,
         "peak": {"jax_fp32_matmul": peak_jax, "torch_fp32_matmul": peak_torch,
@@ -381,6 +385,7 @@ def print_report(out: dict[str, Any]) -> None:
           f"({s['tokens_per_step']} tokens/step)")
     if out["vocab_note"]:
         print(out["vocab_note"])
+    print(f"tfm_jax kernels: {out['kernels_note']}")
     print(f"params: {res['tfm_jax']['n_params']:,} | train FLOPs/token "
           f"{out['train_flops_per_token'] / 1e6:.2f} M (PaLM convention, both peers agree)")
     proc = m["processor"] or "''"

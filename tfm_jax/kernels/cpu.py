@@ -136,6 +136,7 @@ def available() -> tuple[bool, str]:
 
 
 def _gemm(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> jax.Array:
+    load()                                        # registers the custom calls (once)
     m = a.shape[1] if ta else a.shape[0]
     n = b.shape[0] if tb else b.shape[1]
     return jax.ffi.ffi_call("tfm_gemm", jax.ShapeDtypeStruct((m, n), jnp.float32))(
@@ -175,6 +176,7 @@ def dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=
 
 
 def _attn_fwd_call(q, k, v, k_valid, block):
+    load()
     b, t, h, _ = q.shape
     return jax.ffi.ffi_call(
         "tfm_attn_fwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32),

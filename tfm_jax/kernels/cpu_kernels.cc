@@ -84,60 +84,82 @@ struct Dims {
   int B, T, H, K, D, G;
 };
 
-// S = scale * Q_blk K^T over keys [0, end) for query rows [t0, t1) of head h; entries with
-// key > query or k_valid == 0 are set to -1e30 (finite, as in the XLA path).
-static void Scores(const float* q, const float* k, const float* kvalid, const Dims& d, int b,
-                   int h, int t0, int t1, float scale, float* S) {
-  int kh = h / d.G, rows = t1 - t0, end = t1;
-  const float* qb = q + ((int64_t)b * d.T + t0) * d.H * d.D + (int64_t)h * d.D;
-  const float* kb = k + (int64_t)b * d.T * d.K * d.D + (int64_t)kh * d.D;
-  cblas_sgemm(kRow, kN, kT, rows, end, d.D, scale, qb, d.H * d.D, kb, d.K * d.D, 0.f, S, end);
-  const float* kv = kvalid + (int64_t)b * d.T;
-  for (int i = 0; i < rows; ++i) {
-    float* s = S + (int64_t)i * end;
-    int t = t0 + i;
-    for (int j = t + 1; j < end; ++j) s[j] = kNegInf;
-    for (int j = 0; j <= t && j < end; ++j)
-      if (kv[j] <= 0.f) s[j] = kNegInf;
+// One query block of one GQA group: the G query heads that share kv head kh, rows ordered
+// (g, t) so that every GEMM of the block covers the whole group (M = G * rows).
+struct Block {
+  int t0, rows, end, M;
+};
+
+// Copies rows [t0, t0 + rows) of the group's G heads of x (B, T, H, D) into dst (M, D).
+static void Gather(const float* x, const Dims& d, int b, int kh, const Block& blk, float* dst) {
+  for (int g = 0; g < d.G; ++g)
+    for (int i = 0; i < blk.rows; ++i)
+      std::memcpy(dst + ((int64_t)g * blk.rows + i) * d.D,
+                  x + ((int64_t)b * d.T + blk.t0 + i) * d.H * d.D + (int64_t)(kh * d.G + g) * d.D,
+                  sizeof(float) * d.D);
+}
+
+// S (M, end) = scale * Qs K[:end]^T with masked entries (key > query, or k_valid == 0) set to
+// -1e30 (finite, as in the XLA path).
+static void Scores(const float* Qs, const float* kb, const float* kv, const Dims& d,
+                   const Block& blk, float scale, float* S) {
+  cblas_sgemm(kRow, kN, kT, blk.M, blk.end, d.D, scale, Qs, d.D, kb, d.K * d.D, 0.f, S, blk.end);
+  for (int r = 0; r < blk.M; ++r) {
+    float* s = S + (int64_t)r * blk.end;
+    int t = blk.t0 + r % blk.rows;
+    for (int j = 0; j < blk.end; ++j)
+      if (j > t || kv[j] <= 0.f) s[j] = kNegInf;
   }
 }
 
 static ffi::Error AttnFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> kvalid,
-                          ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse,
+                          ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> stats,
                           int64_t block) {
   auto qd = q.dimensions(), kd = k.dimensions();
   Dims d{(int)qd[0], (int)qd[1], (int)qd[2], (int)kd[2], (int)qd[3], (int)(qd[2] / kd[2])};
   float scale = 1.0f / std::sqrt((float)d.D);
   const float *Q = q.typed_data(), *Kp = k.typed_data(), *V = v.typed_data(),
               *KV = kvalid.typed_data();
-  float *O = o->typed_data(), *L = lse->typed_data();
-  int nb = (d.T + block - 1) / block;
-  ParallelFor(pool, d.B * d.H, [&](int task) {
-    int b = task / d.H, h = task % d.H, kh = h / d.G;
-    std::vector<float> S((size_t)block * d.T);
-    for (int blk = 0; blk < nb; ++blk) {
-      int t0 = blk * block, t1 = std::min<int>(d.T, t0 + block), rows = t1 - t0, end = t1;
-      Scores(Q, Kp, KV, d, b, h, t0, t1, scale, S.data());
-      for (int i = 0; i < rows; ++i) {
-        float* s = S.data() + (int64_t)i * end;
-        float m = kNegInf;
-        for (int j = 0; j < end; ++j) m = std::max(m, s[j]);
-        float l = 0.f;
-        for (int j = 0; j < end; ++j) {
+  float *O = o->typed_data(), *L = stats->typed_data();
+  int64_t bht = (int64_t)d.B * d.H * d.T;
+  int nb = (d.T + block - 1) / block, ldk = d.K * d.D;
+  // One task per (batch, kv head); stats = (row max, row sum) of each query row.
+  ParallelFor(pool, d.B * d.K, [&](int task) {
+    int b = task / d.K, kh = task % d.K;
+    const float* kb = Kp + (int64_t)b * d.T * ldk + (int64_t)kh * d.D;
+    const float* vb = V + (int64_t)b * d.T * ldk + (int64_t)kh * d.D;
+    std::vector<float> S((size_t)d.G * block * d.T), Qs((size_t)d.G * block * d.D),
+        Os((size_t)d.G * block * d.D);
+    for (int bi = 0; bi < nb; ++bi) {
+      int t0 = bi * block, rows = std::min<int>(d.T, t0 + block) - t0;
+      Block blk{t0, rows, t0 + rows, d.G * rows};
+      Gather(Q, d, b, kh, blk, Qs.data());
+      Scores(Qs.data(), kb, KV + (int64_t)b * d.T, d, blk, scale, S.data());
+      std::vector<float> inv(blk.M);
+      for (int r = 0; r < blk.M; ++r) {
+        float* s = S.data() + (int64_t)r * blk.end;
+        float m = kNegInf, l = 0.f;
+        for (int j = 0; j < blk.end; ++j) m = std::max(m, s[j]);
+        for (int j = 0; j < blk.end; ++j) {
           s[j] = fast_exp(s[j] - m);
           l += s[j];
         }
-        float inv = 1.f / l;
-        for (int j = 0; j < end; ++j) s[j] *= inv;
-        int64_t li = ((int64_t)b * d.H + h) * d.T + t0 + i;
-        L[li] = m;                                   // row max and row sum: P = exp(S - m) / l
-        L[li + (int64_t)d.B * d.H * d.T] = l;
+        inv[r] = 1.f / l;
+        int g = r / rows, i = r % rows;
+        int64_t li = ((int64_t)b * d.H + kh * d.G + g) * d.T + t0 + i;
+        L[li] = m;
+        L[li + bht] = l;
       }
-      const float* vb = V + (int64_t)b * d.T * d.K * d.D + (int64_t)kh * d.D;
-      float* ob = O + ((int64_t)b * d.T + t0) * d.H * d.D + (int64_t)h * d.D;
-      cblas_sgemm(kRow, kN, kN, rows, d.D, end, 1.f, S.data(), end, vb, d.K * d.D, 0.f, ob,
-                  d.H * d.D);
+      // Unnormalised P V, then each output row scaled by 1 / l (D values instead of end).
+      cblas_sgemm(kRow, kN, kN, blk.M, d.D, blk.end, 1.f, S.data(), blk.end, vb, ldk, 0.f,
+                  Os.data(), d.D);
+      for (int r = 0; r < blk.M; ++r) {
+        int g = r / rows, i = r % rows;
+        float* dst = O + ((int64_t)b * d.T + t0 + i) * d.H * d.D + (int64_t)(kh * d.G + g) * d.D;
+        const float* src = Os.data() + (int64_t)r * d.D;
+        for (int c = 0; c < d.D; ++c) dst[c] = src[c] * inv[r];
+      }
     }
   });
   return ffi::Error::Success();
@@ -145,7 +167,7 @@ static ffi::Error AttnFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
 
 static ffi::Error AttnBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> kvalid,
-                          ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
+                          ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> stats,
                           ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
                           ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
                           int64_t block) {
@@ -153,11 +175,11 @@ static ffi::Error AttnBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   Dims d{(int)qd[0], (int)qd[1], (int)qd[2], (int)kd[2], (int)qd[3], (int)(qd[2] / kd[2])};
   float scale = 1.0f / std::sqrt((float)d.D);
   const float *Q = q.typed_data(), *Kp = k.typed_data(), *V = v.typed_data(),
-              *KV = kvalid.typed_data(), *O = o.typed_data(), *L = lse.typed_data(),
+              *KV = kvalid.typed_data(), *O = o.typed_data(), *L = stats.typed_data(),
               *DO = dout.typed_data();
   float *DQ = dq->typed_data(), *DK = dk->typed_data(), *DV = dv->typed_data();
-  int nb = (d.T + block - 1) / block;
-  int ldq = d.H * d.D, ldk = d.K * d.D;
+  int64_t bht = (int64_t)d.B * d.H * d.T;
+  int nb = (d.T + block - 1) / block, ldk = d.K * d.D;
   // One task per (batch, kv head): it owns dK/dV of that head (no races).
   ParallelFor(pool, d.B * d.K, [&](int task) {
     int b = task / d.K, kh = task % d.K;
@@ -169,39 +191,47 @@ static ffi::Error AttnBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
     }
     const float* kb = Kp + (int64_t)b * d.T * ldk + (int64_t)kh * d.D;
     const float* vb = V + (int64_t)b * d.T * ldk + (int64_t)kh * d.D;
-    std::vector<float> S((size_t)block * d.T), dP((size_t)block * d.T);
-    for (int g = 0; g < d.G; ++g) {
-      int h = kh * d.G + g;
-      for (int blk = 0; blk < nb; ++blk) {
-        int t0 = blk * block, t1 = std::min<int>(d.T, t0 + block), rows = t1 - t0, end = t1;
-        Scores(Q, Kp, KV, d, b, h, t0, t1, scale, S.data());
-        const float* mm = L + ((int64_t)b * d.H + h) * d.T + t0;
-        const float* ll = mm + (int64_t)d.B * d.H * d.T;
-        for (int i = 0; i < rows; ++i) {
-          float* s = S.data() + (int64_t)i * end;
-          float m = mm[i], inv = 1.f / ll[i];
-          for (int j = 0; j < end; ++j) s[j] = fast_exp(s[j] - m) * inv;
-        }
-        const float* qb = Q + ((int64_t)b * d.T + t0) * ldq + (int64_t)h * d.D;
-        const float* ob = O + ((int64_t)b * d.T + t0) * ldq + (int64_t)h * d.D;
-        const float* dob = DO + ((int64_t)b * d.T + t0) * ldq + (int64_t)h * d.D;
-        float* dqb = DQ + ((int64_t)b * d.T + t0) * ldq + (int64_t)h * d.D;
-        // dV[:end] += P^T dO
-        cblas_sgemm(kRow, kT, kN, end, d.D, rows, 1.f, S.data(), end, dob, ldq, 1.f, dvb, ldk);
-        // dP = dO V^T
-        cblas_sgemm(kRow, kN, kT, rows, end, d.D, 1.f, dob, ldq, vb, ldk, 0.f, dP.data(), end);
-        for (int i = 0; i < rows; ++i) {
-          const float* oi = ob + (int64_t)i * ldq;
-          const float* doi = dob + (int64_t)i * ldq;
-          float delta = 0.f;
-          for (int c = 0; c < d.D; ++c) delta += oi[c] * doi[c];
-          float* s = S.data() + (int64_t)i * end;
-          const float* dp = dP.data() + (int64_t)i * end;
-          for (int j = 0; j < end; ++j) s[j] = s[j] * (dp[j] - delta) * scale;   // dS * scale
-        }
-        // dQ = dS K ; dK[:end] += dS^T Q
-        cblas_sgemm(kRow, kN, kN, rows, d.D, end, 1.f, S.data(), end, kb, ldk, 0.f, dqb, ldq);
-        cblas_sgemm(kRow, kT, kN, end, d.D, rows, 1.f, S.data(), end, qb, ldq, 1.f, dkb, ldk);
+    size_t tile = (size_t)d.G * block * d.T, rowbuf = (size_t)d.G * block * d.D;
+    std::vector<float> S(tile), dP(tile), Qs(rowbuf), Os(rowbuf), dOs(rowbuf), dQs(rowbuf);
+    std::vector<float> delta(d.G * block);
+    for (int bi = 0; bi < nb; ++bi) {
+      int t0 = bi * block, rows = std::min<int>(d.T, t0 + block) - t0;
+      Block blk{t0, rows, t0 + rows, d.G * rows};
+      Gather(Q, d, b, kh, blk, Qs.data());
+      Gather(O, d, b, kh, blk, Os.data());
+      Gather(DO, d, b, kh, blk, dOs.data());
+      Scores(Qs.data(), kb, KV + (int64_t)b * d.T, d, blk, scale, S.data());
+      for (int r = 0; r < blk.M; ++r) {
+        int g = r / rows, i = r % rows;
+        int64_t li = ((int64_t)b * d.H + kh * d.G + g) * d.T + t0 + i;
+        float m = L[li], inv = 1.f / L[li + bht];
+        float* s = S.data() + (int64_t)r * blk.end;
+        for (int j = 0; j < blk.end; ++j) s[j] = fast_exp(s[j] - m) * inv;   // P
+        const float *oi = Os.data() + (int64_t)r * d.D, *doi = dOs.data() + (int64_t)r * d.D;
+        float acc = 0.f;
+        for (int c = 0; c < d.D; ++c) acc += oi[c] * doi[c];
+        delta[r] = acc;                                                       // rowsum(dO * O)
+      }
+      // dV[:end] += P^T dO ; dP = dO V^T
+      cblas_sgemm(kRow, kT, kN, blk.end, d.D, blk.M, 1.f, S.data(), blk.end, dOs.data(), d.D,
+                  1.f, dvb, ldk);
+      cblas_sgemm(kRow, kN, kT, blk.M, blk.end, d.D, 1.f, dOs.data(), d.D, vb, ldk, 0.f,
+                  dP.data(), blk.end);
+      for (int r = 0; r < blk.M; ++r) {
+        float* s = S.data() + (int64_t)r * blk.end;
+        const float* dp = dP.data() + (int64_t)r * blk.end;
+        float dl = delta[r];
+        for (int j = 0; j < blk.end; ++j) s[j] = s[j] * (dp[j] - dl) * scale;   // dS * scale
+      }
+      // dQ = dS K ; dK[:end] += dS^T Q
+      cblas_sgemm(kRow, kN, kN, blk.M, d.D, blk.end, 1.f, S.data(), blk.end, kb, ldk, 0.f,
+                  dQs.data(), d.D);
+      cblas_sgemm(kRow, kT, kN, blk.end, d.D, blk.M, 1.f, S.data(), blk.end, Qs.data(), d.D,
+                  1.f, dkb, ldk);
+      for (int r = 0; r < blk.M; ++r) {
+        int g = r / rows, i = r % rows;
+        std::memcpy(DQ + ((int64_t)b * d.T + t0 + i) * d.H * d.D + (int64_t)(kh * d.G + g) * d.D,
+                    dQs.data() + (int64_t)r * d.D, sizeof(float) * d.D);
       }
     }
   });
