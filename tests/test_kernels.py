@@ -158,3 +158,20 @@ def test_kernel_library_builds_into_a_fresh_cache(tmp_path):
     files = [p.name for p in (tmp_path / "kernels").rglob("*")]
     assert files.count("libtfm_cpu_kernels.so") == 1
     assert not [f for f in files if f.startswith(".build.")]     # no half-written library left
+
+
+@needs_kernels
+def test_swiglu_matches_numpy_and_propagates_nan():
+    rng = np.random.default_rng(3)
+    g = np.asarray(rng.standard_normal((70, 33)) * 4, np.float32)
+    g[0, :3] = [100.0, -100.0, 0.0]
+    u, dh = (np.asarray(rng.standard_normal((70, 33)), np.float32) for _ in range(2))
+    h, vjp = jax.vjp(cpu.swiglu, jnp.asarray(g), jnp.asarray(u))
+    dg, du = vjp(jnp.asarray(dh))
+    g64, u64, dh64 = (a.astype(np.float64) for a in (g, u, dh))
+    s = 1.0 / (1.0 + np.exp(-g64))
+    np.testing.assert_allclose(h, g64 * s * u64, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(du, dh64 * g64 * s, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(dg, dh64 * u64 * s * (1 + g64 * (1 - s)), rtol=2e-5, atol=1e-6)
+    bad = cpu.swiglu(jnp.array([np.nan, 1.0], jnp.float32), jnp.array([1.0, np.nan], jnp.float32))
+    assert np.isnan(np.asarray(bad)).all()

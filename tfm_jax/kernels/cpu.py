@@ -38,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-TARGETS = ("tfm_gemm", "tfm_attn_fwd", "tfm_attn_bwd")
+TARGETS = ("tfm_gemm", "tfm_attn_fwd", "tfm_attn_bwd", "tfm_swiglu_fwd", "tfm_swiglu_bwd")
+# Row chunks per GEMM call (0: one per pool thread). Read at trace time.
+GEMM_CHUNKS = {"n": 0}
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -140,7 +142,7 @@ def _gemm(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> jax
     m = a.shape[1] if ta else a.shape[0]
     n = b.shape[0] if tb else b.shape[1]
     return jax.ffi.ffi_call("tfm_gemm", jax.ShapeDtypeStruct((m, n), jnp.float32))(
-        a, b, ta=ta, tb=tb)
+        a, b, ta=ta, tb=tb, chunks=np.int64(GEMM_CHUNKS["n"]))
 
 
 @jax.custom_vjp
@@ -169,6 +171,35 @@ def dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
         raise ValueError(f"native matmul is fp32 only, got {x.dtype} @ {w.dtype}")
     return matmul(x, w)
+
+
+# --------------------------------------------------------------------------------------------
+# SwiGLU elementwise
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """Drop-in for :func:`tfm_jax.layers.ffn.swiglu` (fp32): ``silu(gate) * up`` in one pass over
+    the pool; the VJP recomputes the sigmoid in its one pass (nothing extra saved)."""
+    return _swiglu_fwd(gate, up)[0]
+
+
+def _swiglu_fwd(gate, up):
+    load()
+    if gate.dtype != jnp.float32 or up.dtype != jnp.float32:
+        raise ValueError(f"native swiglu is fp32 only, got {gate.dtype}/{up.dtype}")
+    h = jax.ffi.ffi_call("tfm_swiglu_fwd", jax.ShapeDtypeStruct(gate.shape, jnp.float32))(
+        gate, up)
+    return h, (gate, up)
+
+
+def _swiglu_bwd(res, dh):
+    gate, up = res
+    shapes = (jax.ShapeDtypeStruct(gate.shape, jnp.float32),) * 2
+    return tuple(jax.ffi.ffi_call("tfm_swiglu_bwd", shapes)(gate, up, dh.astype(jnp.float32)))
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 # --------------------------------------------------------------------------------------------

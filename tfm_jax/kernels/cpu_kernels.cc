@@ -36,7 +36,7 @@ static const float kNegInf = -1e30f;
 // with n = round(x / ln2), f = x - n ln2 (Cody-Waite), p a degree-6 polynomial (rel. error
 // ~2e-7, like expf). x < -87.3 (including the -1e30 mask value) gives exactly 0.
 static inline float fast_exp(float x) {
-  float xc = std::max(x, -87.3f);
+  float xc = std::min(std::max(x, -87.3f), 88.0f);   // NaN stays NaN
   float n = std::nearbyint(xc * 1.44269504088896341f);
   float f = xc - n * 0.693359375f;
   f = f - n * -2.12194440e-4f;
@@ -265,14 +265,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_attn_bwd, AttnBwd,
 
 // C (m, n) = op(A) @ op(B); A stored (m, k), or (k, m) if ta; B stored (k, n), or (n, k) if tb.
 static ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                       ffi::ResultBuffer<ffi::F32> c, bool ta, bool tb) {
+                       ffi::ResultBuffer<ffi::F32> c, bool ta, bool tb, int64_t chunks) {
   auto ad = a.dimensions(), bd = b.dimensions();
   int m = ta ? ad[1] : ad[0], k = ta ? ad[0] : ad[1], n = tb ? bd[0] : bd[1];
   int lda = ad[1], ldb = bd[1];
   const float* A = a.typed_data();
   const float* B = b.typed_data();
   float* C = c->typed_data();
-  int parts = std::max<int>(1, std::min<int>((int)pool.num_threads(), m / 64));
+  // Row chunks handed out to the pool (more chunks than threads balance the load when a pool
+  // thread is busy with another op); at least 32 rows each.
+  int want = chunks > 0 ? (int)chunks : (int)pool.num_threads();
+  int parts = std::max<int>(1, std::min<int>(want, m / 32));
   int chunk = (m + parts - 1) / parts;
   auto rows = [=](int i) {
     int r0 = i * chunk, r1 = std::min(m, r0 + chunk);
@@ -296,7 +299,65 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_gemm, Gemm,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("ta")
-                                  .Attr<bool>("tb"));
+                                  .Attr<bool>("tb")
+                                  .Attr<int64_t>("chunks"));
+
+// SwiGLU elementwise, h = silu(g) * u with silu(g) = g * sigmoid(g), and its VJP
+//   du = dh * g * s,  dg = dh * u * s * (1 + g * (1 - s)),  s = sigmoid(g),
+// in one pass each, split over the pool (XLA materialised sigmoid(g) as a separate pass).
+static int64_t NumElements(ffi::Buffer<ffi::F32>& x) {
+  int64_t n = 1;
+  for (auto dim : x.dimensions()) n *= dim;
+  return n;
+}
+
+static inline float Sigmoid(float g) { return 1.0f / (1.0f + fast_exp(-g)); }
+
+static void Elementwise(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t, int64_t)> f) {
+  const int64_t kChunk = 1 << 16;
+  int parts = (int)std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
+  ParallelFor(pool, parts, [&](int i) { f(i * kChunk, std::min(n, (i + 1) * kChunk)); });
+}
+
+static ffi::Error SwigluFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> u,
+                            ffi::ResultBuffer<ffi::F32> h) {
+  const float *G = g.typed_data(), *U = u.typed_data();
+  float* H = h->typed_data();
+  Elementwise(pool, NumElements(g), [=](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) H[i] = G[i] * Sigmoid(G[i]) * U[i];
+  });
+  return ffi::Error::Success();
+}
+
+static ffi::Error SwigluBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> u,
+                            ffi::Buffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> dg,
+                            ffi::ResultBuffer<ffi::F32> du) {
+  const float *G = g.typed_data(), *U = u.typed_data(), *DH = dh.typed_data();
+  float *DG = dg->typed_data(), *DU = du->typed_data();
+  Elementwise(pool, NumElements(g), [=](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      float x = G[i], sg = Sigmoid(x), d = DH[i];
+      DU[i] = d * x * sg;
+      DG[i] = d * U[i] * sg * (1.0f + x * (1.0f - sg));
+    }
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_swiglu_fwd, SwigluFwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_swiglu_bwd, SwigluBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // MKL runs single-threaded inside each task: the parallelism is XLA's pool (no oversubscription).
 extern "C" int tfm_mkl_sequential() { return MKL_Set_Threading_Layer(1); }

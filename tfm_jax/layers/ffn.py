@@ -74,7 +74,11 @@ class FeedForward(nn.Module):
         if self.kind == "swiglu":
             gate = dense(self.hidden, (axes.EMBED, axes.MLP), self.init_std, "wi_0")(x)
             up = dense(self.hidden, (axes.EMBED, axes.MLP), self.init_std, "wi_1")(x)
-            h = swiglu(gate, up)                                      # (B, T, F)
+            if self.kernels == "native":
+                from tfm_jax.kernels import cpu
+                h = cpu.swiglu(gate, up)                              # (B, T, F)
+            else:
+                h = swiglu(gate, up)                                  # (B, T, F)
         elif self.kind in ACTIVATIONS:
             h = ACTIVATIONS[self.kind](
                 dense(self.hidden, (axes.EMBED, axes.MLP), self.init_std, "wi")(x))
