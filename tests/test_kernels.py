@@ -175,3 +175,21 @@ def test_swiglu_matches_numpy_and_propagates_nan():
     np.testing.assert_allclose(dg, dh64 * u64 * s * (1 + g64 * (1 - s)), rtol=2e-5, atol=1e-6)
     bad = cpu.swiglu(jnp.array([np.nan, 1.0], jnp.float32), jnp.array([1.0, np.nan], jnp.float32))
     assert np.isnan(np.asarray(bad)).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [5, 300])
+def test_rms_norm_matches_numpy(n):
+    rng = np.random.default_rng(4)
+    x = np.asarray(rng.standard_normal((n, 48)) * 3, np.float32)
+    w = np.asarray(1 + 0.2 * rng.standard_normal(48), np.float32)
+    dy = np.asarray(rng.standard_normal((n, 48)), np.float32)
+    y, vjp = jax.vjp(lambda x, w: cpu.rms_norm(x, w, 1e-6), jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(dy))
+    x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+    rstd = 1 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6)
+    xh = x64 * rstd
+    np.testing.assert_allclose(y, xh * w64, rtol=2e-6, atol=1e-6)
+    ref_dx = rstd * (dy64 * w64 - xh * (dy64 * w64 * xh).mean(-1, keepdims=True))
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dw, (dy64 * xh).sum(0), rtol=1e-5, atol=1e-5)

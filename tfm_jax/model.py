@@ -47,7 +47,7 @@ class Block(nn.Module):
         out_std = cfg.init_std / np.sqrt(2 * cfg.n_layers)   # GPT-2 residual-branch scaling
         norm = lambda name: make_norm(  # noqa: E731
             cfg.norm, eps=cfg.norm_eps, bn_momentum=cfg.bn_momentum, bn_masked=cfg.bn_masked,
-            param_dtype=pdtype, name=name)
+            param_dtype=pdtype, name=name, kernels=self.kernels)
         attn = Attention(cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
                          init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
                          param_dtype=pdtype, block_q=cfg.attn_block_q,
@@ -115,7 +115,8 @@ class TransformerLM(nn.Module):
 
         if cfg.norm_position == "pre":
             x = make_norm(cfg.norm, eps=cfg.norm_eps, bn_momentum=cfg.bn_momentum,
-                          bn_masked=cfg.bn_masked, param_dtype=pdtype, name="final_norm")(
+                          bn_masked=cfg.bn_masked, param_dtype=pdtype, name="final_norm",
+                          kernels=self.kernels)(
                 x, token_mask, train=train)
         if cfg.tie_embeddings:
             logits = embed.attend(x)

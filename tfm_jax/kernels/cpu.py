@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-TARGETS = ("tfm_gemm", "tfm_attn_fwd", "tfm_attn_bwd", "tfm_swiglu_fwd", "tfm_swiglu_bwd")
+TARGETS = ("tfm_gemm", "tfm_attn_fwd", "tfm_attn_bwd", "tfm_swiglu_fwd", "tfm_swiglu_bwd",
+           "tfm_rms_fwd", "tfm_rms_bwd")
 # Row chunks per GEMM call (0: one per pool thread). Read at trace time.
 GEMM_CHUNKS = {"n": 0}
 _lock = threading.Lock()
@@ -200,6 +201,43 @@ def _swiglu_bwd(res, dh):
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """Drop-in for :func:`tfm_jax.layers.norms.rms_norm` (fp32): normalises the last axis."""
+    if x.dtype != jnp.float32 or scale.dtype != jnp.float32:
+        raise ValueError(f"native rms_norm is fp32 only, got {x.dtype}/{scale.dtype}")
+    d = x.shape[-1]
+    return _rms(x.reshape(-1, d), scale, float(eps)).reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms(x, scale, eps):
+    return _rms_fwd(x, scale, eps)[0]
+
+
+def _rms_fwd(x, scale, eps):
+    load()
+    y = jax.ffi.ffi_call("tfm_rms_fwd", jax.ShapeDtypeStruct(x.shape, jnp.float32))(
+        x, scale, eps=np.float32(eps))
+    return y, (x, scale)
+
+
+def _rms_bwd(eps, res, dy):
+    x, scale = res
+    parts = max(1, min(x.shape[0] // 64, 64))       # rows per dscale partial sum
+    dx, dscale_parts = jax.ffi.ffi_call(
+        "tfm_rms_bwd", (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                        jax.ShapeDtypeStruct((parts, x.shape[1]), jnp.float32)))(
+        x, scale, dy.astype(jnp.float32), eps=np.float32(eps))
+    return dx, dscale_parts.sum(0)
+
+
+_rms.defvjp(_rms_fwd, _rms_bwd)
 
 
 # --------------------------------------------------------------------------------------------

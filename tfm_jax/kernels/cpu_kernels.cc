@@ -359,5 +359,77 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_swiglu_bwd, SwigluBwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+// RMSNorm over the last axis: y = x * rstd * scale, rstd = 1 / sqrt(mean(x^2) + eps); x (N, d).
+// Backward: dx = rstd * (dy * scale - xhat * mean(dy * scale * xhat)), xhat = x * rstd;
+// dscale as per-chunk partial sums (P, d), summed by the caller (no atomics).
+static ffi::Error RmsFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                         ffi::ResultBuffer<ffi::F32> y, float eps) {
+  auto xd = x.dimensions();
+  int64_t n = xd[0], d = xd[1];
+  const float *X = x.typed_data(), *W = scale.typed_data();
+  float* Y = y->typed_data();
+  int parts = (int)std::max<int64_t>(1, std::min<int64_t>(n / 64, 64));
+  int64_t chunk = (n + parts - 1) / parts;
+  ParallelFor(pool, parts, [=](int c) {
+    for (int64_t r = c * chunk; r < std::min(n, (c + 1) * chunk); ++r) {
+      const float* xr = X + r * d;
+      float ss = 0.f;
+      for (int64_t j = 0; j < d; ++j) ss += xr[j] * xr[j];
+      float rstd = 1.0f / std::sqrt(ss / d + eps);
+      float* yr = Y + r * d;
+      for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * rstd * W[j];
+    }
+  });
+  return ffi::Error::Success();
+}
+
+static ffi::Error RmsBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                         ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                         ffi::ResultBuffer<ffi::F32> dscale_parts, float eps) {
+  auto xd = x.dimensions();
+  int64_t n = xd[0], d = xd[1];
+  int parts = (int)dscale_parts->dimensions()[0];
+  const float *X = x.typed_data(), *W = scale.typed_data(), *DY = dy.typed_data();
+  float *DX = dx->typed_data(), *DW = dscale_parts->typed_data();
+  int64_t chunk = (n + parts - 1) / parts;
+  ParallelFor(pool, parts, [=](int c) {
+    float* dw = DW + (int64_t)c * d;
+    for (int64_t j = 0; j < d; ++j) dw[j] = 0.f;
+    for (int64_t r = c * chunk; r < std::min(n, (c + 1) * chunk); ++r) {
+      const float *xr = X + r * d, *dyr = DY + r * d;
+      float ss = 0.f;
+      for (int64_t j = 0; j < d; ++j) ss += xr[j] * xr[j];
+      float rstd = 1.0f / std::sqrt(ss / d + eps);
+      float dot = 0.f;
+      for (int64_t j = 0; j < d; ++j) {
+        float xh = xr[j] * rstd;
+        dot += dyr[j] * W[j] * xh;
+        dw[j] += dyr[j] * xh;
+      }
+      float m = dot / d;
+      float* dxr = DX + r * d;
+      for (int64_t j = 0; j < d; ++j) dxr[j] = rstd * (dyr[j] * W[j] - xr[j] * rstd * m);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_rms_fwd, RmsFwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_rms_bwd, RmsBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps"));
+
 // MKL runs single-threaded inside each task: the parallelism is XLA's pool (no oversubscription).
 extern "C" int tfm_mkl_sequential() { return MKL_Set_Threading_Layer(1); }

@@ -74,11 +74,15 @@ class LayerNorm(nn.Module):
 class RMSNorm(nn.Module):
     eps: float = 1e-6
     param_dtype: Any = jnp.float32
+    kernels: str = "xla"    # "native": one custom call each way (tfm_jax.kernels.cpu), fp32
 
     @nn.compact
     def __call__(self, x, mask=None, *, train: bool = False):
-        return rms_norm(x, _vec(self, "scale", nn.initializers.ones, x.shape[-1],
-                                self.param_dtype), self.eps)
+        scale = _vec(self, "scale", nn.initializers.ones, x.shape[-1], self.param_dtype)
+        if self.kernels == "native" and x.dtype == jnp.float32 and scale.dtype == jnp.float32:
+            from tfm_jax.kernels import cpu
+            return cpu.rms_norm(x, scale, self.eps)
+        return rms_norm(x, scale, self.eps)
 
 
 class BatchNorm(nn.Module):
@@ -115,11 +119,12 @@ class Identity(nn.Module):
 
 
 def make_norm(kind: str, *, eps: float, bn_momentum: float = 0.99, bn_masked: bool = True,
-              param_dtype: Any = jnp.float32, name: Optional[str] = None) -> nn.Module:
+              param_dtype: Any = jnp.float32, name: Optional[str] = None,
+              kernels: str = "xla") -> nn.Module:
     if kind == "layernorm":
         return LayerNorm(eps, param_dtype, name=name)
     if kind == "rmsnorm":
-        return RMSNorm(eps, param_dtype, name=name)
+        return RMSNorm(eps, param_dtype, kernels, name=name)
     if kind == "batchnorm":
         return BatchNorm(eps, bn_momentum, bn_masked, param_dtype, name=name)
     if kind == "none":
