@@ -301,7 +301,7 @@ class MoEConfig(_Section):
 class BackendConfig(_Section):
     platform: Literal["auto", "cpu", "gpu", "tpu", "hpu"] = "auto"
     cpu_kernels: Literal["auto", "native", "xla"] = Field(
-        "auto", description="fp32 GEMMs + causal attention as native custom calls "
+        "auto", description="fp32 GEMMs, causal attention, SwiGLU, RMSNorm as native custom calls "
         "(tfm_jax.kernels.cpu) on a single CPU device: auto = when they build, native = "
         "required, xla = never")
 

@@ -5,11 +5,15 @@
 //                  axis without a materialised transpose.
 //  * tfm_attn_fwd  causal GQA attention, query blocks x all keys up to the block end, exact
 //    tfm_attn_bwd  softmax per block (same blocks and masking as layers/attention.py's XLA
-//                  path); forward saves the row max and row sum, backward recomputes the
-//                  probabilities (FlashAttention's recipe) and owns dK/dV per (batch, kv head).
+//                  path), the G query heads of one kv head in one GEMM per block; forward saves
+//                  the row max and row sum, backward recomputes the probabilities
+//                  (FlashAttention's recipe) and owns dK/dV per (batch, kv head).
+//  * tfm_swiglu_*  silu(g) * u and its VJP, one pass each.
+//  * tfm_rms_*     RMSNorm over the last axis and its VJP (dscale as per-chunk partial sums).
 //
 // Layouts are the model's own: q (B, T, H, D), k/v (B, T, Hkv, D), k_valid (B, T) as 1/0
-// floats; no transposes are needed because every GEMM takes strided rows (ld = heads * D).
+// floats; the attention gathers a group's query rows into a contiguous tile and reads K/V as
+// strided GEMM operands (ld = heads * D), so nothing is transposed.
 // Built and loaded by tfm_jax/kernels/cpu.py.
 #include <algorithm>
 #include <atomic>
