@@ -32,7 +32,11 @@ BASE = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_h
 VARIANTS = {"plain": [], "scan": ["model.scan_layers=true"], "accum2": ["train.grad_accum=2"],
             "remat": ["model.remat=full"], "remat_dots": ["model.remat=dots"],
             # several query blocks (the golden curve was recorded with the masked path)
-            "blocks16": ["model.attn_block_q=16"], "masked": ["model.attn_block_q=0"]}
+            "blocks16": ["model.attn_block_q=16"], "masked": ["model.attn_block_q=0"],
+            # one device picks the native CPU kernels when they build (backend.cpu_kernels=auto);
+            # the XLA-only path must reproduce the same curve
+            "xla_kernels": ["backend.cpu_kernels=xla"],
+            "xla_kernels_blocks16": ["backend.cpu_kernels=xla", "model.attn_block_q=16"]}
 
 
 def corpus_tokens() -> np.ndarray:
