@@ -74,8 +74,9 @@ class TransformerLM(nn.Module):
 
     cfg: ModelConfig
     dot_general_cls: Optional[Callable[[], nn.Module]] = None
-    # "xla": every op is XLA's; "native": fp32 GEMMs and the causal attention core run as
-    # custom calls (tfm_jax.kernels.cpu; chosen by tfm_jax.train.build from backend.cpu_kernels).
+    # "xla": every op is XLA's; "native": fp32 GEMMs, the causal attention core, SwiGLU and
+    # RMSNorm run as custom calls (tfm_jax.kernels.cpu; chosen by tfm_jax.train.build from
+    # backend.cpu_kernels).
     # Same parameters and, to fp32 rounding, the same numbers.
     kernels: str = "xla"
 

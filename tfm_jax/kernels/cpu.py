@@ -40,8 +40,6 @@ import numpy as np
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = ("tfm_gemm", "tfm_attn_fwd", "tfm_attn_bwd", "tfm_swiglu_fwd", "tfm_swiglu_bwd",
            "tfm_rms_fwd", "tfm_rms_bwd")
-# Row chunks per GEMM call (0: one per pool thread). Read at trace time.
-GEMM_CHUNKS = {"n": 0}
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -143,7 +141,7 @@ def _gemm(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> jax
     m = a.shape[1] if ta else a.shape[0]
     n = b.shape[0] if tb else b.shape[1]
     return jax.ffi.ffi_call("tfm_gemm", jax.ShapeDtypeStruct((m, n), jnp.float32))(
-        a, b, ta=ta, tb=tb, chunks=np.int64(GEMM_CHUNKS["n"]))
+        a, b, ta=ta, tb=tb)
 
 
 @jax.custom_vjp

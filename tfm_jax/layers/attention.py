@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from tfm_jax.kernels import pick
 from tfm_jax.layers.linear import Linear, kernel_kwargs
 from tfm_jax.parallel import axes
 
@@ -210,11 +211,7 @@ class Attention(nn.Module):
         """
         d = x.shape[-1]
         lin_kw = kernel_kwargs(self.kernels)
-        if self.kernels == "native":
-            from tfm_jax.kernels import cpu
-            attention_core = cpu.causal_attention
-        else:
-            attention_core = causal_attention
+        attention_core = pick(self.kernels, causal_attention, "causal_attention")
 
         def proj(heads, head_axis, name):
             return Linear((heads, self.head_dim), (axes.EMBED, head_axis, axes.HEAD_DIM),

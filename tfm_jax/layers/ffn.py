@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from tfm_jax.kernels import pick
 from tfm_jax.layers.linear import Linear, kernel_kwargs
 from tfm_jax.parallel import axes
 
@@ -62,7 +63,7 @@ class FeedForward(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     dot_general_cls: Optional[Callable[[], nn.Module]] = None
-    kernels: str = "xla"   # "native": fp32 GEMMs as custom calls (tfm_jax.kernels.cpu)
+    kernels: str = "xla"   # "native": fp32 GEMMs + SwiGLU as custom calls (tfm_jax.kernels.cpu)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -74,11 +75,7 @@ class FeedForward(nn.Module):
         if self.kind == "swiglu":
             gate = dense(self.hidden, (axes.EMBED, axes.MLP), self.init_std, "wi_0")(x)
             up = dense(self.hidden, (axes.EMBED, axes.MLP), self.init_std, "wi_1")(x)
-            if self.kernels == "native":
-                from tfm_jax.kernels import cpu
-                h = cpu.swiglu(gate, up)                              # (B, T, F)
-            else:
-                h = swiglu(gate, up)                                  # (B, T, F)
+            h = pick(self.kernels, swiglu, "swiglu")(gate, up)        # (B, T, F)
         elif self.kind in ACTIVATIONS:
             h = ACTIVATIONS[self.kind](
                 dense(self.hidden, (axes.EMBED, axes.MLP), self.init_std, "wi")(x))

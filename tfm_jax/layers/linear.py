@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from tfm_jax.kernels import pick
+
 DotGeneral = Callable[..., jax.Array]
 
 
@@ -50,13 +52,7 @@ def _matmul_dot_general(x, w, dimension_numbers, precision=None, preferred_eleme
 def kernel_kwargs(kernels: str) -> dict:
     """Extra ``Linear`` arguments for a module's ``kernels`` setting: ``"xla"`` (XLA's dots) or
     ``"native"`` (fp32 MKL GEMM custom calls, :mod:`tfm_jax.kernels.cpu`)."""
-    if kernels == "xla":
-        return {}
-    if kernels == "native":
-        from tfm_jax.kernels import cpu
-        cpu.load()
-        return {"dot_general": cpu.dot_general}
-    raise ValueError(f"kernels must be 'xla' or 'native', got {kernels!r}")
+    return {"dot_general": pick(kernels, _matmul_dot_general, "dot_general")}
 
 
 def _canon(x: Union[int, Sequence[int]]) -> tuple[int, ...]:

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from tfm_jax.kernels import pick
+
 from tfm_jax.parallel import axes
 
 
@@ -79,10 +81,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x, mask=None, *, train: bool = False):
         scale = _vec(self, "scale", nn.initializers.ones, x.shape[-1], self.param_dtype)
-        if self.kernels == "native" and x.dtype == jnp.float32 and scale.dtype == jnp.float32:
-            from tfm_jax.kernels import cpu
-            return cpu.rms_norm(x, scale, self.eps)
-        return rms_norm(x, scale, self.eps)
+        return pick(self.kernels, rms_norm, "rms_norm")(x, scale, self.eps)
 
 
 class BatchNorm(nn.Module):
