@@ -166,7 +166,7 @@ def ablations(shape, seq, batch, steps) -> dict[str, dict[str, float]]:
             for k, v in swaps.items():
                 setattr(model_lib, k, v)
             cfg, setup, b = setup_for(shape, seq, batch, steps)
-            model = model_lib.TransformerLM(cfg.model, kernels=setup.kernels)
+            model = model_lib.TransformerLM(cfg.model, ops=setup.ops)
             tokens = jnp.asarray(b["inputs"])
             params = model.init(jax.random.key(0), tokens)["params"]
 

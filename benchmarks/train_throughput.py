@@ -354,7 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       dtype="float32"),
         "optimizer": dict(OPTIMIZER, name="adamw", grad_clip=0.0, grad_accum=1),
         "vocab_note": vocab_note,
-        "kernels": jb.setup.kernels, "kernels_note": jb.setup.kernels_note,
+        "kernels": jb.setup.ops.name, "kernels_note": jb.setup.ops.describe(),
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
         "train_flops_per_token": flops_tok,
         "peak": {"jax_fp32_matmul": peak_jax, "torch_fp32_matmul": peak_torch,

@@ -16,6 +16,7 @@ from tfm_jax.layers.embed import Embed
 from tfm_jax.layers.ffn import FeedForward
 from tfm_jax.layers.linear import Linear
 from tfm_jax.layers.norms import BatchNorm, LayerNorm, RMSNorm
+from tfm_jax.layers.ops import cpu_xla_ops
 from tfm_jax.layers.norms import layer_norm as _layer_norm
 from tfm_jax.layers.norms import rms_norm as _rms_norm
 
@@ -518,10 +519,11 @@ def test_dot_general_injection_reaches_every_projection():
     x = f32(rng(0).normal(size=(2, 4, 16)))
     pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
     mask = jnp.asarray(np_causal(2, 4))
-    attn = Attention(4, 2, 4, dot_general_cls=DoublingDotGeneral)
+    dbl = cpu_xla_ops().with_dot_general(DoublingDotGeneral)   # carried by the ops seam
+    attn = Attention(4, 2, 4, ops=dbl)
     shapes = init_shapes(attn, jnp.asarray(x), pos, mask)
     assert set(shapes["counters"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
-    ffn = FeedForward(8, "swiglu", dot_general_cls=DoublingDotGeneral)
+    ffn = FeedForward(8, "swiglu", ops=dbl)
     shapes = init_shapes(ffn, jnp.asarray(x))
     assert set(shapes["counters"]) == {"wi_0", "wi_1", "wo"}
     # the swiglu output with doubled matmuls: silu(2 g) * 2 u, then doubled again

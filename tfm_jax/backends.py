@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tfm_jax.config import BackendConfig, Config, ConfigError
+from tfm_jax.layers.ops import Ops
 
 # Dense peak FLOP/s per device (vendor figures) by device_kind substring, for MFU on accelerators.
 _PEAKS = {
@@ -32,20 +34,25 @@ def configure(cfg: BackendConfig) -> None:
     jax.config.update("jax_platforms", cfg.platform)
 
 
-def resolve_kernels(cfg: Config, devices: list) -> tuple[str, str]:
-    """("native" | "xla", why) for ``backend.cpu_kernels`` on these devices.
+def resolve_ops(cfg: Config, devices: list) -> Ops:
+    """The ops set (:mod:`tfm_jax.layers.ops`) a run uses on these devices, resolved once.
 
-    The native kernels are single-device fp32 CPU custom calls: XLA cannot partition them over a
-    mesh, so sharded runs keep XLA's ops. ``auto`` falls back with the reason;
-    ``native`` raises ConfigError with it.
+    * GPU/TPU (any non-CPU platform): ``xla``, plain XLA ops.
+    * CPU: ``cpu-native`` when ``backend.cpu_kernels`` allows it and the run can use the native
+      kernels -- one device (XLA cannot partition a custom call over a mesh) and fp32 -- and the
+      library builds/loads; otherwise ``cpu-xla``. ``auto`` falls back with the reason in
+      ``Ops.detail``; ``native`` raises ConfigError with it.
     """
+    from tfm_jax.layers import ops as ops_lib
+
+    platform = devices[0].platform
+    if platform != "cpu":
+        return dataclasses.replace(ops_lib.xla_ops(), detail=f"{platform} devices")
     choice = cfg.backend.cpu_kernels
     if choice == "xla":
-        return "xla", "backend.cpu_kernels=xla"
+        return dataclasses.replace(ops_lib.cpu_xla_ops(), detail="backend.cpu_kernels=xla")
     reason = None
-    if devices[0].platform != "cpu":
-        reason = f"the devices are {devices[0].platform}, not cpu"
-    elif len(devices) > 1:
+    if len(devices) > 1:
         reason = (f"the run uses {len(devices)} devices (native kernels are single-device; XLA "
                   f"cannot partition a custom call)")
     elif cfg.model.dtype != "float32" or cfg.model.param_dtype != "float32":
@@ -54,12 +61,12 @@ def resolve_kernels(cfg: Config, devices: list) -> tuple[str, str]:
         from tfm_jax.kernels import cpu
         ok, detail = cpu.available()
         if ok:
-            return "native", f"native CPU kernels ({detail})"
+            return ops_lib.native_cpu_ops(detail)
         reason = detail
     if choice == "native":
         raise ConfigError(f"backend.cpu_kernels=native: {reason}; use backend.cpu_kernels=auto "
                           f"or xla")
-    return "xla", f"XLA ops ({reason})"
+    return dataclasses.replace(ops_lib.cpu_xla_ops(), detail=f"native kernels not used: {reason}")
 
 
 @functools.lru_cache(maxsize=None)

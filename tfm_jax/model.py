@@ -15,7 +15,7 @@ mutable in train mode).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +26,9 @@ from tfm_jax.config import ModelConfig
 from tfm_jax.layers.attention import Attention, make_attention_mask, rope_tables
 from tfm_jax.layers.embed import Embed
 from tfm_jax.layers.ffn import FeedForward
-from tfm_jax.layers.linear import Linear, kernel_kwargs
+from tfm_jax.layers.linear import Linear
 from tfm_jax.layers.norms import make_norm
+from tfm_jax.layers.ops import Ops
 from tfm_jax.parallel import axes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -36,8 +37,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 class Block(nn.Module):
     cfg: ModelConfig
     train: bool = False
-    dot_general_cls: Optional[Callable[[], nn.Module]] = None
-    kernels: str = "xla"
+    ops: Optional[Ops] = None
 
     @nn.compact
     def __call__(self, x, positions, attn_mask, token_mask, rope_sincos):
@@ -47,15 +47,13 @@ class Block(nn.Module):
         out_std = cfg.init_std / np.sqrt(2 * cfg.n_layers)   # GPT-2 residual-branch scaling
         norm = lambda name: make_norm(  # noqa: E731
             cfg.norm, eps=cfg.norm_eps, bn_momentum=cfg.bn_momentum, bn_masked=cfg.bn_masked,
-            param_dtype=pdtype, name=name, kernels=self.kernels)
+            param_dtype=pdtype, name=name, ops=self.ops)
         attn = Attention(cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
                          init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
-                         param_dtype=pdtype, block_q=cfg.attn_block_q,
-                         dot_general_cls=self.dot_general_cls, kernels=self.kernels,
+                         param_dtype=pdtype, block_q=cfg.attn_block_q, ops=self.ops,
                          name="attn")
         ffn = FeedForward(cfg.resolved_ffn_hidden, cfg.ffn_type, init_std=cfg.init_std,
-                          out_init_std=out_std, dtype=dtype, param_dtype=pdtype,
-                          dot_general_cls=self.dot_general_cls, kernels=self.kernels,
+                          out_init_std=out_std, dtype=dtype, param_dtype=pdtype, ops=self.ops,
                           name="ffn")
         n1, n2 = norm("attn_norm"), norm("ffn_norm")
         if cfg.norm_position == "pre":
@@ -73,12 +71,10 @@ class TransformerLM(nn.Module):
     """tokens (B, T) -> logits (B, T, vocab) in float32."""
 
     cfg: ModelConfig
-    dot_general_cls: Optional[Callable[[], nn.Module]] = None
-    # "xla": every op is XLA's; "native": fp32 GEMMs, the causal attention core, SwiGLU and
-    # RMSNorm run as custom calls (tfm_jax.kernels.cpu; chosen by tfm_jax.train.build from
-    # backend.cpu_kernels).
-    # Same parameters and, to fp32 rounding, the same numbers.
-    kernels: str = "xla"
+    # The backend's GEMM / attention core / RMSNorm / SwiGLU (tfm_jax.layers.ops), resolved once
+    # by tfm_jax.backends.resolve_ops (tfm_jax.train.build does). None: XLA ops for jax's default
+    # backend. Every set has the same parameters and, to fp32 rounding, the same numbers.
+    ops: Optional[Ops] = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, positions: Optional[jax.Array] = None,
@@ -106,26 +102,23 @@ class TransformerLM(nn.Module):
             stack = nn.scan(block_cls, variable_axes={"params": 0, "batch_stats": 0},
                             split_rngs={"params": True}, in_axes=(nn.broadcast,) * 4,
                             length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-            x, _ = stack(cfg, train, self.dot_general_cls, self.kernels, name="layers")(
+            x, _ = stack(cfg, train, self.ops, name="layers")(
                 x, positions, attn_mask, token_mask, rope_sincos)
         else:
             for i in range(cfg.n_layers):
-                x, _ = block_cls(cfg, train, self.dot_general_cls, self.kernels,
-                                 name=f"layers_{i}")(
+                x, _ = block_cls(cfg, train, self.ops, name=f"layers_{i}")(
                     x, positions, attn_mask, token_mask, rope_sincos)
 
         if cfg.norm_position == "pre":
             x = make_norm(cfg.norm, eps=cfg.norm_eps, bn_momentum=cfg.bn_momentum,
                           bn_masked=cfg.bn_masked, param_dtype=pdtype, name="final_norm",
-                          kernels=self.kernels)(
+                          ops=self.ops)(
                 x, token_mask, train=train)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = Linear(cfg.vocab_size, (axes.EMBED, axes.VOCAB), init_std=cfg.init_std,
-                            dtype=dtype, param_dtype=pdtype,
-                            dot_general_cls=self.dot_general_cls, name="lm_head",
-                            **kernel_kwargs(self.kernels))(x)
+                            dtype=dtype, param_dtype=pdtype, ops=self.ops, name="lm_head")(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32), axes.ACT_BTV)
 
 

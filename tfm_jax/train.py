@@ -32,6 +32,7 @@ from tfm_jax import backends, data as data_lib
 from tfm_jax.checkpoint import Checkpointer
 from tfm_jax.config import Config, check_runtime
 from tfm_jax.metrics import MetricsLogger
+from tfm_jax.layers.ops import Ops
 from tfm_jax.model import TransformerLM, count_params, train_flops_per_token
 from tfm_jax.parallel import mesh as mesh_lib
 
@@ -215,8 +216,7 @@ class Setup:
     train_step: Callable
     eval_step: Callable
     init_fn: Callable
-    kernels: str = "xla"          # "native" | "xla" (backends.resolve_kernels)
-    kernels_note: str = ""
+    ops: Ops                      # the backend's ops (backends.resolve_ops)
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
@@ -244,8 +244,8 @@ def build(cfg: Config, devices: Optional[list] = None) -> Setup:
     check_runtime(cfg, len(devices))
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     rules = mesh_lib.rules_tuple(cfg.mesh.rules)
-    kernels, kernels_note = backends.resolve_kernels(cfg, devices)
-    model = TransformerLM(cfg.model, kernels=kernels)
+    ops = backends.resolve_ops(cfg, devices)
+    model = TransformerLM(cfg.model, ops=ops)
     tx = make_optimizer(cfg)
     dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
 
@@ -277,7 +277,7 @@ def build(cfg: Config, devices: Optional[list] = None) -> Setup:
     eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings, batch_shardings))
     jit_init = jax.jit(init_fn, out_shardings=state_shardings)
     return Setup(cfg, mesh, rules, model, tx, state_shardings, batch_sharding, train_step,
-                 eval_step, jit_init, kernels, kernels_note)
+                 eval_step, jit_init, ops)
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,7 +411,7 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     logger.info(f"run dir {run_dir} | params {count_params(cfg.model)['total']:,} | "
                 f"mesh {dict(setup.mesh.shape)} | corpus {corpus.num_train_tokens:,} train / "
                 f"{corpus.num_val_tokens:,} val tokens | unigram baseline {unigram:.3f} nats")
-    logger.info(f"kernels: {setup.kernels_note}")
+    logger.info(f"kernels: {setup.ops.describe()}")
 
     rows = data_lib.process_rows(cfg.train.batch_size)
     t = cfg.train

@@ -3,9 +3,12 @@
 Split in two, as in MaxText:
 
 * pure numerics -- :func:`rope` (:func:`rope_tables` + :func:`apply_rope`),
-  :func:`make_attention_mask`, :func:`grouped_attention`, :func:`causal_attention`;
+  :func:`make_attention_mask`, :func:`grouped_attention`, and two causal cores with one contract:
+  :func:`dense_causal_attention` (the ``xla`` ops', GPU/TPU) and the block-causal
+  :func:`causal_attention` (the ``cpu-xla`` ops');
 * :class:`Attention` -- the projections (q: d -> H x Dh, k/v: d -> Hkv x Dh, o: H x Dh -> d)
-  holding parameters with logical axes, calling the op.
+  holding parameters with logical axes, calling the op the ops seam gives it
+  (:mod:`tfm_jax.layers.ops`).
 
 GQA never materialises repeated K/V heads: queries are viewed as (B, T, Hkv, G, Dh) with
 G = H / Hkv query heads per K/V head, and the score einsum contracts each group against its one
@@ -15,15 +18,15 @@ K/V head. Query head ``h`` uses K/V head ``h // G`` (groups are contiguous).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from tfm_jax.kernels import pick
-from tfm_jax.layers.linear import Linear, kernel_kwargs
+from tfm_jax.layers.linear import Linear
+from tfm_jax.layers.ops import Ops, resolve as resolve_ops
 from tfm_jax.parallel import axes
 
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform (not NaN) softmax
@@ -99,6 +102,19 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)                             # (B, T, K, G, D)
     return out.reshape(b, t, h, d)
+
+
+def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                           k_valid: Optional[jax.Array] = None, *, block_q: int = 0) -> jax.Array:
+    """Causal self-attention over positions 0..T-1 (+ key padding) as one masked softmax.
+
+    Same contract as :func:`causal_attention` (``block_q`` is accepted and unused): q (B, T, H, D),
+    k, v (B, T, Hkv, D), k_valid (B, T) or None -> (B, T, H, D). Materialises the (T, T) scores;
+    on GPU/TPU XLA fuses mask, softmax and both einsums around it.
+    """
+    b, t = q.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return grouped_attention(q, k, v, make_attention_mask(positions, positions, k_valid))
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,8 +212,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     block_q: int = 64
-    dot_general_cls: Optional[Callable[[], nn.Module]] = None
-    kernels: str = "xla"   # "native": fp32 projections and attention core as custom calls
+    ops: Optional[Ops] = None   # GEMM + causal core (tfm_jax.layers.ops); None: XLA defaults
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: Optional[jax.Array],
@@ -210,14 +225,12 @@ class Attention(nn.Module):
         over positions 0..T-1 with optional key padding ``k_valid`` (B, T), block-causal path.
         """
         d = x.shape[-1]
-        lin_kw = kernel_kwargs(self.kernels)
-        attention_core = pick(self.kernels, causal_attention, "causal_attention")
+        ops = resolve_ops(self.ops)
 
         def proj(heads, head_axis, name):
             return Linear((heads, self.head_dim), (axes.EMBED, head_axis, axes.HEAD_DIM),
                           init_std=self.init_std, dtype=self.dtype,
-                          param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
-                          name=name, **lin_kw)(x)
+                          param_dtype=self.param_dtype, ops=ops, name=name)(x)
 
         q = proj(self.n_heads, axes.HEADS, "q_proj")                   # (B, T, H, Dh)
         k = proj(self.n_kv_heads, axes.KV_HEADS, "k_proj")             # (B, T, Hkv, Dh)
@@ -229,12 +242,11 @@ class Attention(nn.Module):
         q = apply_rope(q, rope_sincos)
         k = apply_rope(k, rope_sincos)
         if mask is None:
-            out = attention_core(q, k, v, k_valid, block_q=self.block_q)  # (B,T,H,Dh)
+            out = ops.causal_attention(q, k, v, k_valid, block_q=self.block_q)  # (B,T,H,Dh)
         else:
             out = grouped_attention(q, k, v, mask)                          # (B, T, H, Dh)
         out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.HEADS,
                                                axes.HEAD_DIM))
         return Linear(d, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), in_axes=2,
                       init_std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype,
-                      dot_general_cls=self.dot_general_cls, name="o_proj",
-                      **lin_kw)(out)
+                      ops=ops, name="o_proj")(out)

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tfm_jax.kernels import pick
-from tfm_jax.layers.linear import Linear, kernel_kwargs
+from tfm_jax.layers.linear import Linear
+from tfm_jax.layers.ops import Ops, resolve as resolve_ops
 from tfm_jax.parallel import axes
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -62,20 +62,19 @@ class FeedForward(nn.Module):
     out_init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    dot_general_cls: Optional[Callable[[], nn.Module]] = None
-    kernels: str = "xla"   # "native": fp32 GEMMs + SwiGLU as custom calls (tfm_jax.kernels.cpu)
+    ops: Optional[Ops] = None   # GEMM + SwiGLU core (tfm_jax.layers.ops); None: XLA defaults
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        native = kernel_kwargs(self.kernels)
+        ops = resolve_ops(self.ops)
         dense = lambda feats, kaxes, std, name: Linear(  # noqa: E731
             feats, kaxes, init_std=std, dtype=self.dtype, param_dtype=self.param_dtype,
-            dot_general_cls=self.dot_general_cls, name=name, **native)
+            ops=ops, name=name)
         if self.kind == "swiglu":
             gate = dense(self.hidden, (axes.EMBED, axes.MLP), self.init_std, "wi_0")(x)
             up = dense(self.hidden, (axes.EMBED, axes.MLP), self.init_std, "wi_1")(x)
-            h = pick(self.kernels, swiglu, "swiglu")(gate, up)        # (B, T, F)
+            h = ops.swiglu(gate, up)                                     # (B, T, F)
         elif self.kind in ACTIVATIONS:
             h = ACTIVATIONS[self.kind](
                 dense(self.hidden, (axes.EMBED, axes.MLP), self.init_std, "wi")(x))

@@ -1,9 +1,11 @@
-"""Projection with logical-axis parameters and an injectable ``dot_general``.
+"""Projection with logical-axis parameters; its dot comes from the ops seam.
 
-Every matmul of the model goes through :class:`Linear`, so quantization recipes (INT8, FP8 with
-delayed scaling) slot in by passing ``dot_general_cls``: a factory of a Linen module called like
-``jax.lax.dot_general``. Such a module may keep its own state (scales, amax history) as variables
-next to the kernel, i.e. in the params tree under this projection's path.
+Every matmul of the model goes through :class:`Linear`. Which GEMM runs is the backend's choice
+(``ops.matmul``, :mod:`tfm_jax.layers.ops`); quantization recipes (INT8, FP8 with delayed scaling)
+slot in through ``dot_general_cls``: a factory of a Linen module called like
+``jax.lax.dot_general`` (given directly, or carried by the ops). Such a module may keep its own
+state (scales, amax history) as variables next to the kernel, i.e. in the params tree under this
+projection's path.
 """
 
 from __future__ import annotations
@@ -15,10 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tfm_jax.kernels import pick
-
-DotGeneral = Callable[..., jax.Array]
-
+from tfm_jax.layers.ops import Ops, resolve as resolve_ops
 
 @jax.custom_vjp
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -44,15 +43,16 @@ def _matmul_bwd(res, dy):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _matmul_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
+def cpu_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
+    """``Linear``'s 2-D dot as :func:`matmul` (the ``cpu-xla`` ops' GEMM)."""
     assert dimension_numbers == (((1,), (0,)), ((), ())), dimension_numbers
     return matmul(x, w)
 
 
-def kernel_kwargs(kernels: str) -> dict:
-    """Extra ``Linear`` arguments for a module's ``kernels`` setting: ``"xla"`` (XLA's dots) or
-    ``"native"`` (fp32 MKL GEMM custom calls, :mod:`tfm_jax.kernels.cpu`)."""
-    return {"dot_general": pick(kernels, _matmul_dot_general, "dot_general")}
+def plain_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
+    """``Linear``'s 2-D dot as XLA's own dot (the ``xla`` ops' GEMM: GPU/TPU)."""
+    return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
 
 
 def _canon(x: Union[int, Sequence[int]]) -> tuple[int, ...]:
@@ -63,7 +63,8 @@ class Linear(nn.Module):
     """``y = x @ W`` contracting the last ``in_axes`` axes of x with the first of W.
 
     Kernel shape: ``x.shape[-in_axes:] + features``; its logical axes are ``kernel_axes``.
-    The injected ``dot_general`` always sees 2-D operands: (tokens, in) and (in, out).
+    The dot (``dot_general_cls`` if given, else ``ops.dot_general_cls``, else ``ops.matmul``)
+    always sees 2-D operands: (tokens, in) and (in, out).
     """
 
     features: Union[int, Sequence[int]]
@@ -72,7 +73,7 @@ class Linear(nn.Module):
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    dot_general: DotGeneral = _matmul_dot_general
+    ops: Optional[Ops] = None        # None: the XLA ops of jax's default backend
     dot_general_cls: Optional[Callable[[], nn.Module]] = None
 
     @nn.compact
@@ -93,6 +94,8 @@ class Linear(nn.Module):
         k_in, k_out = math.prod(in_shape), math.prod(features)
         x2 = x.astype(self.dtype).reshape(math.prod(lead), k_in)
         kernel = jnp.asarray(kernel, self.dtype).reshape(k_in, k_out)
-        dot_general = self.dot_general_cls() if self.dot_general_cls else self.dot_general
+        ops = resolve_ops(self.ops)
+        dot_cls = self.dot_general_cls or ops.dot_general_cls
+        dot_general = dot_cls() if dot_cls else ops.matmul
         y = dot_general(x2, kernel, (((1,), (0,)), ((), ())), precision=None)
         return y.reshape(lead + features)

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tfm_jax.kernels import pick
-
+from tfm_jax.layers.ops import Ops, resolve as resolve_ops
 from tfm_jax.parallel import axes
 
 
@@ -76,12 +75,12 @@ class LayerNorm(nn.Module):
 class RMSNorm(nn.Module):
     eps: float = 1e-6
     param_dtype: Any = jnp.float32
-    kernels: str = "xla"    # "native": one custom call each way (tfm_jax.kernels.cpu), fp32
+    ops: Optional[Ops] = None   # the RMSNorm core (tfm_jax.layers.ops); None: XLA default
 
     @nn.compact
     def __call__(self, x, mask=None, *, train: bool = False):
         scale = _vec(self, "scale", nn.initializers.ones, x.shape[-1], self.param_dtype)
-        return pick(self.kernels, rms_norm, "rms_norm")(x, scale, self.eps)
+        return resolve_ops(self.ops).rms_norm(x, scale, self.eps)
 
 
 class BatchNorm(nn.Module):
@@ -119,11 +118,11 @@ class Identity(nn.Module):
 
 def make_norm(kind: str, *, eps: float, bn_momentum: float = 0.99, bn_masked: bool = True,
               param_dtype: Any = jnp.float32, name: Optional[str] = None,
-              kernels: str = "xla") -> nn.Module:
+              ops: Optional[Ops] = None) -> nn.Module:
     if kind == "layernorm":
         return LayerNorm(eps, param_dtype, name=name)
     if kind == "rmsnorm":
-        return RMSNorm(eps, param_dtype, kernels, name=name)
+        return RMSNorm(eps, param_dtype, ops, name=name)
     if kind == "batchnorm":
         return BatchNorm(eps, bn_momentum, bn_masked, param_dtype, name=name)
     if kind == "none":

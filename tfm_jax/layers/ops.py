@@ -1,0 +1,113 @@
+"""The one seam for backend-specific ops: which GEMM, attention core, norm and SwiGLU the layers
+run.
+
+Layers never decide an implementation themselves: they receive an :class:`Ops` (resolved once per
+run by :func:`tfm_jax.backends.resolve_ops` from the devices and ``backend.cpu_kernels``) and call
+its members. Every implementation computes the same function with the same parameters; they
+differ only in how fast they are on a given backend:
+
+==============  =====================================  ======================================
+set             for                                    what it runs
+==============  =====================================  ======================================
+``xla``         GPU / TPU (and any backend)            ``lax.dot_general``; dense masked
+                                                       causal attention (one fused softmax)
+``cpu-xla``     XLA:CPU, sharded or non-fp32 runs      CPU tricks: a matmul whose weight
+                                                       gradient stays on the fast GEMM path;
+                                                       block-causal attention (unrolled over
+                                                       query blocks, skips the masked half)
+``cpu-native``  one fp32 CPU device                    the native custom calls of
+                                                       :mod:`tfm_jax.kernels.cpu` (BLAS GEMM,
+                                                       attention, RMSNorm, SwiGLU)
+==============  =====================================  ======================================
+
+A quantization recipe replaces the projections' dot with its own Linen module
+(:meth:`Ops.with_dot_general`); the seam then names it, so a run's log never claims a GEMM it does
+not use. Later ops (KV-cache decode attention, MoE dispatch, other attention implementations) are
+added here as new members, written once for every layer.
+
+The constructors import the numerics lazily: the layer modules import this file for the type, and
+this file must not import them back at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """Backend-specific implementations the layers call (hashable: a Flax module attribute).
+
+    * ``matmul(x, w, dimension_numbers, precision=None, preferred_element_type=None)``: the 2-D
+      ``(tokens, in) @ (in, out)`` dot of every :class:`~tfm_jax.layers.linear.Linear`.
+    * ``causal_attention(q, k, v, k_valid=None, *, block_q)``: self-attention over positions
+      0..T-1 (+ key padding); q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D).
+    * ``rms_norm(x, scale, eps)``, ``swiglu(gate, up)``: elementwise cores.
+    * ``dot_general_cls``: a factory of a Linen module called like ``lax.dot_general`` (e.g. a
+      quantized dot with its scales in the params tree); when set it replaces ``matmul``.
+    """
+
+    name: str
+    matmul: Callable
+    causal_attention: Callable
+    rms_norm: Callable
+    swiglu: Callable
+    dot_general_cls: Optional[Callable] = None
+    detail: str = ""
+
+    def with_dot_general(self, dot_general_cls: Optional[Callable]) -> "Ops":
+        """The same ops with the projections' dot replaced by ``dot_general_cls``."""
+        return dataclasses.replace(self, dot_general_cls=dot_general_cls)
+
+    def describe(self) -> str:
+        """One line for the run log (``kernels: ...``): the set, why, and what replaces its GEMM
+        if anything does, e.g. ``native CPU kernels [cpu-native] (OpenBLAS ...)``."""
+        text = f"{_TITLES.get(self.name, self.name)} [{self.name}]"
+        if self.detail:
+            text += f" ({self.detail})"
+        if self.dot_general_cls is not None:
+            name = getattr(self.dot_general_cls, "__name__", repr(self.dot_general_cls))
+            text += f"; projections use {name} instead of this set's GEMM"
+        return text
+
+
+_TITLES = {"xla": "XLA ops", "cpu-xla": "XLA ops tuned for CPU",
+           "cpu-native": "native CPU kernels"}
+
+
+@functools.lru_cache(maxsize=None)
+def xla_ops() -> Ops:
+    """Plain XLA ops for any backend (the GPU/TPU default): no CPU-specific tricks."""
+    from tfm_jax.layers import attention, ffn, linear, norms
+    return Ops("xla", linear.plain_dot_general, attention.dense_causal_attention,
+               norms.rms_norm, ffn.swiglu)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_xla_ops() -> Ops:
+    """XLA ops shaped for XLA:CPU (the block-causal loop and the transposed-free dW matmul)."""
+    from tfm_jax.layers import attention, ffn, linear, norms
+    return Ops("cpu-xla", linear.cpu_dot_general, attention.causal_attention, norms.rms_norm,
+               ffn.swiglu)
+
+
+@functools.lru_cache(maxsize=None)
+def native_cpu_ops(detail: str = "") -> Ops:
+    """The native fp32 custom calls; builds/loads the library (raises RuntimeError with the
+    reason when it cannot)."""
+    from tfm_jax.kernels import cpu
+    cpu.load()
+    return Ops("cpu-native", cpu.dot_general, cpu.causal_attention, cpu.rms_norm, cpu.swiglu,
+               detail=detail)
+
+
+def default_ops() -> Ops:
+    """The XLA set for jax's default backend: what a layer uses when it is given no ops."""
+    import jax
+    return cpu_xla_ops() if jax.default_backend() == "cpu" else xla_ops()
+
+
+def resolve(ops: Optional[Ops]) -> Ops:
+    return default_ops() if ops is None else ops
