@@ -4,6 +4,7 @@ handling, interruption, checkpoint atomicity."""
 import os
 import signal
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,9 +80,11 @@ def test_resume_is_bitwise_identical(tmp_path, corpus, extra, devices):
     assert Checkpointer(tmp_path / "cut" / "checkpoints").latest_step() == 6
     resumed = run("cut", resume=True)
 
-    jax.tree.map(np.testing.assert_array_equal, params_np(full.state), params_np(resumed.state))
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(full.state.model_state),
-                 jax.device_get(resumed.state.model_state))
+    chex.assert_trees_all_equal(params_np(full.state), params_np(resumed.state))
+    chex.assert_trees_all_equal(jax.device_get(full.state.model_state),
+                                jax.device_get(resumed.state.model_state))
+    chex.assert_trees_all_equal(jax.device_get(full.state.opt_state),
+                                jax.device_get(resumed.state.opt_state))
     a = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full") if "loss" in r]
     b = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "cut") if "loss" in r]
     assert a == b   # same losses, logged once per step, no duplicates after resume
@@ -107,7 +110,7 @@ def test_sharded_equals_single_device(tmp_path, corpus, devices):
     sharded = build(small_cfg(tmp_path, *base, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
                     devices=devices)
     s1, s8 = single.init_state(), sharded.init_state()
-    jax.tree.map(np.testing.assert_array_equal, params_np(s1), params_np(s8))
+    chex.assert_trees_all_equal(params_np(s1), params_np(s8))
     q = s8.params["layers_0"]["attn"]["q_proj"]["kernel"]
     assert len({d for d in q.sharding.device_set}) == 8 and tuple(q.sharding.spec) == ("fsdp", "tensor", None)
     for step in range(3):
@@ -117,8 +120,7 @@ def test_sharded_equals_single_device(tmp_path, corpus, devices):
         with sharded.context():
             s8, m8 = sharded.train_step(s8, sharded.shard_batch(batch))
         np.testing.assert_allclose(float(m1["loss"]), float(m8["loss"]), rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 params_np(s1), params_np(s8))
+    chex.assert_trees_all_close(params_np(s1), params_np(s8), rtol=1e-4, atol=1e-6)
     with single.context():
         l1 = single.model.apply({"params": s1.params}, jnp.asarray(batch["inputs"]))
     with sharded.context():
@@ -272,7 +274,7 @@ def test_process_killed_during_async_save_resumes_exactly(tmp_path, corpus, devi
                     resume=True, devices=devices[:1])
     full = train(load_config(None, common + [f"run.dir={tmp_path / 'full'}"]),
                  devices=devices[:1])
-    jax.tree.map(np.testing.assert_array_equal, params_np(full.state), params_np(resumed.state))
+    chex.assert_trees_all_equal(params_np(full.state), params_np(resumed.state))
 
 
 def test_eval_span_is_exactly_the_scored_tokens(tmp_path, corpus):
