@@ -278,6 +278,20 @@ def test_moe_not_implemented():
     assert load_config(None, ["moe.n_experts=0"]).moe.n_experts == 0
 
 
+@pytest.mark.parametrize("value", [2, -1])
+def test_mesh_expert_refused_until_moe(value):
+    line = _one_problem([f"mesh.expert={value}", "mesh.data=1"])
+    assert f"mesh.expert={value}" in line and "not used yet" in line
+    assert "keep mesh.expert=1" in line
+    assert load_config(None, ["mesh.expert=1"]).mesh.expert == 1
+
+
+def test_platform_hpu_refused_at_validation():
+    line = _one_problem(["backend.platform=hpu"])
+    assert "backend.platform=hpu" in line and "not available" in line and "cpu" in line
+    assert load_config(None, ["backend.platform=cpu"]).backend.platform == "cpu"
+
+
 # ----------------------------------------------------------------------------- runtime checks
 
 

@@ -251,6 +251,13 @@ class MeshConfig(_Section):
         for name, s in sizes.items():
             if s == 0 or s < -1:
                 raise ValueError(f"mesh.{name}={s}: must be a positive size or -1")
+        if self.expert != 1:
+            # Nothing shards over `expert` until MoE layers exist: a larger axis would only
+            # replicate the whole model over its devices while looking like expert parallelism.
+            raise ValueError(
+                f"mesh.expert={self.expert}: the expert axis is not used yet (no MoE layers; "
+                "moe.n_experts must be 0), so it would only replicate the model; keep "
+                "mesh.expert=1 and put the devices on mesh.data, mesh.fsdp or mesh.tensor")
         # Several rules for one logical name are allowed: flax takes the first whose mesh axes
         # are still free for the array at hand (a fallback list, as in MaxText).
         for logical, mesh in self.rules:
@@ -325,6 +332,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
+        if self.backend.platform == "hpu":
+            raise ValueError("backend.platform=hpu: the HPU PJRT plugin path is not available "
+                             "in this version; use backend.platform=auto, cpu, gpu or tpu")
         if self.data.tokenizer == "byte" and self.model.vocab_size < BYTE_VOCAB_SIZE:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the byte "
                              f"tokenizer's {BYTE_VOCAB_SIZE} ids; use >= {BYTE_VOCAB_SIZE}")
