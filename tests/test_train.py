@@ -174,6 +174,56 @@ def test_optimizer_matches_optax_reference(tmp_path, corpus, devices):
     assert not np.allclose(params_np(state2)["lm_head"]["kernel"], head1)
 
 
+def _decayed_by_optimizer(cfg, devices) -> dict[str, bool]:
+    """Which parameters the framework's optimizer actually decays, found by running it: all
+    parameters set to 1, zero gradients, lr > 0 from step 0. Adam's part of the update is then
+    0, so a parameter moves iff weight decay applies to it. Keys: paths with the layer index /
+    the scanned `layers` level removed, so scanned and unscanned models compare directly."""
+    import re
+
+    setup = build(cfg, devices=devices[:1])
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), setup.abstract_state().params)
+    updates, _ = setup.tx.update(jax.tree.map(jnp.zeros_like, params), setup.tx.init(params),
+                                 params)
+    out = {}
+    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        key = re.sub(r"^layers(_\d+)?/", "layers/",
+                     jax.tree_util.keystr(path, simple=True, separator="/"))
+        moved = bool(np.any(np.asarray(u) != 0))
+        assert out.setdefault(key, moved) == moved, key   # every layer alike
+        out[key] = moved
+    return out
+
+
+@pytest.mark.parametrize("variant", [[], ["model.norm=layernorm", "model.tie_embeddings=true"]])
+def test_weight_decay_same_parameters_with_scan_layers(tmp_path, devices, variant):
+    """model.scan_layers stacks a layer's (d,) norm scale into (L, d): decay must not follow."""
+    common = ["mesh.data=1", "train.warmup_steps=0", "train.weight_decay=0.1"] + variant
+    plain = _decayed_by_optimizer(small_cfg(tmp_path, *common), devices)
+    scanned = _decayed_by_optimizer(small_cfg(tmp_path, *common, "model.scan_layers=true"),
+                                    devices)
+    assert plain == scanned
+    assert plain["layers/attn/q_proj/kernel"] and plain["layers/ffn/wo/kernel"]
+    assert plain["embed/embedding"]                       # embeddings: decayed (documented)
+    norms = [k for k in plain if "norm/" in k]
+    assert norms and not any(plain[k] for k in norms), plain
+    if "model.norm=layernorm" in variant:
+        assert "layers/attn_norm/bias" in plain and "lm_head/kernel" not in plain
+
+
+@pytest.mark.parametrize("variant", [[], ["model.scan_layers=true"], ["model.norm=batchnorm"],
+                                     ["model.norm=layernorm", "model.ffn_type=gelu",
+                                      "model.tie_embeddings=true"]])
+def test_every_parameter_has_a_known_role(tmp_path, devices, variant):
+    from tfm_jax.param_roles import param_role
+    setup = build(small_cfg(tmp_path, "mesh.data=1", *variant), devices=devices[:1])
+    roles = {jax.tree_util.keystr(p, simple=True, separator="/"): param_role(p)
+             for p, _ in jax.tree_util.tree_flatten_with_path(setup.abstract_state().params)[0]}
+    assert "other" not in roles.values(), roles
+    assert {r for k, r in roles.items() if k.endswith("/kernel")} == {"weight"}
+    assert {r for k, r in roles.items() if "norm/" in k} == {"norm"}
+
+
 def _poison(setup, state, layer="layers_1"):
     params = jax.device_get(state.params)
     k = np.array(params[layer]["ffn"]["wo"]["kernel"])

@@ -28,7 +28,7 @@ from flax import linen as nn
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tfm_jax import backends, data as data_lib
+from tfm_jax import backends, data as data_lib, param_roles
 from tfm_jax.checkpoint import Checkpointer
 from tfm_jax.config import Config, check_runtime
 from tfm_jax.metrics import MetricsLogger
@@ -69,12 +69,12 @@ def lr_schedule(cfg: Config) -> optax.Schedule:
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """AdamW, decoupled weight decay on matrices only. (Global-norm clipping happens in the
-    train step, which already has the norm.)"""
+    """AdamW; decoupled weight decay on projection kernels and embeddings only, decided by each
+    parameter's role (:mod:`tfm_jax.param_roles`), never by its rank (scanned norm scales are
+    2-D). (Global-norm clipping happens in the train step, which already has the norm.)"""
     t = cfg.train
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
-                       weight_decay=t.weight_decay, mask=decay_mask)
+                       weight_decay=t.weight_decay, mask=param_roles.decay_mask)
 
 
 def input_mask(target_mask: jax.Array) -> jax.Array:
