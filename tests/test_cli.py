@@ -90,6 +90,17 @@ def test_config_show(env, tmp_path):
     assert "name: tiny-n_kv_heads=1\n" in out
 
 
+def test_config_show_is_light(env, tmp_path):
+    """`config show` (the CLI module and the command) imports neither jax nor orbax."""
+    code = ("import sys, tfm_jax.cli as c; rc = c.main(['config', 'show']); "
+            "heavy = [m for m in ('jax', 'orbax.checkpoint', 'flax', 'optax') if m in sys.modules]; "
+            "print('RC', rc, 'HEAVY', heavy)")
+    proc = _check(subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=TIMEOUT), 0)
+    assert "name: tiny\n" in proc.stdout and "parameters=855,168" in proc.stdout
+    assert proc.stdout.rstrip().endswith("RC 0 HEAVY []"), proc.stdout[-300:]
+
+
 def test_config_show_small(env, tmp_path):
     out = _check(run(env, tmp_path, "config", "show", "--config", "small"), 0).stdout
     assert "d_model: 256\n" in out and "n_layers: 6\n" in out and "name: small\n" in out

@@ -251,6 +251,12 @@ def test_every_parameter_has_a_known_role(tmp_path, devices, variant):
     roles = {jax.tree_util.keystr(p, simple=True, separator="/"): param_role(p)
              for p, _ in jax.tree_util.tree_flatten_with_path(setup.abstract_state().params)[0]}
     assert "other" not in roles.values(), roles
+    # the jax-free count (config show) and the model's count match the real tree
+    from tfm_jax.config import param_counts
+    from tfm_jax.model import count_params
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state().params))
+    assert param_counts(setup.cfg.model) == count_params(setup.cfg.model)
+    assert param_counts(setup.cfg.model)["total"] == n
     assert {r for k, r in roles.items() if k.endswith("/kernel")} == {"weight"}
     assert {r for k, r in roles.items() if "norm/" in k} == {"norm"}
 

@@ -4,19 +4,33 @@ Every command takes ``--config FILE`` (default ``configs/tiny.yaml``; a bare nam
 ``small`` is looked up in the shipped configs) and trailing ``section.key=value`` overrides.
 Exit codes: 0 ok, 2 invalid config or input, 1 training diverged, 130/143 interrupted (a
 checkpoint was saved; continue with ``--resume``).
+
+Each command is a small :class:`Command` unit (name, arguments, run). Its run function imports
+what it needs, so light commands stay light: ``tfm-jax config show`` imports neither jax nor
+orbax. This module itself imports only the standard library and :mod:`tfm_jax.config`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from tfm_jax.checkpoint import CheckpointMismatch
 from tfm_jax.config import Config, ConfigError, load_config
-from tfm_jax.data import DataError
+from tfm_jax.errors import CheckpointMismatch, DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One CLI command: ``name`` (e.g. ``("config", "show")``), its arguments and its run."""
+
+    name: tuple[str, ...]
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -24,31 +38,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="YAML config (default configs/tiny.yaml); bare names resolve in configs/")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides, e.g. model.n_kv_heads=1 train.steps=500")
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tfm-jax", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a model (default: tiny config, built-in corpus)")
-    _add_common(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p = sub.add_parser("eval", help="validation loss/perplexity of a run's latest checkpoint")
-    _add_common(p)
-    p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
-    p = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
-    _add_common(p)
-    p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
-    p.add_argument("--prompt", default=None, help="prompt text (default train.sample_prompt)")
-    p.add_argument("--tokens", type=int, default=None, help="new tokens (default "
-                   "train.sample_tokens)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("config", help="config utilities")
-    csub = p.add_subparsers(dest="config_command", required=True)
-    p = csub.add_parser("show", help="print the resolved config as YAML")
-    _add_common(p)
-    return ap
 
 
 def _run_config(args) -> Config:
@@ -89,10 +78,18 @@ def _sample(setup, state, prompt: str, tokens: int, temperature: float, top_k: i
                              top_k=top_k, seed=seed)
 
 
-def cmd_train(args) -> int:
+# ----------------------------------------------------------------------------- train
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+
+
+def run_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
     from tfm_jax import train as train_lib
 
-    cfg = load_config(args.config, args.overrides)
     try:
         result = train_lib.train(cfg, resume=args.resume)
     except train_lib.Interrupted as err:
@@ -121,11 +118,19 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+# ----------------------------------------------------------------------------- eval / generate
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
+
+
+def run_eval(args) -> int:
+    cfg = _run_config(args)
     from tfm_jax import data as data_lib
     from tfm_jax.train import eval_span, evaluate
 
-    cfg = _run_config(args)
     setup, state = _restore(cfg)
     corpus = data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.data.cache_dir)
     row = evaluate(setup, state, corpus.val)
@@ -135,7 +140,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
+    p.add_argument("--prompt", default=None, help="prompt text (default train.sample_prompt)")
+    p.add_argument("--tokens", type=int, default=None, help="new tokens (default "
+                   "train.sample_tokens)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_generate(args) -> int:
     cfg = _run_config(args)
     setup, state = _restore(cfg)
     prompt = cfg.train.sample_prompt if args.prompt is None else args.prompt
@@ -144,23 +160,53 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_config(args) -> int:
-    from tfm_jax.model import count_params
+# ----------------------------------------------------------------------------- config show
+
+
+def run_config_show(args) -> int:
+    from tfm_jax.config import param_counts
 
     cfg = load_config(args.config, args.overrides)
     m = cfg.model
     print(cfg.to_yaml(), end="")
     print(f"# derived: model.head_dim={m.resolved_head_dim}, model.ffn_hidden="
-          f"{m.resolved_ffn_hidden}, parameters={count_params(m)['total']:,}")
+          f"{m.resolved_ffn_hidden}, parameters={param_counts(m)['total']:,}")
     return 0
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(("train",), "train a model (default: tiny config, built-in corpus)", _train_args,
+            run_train),
+    Command(("eval",), "validation loss/perplexity of a run's latest checkpoint", _eval_args,
+            run_eval),
+    Command(("generate",), "sample text from a run's latest checkpoint", _generate_args,
+            run_generate),
+    Command(("config", "show"), "print the resolved config as YAML", _add_common,
+            run_config_show),
+)
+_GROUP_HELP = {"config": "config utilities"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tfm-jax", description=__doc__.split("\n")[0])
+    subs = {(): ap.add_subparsers(dest="command", required=True)}
+    for cmd in COMMANDS:
+        for depth in range(1, len(cmd.name)):          # groups such as `config`
+            group = cmd.name[:depth]
+            if group not in subs:
+                gp = subs[group[:-1]].add_parser(group[-1], help=_GROUP_HELP.get(group[-1]))
+                subs[group] = gp.add_subparsers(dest=f"{'_'.join(group)}_command",
+                                                required=True)
+        p = subs[cmd.name[:-1]].add_parser(cmd.name[-1], help=cmd.help)
+        cmd.add_args(p)
+        p.set_defaults(_run=cmd.run)
+    return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-                "config": cmd_config}
     try:
-        return commands[args.command](args)
+        return args._run(args)
     except ConfigError as err:
         print(f"tfm-jax: {err}", file=sys.stderr)
         return 2

@@ -166,6 +166,22 @@ class ModelConfig(_Section):
         return self
 
 
+def param_counts(m: ModelConfig) -> dict[str, int]:
+    """Parameter counts from the shape alone, without building the model (so ``tfm-jax config
+    show`` needs no jax). Same formulas as ``tfm_jax.model.count_params``; a test checks both
+    against the real parameter tree."""
+    d, h, hkv, dh, f, v, n = (m.d_model, m.n_heads, m.n_kv_heads, m.resolved_head_dim,
+                              m.resolved_ffn_hidden, m.vocab_size, m.n_layers)
+    attn = d * (h + 2 * hkv) * dh + h * dh * d
+    ffn = (3 if m.ffn_type == "swiglu" else 2) * d * f
+    norm_vec = {"layernorm": 2 * d, "rmsnorm": d, "batchnorm": 2 * d, "none": 0}[m.norm]
+    final = norm_vec if m.norm_position == "pre" else 0
+    head = 0 if m.tie_embeddings else d * v
+    embedding = v * d
+    total = embedding + n * (attn + ffn + 2 * norm_vec) + final + head
+    return {"total": total, "embedding": embedding, "matmul": n * (attn + ffn) + (d * v)}
+
+
 def ffn_hidden_size(d_model: int, ffn_type: str, ffn_mult: float = 4.0,
                     ffn_dim_multiplier: Optional[float] = None, multiple_of: int = 1,
                     explicit: Optional[int] = None) -> int:

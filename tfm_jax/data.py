@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from tfm_jax.errors import DataError
+
 if TYPE_CHECKING:  # pragma: no cover
     import jax
 
@@ -45,9 +47,6 @@ _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "
 _PATH_HINT = ("set data.path to an existing text file, folder or glob, "
               "or leave it unset for the built-in corpus")
 
-
-class DataError(ValueError):
-    """A user-fixable data problem (bad path, encoding, too little data); the message says what to do."""
 
 
 # ----------------------------------------------------------------------------- tokenizer
