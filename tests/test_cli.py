@@ -26,7 +26,7 @@ def env(tmp_path_factory):
     e = dict(os.environ)
     # the subprocesses import the package under test (this checkout), whatever is installed
     e["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in e.get("PYTHONPATH", "").split(
-        os.pathsep) if p])
+        os.pathsep) if p and os.path.abspath(p) != ROOT])
     e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"   # conftest's 8 devices: not here
     e["JAX_PLATFORMS"] = "cpu"
     e["TFM_JAX_CACHE"] = str(tmp_path_factory.mktemp("tfm_jax_cache"))
@@ -250,8 +250,9 @@ def test_resume_continues(env, trained, corpus, tmp_path):
     assert _ckpt_steps(rd) == [3, 6]
     shutil.rmtree(rd / "checkpoints" / "6")
     before = _rows(rd)
-    _check(run(env, tmp_path, "train", "--resume", *TINY, "train.steps=8",
-               "train.sample_tokens=0", f"data.path={corpus}", f"run.dir={rd}"), 0)
+    out = _check(run(env, tmp_path, "train", "--resume", *TINY, "train.steps=8",
+                     "train.sample_tokens=0", f"data.path={corpus}", f"run.dir={rd}"), 0).stdout
+    assert "finished step 8" in out and "samples.txt" not in out   # no sample: not listed
     rows = _rows(rd)
     assert rows[-1]["step"] == 8
     steps = _train_steps(rows)
@@ -260,6 +261,50 @@ def test_resume_continues(env, trained, corpus, tmp_path):
     assert _eval_steps(rows) == [3, 6, 8]
     assert [r for r in rows if r["step"] <= 3] == [r for r in before if r["step"] <= 3]
     assert 8 in _ckpt_steps(rd)
+
+
+def test_resume_incompatible_config_leaves_run_untouched(env, trained, corpus, tmp_path):
+    """A resume whose model does not fit the checkpoint fails (exit 2, naming the differing
+    key) before writing anything: config.yaml and metrics.jsonl stay byte-identical."""
+    rd = tmp_path / "run"
+    shutil.copytree(trained[0], rd)
+    before = {name: (rd / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
+    err = _config_error(run(env, tmp_path, "train", "--resume", *TINY, "model.d_model=64",
+                            "train.steps=8", f"data.path={corpus}", f"run.dir={rd}"))
+    assert "does not match" in err and "model.d_model: 32 -> 64" in err, err
+    assert {name: (rd / name).read_bytes() for name in before} == before
+    assert _ckpt_steps(rd) == [3, 6]
+
+
+def test_resume_under_another_run_name_is_an_error(env, trained, corpus, tmp_path):
+    """Run names derive from the overrides: `--resume train.steps=8` looks in another
+    directory. That is an error naming the directory and how to point at the run, not a
+    silent fresh run."""
+    from tfm_jax.config import load_config
+
+    raw = load_config(None, TINY + ["train.steps=6", f"data.path={corpus}"]).to_dict()
+    raw["run"].update(name=None, dir=None)
+    (tmp_path / "exp.yaml").write_text(json.dumps(raw))     # JSON is YAML
+    runs = tmp_path / "runs"
+    shutil.copytree(trained[0], runs / "exp")                # = `train --config exp.yaml`
+    err = _config_error(run(env, tmp_path, "train", "--resume", "--config", "exp.yaml",
+                            "train.steps=8"))
+    assert f"no checkpoint in {runs / 'exp-steps=8' / 'checkpoints'}, so" in err, err
+    assert "'exp-steps=8'" in err and "run.dir=" in err and "run.name=" in err, err
+    assert str(runs / "exp") in err                          # the run that does exist
+    assert [p.name for p in runs.iterdir()] == ["exp"]       # nothing written
+
+
+def test_resume_finished_run_says_so(env, trained, corpus, tmp_path):
+    rd = tmp_path / "run"
+    shutil.copytree(trained[0], rd)
+    last = [r for r in _rows(rd) if "loss" in r][-1]
+    proc = _check(run(env, tmp_path, "train", "--resume", *TINY, "train.steps=6",
+                      "train.sample_tokens=0", f"data.path={corpus}", f"run.dir={rd}"), 0)
+    out = proc.stdout
+    assert "already finished: step 6 of train.steps=6" in out, out
+    assert f"train loss {last['loss']:.4f}" in out and "nan" not in out.lower(), out
+    assert "samples.txt" not in out                             # sample_tokens=0: none written
 
 
 # ----------------------------------------------------------------------------- signals

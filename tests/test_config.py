@@ -95,6 +95,14 @@ def test_run_name_is_path_safe():
     assert name.startswith("tiny-path=")
 
 
+def test_run_name_uses_yaml_spelling():
+    """The name shows values as they are typed (YAML), not as Python prints them."""
+    cfg = load_config(None, ["model.scan_layers=false", "model.tie_embeddings=true",
+                             "model.head_dim=null"])
+    assert cfg.run.name == "tiny-scan_layers=false-tie_embeddings=true-head_dim=null"
+    assert cfg.model.scan_layers is False and cfg.model.head_dim is None
+
+
 def test_override_yaml_typing():
     cfg = load_config(None, ["train.lr=3e-4", "data.path=null", "run.tensorboard=false",
                              "mesh.rules=[[batch, [data, fsdp]], [embed, null], [heads, tensor]]",

@@ -100,21 +100,31 @@ def run_train(args) -> int:
         return 1
     run_dir = pathlib.Path(result.run_dir)
     ev = result.eval
-    print(f"\nfinished step {result.final_step}: train loss {result.last_loss:.4f}, "
-          f"val loss {ev.get('val_loss', float('nan')):.4f} nats/token "
-          f"(ppl {ev.get('val_ppl', float('nan')):.2f}) vs unigram baseline "
-          f"{result.unigram_baseline:.4f}"
-          + (f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps
-             else ""))
+    loss = (f"train loss {result.last_loss:.4f}" if result.last_loss_step is not None
+            else "no finite train loss logged")
+    if result.last_loss_step is not None and result.last_loss_step != result.final_step:
+        loss += f" (step {result.last_loss_step})"
+    val = (f"val loss {ev.get('val_loss', float('nan')):.4f} nats/token "
+           f"(ppl {ev.get('val_ppl', float('nan')):.2f}) vs unigram baseline "
+           f"{result.unigram_baseline:.4f}")
+    if result.already_finished:
+        print(f"\nrun {run_dir} is already finished: step {result.final_step} of train.steps="
+              f"{cfg.train.steps}, nothing trained; last {loss}, {val}. To train it further, "
+              f"raise train.steps and keep its directory (run.dir={run_dir})")
+    else:
+        print(f"\nfinished step {result.final_step}: {loss}, {val}"
+              + (f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps
+                 else ""))
     if cfg.train.sample_tokens:
         text = _sample(result.setup, result.state, cfg.train.sample_prompt, cfg.train.sample_tokens,
                        0.8, 40, cfg.train.seed)
         (run_dir / "samples.txt").write_text(text)
         print(f"\n--- sample (prompt {cfg.train.sample_prompt!r}) ---\n{text}\n---")
     print(f"\nrun directory: {run_dir}\n  config      {run_dir / 'config.yaml'}\n"
-          f"  metrics     {run_dir / 'metrics.jsonl'}\n  checkpoints {run_dir / 'checkpoints'}\n"
-          f"  tensorboard {run_dir / 'events'}  (tensorboard --logdir {run_dir / 'events'})\n"
-          f"  sample      {run_dir / 'samples.txt'}")
+          f"  metrics     {run_dir / 'metrics.jsonl'}\n  checkpoints {run_dir / 'checkpoints'}"
+          + (f"\n  tensorboard {run_dir / 'events'}  (tensorboard --logdir {run_dir / 'events'})"
+             if cfg.run.tensorboard else "")
+          + (f"\n  sample      {run_dir / 'samples.txt'}" if cfg.train.sample_tokens else ""))
     return 0
 
 

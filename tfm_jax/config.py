@@ -486,8 +486,16 @@ def resolve_config_path(path: Optional[str]) -> pathlib.Path:
     return p
 
 
+def _yaml_spelling(v: Any) -> str:
+    """A parsed override value as it is written in YAML: ``false``/``true``/``null``, not
+    Python's ``False``/``True``/``None`` (lists/mappings in flow style)."""
+    if isinstance(v, bool) or v is None or isinstance(v, (list, dict)):
+        return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+    return str(v)
+
+
 def _run_name(stem: str, overrides: dict[str, Any]) -> str:
-    parts = [stem] + [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()
+    parts = [stem] + [f"{k.split('.')[-1]}={_yaml_spelling(v)}" for k, v in overrides.items()
                       if not k.startswith("run.")]
     return re.sub(r"[^\w.=+-]+", "_", "-".join(parts))[:120]
 

@@ -29,9 +29,9 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tfm_jax import backends, data as data_lib, param_roles
-from tfm_jax.checkpoint import Checkpointer
+from tfm_jax.checkpoint import CheckpointMismatch, Checkpointer
 from tfm_jax.config import Config, check_runtime
-from tfm_jax.metrics import MetricsLogger
+from tfm_jax.metrics import MetricsLogger, read_metrics
 from tfm_jax.model import TransformerLM, count_params, train_flops_per_token
 from tfm_jax.parallel import mesh as mesh_lib
 
@@ -346,6 +346,8 @@ class TrainResult:
     unigram_baseline: float
     skipped_steps: int
     setup: Setup
+    already_finished: bool = False      # resumed at train.steps: nothing was trained
+    last_loss_step: Optional[int] = None
 
 
 class _SignalFlag:
@@ -373,6 +375,44 @@ class _SignalFlag:
             signal.signal(sig, old)
 
 
+def _nothing_to_resume(cfg: Config, ckpt_dir) -> str:
+    """The --resume error when the configured run directory holds no checkpoint."""
+    run_dir = cfg.run_dir
+    others = sorted(
+        str(d) for d in (run_dir.parent.iterdir() if run_dir.parent.is_dir() else [])
+        if d != run_dir and (d / "checkpoints").is_dir()
+        and any(c.name.isdigit() for c in (d / "checkpoints").iterdir()))
+    return (f"--resume: no checkpoint in {ckpt_dir}, so there is no run to continue. The run "
+            f"directory is run.dir or, if unset, runs/<run.name>, and run.name derives from the "
+            f"config file and the overrides (here {cfg.run.name!r}): an override such as "
+            f"train.steps=... names a new run. To continue an existing run pass its directory "
+            f"(run.dir=...) or name (run.name=...) along with the overrides"
+            + (f"; runs with checkpoints next to it: {', '.join(others[:5])}" if others else "")
+            + "; to start this run from step 0, drop --resume")
+
+
+def _model_diff(saved_yaml, cfg: Config) -> list[str]:
+    """``model.key: saved -> now`` for each model.* key that differs from a run's config.yaml."""
+    import yaml
+
+    try:
+        saved = (yaml.safe_load(saved_yaml.read_text()) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    now = cfg.to_dict()["model"]
+    return [f"model.{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+
+
+def _last_logged_loss(run_dir, up_to_step: int) -> tuple[float, Optional[int]]:
+    """(loss, step) of the last train row at or before ``up_to_step`` in metrics.jsonl."""
+    try:
+        rows = read_metrics(run_dir)
+    except (OSError, ValueError):
+        return float("nan"), None
+    rows = [r for r in rows if r.get("loss") is not None and r.get("step", 0) <= up_to_step]
+    return (float(rows[-1]["loss"]), int(rows[-1]["step"])) if rows else (float("nan"), None)
+
+
 def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
           corpus: Optional[data_lib.Corpus] = None,
           step_hook: Optional[Callable[[int], None]] = None) -> TrainResult:
@@ -387,18 +427,28 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
         raise FileExistsError(
             f"run directory {run_dir} already has checkpoints (latest step "
             f"{ckpt.latest_step()}); pass --resume to continue it, or choose another run.dir")
+    if resume and ckpt.latest_step() is None:
+        raise FileNotFoundError(_nothing_to_resume(cfg, ckpt.directory))
     corpus = corpus or data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction,
                                             cfg.data.cache_dir)
     setup = build(cfg, devices)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     start_step = 0
-    if resume and ckpt.latest_step() is not None:
-        state = ckpt.restore(setup.abstract_state())
+    if resume:
+        # Restore before writing anything: a resume with an incompatible config must leave the
+        # run directory (its config.yaml above all) exactly as it was.
+        try:
+            state = ckpt.restore(setup.abstract_state())
+        except CheckpointMismatch as err:
+            diff = _model_diff(run_dir / "config.yaml", cfg)
+            raise CheckpointMismatch(
+                f"{err}" + (f"\n  differences from the run's config.yaml: {'; '.join(diff)}"
+                            if diff else "")) from None
         start_step = int(state.step)
     else:
         state = setup.init_state()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     param_paths = [jax.tree_util.keystr(p, simple=True, separator="/")
                    for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
@@ -415,13 +465,13 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
 
     rows = data_lib.process_rows(cfg.train.batch_size)
     t = cfg.train
-    skipped, last_loss, eval_row = 0, float("nan"), {}
+    skipped, last_loss, last_loss_step, eval_row = 0, float("nan"), None, {}
     window = {"t0": time.perf_counter(), "tokens": 0.0, "losses": []}
     pending: Optional[tuple[int, dict]] = None
 
     def handle(step_done: int, m: dict) -> None:
         """Host-side handling of step ``step_done``'s metrics (one step behind the device)."""
-        nonlocal skipped, last_loss
+        nonlocal skipped, last_loss, last_loss_step
         m = jax.device_get(m)
         if not bool(m["finite"]):
             # Parameters at detection time (one step later: a failing step keeps the state, so
@@ -436,7 +486,7 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
             skipped += 1
             logger.warn(msg + " (update skipped)")
             return
-        last_loss = float(m["loss"])
+        last_loss, last_loss_step = float(m["loss"]), step_done
         window["losses"].append(last_loss)
         if step_done == start_step + 1:      # includes compilation: keep out of tokens/s
             window["t0"] = time.perf_counter()
@@ -493,4 +543,8 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
             ckpt.wait()
             ckpt.close()
             logger.close()
-    return TrainResult(state, str(run_dir), step, last_loss, eval_row, unigram, skipped, setup)
+    already_finished = start_step >= t.steps
+    if already_finished:
+        last_loss, last_loss_step = _last_logged_loss(run_dir, start_step)
+    return TrainResult(state, str(run_dir), step, last_loss, eval_row, unigram, skipped, setup,
+                       already_finished, last_loss_step)
