@@ -226,6 +226,17 @@ def test_train_batch_packed():
         data.train_batch(tokens, np.array([0]), step=0, seed=0, batch_size=2, seq_len=5000)
 
 
+def test_split_too_small_names_the_split():
+    tokens = _stream(100)
+    with pytest.raises(DataError, match=r"^train split too small: data.seq_len=100 .* 100 tokens"):
+        data.train_batch(tokens, np.array([0]), step=0, seed=0, batch_size=2, seq_len=100)
+    with pytest.raises(DataError, match=r"^validation split too small: data.seq_len=200 .*"
+                                        r"data.val_fraction"):
+        data.eval_batches(tokens, batch_size=2, seq_len=200, max_batches=1)
+    with pytest.raises(DataError, match=r"^validation split too small: 100 tokens = 9 windows"):
+        data.eval_batches(tokens, batch_size=16, seq_len=11, max_batches=1)
+
+
 def test_train_batch_unpacked_documents():
     docs = [[10, 11, 12], list(range(20, 60)), [70]]
     tokens = np.concatenate([d + [EOS_ID] for d in docs]).astype(np.uint16)

@@ -390,13 +390,14 @@ def unigram_entropy(train_tokens: np.ndarray, eval_tokens: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- batching
 
 
-def _check_sizes(tokens: np.ndarray, batch_size: int, seq_len: int) -> int:
+def _check_sizes(tokens: np.ndarray, batch_size: int, seq_len: int, split: str) -> int:
     n = int(tokens.shape[0])
     if batch_size < 1 or seq_len < 1:
         raise DataError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
     if seq_len >= n:
-        raise DataError(f"seq_len={seq_len} must be smaller than the number of tokens in the split "
-                        f"({n}); use a shorter seq_len or a larger corpus / val_fraction")
+        fix = "data.val_fraction" if split == "validation" else "1 - data.val_fraction"
+        raise DataError(f"{split} split too small: data.seq_len={seq_len} must be smaller than its "
+                        f"{n} tokens; use a shorter seq_len, a larger corpus or a larger {fix}")
     return n
 
 
@@ -433,7 +434,7 @@ def train_batch(tokens: np.ndarray, doc_starts: np.ndarray, *, step: int, seed: 
     Returns ``{"inputs": int32 (R, T), "targets": int32 (R, T), "mask": float32 (R, T)}``
     with ``targets[:, t] == inputs[:, t + 1]``, T = seq_len, R = rows selected (default B).
     """
-    n = _check_sizes(tokens, batch_size, seq_len)
+    n = _check_sizes(tokens, batch_size, seq_len, "train")
     if step < 0 or seed < 0:
         raise DataError(f"step and seed must be non-negative, got step={step}, seed={seed}")
     rng = np.random.default_rng([seed, step])
@@ -464,10 +465,10 @@ def eval_window_starts(tokens: np.ndarray, *, batch_size: int, seq_len: int,
     used (``max_batches`` None or large enough) the windows are consecutive from the start.
     Raises ``DataError`` if fewer slots than one batch exist.
     """
-    n = _check_sizes(tokens, batch_size, seq_len)
+    n = _check_sizes(tokens, batch_size, seq_len, "validation")
     num_windows = (n - 1) // seq_len
     if num_windows < batch_size:
-        raise DataError(f"validation split has {n} tokens = {num_windows} windows of seq_len={seq_len}, "
+        raise DataError(f"validation split too small: {n} tokens = {num_windows} windows of seq_len={seq_len}, "
                         f"fewer than one eval batch of {batch_size}; use a smaller batch size or "
                         f"seq_len, or a larger data.val_fraction")
     all_batches = num_windows // batch_size
