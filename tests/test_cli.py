@@ -343,3 +343,35 @@ def test_signal_saves_checkpoint_and_resume_finishes(env, tmp_path, corpus, sig)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(1, 401)), steps[:10]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_at_any_moment_exits_cleanly(env, tmp_path, corpus, sig):
+    """Ctrl-C/SIGTERM at several moments of a real `python -m tfm_jax train` (imports, config,
+    data, model build, compile, possibly the first steps): always exit 128 + signum, no
+    traceback, one line saying what was interrupted and what was saved."""
+    import signal
+    import time
+
+    signum = getattr(signal, sig)
+    args = TINY + ["train.steps=100000", "train.eval_every=100000",
+                   "train.checkpoint_every=100000", "train.sample_tokens=0",
+                   f"data.path={corpus}"]
+    for delay in (0.5, 1.5, 3.0, 5.0):
+        run_dir = tmp_path / f"run{delay}"
+        proc = subprocess.Popen([sys.executable, "-m", "tfm_jax", "train", *args,
+                                 f"run.dir={run_dir}"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        assert proc.poll() is None, (delay, proc.communicate())
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 128 + signum, (delay, proc.returncode, err[-3000:])
+        assert "Traceback" not in err and "Error" not in err, (delay, err[-3000:])
+        lines = [line for line in err.splitlines() if "interrupted" in line]
+        assert len(lines) == 1, (delay, err)
+        m = re.fullmatch(rf"tfm-jax: interrupted by {sig} (?:(?:while starting|before step 1), "
+                         rf"nothing saved|at step (\d+): checkpoint saved to .*)", lines[0])
+        assert m, (delay, lines[0])
+        ckpts = _ckpt_steps(run_dir) if (run_dir / "checkpoints").is_dir() else []
+        assert ckpts == ([int(m.group(1))] if m.group(1) else []), (delay, lines[0], ckpts)

@@ -16,9 +16,11 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import signal
 import sys
 from typing import Callable, Optional, Sequence
 
+from tfm_jax import interrupts
 from tfm_jax.config import Config, ConfigError, load_config
 from tfm_jax.errors import CheckpointMismatch, DataError
 
@@ -88,12 +90,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    interrupts.note("before training resumed; the run's checkpoints are unchanged" if args.resume
+                    else "before step 1, nothing saved")
     from tfm_jax import train as train_lib
 
     try:
         result = train_lib.train(cfg, resume=args.resume)
     except train_lib.Interrupted as err:
-        print(f"\ninterrupted: {err}", file=sys.stderr)
+        print(f"\ntfm-jax: interrupted by {err}", file=sys.stderr)
         return 128 + err.signum
     except train_lib.NonFiniteError as err:
         print(f"\ntraining stopped: {err}", file=sys.stderr)
@@ -115,6 +119,8 @@ def run_train(args) -> int:
         print(f"\nfinished step {result.final_step}: {loss}, {val}"
               + (f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps
                  else ""))
+    interrupts.note(f"after training finished at step {result.final_step} (checkpoint saved)"
+                    + ("; no sample written" if cfg.train.sample_tokens else ""))
     if cfg.train.sample_tokens:
         text = _sample(result.setup, result.state, cfg.train.sample_prompt, cfg.train.sample_tokens,
                        0.8, 40, cfg.train.seed)
@@ -209,12 +215,13 @@ def _parser() -> argparse.ArgumentParser:
                                                 required=True)
         p = subs[cmd.name[:-1]].add_parser(cmd.name[-1], help=cmd.help)
         cmd.add_args(p)
-        p.set_defaults(_run=cmd.run)
+        p.set_defaults(_run=cmd.run, _name=" ".join(cmd.name))
     return ap
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = _parser().parse_args(argv)
+    interrupts.note(f"during 'tfm-jax {args._name}'")
     try:
         return args._run(args)
     except ConfigError as err:
@@ -223,6 +230,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (DataError, CheckpointMismatch, FileNotFoundError, FileExistsError) as err:
         print(f"tfm-jax: error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI. As the program (``argv`` None), SIGINT/SIGTERM exit 130/143 with one line at
+    any point (:mod:`tfm_jax.interrupts`); called with an ``argv`` list (in-process) signals are
+    left alone and the exit code is returned."""
+    as_program = argv is None
+    if as_program:
+        interrupts.install()
+    code = _main(argv)
+    if as_program and code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        interrupts.exit_now(code)      # no interpreter teardown after an interrupt
+    return code
 
 
 if __name__ == "__main__":

@@ -224,7 +224,8 @@ def _cache_root(cache_dir: str | None) -> Path:
     return Path(os.environ.get("TFM_JAX_CACHE") or "~/.cache/tfm_jax").expanduser() / "corpus"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file and ``os.replace`` (readers never see it torn)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -258,7 +259,7 @@ class _SplitWriter:
         os.fsync(self.fh.fileno())
         self.fh.close()
         os.replace(self.tmp, self.out / f"{self.split}.tokens")
-        _atomic_write(self.out / f"{self.split}.starts", np.asarray(self.starts, _STARTS_DTYPE).tobytes())
+        atomic_write(self.out / f"{self.split}.starts", np.asarray(self.starts, _STARTS_DTYPE).tobytes())
 
     def abort(self) -> None:
         self.fh.close()
@@ -299,7 +300,7 @@ def _build(out: Path, docs: list[tuple[Path, str, int]], val_fraction: float, la
             "val_fraction": val_fraction, "num_train_tokens": train.count, "num_val_tokens": val.count,
             "num_train_docs": len(train.starts), "num_val_docs": len(val.starts),
             "train_files": train.names, "val_files": val.names}
-    _atomic_write(out / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))
+    atomic_write(out / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))
     return meta
 
 

@@ -28,7 +28,7 @@ from flax import linen as nn
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tfm_jax import backends, data as data_lib, param_roles
+from tfm_jax import backends, data as data_lib, interrupts, param_roles
 from tfm_jax.checkpoint import CheckpointMismatch, Checkpointer
 from tfm_jax.config import Config, check_runtime
 from tfm_jax.metrics import MetricsLogger, read_metrics
@@ -367,6 +367,11 @@ class _SignalFlag:
 
     def _handle(self, signum, frame):
         if self.signum is not None:        # second signal: give up immediately
+            if interrupts.installed():     # the CLI: exit now, in one line
+                interrupts.exit_on_signal(signum, where=(
+                    "a second time, while stopping: exited without waiting for the final "
+                    "checkpoint (an incomplete save is never restored; the latest complete one "
+                    "is kept)"))
             raise KeyboardInterrupt
         self.signum = signum
 
@@ -445,10 +450,12 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
                 f"{err}" + (f"\n  differences from the run's config.yaml: {'; '.join(diff)}"
                             if diff else "")) from None
         start_step = int(state.step)
+        interrupts.note(f"before training resumed from step {start_step}; the run's "
+                        "checkpoints are unchanged")
     else:
         state = setup.init_state()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    data_lib.atomic_write(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
 
     param_paths = [jax.tree_util.keystr(p, simple=True, separator="/")
                    for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
