@@ -301,6 +301,36 @@ def test_nonfinite_skip_keeps_state(tmp_path, corpus, devices):
     assert not bool(flags["layers_0"]["ffn"]["wo"]["kernel"])
 
 
+def test_skip_mode_logs_every_window_with_skipped_count(tmp_path, corpus, monkeypatch, capsys):
+    """28 of 30 steps non-finite (their batches' masks are NaN, so loss and gradients are):
+    a train row still comes at every log step with the cumulative `skipped` count and the mean
+    loss of the window's finite steps (null if none); the console says it once per window."""
+    good = {5, 20}                          # 1-based steps with a finite loss
+    orig = data_lib.train_batch
+
+    def batch_with_nan(*args, step, **kw):
+        b = orig(*args, step=step, **kw)
+        if step + 1 not in good:
+            b["mask"] = np.full_like(b["mask"], np.nan)
+        return b
+
+    monkeypatch.setattr(data_lib, "train_batch", batch_with_nan)
+    res = train(small_cfg(tmp_path, "mesh.data=1", "train.on_nonfinite=skip", "train.steps=30",
+                          "train.log_every=10", "train.eval_every=30",
+                          "train.checkpoint_every=30"),
+                corpus=corpus, devices=jax.devices()[:1])
+    rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [(r["step"], r["skipped"]) for r in rows] == [(10, 9), (20, 18), (30, 28)]
+    assert rows[0]["loss"] > 0 and rows[1]["loss"] > 0 and rows[2]["loss"] is None
+    assert res.skipped_steps == 28 and res.last_loss_step == 20
+    assert res.last_loss == rows[1]["loss"]           # the window's only finite step
+    out = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+    assert len(out) == 4, out                          # not one line per skipped step
+    assert out[0].startswith("non-finite loss/gradients at step 1:")
+    assert out[1:] == [f"step {s}: {k} step(s) skipped (non-finite) in this log window, "
+                       f"{n} in all" for s, k, n in [(10, 9, 9), (20, 9, 18), (30, 10, 28)]]
+
+
 def test_scanned_nonfinite_flags_are_per_layer(tmp_path, devices):
     from tfm_jax.train import nonfinite_flags
     tree = {"layers": {"w": jnp.ones((3, 2, 2)).at[1, 0, 0].set(jnp.nan)}, "head": jnp.ones(2)}

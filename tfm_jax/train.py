@@ -408,14 +408,22 @@ def _model_diff(saved_yaml, cfg: Config) -> list[str]:
     return [f"model.{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
 
 
-def _last_logged_loss(run_dir, up_to_step: int) -> tuple[float, Optional[int]]:
-    """(loss, step) of the last train row at or before ``up_to_step`` in metrics.jsonl."""
+def _last_train_row(run_dir, up_to_step: int, with_loss: bool = False) -> dict:
+    """The last train row (one with a ``loss`` key; a non-null loss if ``with_loss``) at or
+    before ``up_to_step`` in the run's metrics.jsonl; {} if none."""
     try:
         rows = read_metrics(run_dir)
     except (OSError, ValueError):
-        return float("nan"), None
-    rows = [r for r in rows if r.get("loss") is not None and r.get("step", 0) <= up_to_step]
-    return (float(rows[-1]["loss"]), int(rows[-1]["step"])) if rows else (float("nan"), None)
+        return {}
+    rows = [r for r in rows if "loss" in r and r.get("step", 0) <= up_to_step
+            and (r["loss"] is not None or not with_loss)]
+    return rows[-1] if rows else {}
+
+
+def _last_logged_loss(run_dir, up_to_step: int) -> tuple[float, Optional[int]]:
+    """(loss, step) of the last train row with a loss at or before ``up_to_step``."""
+    row = _last_train_row(run_dir, up_to_step, with_loss=True)
+    return (float(row["loss"]), int(row["step"])) if row else (float("nan"), None)
 
 
 def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
@@ -473,13 +481,24 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     rows = data_lib.process_rows(cfg.train.batch_size)
     t = cfg.train
     skipped, last_loss, last_loss_step, eval_row = 0, float("nan"), None, {}
-    window = {"t0": time.perf_counter(), "tokens": 0.0, "losses": []}
+    if start_step:   # the count goes on from the resumed run's last train row (exact when the
+        # resumed step was a log step; skips after the last row were not recorded)
+        skipped = _last_train_row(run_dir, start_step).get("skipped", 0)
+    window = {"t0": time.perf_counter(), "tokens": 0.0, "losses": [], "skipped": 0,
+              "grad_norm": None}
     pending: Optional[tuple[int, dict]] = None
 
     def handle(step_done: int, m: dict) -> None:
-        """Host-side handling of step ``step_done``'s metrics (one step behind the device)."""
+        """Host-side handling of step ``step_done``'s metrics (one step behind the device).
+
+        Every log step writes a train row, also when steps were skipped (``on_nonfinite=skip``):
+        ``loss`` is the mean over the window's finite steps (null if none), ``skipped`` the
+        count since the start of the run. The console gets the first skipped step in full and
+        then one line per log window that skipped any."""
         nonlocal skipped, last_loss, last_loss_step
         m = jax.device_get(m)
+        if step_done == start_step + 1:      # includes compilation: keep out of tokens/s
+            window["t0"] = time.perf_counter()
         if not bool(m["finite"]):
             # Parameters at detection time (one step later: a failing step keeps the state, so
             # they are the failing step's unless the following step succeeded).
@@ -491,22 +510,29 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
                                      "train.on_nonfinite=skip. Last good checkpoint: "
                                      f"{ckpt.latest_step()}")
             skipped += 1
-            logger.warn(msg + " (update skipped)")
-            return
-        last_loss, last_loss_step = float(m["loss"]), step_done
-        window["losses"].append(last_loss)
-        if step_done == start_step + 1:      # includes compilation: keep out of tokens/s
-            window["t0"] = time.perf_counter()
+            window["skipped"] += 1
+            if skipped == 1:
+                logger.warn(msg + " (update skipped; further skipped steps are counted per log "
+                            "window and in metrics.jsonl's 'skipped')")
         else:
-            window["tokens"] += float(m["tokens"])
+            last_loss, last_loss_step = float(m["loss"]), step_done
+            window["losses"].append(last_loss)
+            window["grad_norm"] = float(m["grad_norm"])
+            if step_done != start_step + 1:
+                window["tokens"] += float(m["tokens"])
         if step_done % t.log_every == 0 or step_done == t.steps:
             dt = time.perf_counter() - window["t0"]
             tps = window["tokens"] / dt if window["tokens"] else None
+            if window["skipped"] and skipped > 1:
+                logger.warn(f"step {step_done}: {window['skipped']} step(s) skipped (non-finite) "
+                            f"in this log window, {skipped} in all")
             logger.log(step_done, {
-                "loss": float(np.mean(window["losses"])), "lr": float(m["lr"]),
-                "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps,
-                "mfu": tps * flops_tok / peak if (peak and tps) else None, "skipped": skipped})
-            window.update(t0=time.perf_counter(), tokens=0.0, losses=[])
+                "loss": float(np.mean(window["losses"])) if window["losses"] else None,
+                "lr": float(m["lr"]), "grad_norm": window["grad_norm"], "tokens_per_s": tps,
+                "mfu": tps * flops_tok / peak if (peak and tps) else None, "skipped": skipped},
+                nullable=("loss",))
+            window.update(t0=time.perf_counter(), tokens=0.0, losses=[], skipped=0,
+                          grad_norm=None)
 
     with _SignalFlag() as sig, setup.context():
         step = start_step
