@@ -148,7 +148,8 @@ def run_eval(args) -> int:
     from tfm_jax.train import eval_span, evaluate
 
     setup, state = _restore(cfg)
-    corpus = data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.data.cache_dir)
+    corpus = data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.data.cache_dir,
+                                  include=cfg.data.include)
     row = evaluate(setup, state, corpus.val)
     row["step"] = int(state.step)
     row["unigram_baseline"] = data_lib.unigram_entropy(corpus.train, eval_span(cfg, corpus.val))

@@ -204,6 +204,10 @@ def ffn_hidden_size(d_model: int, ffn_type: str, ffn_mult: float = 4.0,
 
 class DataConfig(_Section):
     path: Optional[str] = Field(None, description="text file, folder or glob; None: built-in corpus")
+    include: Optional[list[str]] = Field(
+        None, description="folder/glob data.path only: keep files whose name or relative path "
+        "matches one of these globs, e.g. ['*.py', '*.md']; None: all files (non-text files -- "
+        "a NUL byte in the first 8 KiB, or not UTF-8 -- are always skipped and counted)")
     tokenizer: Literal["byte", "none"] = Field(
         "byte", description="none: the caller feeds token ids itself (benchmarks, synthetic)")
     seq_len: Int = Field(128, gt=1)

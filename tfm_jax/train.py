@@ -443,7 +443,7 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     if resume and ckpt.latest_step() is None:
         raise FileNotFoundError(_nothing_to_resume(cfg, ckpt.directory))
     corpus = corpus or data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction,
-                                            cfg.data.cache_dir)
+                                            cfg.data.cache_dir, include=cfg.data.include)
     setup = build(cfg, devices)
 
     start_step = 0
@@ -476,6 +476,8 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     logger.info(f"run dir {run_dir} | params {count_params(cfg.model)['total']:,} | "
                 f"mesh {dict(setup.mesh.shape)} | corpus {corpus.num_train_tokens:,} train / "
                 f"{corpus.num_val_tokens:,} val tokens | unigram baseline {unigram:.3f} nats")
+    if corpus.skipped_files:
+        logger.info(f"corpus {corpus.source}: {corpus.skipped_summary()}")
     logger.info(f"kernels: {setup.kernels_note}")
 
     rows = data_lib.process_rows(cfg.train.batch_size)
