@@ -187,6 +187,8 @@ def test_train_writes_run_dir(trained):
     rd, stdout, _ = trained
     assert f"run directory: {rd}" in stdout
     assert "finished step 6" in stdout
+    assert re.search(r"^MFU peak: [\d,.]+ GFLOP/s \(CPU float32 matmul peak, (measured now|"
+                     r"cached in) .*matmul_peak.json", stdout, re.M), stdout[:2000]
     assert (rd / "config.yaml").is_file()
     saved = (rd / "config.yaml").read_text()
     assert "d_model: 32\n" in saved and f"dir: {rd}\n" in saved
@@ -253,6 +255,7 @@ def test_resume_continues(env, trained, corpus, tmp_path):
     out = _check(run(env, tmp_path, "train", "--resume", *TINY, "train.steps=8",
                      "train.sample_tokens=0", f"data.path={corpus}", f"run.dir={rd}"), 0).stdout
     assert "finished step 8" in out and "samples.txt" not in out   # no sample: not listed
+    assert re.search(r"^MFU peak: .*cached in .*matmul_peak.json", out, re.M), out[:2000]
     rows = _rows(rd)
     assert rows[-1]["step"] == 8
     steps = _train_steps(rows)

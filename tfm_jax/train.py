@@ -468,7 +468,7 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     param_paths = [jax.tree_util.keystr(p, simple=True, separator="/")
                    for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
     flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = backends.peak_flops(cfg, n_devices=len(setup.mesh.devices.flat))
+    peak, peak_source = backends.peak_flops_info(cfg, n_devices=len(setup.mesh.devices.flat))
     unigram = data_lib.unigram_entropy(corpus.train, eval_span(cfg, corpus.val))
     logger = MetricsLogger(run_dir, resume_step=start_step, tensorboard=cfg.run.tensorboard,
                            progress=cfg.run.progress, total_steps=cfg.train.steps,
@@ -479,6 +479,7 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     if corpus.skipped_files:
         logger.info(f"corpus {corpus.source}: {corpus.skipped_summary()}")
     logger.info(f"kernels: {setup.kernels_note}")
+    logger.info(f"MFU peak: {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
 
     rows = data_lib.process_rows(cfg.train.batch_size)
     t = cfg.train
