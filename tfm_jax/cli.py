@@ -2,8 +2,9 @@
 
 Every command takes ``--config FILE`` (default ``configs/tiny.yaml``; a bare name such as
 ``small`` is looked up in the shipped configs) and trailing ``section.key=value`` overrides.
-Exit codes: 0 ok, 2 invalid config or input, 1 training diverged, 130/143 interrupted (a
-checkpoint was saved; continue with ``--resume``).
+Exit codes: 0 ok, 2 invalid config or input, 1 training diverged, 130/143 interrupted by
+SIGINT/SIGTERM at any moment (one line says what was saved: in the training loop a checkpoint,
+continue with ``--resume``; see :mod:`tfm_jax.interrupts`).
 
 Each command is a small :class:`Command` unit (name, arguments, run). Its run function imports
 what it needs, so light commands stay light: ``tfm-jax config show`` imports neither jax nor
