@@ -2,6 +2,8 @@
 
 import json
 import pathlib
+import re
+import statistics
 import sys
 
 import jax
@@ -16,25 +18,71 @@ if _ROOT not in sys.path:
 from benchmarks import train_throughput  # noqa: E402
 
 
+def _table_rows(stdout: str) -> dict[str, tuple[float, ...]]:
+    """The printed results table: framework -> (tokens/s, step ms, MFU %, best step ms)."""
+    rows = {}
+    for m in re.finditer(r"^(tfm_jax|torch)\s+\|\s+([\d,]+)\s+\|\s+([\d.]+)\s+\|\s+"
+                         r"([\d.]+)%\s+\|\s+([\d.]+)\s*$", stdout, re.M):
+        rows[m.group(1)] = (float(m.group(2).replace(",", "")), *map(float, m.group(3, 4, 5)))
+    return rows
+
+
 def test_train_throughput_smoke(tmp_path, capsys):
+    """Every derived number is re-derived here from the raw per-step timings and the shape
+    (not from the fields it was computed from), and the printed table matches the JSON."""
+    batch, seq, steps = 2, 16, 2
     out_path = tmp_path / "bench.json"
     ret = train_throughput.main([
-        "--d-model", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2", "--seq", "16",
-        "--batch", "2", "--vocab", "256", "--steps", "2", "--warmup", "1", "--peak-n", "256",
-        "--json", str(out_path)])
+        "--d-model", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2", "--seq", str(seq),
+        "--batch", str(batch), "--vocab", "256", "--steps", str(steps), "--warmup", "1",
+        "--peak-n", "256", "--json", str(out_path)])
+    stdout = capsys.readouterr().out
     res = json.loads(out_path.read_text())
     assert res["ratio"] == ret["ratio"]
     jx, pt = res["results"]["tfm_jax"], res["results"]["torch"]
-    assert jx["tokens_per_s"] > 0 and pt["tokens_per_s"] > 0
-    assert res["ratio"] == pytest.approx(jx["tokens_per_s"] / pt["tokens_per_s"], rel=1e-12)
-    assert len(jx["step_ms_all"]) == 2 and len(pt["step_ms_all"]) == 2
-    assert jx["n_params"] == pt["n_params"]            # the same model in both frameworks
+    for r in (jx, pt):
+        assert len(r["step_ms_all"]) == steps and all(t > 0 for t in r["step_ms_all"])
+        med_s, best_s = statistics.median(r["step_ms_all"]) / 1e3, min(r["step_ms_all"]) / 1e3
+        assert r["step_ms"] == pytest.approx(1e3 * med_s, rel=1e-9)
+        assert r["tokens_per_s"] == pytest.approx(batch * seq / med_s, rel=1e-9)
+        assert r["best_tokens_per_s"] == pytest.approx(batch * seq / best_s, rel=1e-9)
+    # ratio of medians of the raw step times (torch step / tfm_jax step)
+    assert res["ratio"] == pytest.approx(statistics.median(pt["step_ms_all"])
+                                         / statistics.median(jx["step_ms_all"]), rel=1e-9)
+    assert res["ratio_best_step"] == pytest.approx(min(pt["step_ms_all"])
+                                                   / min(jx["step_ms_all"]), rel=1e-9)
+    # FLOPs/token from the shape by the PaLM formula, params by direct count
+    sh = res["shape"]
+    d, L, H, KV, Dh, F, V = (sh[k] for k in ("d_model", "n_layers", "n_heads", "n_kv_heads",
+                                             "head_dim", "ffn_hidden", "vocab_size"))
+    assert (sh["seq_len"], sh["batch_size"]) == (seq, batch)
+    n_matmul = L * (d * H * Dh + 2 * d * KV * Dh + H * Dh * d + 3 * d * F) + d * V
+    assert jx["n_params"] == pt["n_params"] == n_matmul + V * d + (2 * L + 1) * d
+    flops_tok = 6 * n_matmul + 12 * L * seq * H * Dh
+    assert res["train_flops_per_token"] == pytest.approx(flops_tok, rel=1e-12)
+    peak = max(res["peak"]["jax_all"] + res["peak"]["torch_all"])
+    assert res["peak"]["machine_fp32_matmul"] == peak > 0
+    for r in (jx, pt):
+        assert r["mfu"] == pytest.approx(batch * seq / (r["step_ms"] / 1e3) * flops_tok / peak,
+                                         rel=1e-9)
+    # the printed table and ratio line say what the JSON says (to their printed precision)
+    table = _table_rows(stdout)
+    assert set(table) == {"tfm_jax", "torch"}, stdout
+    for name, r in (("tfm_jax", jx), ("torch", pt)):
+        tps, step_ms, mfu_pct, best_ms = table[name]
+        assert tps == pytest.approx(r["tokens_per_s"], abs=0.5)
+        assert step_ms == pytest.approx(r["step_ms"], abs=0.05)
+        assert mfu_pct == pytest.approx(100 * r["mfu"], abs=0.05)
+        assert best_ms == pytest.approx(min(r["step_ms_all"]), abs=0.05)
+    m = re.search(r"ratio tfm_jax/torch tokens/s: ([\d.]+)x \(medians; best steps: ([\d.]+)x\)",
+                  stdout)
+    assert m, stdout
+    assert float(m.group(1)) == pytest.approx(res["ratio"], abs=0.005)
+    assert float(m.group(2)) == pytest.approx(res["ratio_best_step"], abs=0.005)
     assert res["shape"]["vocab_size"] == 256 or res["vocab_note"]
     # one device, whatever XLA_FLAGS fakes (conftest: 8)
     assert res["machine"]["jax_devices_used"] == 1
     assert res["machine"]["jax_devices_visible"] == len(jax.devices())
-    assert 0 < jx["mfu"] and 0 < pt["mfu"]
-    assert "ratio tfm_jax/torch tokens/s" in capsys.readouterr().out
 
 
 def test_gemm_rates_smoke(tmp_path, capsys):
@@ -55,4 +103,4 @@ def test_profile_step_torch_phases_tiny():
                  ffn_hidden=64)
     ph = profile_step.torch_phases(shape, 16, 2, 2)
     assert set(ph) == {"torch forward", "torch forward+backward", "torch full step (AdamW)"}
-    assert all(v["median_ms"] > 0 for v in ph.values())
+    assert all(0 < v["min_ms"] <= v["median_ms"] for v in ph.values())

@@ -3,6 +3,7 @@ checking exit codes, stdout/stderr text and the run directory an end-to-end run 
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 TIMEOUT = 180
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 
 # The end-to-end run: seconds on CPU (a 1-layer, d=32 model, 6 steps of 4x32 tokens).
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
@@ -22,6 +24,9 @@ TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_h
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     e = dict(os.environ)
+    # the subprocesses import the package under test (this checkout), whatever is installed
+    e["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in e.get("PYTHONPATH", "").split(
+        os.pathsep) if p and os.path.abspath(p) != ROOT])
     e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"   # conftest's 8 devices: not here
     e["JAX_PLATFORMS"] = "cpu"
     e["TFM_JAX_CACHE"] = str(tmp_path_factory.mktemp("tfm_jax_cache"))
@@ -83,6 +88,17 @@ def test_config_show(env, tmp_path):
     out = _check(run(env, tmp_path, "config", "show", "model.n_kv_heads=1"), 0).stdout
     assert "n_kv_heads: 1\n" in out and "n_kv_heads: 2" not in out
     assert "name: tiny-n_kv_heads=1\n" in out
+
+
+def test_config_show_is_light(env, tmp_path):
+    """`config show` (the CLI module and the command) imports neither jax nor orbax."""
+    code = ("import sys, tfm_jax.cli as c; rc = c.main(['config', 'show']); "
+            "heavy = [m for m in ('jax', 'orbax.checkpoint', 'flax', 'optax') if m in sys.modules]; "
+            "print('RC', rc, 'HEAVY', heavy)")
+    proc = _check(subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=TIMEOUT), 0)
+    assert "name: tiny\n" in proc.stdout and "parameters=855,168" in proc.stdout
+    assert proc.stdout.rstrip().endswith("RC 0 HEAVY []"), proc.stdout[-300:]
 
 
 def test_config_show_small(env, tmp_path):
@@ -171,6 +187,8 @@ def test_train_writes_run_dir(trained):
     rd, stdout, _ = trained
     assert f"run directory: {rd}" in stdout
     assert "finished step 6" in stdout
+    assert re.search(r"^MFU peak: [\d,.]+ GFLOP/s \(CPU float32 matmul peak, (measured now|"
+                     r"cached in) .*matmul_peak.json", stdout, re.M), stdout[:2000]
     assert (rd / "config.yaml").is_file()
     saved = (rd / "config.yaml").read_text()
     assert "d_model: 32\n" in saved and f"dir: {rd}\n" in saved
@@ -190,6 +208,7 @@ def test_train_writes_run_dir(trained):
     assert events and events[0].stat().st_size > 0
     sample = (rd / "samples.txt").read_text(errors="replace")
     assert sample.startswith("def ")
+    assert len(sample) > len("def "), sample        # tokens were generated beyond the prompt
 
 
 def test_eval_run_dir(env, trained):
@@ -207,8 +226,11 @@ def test_generate_run_dir(env, trained):
     rd, _, base = trained
     proc = _check(run(env, base, "generate", "--run-dir", rd, "--tokens", "5", "--prompt",
                       "def "), 0)
-    assert proc.stdout.startswith("def ")
-    assert len(proc.stdout.rstrip("\n")) >= len("def ")
+    assert proc.stdout.startswith("def ") and proc.stdout.endswith("\n")
+    text = proc.stdout[:-1]                          # print()'s newline
+    # new tokens beyond the echoed prompt (5 requested; fewer only if EOS was sampled, and at
+    # least one byte decodes to at least one character)
+    assert len(text) > len("def "), repr(proc.stdout)
 
 
 def test_train_again_requires_resume(env, trained, corpus):
@@ -230,8 +252,10 @@ def test_resume_continues(env, trained, corpus, tmp_path):
     assert _ckpt_steps(rd) == [3, 6]
     shutil.rmtree(rd / "checkpoints" / "6")
     before = _rows(rd)
-    _check(run(env, tmp_path, "train", "--resume", *TINY, "train.steps=8",
-               "train.sample_tokens=0", f"data.path={corpus}", f"run.dir={rd}"), 0)
+    out = _check(run(env, tmp_path, "train", "--resume", *TINY, "train.steps=8",
+                     "train.sample_tokens=0", f"data.path={corpus}", f"run.dir={rd}"), 0).stdout
+    assert "finished step 8" in out and "samples.txt" not in out   # no sample: not listed
+    assert re.search(r"^MFU peak: .*cached in .*matmul_peak.json", out, re.M), out[:2000]
     rows = _rows(rd)
     assert rows[-1]["step"] == 8
     steps = _train_steps(rows)
@@ -240,6 +264,50 @@ def test_resume_continues(env, trained, corpus, tmp_path):
     assert _eval_steps(rows) == [3, 6, 8]
     assert [r for r in rows if r["step"] <= 3] == [r for r in before if r["step"] <= 3]
     assert 8 in _ckpt_steps(rd)
+
+
+def test_resume_incompatible_config_leaves_run_untouched(env, trained, corpus, tmp_path):
+    """A resume whose model does not fit the checkpoint fails (exit 2, naming the differing
+    key) before writing anything: config.yaml and metrics.jsonl stay byte-identical."""
+    rd = tmp_path / "run"
+    shutil.copytree(trained[0], rd)
+    before = {name: (rd / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
+    err = _config_error(run(env, tmp_path, "train", "--resume", *TINY, "model.d_model=64",
+                            "train.steps=8", f"data.path={corpus}", f"run.dir={rd}"))
+    assert "does not match" in err and "model.d_model: 32 -> 64" in err, err
+    assert {name: (rd / name).read_bytes() for name in before} == before
+    assert _ckpt_steps(rd) == [3, 6]
+
+
+def test_resume_under_another_run_name_is_an_error(env, trained, corpus, tmp_path):
+    """Run names derive from the overrides: `--resume train.steps=8` looks in another
+    directory. That is an error naming the directory and how to point at the run, not a
+    silent fresh run."""
+    from tfm_jax.config import load_config
+
+    raw = load_config(None, TINY + ["train.steps=6", f"data.path={corpus}"]).to_dict()
+    raw["run"].update(name=None, dir=None)
+    (tmp_path / "exp.yaml").write_text(json.dumps(raw))     # JSON is YAML
+    runs = tmp_path / "runs"
+    shutil.copytree(trained[0], runs / "exp")                # = `train --config exp.yaml`
+    err = _config_error(run(env, tmp_path, "train", "--resume", "--config", "exp.yaml",
+                            "train.steps=8"))
+    assert f"no checkpoint in {runs / 'exp-steps=8' / 'checkpoints'}, so" in err, err
+    assert "'exp-steps=8'" in err and "run.dir=" in err and "run.name=" in err, err
+    assert str(runs / "exp") in err                          # the run that does exist
+    assert [p.name for p in runs.iterdir()] == ["exp"]       # nothing written
+
+
+def test_resume_finished_run_says_so(env, trained, corpus, tmp_path):
+    rd = tmp_path / "run"
+    shutil.copytree(trained[0], rd)
+    last = [r for r in _rows(rd) if "loss" in r][-1]
+    proc = _check(run(env, tmp_path, "train", "--resume", *TINY, "train.steps=6",
+                      "train.sample_tokens=0", f"data.path={corpus}", f"run.dir={rd}"), 0)
+    out = proc.stdout
+    assert "already finished: step 6 of train.steps=6" in out, out
+    assert f"train loss {last['loss']:.4f}" in out and "nan" not in out.lower(), out
+    assert "samples.txt" not in out                             # sample_tokens=0: none written
 
 
 # ----------------------------------------------------------------------------- signals
@@ -278,3 +346,35 @@ def test_signal_saves_checkpoint_and_resume_finishes(env, tmp_path, corpus, sig)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(1, 401)), steps[:10]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_at_any_moment_exits_cleanly(env, tmp_path, corpus, sig):
+    """Ctrl-C/SIGTERM at several moments of a real `python -m tfm_jax train` (imports, config,
+    data, model build, compile, possibly the first steps): always exit 128 + signum, no
+    traceback, one line saying what was interrupted and what was saved."""
+    import signal
+    import time
+
+    signum = getattr(signal, sig)
+    args = TINY + ["train.steps=100000", "train.eval_every=100000",
+                   "train.checkpoint_every=100000", "train.sample_tokens=0",
+                   f"data.path={corpus}"]
+    for delay in (0.5, 1.5, 3.0, 5.0):
+        run_dir = tmp_path / f"run{delay}"
+        proc = subprocess.Popen([sys.executable, "-m", "tfm_jax", "train", *args,
+                                 f"run.dir={run_dir}"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        assert proc.poll() is None, (delay, proc.communicate())
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 128 + signum, (delay, proc.returncode, err[-3000:])
+        assert "Traceback" not in err and "Error" not in err, (delay, err[-3000:])
+        lines = [line for line in err.splitlines() if "interrupted" in line]
+        assert len(lines) == 1, (delay, err)
+        m = re.fullmatch(rf"tfm-jax: interrupted by {sig} (?:(?:while starting|before step 1), "
+                         rf"nothing saved|at step (\d+): checkpoint saved to .*)", lines[0])
+        assert m, (delay, lines[0])
+        ckpts = _ckpt_steps(run_dir) if (run_dir / "checkpoints").is_dir() else []
+        assert ckpts == ([int(m.group(1))] if m.group(1) else []), (delay, lines[0], ckpts)

@@ -95,6 +95,14 @@ def test_run_name_is_path_safe():
     assert name.startswith("tiny-path=")
 
 
+def test_run_name_uses_yaml_spelling():
+    """The name shows values as they are typed (YAML), not as Python prints them."""
+    cfg = load_config(None, ["model.scan_layers=false", "model.tie_embeddings=true",
+                             "model.head_dim=null"])
+    assert cfg.run.name == "tiny-scan_layers=false-tie_embeddings=true-head_dim=null"
+    assert cfg.model.scan_layers is False and cfg.model.head_dim is None
+
+
 def test_override_yaml_typing():
     cfg = load_config(None, ["train.lr=3e-4", "data.path=null", "run.tensorboard=false",
                              "mesh.rules=[[batch, [data, fsdp]], [embed, null], [heads, tensor]]",
@@ -276,6 +284,20 @@ def test_moe_not_implemented():
     line = _one_problem(["moe.n_experts=4"])
     assert "moe.n_experts" in line and "not implemented" in line
     assert load_config(None, ["moe.n_experts=0"]).moe.n_experts == 0
+
+
+@pytest.mark.parametrize("value", [2, -1])
+def test_mesh_expert_refused_until_moe(value):
+    line = _one_problem([f"mesh.expert={value}", "mesh.data=1"])
+    assert f"mesh.expert={value}" in line and "not used yet" in line
+    assert "keep mesh.expert=1" in line
+    assert load_config(None, ["mesh.expert=1"]).mesh.expert == 1
+
+
+def test_platform_hpu_refused_at_validation():
+    line = _one_problem(["backend.platform=hpu"])
+    assert "backend.platform=hpu" in line and "not available" in line and "cpu" in line
+    assert load_config(None, ["backend.platform=cpu"]).backend.platform == "cpu"
 
 
 # ----------------------------------------------------------------------------- runtime checks

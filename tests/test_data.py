@@ -152,15 +152,66 @@ def test_missing_and_empty_paths(tmp_path):
 
 
 def test_invalid_utf8_names_file_and_offset(tmp_path):
+    """A file named as data.path must be UTF-8 (the error names file and offset); in a
+    folder the same file is skipped and counted instead (see the next test)."""
     _write(tmp_path / "corpus" / "good.txt", "fine")
     bad = _write(tmp_path / "corpus" / "bad.txt", b"ok\xff\xfe")
     with pytest.raises(DataError, match=r"bad\.txt.*offset 2.*re-encode"):
-        data.load_corpus(str(tmp_path / "corpus"), cache_dir=str(tmp_path / "cache"))
+        data.load_corpus(str(bad), cache_dir=str(tmp_path / "cache"))
     assert not list((tmp_path / "cache").rglob("*.tmp"))  # failed build leaves no temp files
+    c = data.load_corpus(str(tmp_path / "corpus"), cache_dir=str(tmp_path / "cache"))
+    assert c.skipped_files == ("bad.txt",) and set(c.train_files + c.val_files) == {"good.txt"}
     # Offsets stay exact across the 8 MiB read-chunk boundary (here: a split 3-byte char).
     bad.write_bytes(b"a" * (data._READ_CHUNK - 1) + "€".encode() + b"\xc3(")
     with pytest.raises(DataError, match=f"offset {data._READ_CHUNK + 2}"):
         list(data._iter_utf8_chunks(bad))
+
+
+def test_source_folder_skips_non_text_files(tmp_path):
+    """A folder of code is a natural corpus: __pycache__ and hidden folders are not walked, and
+    files that are not text (NUL in the first 8 KiB, or not UTF-8) are skipped and reported."""
+    root = tmp_path / "src"
+    texts = {"pkg/__init__.py": "", "pkg/mod.py": "def f(x):\n    return x\n",
+             "README.md": "# title\n", "notes.txt": "café ünïcode\n"}
+    for name, text in texts.items():
+        _write(root / name, text)
+    _write(root / "pkg" / "__pycache__" / "mod.cpython-311.pyc", b"\xa7\r\r\n\0\0\0\0code")
+    _write(root / ".venv" / "lib" / "x.py", "hidden")
+    _write(root / "logo.png", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")      # NUL early, not UTF-8
+    _write(root / "nul.bin", b"text\0text")                             # valid UTF-8, but NUL
+    _write(root / "latin1.txt", "caf\xe9\n".encode("latin-1"))         # no NUL, not UTF-8
+    _write(root / "late_nul.txt", "a" * 9000 + "\0")                    # NUL past 8 KiB: text
+    cache = str(tmp_path / "cache")
+    assert not any("__pycache__" in str(f) or ".venv" in str(f)
+                   for f in data.resolve_files(str(root)))
+    c = data.load_corpus(str(root), val_fraction=0.3, cache_dir=cache)
+    kept = sorted(c.train_files + c.val_files)
+    assert kept == sorted([n for n, t in texts.items() if t] + ["late_nul.txt"])
+    assert c.skipped_files == ("latin1.txt", "logo.png", "nul.bin")
+    assert c.skipped_summary() == ("3 files skipped (binary/not UTF-8), e.g. latin1.txt, "
+                                   "logo.png, nul.bin")
+    assert "skipped=3" in repr(c)
+    again = data.load_corpus(str(root), val_fraction=0.3, cache_dir=cache)     # from the cache
+    assert again.cache_dir == c.cache_dir and again.skipped_files == c.skipped_files
+    # data.include is part of the cache key: a different include never reuses that cache
+    py = data.load_corpus(str(root), val_fraction=0.3, cache_dir=cache, include=["*.py"])
+    assert py.cache_dir != c.cache_dir
+    assert set(py.train_files + py.val_files) == {"pkg/mod.py"} and py.skipped_files == ()
+    both = data.load_corpus(str(root / "**" / "*"), cache_dir=cache, include=["*.md", "pkg/*"])
+    assert set(both.train_files + both.val_files) == {"README.md", "pkg/mod.py"}
+    with pytest.raises(DataError, match=r"matching data.include=\['\*.rs'\]"):
+        data.load_corpus(str(root), cache_dir=cache, include=["*.rs"])
+    only_binary = tmp_path / "bin"
+    _write(only_binary / "a.pyc", b"\0\1\2")
+    with pytest.raises(DataError, match=r"all 1 non-empty file\(s\) skipped.*data.include"):
+        data.load_corpus(str(only_binary), cache_dir=cache)
+
+
+def test_data_include_is_validated_config():
+    from tfm_jax.config import ConfigError, load_config
+    assert load_config(None, ["data.include=['*.py', '*.md']"]).data.include == ["*.py", "*.md"]
+    with pytest.raises(ConfigError, match="data.include"):
+        load_config(None, ["data.include=5"])
 
 
 # ----------------------------------------------------------------------------- cache
@@ -224,6 +275,17 @@ def test_train_batch_packed():
         data.train_batch(tokens, np.array([0]), step=5, rows=slice(4, 12), **kw)
     with pytest.raises(DataError, match="5000"):
         data.train_batch(tokens, np.array([0]), step=0, seed=0, batch_size=2, seq_len=5000)
+
+
+def test_split_too_small_names_the_split():
+    tokens = _stream(100)
+    with pytest.raises(DataError, match=r"^train split too small: data.seq_len=100 .* 100 tokens"):
+        data.train_batch(tokens, np.array([0]), step=0, seed=0, batch_size=2, seq_len=100)
+    with pytest.raises(DataError, match=r"^validation split too small: data.seq_len=200 .*"
+                                        r"data.val_fraction"):
+        data.eval_batches(tokens, batch_size=2, seq_len=200, max_batches=1)
+    with pytest.raises(DataError, match=r"^validation split too small: 100 tokens = 9 windows"):
+        data.eval_batches(tokens, batch_size=16, seq_len=11, max_batches=1)
 
 
 def test_train_batch_unpacked_documents():

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import math
+import os
+import pathlib
+import platform
+import tempfile
 import time
 
 import jax
@@ -71,32 +77,114 @@ def resolve_ops(cfg: Config, devices: list) -> Ops:
 
 @functools.lru_cache(maxsize=None)
 def measured_matmul_peak(n: int = 1024, dtype: str = "float32", seconds: float = 0.5) -> float:
-    """FLOP/s of a jitted n x n x n matmul on the default device (median of repeats).
+    """FLOP/s of a jitted n x n x n matmul on the default device: the best of the repeats
+    (at least 5) run for ``seconds``. Best, not median: other load only ever slows a matmul
+    down, so the fastest repeat is the closest to what the machine can do.
 
     On CPU this is the whole machine's practical matmul peak (XLA:CPU spreads one GEMM over all
-    cores), the denominator the benchmarks use for MFU.
+    cores), the denominator the benchmarks use for MFU. Runs use :func:`cached_matmul_peak`.
     """
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     f = jax.jit(lambda x, y: x @ y)
     f(a, a).block_until_ready()
     times, t_end = [], time.perf_counter() + seconds
-    while time.perf_counter() < t_end or len(times) < 3:
+    while time.perf_counter() < t_end or len(times) < 5:
         t0 = time.perf_counter()
         f(a, a).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return 2.0 * n ** 3 / float(np.median(times))
+    return 2.0 * n ** 3 / min(times)
 
 
-def peak_flops(cfg: Config, n_devices: int) -> float:
-    """Peak FLOP/s of the devices a run uses (the MFU denominator)."""
+PEAK_CACHE_FILE = "matmul_peak.json"
+
+
+def peak_cache_path() -> pathlib.Path:
+    """``$TFM_JAX_CACHE/matmul_peak.json`` (default ``~/.cache/tfm_jax``)."""
+    root = os.environ.get("TFM_JAX_CACHE") or "~/.cache/tfm_jax"
+    return pathlib.Path(root).expanduser() / PEAK_CACHE_FILE
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_cache_key(dtype: str) -> str:
+    """What the measured peak depends on: the machine, jax, the dtype and the device setup."""
+    dev = jax.devices()[0]
+    return (f"{_cpu_model()} | {os.cpu_count()} cpus | jax {jax.__version__} | {dev.platform} "
+            f"{dev.device_kind} x{jax.device_count()} | {dtype}")
+
+
+def _read_peak_cache(path: pathlib.Path) -> dict:
+    """The cache's entries, or {} if the file is missing or unreadable (it is then rewritten)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_peak_cache(path: pathlib.Path, entries: dict) -> None:
+    """Atomically (temp file + ``os.replace``); a failure only costs a re-measurement later."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(entries, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:
+            pathlib.Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        pass
+
+
+def cached_matmul_peak(dtype: str = "float32") -> tuple[float, str]:
+    """(FLOP/s, where it came from): the machine's matmul peak, measured once per machine
+    (:func:`peak_cache_key`) and kept in :func:`peak_cache_path`, so MFU does not swing with
+    the load at each start. A missing, corrupt or unusable entry is measured again."""
+    path = peak_cache_path()
+    key = peak_cache_key(dtype)
+    entries = _read_peak_cache(path)
+    entry = entries.get(key)
+    if isinstance(entry, dict):
+        flops = entry.get("flops")
+        if isinstance(flops, (int, float)) and math.isfinite(flops) and flops > 0:
+            return float(flops), f"cached in {path} (measured {entry.get('measured', '?')})"
+    flops = measured_matmul_peak.__wrapped__(dtype=dtype)
+    entries[key] = {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "method": "best of >= 5 jitted 1024^3 matmuls over 0.5 s"}
+    _write_peak_cache(path, entries)
+    return flops, f"measured now (best of >= 5 x 1024^3 matmul), cached in {path}"
+
+
+def peak_flops_info(cfg: Config, n_devices: int) -> tuple[float, str]:
+    """(peak FLOP/s of the devices a run uses -- the MFU denominator --, its source)."""
     dev = jax.devices()[0]
     per_device = dev.platform != "cpu"     # fake CPU devices share the same cores
     if cfg.train.peak_flops is not None:
-        return cfg.train.peak_flops * (n_devices if per_device else 1)
+        return (cfg.train.peak_flops * (n_devices if per_device else 1),
+                "train.peak_flops" + (f" x {n_devices} devices" if per_device else ""))
     if not per_device:
-        return measured_matmul_peak(dtype=cfg.model.dtype)
+        flops, source = cached_matmul_peak(cfg.model.dtype)
+        return flops, f"CPU {cfg.model.dtype} matmul peak, {source}"
     dtype = "bfloat16" if cfg.model.dtype == "float16" else cfg.model.dtype
     for key, table in _PEAKS.items():
         if key in dev.device_kind:
-            return table.get(dtype, table["float32"]) * n_devices
-    return measured_matmul_peak(dtype=cfg.model.dtype) * n_devices
+            return (table.get(dtype, table["float32"]) * n_devices,
+                    f"vendor figure for {key} {dtype} x {n_devices} devices")
+    flops, source = cached_matmul_peak(cfg.model.dtype)
+    return flops * n_devices, f"{dev.device_kind} {cfg.model.dtype} matmul peak x {n_devices}, {source}"
+
+
+def peak_flops(cfg: Config, n_devices: int) -> float:
+    """Peak FLOP/s of the devices a run uses (the MFU denominator); see :func:`peak_flops_info`."""
+    return peak_flops_info(cfg, n_devices)[0]

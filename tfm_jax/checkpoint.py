@@ -13,9 +13,7 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
-
-class CheckpointMismatch(ValueError):
-    """The checkpoint's tree does not match the configured model/optimizer."""
+from tfm_jax.errors import CheckpointMismatch  # noqa: F401  (re-exported)
 
 
 class Checkpointer:

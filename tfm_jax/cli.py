@@ -2,21 +2,38 @@
 
 Every command takes ``--config FILE`` (default ``configs/tiny.yaml``; a bare name such as
 ``small`` is looked up in the shipped configs) and trailing ``section.key=value`` overrides.
-Exit codes: 0 ok, 2 invalid config or input, 1 training diverged, 130/143 interrupted (a
-checkpoint was saved; continue with ``--resume``).
+Exit codes: 0 ok, 2 invalid config or input, 1 training diverged, 130/143 interrupted by
+SIGINT/SIGTERM at any moment (one line says what was saved: in the training loop a checkpoint,
+continue with ``--resume``; see :mod:`tfm_jax.interrupts`).
+
+Each command is a small :class:`Command` unit (name, arguments, run). Its run function imports
+what it needs, so light commands stay light: ``tfm-jax config show`` imports neither jax nor
+orbax. This module itself imports only the standard library and :mod:`tfm_jax.config`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
+import signal
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from tfm_jax.checkpoint import CheckpointMismatch
+from tfm_jax import interrupts
 from tfm_jax.config import Config, ConfigError, load_config
-from tfm_jax.data import DataError
+from tfm_jax.errors import CheckpointMismatch, DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One CLI command: ``name`` (e.g. ``("config", "show")``), its arguments and its run."""
+
+    name: tuple[str, ...]
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -24,31 +41,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="YAML config (default configs/tiny.yaml); bare names resolve in configs/")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides, e.g. model.n_kv_heads=1 train.steps=500")
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tfm-jax", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a model (default: tiny config, built-in corpus)")
-    _add_common(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p = sub.add_parser("eval", help="validation loss/perplexity of a run's latest checkpoint")
-    _add_common(p)
-    p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
-    p = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
-    _add_common(p)
-    p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
-    p.add_argument("--prompt", default=None, help="prompt text (default train.sample_prompt)")
-    p.add_argument("--tokens", type=int, default=None, help="new tokens (default "
-                   "train.sample_tokens)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("config", help="config utilities")
-    csub = p.add_subparsers(dest="config_command", required=True)
-    p = csub.add_parser("show", help="print the resolved config as YAML")
-    _add_common(p)
-    return ap
 
 
 def _run_config(args) -> Config:
@@ -89,45 +81,76 @@ def _sample(setup, state, prompt: str, tokens: int, temperature: float, top_k: i
                              top_k=top_k, seed=seed)
 
 
-def cmd_train(args) -> int:
+# ----------------------------------------------------------------------------- train
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+
+
+def run_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    interrupts.note("before training resumed; the run's checkpoints are unchanged" if args.resume
+                    else "before step 1, nothing saved")
     from tfm_jax import train as train_lib
 
-    cfg = load_config(args.config, args.overrides)
     try:
         result = train_lib.train(cfg, resume=args.resume)
     except train_lib.Interrupted as err:
-        print(f"\ninterrupted: {err}", file=sys.stderr)
+        print(f"\ntfm-jax: interrupted by {err}", file=sys.stderr)
         return 128 + err.signum
     except train_lib.NonFiniteError as err:
         print(f"\ntraining stopped: {err}", file=sys.stderr)
         return 1
     run_dir = pathlib.Path(result.run_dir)
     ev = result.eval
-    print(f"\nfinished step {result.final_step}: train loss {result.last_loss:.4f}, "
-          f"val loss {ev.get('val_loss', float('nan')):.4f} nats/token "
-          f"(ppl {ev.get('val_ppl', float('nan')):.2f}) vs unigram baseline "
-          f"{result.unigram_baseline:.4f}"
-          + (f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps
-             else ""))
+    loss = (f"train loss {result.last_loss:.4f}" if result.last_loss_step is not None
+            else "no finite train loss logged")
+    if result.last_loss_step is not None and result.last_loss_step != result.final_step:
+        loss += f" (step {result.last_loss_step})"
+    val = (f"val loss {ev.get('val_loss', float('nan')):.4f} nats/token "
+           f"(ppl {ev.get('val_ppl', float('nan')):.2f}) vs unigram baseline "
+           f"{result.unigram_baseline:.4f}")
+    if result.already_finished:
+        print(f"\nrun {run_dir} is already finished: step {result.final_step} of train.steps="
+              f"{cfg.train.steps}, nothing trained; last {loss}, {val}. To train it further, "
+              f"raise train.steps and keep its directory (run.dir={run_dir})")
+    else:
+        print(f"\nfinished step {result.final_step}: {loss}, {val}"
+              + (f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps
+                 else ""))
+    interrupts.note(f"after training finished at step {result.final_step} (checkpoint saved)"
+                    + ("; no sample written" if cfg.train.sample_tokens else ""))
     if cfg.train.sample_tokens:
         text = _sample(result.setup, result.state, cfg.train.sample_prompt, cfg.train.sample_tokens,
                        0.8, 40, cfg.train.seed)
         (run_dir / "samples.txt").write_text(text)
         print(f"\n--- sample (prompt {cfg.train.sample_prompt!r}) ---\n{text}\n---")
     print(f"\nrun directory: {run_dir}\n  config      {run_dir / 'config.yaml'}\n"
-          f"  metrics     {run_dir / 'metrics.jsonl'}\n  checkpoints {run_dir / 'checkpoints'}\n"
-          f"  tensorboard {run_dir / 'events'}  (tensorboard --logdir {run_dir / 'events'})\n"
-          f"  sample      {run_dir / 'samples.txt'}")
+          f"  metrics     {run_dir / 'metrics.jsonl'}\n  checkpoints {run_dir / 'checkpoints'}"
+          + (f"\n  tensorboard {run_dir / 'events'}  (tensorboard --logdir {run_dir / 'events'})"
+             if cfg.run.tensorboard else "")
+          + (f"\n  sample      {run_dir / 'samples.txt'}" if cfg.train.sample_tokens else ""))
     return 0
 
 
-def cmd_eval(args) -> int:
+# ----------------------------------------------------------------------------- eval / generate
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
+
+
+def run_eval(args) -> int:
+    cfg = _run_config(args)
     from tfm_jax import data as data_lib
     from tfm_jax.train import eval_span, evaluate
 
-    cfg = _run_config(args)
     setup, state = _restore(cfg)
-    corpus = data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.data.cache_dir)
+    corpus = data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.data.cache_dir,
+                                  include=cfg.data.include)
     row = evaluate(setup, state, corpus.val)
     row["step"] = int(state.step)
     row["unigram_baseline"] = data_lib.unigram_entropy(corpus.train, eval_span(cfg, corpus.val))
@@ -135,7 +158,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
+    p.add_argument("--prompt", default=None, help="prompt text (default train.sample_prompt)")
+    p.add_argument("--tokens", type=int, default=None, help="new tokens (default "
+                   "train.sample_tokens)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_generate(args) -> int:
     cfg = _run_config(args)
     setup, state = _restore(cfg)
     prompt = cfg.train.sample_prompt if args.prompt is None else args.prompt
@@ -144,29 +178,73 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_config(args) -> int:
-    from tfm_jax.model import count_params
+# ----------------------------------------------------------------------------- config show
+
+
+def run_config_show(args) -> int:
+    from tfm_jax.config import param_counts
 
     cfg = load_config(args.config, args.overrides)
     m = cfg.model
     print(cfg.to_yaml(), end="")
     print(f"# derived: model.head_dim={m.resolved_head_dim}, model.ffn_hidden="
-          f"{m.resolved_ffn_hidden}, parameters={count_params(m)['total']:,}")
+          f"{m.resolved_ffn_hidden}, parameters={param_counts(m)['total']:,}")
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+COMMANDS: tuple[Command, ...] = (
+    Command(("train",), "train a model (default: tiny config, built-in corpus)", _train_args,
+            run_train),
+    Command(("eval",), "validation loss/perplexity of a run's latest checkpoint", _eval_args,
+            run_eval),
+    Command(("generate",), "sample text from a run's latest checkpoint", _generate_args,
+            run_generate),
+    Command(("config", "show"), "print the resolved config as YAML", _add_common,
+            run_config_show),
+)
+_GROUP_HELP = {"config": "config utilities"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tfm-jax", description=__doc__.split("\n")[0])
+    subs = {(): ap.add_subparsers(dest="command", required=True)}
+    for cmd in COMMANDS:
+        for depth in range(1, len(cmd.name)):          # groups such as `config`
+            group = cmd.name[:depth]
+            if group not in subs:
+                gp = subs[group[:-1]].add_parser(group[-1], help=_GROUP_HELP.get(group[-1]))
+                subs[group] = gp.add_subparsers(dest=f"{'_'.join(group)}_command",
+                                                required=True)
+        p = subs[cmd.name[:-1]].add_parser(cmd.name[-1], help=cmd.help)
+        cmd.add_args(p)
+        p.set_defaults(_run=cmd.run, _name=" ".join(cmd.name))
+    return ap
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = _parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-                "config": cmd_config}
+    interrupts.note(f"during 'tfm-jax {args._name}'")
     try:
-        return commands[args.command](args)
+        return args._run(args)
     except ConfigError as err:
         print(f"tfm-jax: {err}", file=sys.stderr)
         return 2
     except (DataError, CheckpointMismatch, FileNotFoundError, FileExistsError) as err:
         print(f"tfm-jax: error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI. As the program (``argv`` None), SIGINT/SIGTERM exit 130/143 with one line at
+    any point (:mod:`tfm_jax.interrupts`); called with an ``argv`` list (in-process) signals are
+    left alone and the exit code is returned."""
+    as_program = argv is None
+    if as_program:
+        interrupts.install()
+    code = _main(argv)
+    if as_program and code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        interrupts.exit_now(code)      # no interpreter teardown after an interrupt
+    return code
 
 
 if __name__ == "__main__":

@@ -166,6 +166,22 @@ class ModelConfig(_Section):
         return self
 
 
+def param_counts(m: ModelConfig) -> dict[str, int]:
+    """Parameter counts from the shape alone, without building the model (so ``tfm-jax config
+    show`` needs no jax). Same formulas as ``tfm_jax.model.count_params``; a test checks both
+    against the real parameter tree."""
+    d, h, hkv, dh, f, v, n = (m.d_model, m.n_heads, m.n_kv_heads, m.resolved_head_dim,
+                              m.resolved_ffn_hidden, m.vocab_size, m.n_layers)
+    attn = d * (h + 2 * hkv) * dh + h * dh * d
+    ffn = (3 if m.ffn_type == "swiglu" else 2) * d * f
+    norm_vec = {"layernorm": 2 * d, "rmsnorm": d, "batchnorm": 2 * d, "none": 0}[m.norm]
+    final = norm_vec if m.norm_position == "pre" else 0
+    head = 0 if m.tie_embeddings else d * v
+    embedding = v * d
+    total = embedding + n * (attn + ffn + 2 * norm_vec) + final + head
+    return {"total": total, "embedding": embedding, "matmul": n * (attn + ffn) + (d * v)}
+
+
 def ffn_hidden_size(d_model: int, ffn_type: str, ffn_mult: float = 4.0,
                     ffn_dim_multiplier: Optional[float] = None, multiple_of: int = 1,
                     explicit: Optional[int] = None) -> int:
@@ -188,6 +204,10 @@ def ffn_hidden_size(d_model: int, ffn_type: str, ffn_mult: float = 4.0,
 
 class DataConfig(_Section):
     path: Optional[str] = Field(None, description="text file, folder or glob; None: built-in corpus")
+    include: Optional[list[str]] = Field(
+        None, description="folder/glob data.path only: keep files whose name or relative path "
+        "matches one of these globs, e.g. ['*.py', '*.md']; None: all files (non-text files -- "
+        "a NUL byte in the first 8 KiB, or not UTF-8 -- are always skipped and counted)")
     tokenizer: Literal["byte", "none"] = Field(
         "byte", description="none: the caller feeds token ids itself (benchmarks, synthetic)")
     seq_len: Int = Field(128, gt=1)
@@ -251,6 +271,13 @@ class MeshConfig(_Section):
         for name, s in sizes.items():
             if s == 0 or s < -1:
                 raise ValueError(f"mesh.{name}={s}: must be a positive size or -1")
+        if self.expert != 1:
+            # Nothing shards over `expert` until MoE layers exist: a larger axis would only
+            # replicate the whole model over its devices while looking like expert parallelism.
+            raise ValueError(
+                f"mesh.expert={self.expert}: the expert axis is not used yet (no MoE layers; "
+                "moe.n_experts must be 0), so it would only replicate the model; keep "
+                "mesh.expert=1 and put the devices on mesh.data, mesh.fsdp or mesh.tensor")
         # Several rules for one logical name are allowed: flax takes the first whose mesh axes
         # are still free for the array at hand (a fallback list, as in MaxText).
         for logical, mesh in self.rules:
@@ -325,6 +352,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
+        if self.backend.platform == "hpu":
+            raise ValueError("backend.platform=hpu: the HPU PJRT plugin path is not available "
+                             "in this version; use backend.platform=auto, cpu, gpu or tpu")
         if self.data.tokenizer == "byte" and self.model.vocab_size < BYTE_VOCAB_SIZE:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the byte "
                              f"tokenizer's {BYTE_VOCAB_SIZE} ids; use >= {BYTE_VOCAB_SIZE}")
@@ -460,8 +490,16 @@ def resolve_config_path(path: Optional[str]) -> pathlib.Path:
     return p
 
 
+def _yaml_spelling(v: Any) -> str:
+    """A parsed override value as it is written in YAML: ``false``/``true``/``null``, not
+    Python's ``False``/``True``/``None`` (lists/mappings in flow style)."""
+    if isinstance(v, bool) or v is None or isinstance(v, (list, dict)):
+        return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+    return str(v)
+
+
 def _run_name(stem: str, overrides: dict[str, Any]) -> str:
-    parts = [stem] + [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()
+    parts = [stem] + [f"{k.split('.')[-1]}={_yaml_spelling(v)}" for k, v in overrides.items()
                       if not k.startswith("run.")]
     return re.sub(r"[^\w.=+-]+", "_", "-".join(parts))[:120]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import array
 import codecs
 import dataclasses
+import fnmatch
 import functools
 import glob
 import hashlib
@@ -33,6 +34,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from tfm_jax.errors import DataError
+
 if TYPE_CHECKING:  # pragma: no cover
     import jax
 
@@ -42,12 +45,13 @@ _STARTS_DTYPE = np.dtype("<i8")
 _READ_CHUNK = 1 << 23            # 8 MiB: bounds memory while building the cache
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
                             "__pycache__"})
+_SKIPPED_DIRS = frozenset({"__pycache__"})   # user folders/globs (hidden dirs are skipped too)
+_SNIFF_BYTES = 8192
+# Identifies the rule of is_text_file in cache keys: change it when the rule changes.
+TEXT_RULE = "skip: NUL in first 8 KiB, or not UTF-8; __pycache__ and hidden dirs"
 _PATH_HINT = ("set data.path to an existing text file, folder or glob, "
               "or leave it unset for the built-in corpus")
 
-
-class DataError(ValueError):
-    """A user-fixable data problem (bad path, encoding, too little data); the message says what to do."""
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -146,32 +150,63 @@ def builtin_corpus_files() -> list[Path]:
     return list(_builtin_files())
 
 
-def _resolve(path: str | None) -> tuple[list[Path], Path, str]:
-    """Returns (absolute files, root that relative names are taken from, label for messages)."""
+def _included(rel: str, include: Sequence[str] | None) -> bool:
+    return not include or any(fnmatch.fnmatch(rel.rsplit("/", 1)[-1], pat)
+                              or fnmatch.fnmatch(rel, pat) for pat in include)
+
+
+def _resolve(path: str | None, include: Sequence[str] | None = None
+             ) -> tuple[list[Path], Path, str, bool]:
+    """Returns (absolute files, root that relative names are taken from, label for messages,
+    whether the user named this one file explicitly)."""
     if path is None:
         root = _stdlib_root()
-        return builtin_corpus_files(), root, f"<built-in corpus: Python stdlib at {root}>"
+        return builtin_corpus_files(), root, f"<built-in corpus: Python stdlib at {root}>", False
     p = Path(os.path.expanduser(path)).absolute()
     if p.is_file():
-        return [p], p.parent, path
+        return [p], p.parent, path, True
+    only = f" matching data.include={list(include)}" if include else ""
     if p.is_dir():
-        files = _walk(p)
+        files = [f for f in _walk(p, _SKIPPED_DIRS)
+                 if _included(f.relative_to(p).as_posix(), include)]
         if not files:
-            raise DataError(f"data path {path!r} is a folder without (non-hidden) files; {_PATH_HINT}")
-        return files, p, path
+            raise DataError(f"data path {path!r} is a folder without (non-hidden) files{only}; "
+                            f"{_PATH_HINT}")
+        return files, p, path, False
     files = sorted(Path(m).absolute() for m in glob.glob(os.path.expanduser(path), recursive=True)
                    if os.path.isfile(m))
+    if files:
+        root = Path(os.path.commonpath([f.parent for f in files]))
+        files = [f for f in files if _SKIPPED_DIRS.isdisjoint(f.relative_to(root).parts[:-1])
+                 and _included(f.relative_to(root).as_posix(), include)]
     if not files:
         raise DataError(f"data path {path!r} is not an existing file or folder and, as a glob, "
-                        f"matches no files; {_PATH_HINT}")
-    return files, Path(os.path.commonpath([f.parent for f in files])), path
+                        f"matches no files{only}; {_PATH_HINT}")
+    return files, Path(os.path.commonpath([f.parent for f in files])), path, False
 
 
-def resolve_files(path: str | None) -> list[Path]:
+def resolve_files(path: str | None, include: Sequence[str] | None = None) -> list[Path]:
     """Corpus files for ``data.path``: None -> built-in corpus; a file -> [it]; a folder ->
-    all non-hidden regular files under it (recursive, sorted); otherwise a recursive glob
-    (sorted). Raises ``DataError`` when nothing matches."""
-    return _resolve(path)[0]
+    all non-hidden regular files under it (recursive, sorted; hidden and ``__pycache__``
+    folders skipped); otherwise a recursive glob (sorted; files under ``__pycache__`` skipped).
+    ``include`` (folder/glob only): keep files whose name or relative path matches one of these
+    globs. Raises ``DataError`` when nothing matches. (Text/binary is decided when the cache is
+    built: :func:`is_text_file`.)"""
+    return _resolve(path, include)[0]
+
+
+def is_text_file(path: Path) -> bool:
+    """The corpus rule for files found in a folder or by a glob: text iff its first 8 KiB hold
+    no NUL byte and the whole file is valid UTF-8. Other files are skipped (and counted);
+    a file named explicitly as ``data.path`` is never skipped (it must be UTF-8, or an error
+    names the bad byte)."""
+    try:
+        with open(path, "rb") as f:
+            if b"\0" in f.read(_SNIFF_BYTES):
+                return False
+    except OSError:
+        return False
+    return _is_utf8(path)
 
 
 # ----------------------------------------------------------------------------- corpus cache
@@ -188,6 +223,8 @@ class Corpus:
       train_files, val_files: relative names of the documents in each split.
       split: "by_file" (hash of relative path) or "by_bytes" (fallback, see ``load_corpus``).
       source: the data path (or built-in label); cache_dir: where the streams live.
+      skipped_files: relative names of the files a folder/glob matched that are not text
+        (:func:`is_text_file`), left out of both splits.
     """
 
     train: np.ndarray
@@ -199,6 +236,15 @@ class Corpus:
     split: str
     source: str
     cache_dir: Path
+    skipped_files: tuple[str, ...] = ()
+
+    def skipped_summary(self) -> str:
+        """'N files skipped (binary/not UTF-8), e.g. a, b, c', or '' when none were."""
+        n = len(self.skipped_files)
+        if not n:
+            return ""
+        return (f"{n} file{'s' if n > 1 else ''} skipped (binary/not UTF-8), e.g. "
+                + ", ".join(self.skipped_files[:3]))
 
     @property
     def num_train_tokens(self) -> int:
@@ -216,7 +262,7 @@ class Corpus:
     def __repr__(self) -> str:
         return (f"Corpus(source={self.source!r}, split={self.split!r}, files={len(self.train_files)}"
                 f"+{len(self.val_files)}, tokens={self.num_train_tokens}+{self.num_val_tokens}, "
-                f"cache_dir='{self.cache_dir}')")
+                f"skipped={len(self.skipped_files)}, cache_dir='{self.cache_dir}')")
 
 
 def _cache_root(cache_dir: str | None) -> Path:
@@ -225,7 +271,8 @@ def _cache_root(cache_dir: str | None) -> Path:
     return Path(os.environ.get("TFM_JAX_CACHE") or "~/.cache/tfm_jax").expanduser() / "corpus"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file and ``os.replace`` (readers never see it torn)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -259,14 +306,15 @@ class _SplitWriter:
         os.fsync(self.fh.fileno())
         self.fh.close()
         os.replace(self.tmp, self.out / f"{self.split}.tokens")
-        _atomic_write(self.out / f"{self.split}.starts", np.asarray(self.starts, _STARTS_DTYPE).tobytes())
+        atomic_write(self.out / f"{self.split}.starts", np.asarray(self.starts, _STARTS_DTYPE).tobytes())
 
     def abort(self) -> None:
         self.fh.close()
         self.tmp.unlink(missing_ok=True)
 
 
-def _build(out: Path, docs: list[tuple[Path, str, int]], val_fraction: float, label: str) -> dict:
+def _build(out: Path, docs: list[tuple[Path, str, int]], val_fraction: float, label: str,
+           skipped: Sequence[str] = ()) -> dict:
     """Streams ``docs`` (path, name, size) into ``out``; returns the metadata it wrote last."""
     is_val = [int(hashlib.sha1(name.encode()).hexdigest(), 16) % 1000 < val_fraction * 1000
               for _, name, _ in docs]
@@ -299,8 +347,8 @@ def _build(out: Path, docs: list[tuple[Path, str, int]], val_fraction: float, la
     meta = {"format_version": FORMAT_VERSION, "source": label, "split": split,
             "val_fraction": val_fraction, "num_train_tokens": train.count, "num_val_tokens": val.count,
             "num_train_docs": len(train.starts), "num_val_docs": len(val.starts),
-            "train_files": train.names, "val_files": val.names}
-    _atomic_write(out / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))
+            "train_files": train.names, "val_files": val.names, "skipped_files": list(skipped)}
+    atomic_write(out / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))
     return meta
 
 
@@ -318,7 +366,8 @@ def _read_meta(out: Path) -> dict | None:
         return None
 
 
-def load_corpus(path: str | None, val_fraction: float = 0.05, cache_dir: str | None = None) -> Corpus:
+def load_corpus(path: str | None, val_fraction: float = 0.05, cache_dir: str | None = None,
+                include: Sequence[str] | None = None) -> Corpus:
     """Resolves ``path`` (see ``resolve_files``), builds or reuses its token cache, memory-maps it.
 
     Split: each non-empty file is a document and goes to validation iff
@@ -335,16 +384,23 @@ def load_corpus(path: str | None, val_fraction: float = 0.05, cache_dir: str | N
     published with ``os.replace`` (``meta.json`` last), so an interrupted build is simply
     rebuilt next time. Building streams file by file in 8 MiB chunks.
 
-    Raises ``DataError`` for a missing path, an empty corpus, a file that is not UTF-8
-    (naming file and byte offset), or ``val_fraction`` outside (0, 1).
+    Folders and globs: ``include`` (``data.include``) keeps files whose name or relative path
+    matches one of its globs; files that are not text by :func:`is_text_file` (a NUL byte in
+    the first 8 KiB, or not valid UTF-8: ``.pyc``, images, ...) are skipped and listed in
+    ``Corpus.skipped_files``. The rule and ``include`` are part of the cache key.
+
+    Raises ``DataError`` for a missing path, an empty corpus (also: every file skipped), a
+    ``data.path`` file that is not UTF-8 (naming file and byte offset), or ``val_fraction``
+    outside (0, 1).
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    files, root, label = _resolve(path)
+    files, root, label, explicit = _resolve(path, include)
     names = [f.relative_to(root).as_posix() for f in files]
     stats = [f.stat() for f in files]
     key = hashlib.sha1(json.dumps(
-        [FORMAT_VERSION, float(val_fraction),
+        [FORMAT_VERSION, float(val_fraction), "explicit file" if explicit else TEXT_RULE,
+         sorted(include or []),
          [[str(f.resolve()), n, s.st_size, s.st_mtime_ns] for f, n, s in zip(files, names, stats)]]
     ).encode("utf-8")).hexdigest()[:24]
     out = _cache_root(cache_dir) / key
@@ -354,7 +410,16 @@ def load_corpus(path: str | None, val_fraction: float = 0.05, cache_dir: str | N
         if not docs:
             raise DataError(f"corpus {label} is empty: all {len(files)} file(s) have 0 bytes; "
                             f"{_PATH_HINT}")
-        meta = _build(out, docs, val_fraction, label)
+        skipped = [] if explicit else [n for f, n, _ in docs if not is_text_file(f)]
+        if skipped:
+            docs = [d for d in docs if d[1] not in set(skipped)]
+            if not docs:
+                raise DataError(
+                    f"corpus {label}: all {len(skipped)} non-empty file(s) skipped as not text "
+                    f"(a NUL byte in the first 8 KiB, or not valid UTF-8), e.g. "
+                    f"{', '.join(skipped[:3])}; point data.path at text files or set "
+                    f"data.include, e.g. ['*.py', '*.md']")
+        meta = _build(out, docs, val_fraction, label, skipped)
 
     def mmap(name: str, dtype: np.dtype, n: int) -> np.ndarray:
         return np.memmap(out / name, dtype=dtype, mode="r", shape=(n,))
@@ -365,7 +430,8 @@ def load_corpus(path: str | None, val_fraction: float = 0.05, cache_dir: str | N
         train_doc_starts=mmap("train.starts", _STARTS_DTYPE, meta["num_train_docs"]),
         val_doc_starts=mmap("val.starts", _STARTS_DTYPE, meta["num_val_docs"]),
         train_files=tuple(meta["train_files"]), val_files=tuple(meta["val_files"]),
-        split=meta["split"], source=label, cache_dir=out)
+        split=meta["split"], source=label, cache_dir=out,
+        skipped_files=tuple(meta.get("skipped_files", ())))
 
 
 def unigram_entropy(train_tokens: np.ndarray, eval_tokens: np.ndarray) -> float:
@@ -391,13 +457,14 @@ def unigram_entropy(train_tokens: np.ndarray, eval_tokens: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- batching
 
 
-def _check_sizes(tokens: np.ndarray, batch_size: int, seq_len: int) -> int:
+def _check_sizes(tokens: np.ndarray, batch_size: int, seq_len: int, split: str) -> int:
     n = int(tokens.shape[0])
     if batch_size < 1 or seq_len < 1:
         raise DataError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
     if seq_len >= n:
-        raise DataError(f"seq_len={seq_len} must be smaller than the number of tokens in the split "
-                        f"({n}); use a shorter seq_len or a larger corpus / val_fraction")
+        fix = "data.val_fraction" if split == "validation" else "1 - data.val_fraction"
+        raise DataError(f"{split} split too small: data.seq_len={seq_len} must be smaller than its "
+                        f"{n} tokens; use a shorter seq_len, a larger corpus or a larger {fix}")
     return n
 
 
@@ -434,7 +501,7 @@ def train_batch(tokens: np.ndarray, doc_starts: np.ndarray, *, step: int, seed: 
     Returns ``{"inputs": int32 (R, T), "targets": int32 (R, T), "mask": float32 (R, T)}``
     with ``targets[:, t] == inputs[:, t + 1]``, T = seq_len, R = rows selected (default B).
     """
-    n = _check_sizes(tokens, batch_size, seq_len)
+    n = _check_sizes(tokens, batch_size, seq_len, "train")
     if step < 0 or seed < 0:
         raise DataError(f"step and seed must be non-negative, got step={step}, seed={seed}")
     rng = np.random.default_rng([seed, step])
@@ -465,10 +532,10 @@ def eval_window_starts(tokens: np.ndarray, *, batch_size: int, seq_len: int,
     used (``max_batches`` None or large enough) the windows are consecutive from the start.
     Raises ``DataError`` if fewer slots than one batch exist.
     """
-    n = _check_sizes(tokens, batch_size, seq_len)
+    n = _check_sizes(tokens, batch_size, seq_len, "validation")
     num_windows = (n - 1) // seq_len
     if num_windows < batch_size:
-        raise DataError(f"validation split has {n} tokens = {num_windows} windows of seq_len={seq_len}, "
+        raise DataError(f"validation split too small: {n} tokens = {num_windows} windows of seq_len={seq_len}, "
                         f"fewer than one eval batch of {batch_size}; use a smaller batch size or "
                         f"seq_len, or a larger data.val_fraction")
     all_batches = num_windows // batch_size

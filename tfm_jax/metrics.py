@@ -48,10 +48,14 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
                              dynamic_ncols=True, desc="train")
 
-    def log(self, step: int, row: dict[str, Any], kind: str = "train") -> None:
+    def log(self, step: int, row: dict[str, Any], kind: str = "train",
+            nullable: tuple[str, ...] = ()) -> None:
+        """Append ``row`` at ``step``. Keys whose value is None are left out, except those in
+        ``nullable``, written as JSON null (e.g. a train row's loss when every step of its
+        window was skipped)."""
         if not self.enabled:
             return
-        row = {"step": step, **{k: v for k, v in row.items() if v is not None}}
+        row = {"step": step, **{k: v for k, v in row.items() if v is not None or k in nullable}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -61,7 +65,9 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             if kind == "train":
-                post = {"loss": f"{row['loss']:.3f}"}
+                post = {"loss": "n/a" if row.get("loss") is None else f"{row['loss']:.3f}"}
+                if row.get("skipped"):
+                    post["skipped"] = str(row["skipped"])
                 if row.get("tokens_per_s") is not None:
                     post["tok/s"] = f"{row['tokens_per_s']:.0f}"
                 if row.get("mfu") is not None:

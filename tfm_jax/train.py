@@ -28,11 +28,11 @@ from flax import linen as nn
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tfm_jax import backends, data as data_lib
-from tfm_jax.checkpoint import Checkpointer
+from tfm_jax import backends, data as data_lib, interrupts, param_roles
+from tfm_jax.checkpoint import CheckpointMismatch, Checkpointer
 from tfm_jax.config import Config, check_runtime
-from tfm_jax.metrics import MetricsLogger
 from tfm_jax.layers.ops import Ops
+from tfm_jax.metrics import MetricsLogger, read_metrics
 from tfm_jax.model import TransformerLM, count_params, train_flops_per_token
 from tfm_jax.parallel import mesh as mesh_lib
 
@@ -70,12 +70,12 @@ def lr_schedule(cfg: Config) -> optax.Schedule:
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """AdamW, decoupled weight decay on matrices only. (Global-norm clipping happens in the
-    train step, which already has the norm.)"""
+    """AdamW; decoupled weight decay on projection kernels and embeddings only, decided by each
+    parameter's role (:mod:`tfm_jax.param_roles`), never by its rank (scanned norm scales are
+    2-D). (Global-norm clipping happens in the train step, which already has the norm.)"""
     t = cfg.train
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
-                       weight_decay=t.weight_decay, mask=decay_mask)
+                       weight_decay=t.weight_decay, mask=param_roles.decay_mask)
 
 
 def input_mask(target_mask: jax.Array) -> jax.Array:
@@ -346,6 +346,8 @@ class TrainResult:
     unigram_baseline: float
     skipped_steps: int
     setup: Setup
+    already_finished: bool = False      # resumed at train.steps: nothing was trained
+    last_loss_step: Optional[int] = None
 
 
 class _SignalFlag:
@@ -365,12 +367,63 @@ class _SignalFlag:
 
     def _handle(self, signum, frame):
         if self.signum is not None:        # second signal: give up immediately
+            if interrupts.installed():     # the CLI: exit now, in one line
+                interrupts.exit_on_signal(signum, where=(
+                    "a second time, while stopping: exited without waiting for the final "
+                    "checkpoint (an incomplete save is never restored; the latest complete one "
+                    "is kept)"))
             raise KeyboardInterrupt
         self.signum = signum
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _nothing_to_resume(cfg: Config, ckpt_dir) -> str:
+    """The --resume error when the configured run directory holds no checkpoint."""
+    run_dir = cfg.run_dir
+    others = sorted(
+        str(d) for d in (run_dir.parent.iterdir() if run_dir.parent.is_dir() else [])
+        if d != run_dir and (d / "checkpoints").is_dir()
+        and any(c.name.isdigit() for c in (d / "checkpoints").iterdir()))
+    return (f"--resume: no checkpoint in {ckpt_dir}, so there is no run to continue. The run "
+            f"directory is run.dir or, if unset, runs/<run.name>, and run.name derives from the "
+            f"config file and the overrides (here {cfg.run.name!r}): an override such as "
+            f"train.steps=... names a new run. To continue an existing run pass its directory "
+            f"(run.dir=...) or name (run.name=...) along with the overrides"
+            + (f"; runs with checkpoints next to it: {', '.join(others[:5])}" if others else "")
+            + "; to start this run from step 0, drop --resume")
+
+
+def _model_diff(saved_yaml, cfg: Config) -> list[str]:
+    """``model.key: saved -> now`` for each model.* key that differs from a run's config.yaml."""
+    import yaml
+
+    try:
+        saved = (yaml.safe_load(saved_yaml.read_text()) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    now = cfg.to_dict()["model"]
+    return [f"model.{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+
+
+def _last_train_row(run_dir, up_to_step: int, with_loss: bool = False) -> dict:
+    """The last train row (one with a ``loss`` key; a non-null loss if ``with_loss``) at or
+    before ``up_to_step`` in the run's metrics.jsonl; {} if none."""
+    try:
+        rows = read_metrics(run_dir)
+    except (OSError, ValueError):
+        return {}
+    rows = [r for r in rows if "loss" in r and r.get("step", 0) <= up_to_step
+            and (r["loss"] is not None or not with_loss)]
+    return rows[-1] if rows else {}
+
+
+def _last_logged_loss(run_dir, up_to_step: int) -> tuple[float, Optional[int]]:
+    """(loss, step) of the last train row with a loss at or before ``up_to_step``."""
+    row = _last_train_row(run_dir, up_to_step, with_loss=True)
+    return (float(row["loss"]), int(row["step"])) if row else (float("nan"), None)
 
 
 def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
@@ -387,23 +440,35 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
         raise FileExistsError(
             f"run directory {run_dir} already has checkpoints (latest step "
             f"{ckpt.latest_step()}); pass --resume to continue it, or choose another run.dir")
+    if resume and ckpt.latest_step() is None:
+        raise FileNotFoundError(_nothing_to_resume(cfg, ckpt.directory))
     corpus = corpus or data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction,
-                                            cfg.data.cache_dir)
+                                            cfg.data.cache_dir, include=cfg.data.include)
     setup = build(cfg, devices)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     start_step = 0
-    if resume and ckpt.latest_step() is not None:
-        state = ckpt.restore(setup.abstract_state())
+    if resume:
+        # Restore before writing anything: a resume with an incompatible config must leave the
+        # run directory (its config.yaml above all) exactly as it was.
+        try:
+            state = ckpt.restore(setup.abstract_state())
+        except CheckpointMismatch as err:
+            diff = _model_diff(run_dir / "config.yaml", cfg)
+            raise CheckpointMismatch(
+                f"{err}" + (f"\n  differences from the run's config.yaml: {'; '.join(diff)}"
+                            if diff else "")) from None
         start_step = int(state.step)
+        interrupts.note(f"before training resumed from step {start_step}; the run's "
+                        "checkpoints are unchanged")
     else:
         state = setup.init_state()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_lib.atomic_write(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
 
     param_paths = [jax.tree_util.keystr(p, simple=True, separator="/")
                    for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
     flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = backends.peak_flops(cfg, n_devices=len(setup.mesh.devices.flat))
+    peak, peak_source = backends.peak_flops_info(cfg, n_devices=len(setup.mesh.devices.flat))
     unigram = data_lib.unigram_entropy(corpus.train, eval_span(cfg, corpus.val))
     logger = MetricsLogger(run_dir, resume_step=start_step, tensorboard=cfg.run.tensorboard,
                            progress=cfg.run.progress, total_steps=cfg.train.steps,
@@ -411,18 +476,32 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     logger.info(f"run dir {run_dir} | params {count_params(cfg.model)['total']:,} | "
                 f"mesh {dict(setup.mesh.shape)} | corpus {corpus.num_train_tokens:,} train / "
                 f"{corpus.num_val_tokens:,} val tokens | unigram baseline {unigram:.3f} nats")
+    if corpus.skipped_files:
+        logger.info(f"corpus {corpus.source}: {corpus.skipped_summary()}")
     logger.info(f"kernels: {setup.ops.describe()}")
+    logger.info(f"MFU peak: {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
 
     rows = data_lib.process_rows(cfg.train.batch_size)
     t = cfg.train
-    skipped, last_loss, eval_row = 0, float("nan"), {}
-    window = {"t0": time.perf_counter(), "tokens": 0.0, "losses": []}
+    skipped, last_loss, last_loss_step, eval_row = 0, float("nan"), None, {}
+    if start_step:   # the count goes on from the resumed run's last train row (exact when the
+        # resumed step was a log step; skips after the last row were not recorded)
+        skipped = _last_train_row(run_dir, start_step).get("skipped", 0)
+    window = {"t0": time.perf_counter(), "tokens": 0.0, "losses": [], "skipped": 0,
+              "grad_norm": None}
     pending: Optional[tuple[int, dict]] = None
 
     def handle(step_done: int, m: dict) -> None:
-        """Host-side handling of step ``step_done``'s metrics (one step behind the device)."""
-        nonlocal skipped, last_loss
+        """Host-side handling of step ``step_done``'s metrics (one step behind the device).
+
+        Every log step writes a train row, also when steps were skipped (``on_nonfinite=skip``):
+        ``loss`` is the mean over the window's finite steps (null if none), ``skipped`` the
+        count since the start of the run. The console gets the first skipped step in full and
+        then one line per log window that skipped any."""
+        nonlocal skipped, last_loss, last_loss_step
         m = jax.device_get(m)
+        if step_done == start_step + 1:      # includes compilation: keep out of tokens/s
+            window["t0"] = time.perf_counter()
         if not bool(m["finite"]):
             # Parameters at detection time (one step later: a failing step keeps the state, so
             # they are the failing step's unless the following step succeeded).
@@ -434,22 +513,29 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
                                      "train.on_nonfinite=skip. Last good checkpoint: "
                                      f"{ckpt.latest_step()}")
             skipped += 1
-            logger.warn(msg + " (update skipped)")
-            return
-        last_loss = float(m["loss"])
-        window["losses"].append(last_loss)
-        if step_done == start_step + 1:      # includes compilation: keep out of tokens/s
-            window["t0"] = time.perf_counter()
+            window["skipped"] += 1
+            if skipped == 1:
+                logger.warn(msg + " (update skipped; further skipped steps are counted per log "
+                            "window and in metrics.jsonl's 'skipped')")
         else:
-            window["tokens"] += float(m["tokens"])
+            last_loss, last_loss_step = float(m["loss"]), step_done
+            window["losses"].append(last_loss)
+            window["grad_norm"] = float(m["grad_norm"])
+            if step_done != start_step + 1:
+                window["tokens"] += float(m["tokens"])
         if step_done % t.log_every == 0 or step_done == t.steps:
             dt = time.perf_counter() - window["t0"]
             tps = window["tokens"] / dt if window["tokens"] else None
+            if window["skipped"] and skipped > 1:
+                logger.warn(f"step {step_done}: {window['skipped']} step(s) skipped (non-finite) "
+                            f"in this log window, {skipped} in all")
             logger.log(step_done, {
-                "loss": float(np.mean(window["losses"])), "lr": float(m["lr"]),
-                "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps,
-                "mfu": tps * flops_tok / peak if (peak and tps) else None, "skipped": skipped})
-            window.update(t0=time.perf_counter(), tokens=0.0, losses=[])
+                "loss": float(np.mean(window["losses"])) if window["losses"] else None,
+                "lr": float(m["lr"]), "grad_norm": window["grad_norm"], "tokens_per_s": tps,
+                "mfu": tps * flops_tok / peak if (peak and tps) else None, "skipped": skipped},
+                nullable=("loss",))
+            window.update(t0=time.perf_counter(), tokens=0.0, losses=[], skipped=0,
+                          grad_norm=None)
 
     with _SignalFlag() as sig, setup.context():
         step = start_step
@@ -493,4 +579,8 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
             ckpt.wait()
             ckpt.close()
             logger.close()
-    return TrainResult(state, str(run_dir), step, last_loss, eval_row, unigram, skipped, setup)
+    already_finished = start_step >= t.steps
+    if already_finished:
+        last_loss, last_loss_step = _last_logged_loss(run_dir, start_step)
+    return TrainResult(state, str(run_dir), step, last_loss, eval_row, unigram, skipped, setup,
+                       already_finished, last_loss_step)
