@@ -168,7 +168,7 @@ class ModelConfig(_Section):
 
 def param_counts(m: ModelConfig) -> dict[str, int]:
     """Parameter counts from the shape alone, without building the model (so ``tfm-jax config
-    show`` needs no jax). Same formulas as ``tfm_jax.model.count_params``; a test checks both
+    show`` needs no jax); ``tfm_jax.model.count_params`` returns these. A test checks them
     against the real parameter tree."""
     d, h, hkv, dh, f, v, n = (m.d_model, m.n_heads, m.n_kv_heads, m.resolved_head_dim,
                               m.resolved_ffn_hidden, m.vocab_size, m.n_layers)

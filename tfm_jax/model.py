@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from tfm_jax.config import ModelConfig
+from tfm_jax.config import ModelConfig, param_counts
 from tfm_jax.layers.attention import Attention, make_attention_mask, rope_tables
 from tfm_jax.layers.embed import Embed
 from tfm_jax.layers.ffn import FeedForward
@@ -123,17 +123,9 @@ class TransformerLM(nn.Module):
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts by the config's formulas (checked against the real tree in tests)."""
-    d, h, hkv, dh, f, v, n = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
-                              cfg.resolved_ffn_hidden, cfg.vocab_size, cfg.n_layers)
-    attn = d * (h + 2 * hkv) * dh + h * dh * d
-    ffn = (3 if cfg.ffn_type == "swiglu" else 2) * d * f
-    norm_vec = {"layernorm": 2 * d, "rmsnorm": d, "batchnorm": 2 * d, "none": 0}[cfg.norm]
-    final = norm_vec if cfg.norm_position == "pre" else 0
-    head = 0 if cfg.tie_embeddings else d * v
-    embedding = v * d
-    total = embedding + n * (attn + ffn + 2 * norm_vec) + final + head
-    return {"total": total, "embedding": embedding, "matmul": n * (attn + ffn) + (d * v)}
+    """Parameter counts by the config's formulas (:func:`tfm_jax.config.param_counts`, which
+    needs no jax; checked against the real tree in tests)."""
+    return param_counts(cfg)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
