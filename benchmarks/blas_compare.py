@@ -233,6 +233,30 @@ def print_report(out: dict[str, Any]) -> None:
                 print(f"  {c:<15} {r['step_ms']:8.1f} ms  {r['tokens_per_s']:9,.0f} tokens/s{vs}")
 
 
+def markdown(out: dict[str, Any]) -> str:
+    """The GEMM and train-step tables as markdown (for benchmarks/README.md)."""
+    cols = list(out["blas"]) + (["torch"] if out["torch"] else [])
+    lines = []
+    if out["gemm"]:
+        lines += ["| GEMM | case | M x K x N | " + " | ".join(cols) + " |",
+                  "|---|---|---|" + "---:|" * len(cols)]
+        for r in out["gemm"]:
+            lines.append(f"| {r['gemm']} | {r['case']} | {r['m']}x{r['k']}x{r['n']} | "
+                         + " | ".join(f"{r['gflops'][c]:.0f}" for c in cols) + " |")
+        tot = {c: sum(r["ms"][c] for r in out["gemm"] if r["gemm"] != "square") for c in cols}
+        lines.append("| all 18 projection GEMMs | ms | | "
+                     + " | ".join(f"{tot[c]:.1f}" for c in cols) + " |")
+    if out["train"]:
+        res = out["train"]["results"]
+        lines += ["", "| train step with | median ms | tokens/s | vs torch |", "|---|---:|---:|---:|"]
+        for c in cols:
+            if c in res:
+                r = res[c]
+                vs = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else "1"
+                lines.append(f"| {c} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {vs} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(tt.PRESETS), default="reference")
@@ -247,6 +271,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, help="torch threads (default: all CPUs)")
     p.add_argument("--no-torch", action="store_true", help="no PyTorch reference columns")
     p.add_argument("--json", metavar="OUT.json")
+    p.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.iters < 0 or args.train_steps < 0 or args.warmup < 1:
         p.error("--repeats, --warmup >= 1; --iters, --train-steps >= 0")
@@ -254,7 +279,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 def main_run(args: argparse.Namespace) -> dict[str, Any]:
-    return run(args)
+    out = run(args)
+    if args.markdown:
+        print(markdown(out))
+    return out
 
 
 if __name__ == "__main__":
