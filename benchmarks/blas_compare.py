@@ -167,15 +167,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bad = [k for k in wanted if k not in KINDS]
     if bad:
         raise SystemExit(f"--blas: unknown {bad}; choose from {', '.join(KINDS)}")
+    torch = None
+    if not args.no_torch:
+        # torch first: libmkl_rt loads its MKL layers into the global symbol scope, and a torch
+        # imported after that binds its own MKL calls to them (sequential MKL 2026 instead of
+        # torch's threaded MKL: a 10x slower torch step here).
+        import torch
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
     cpu.load()                                       # builds the library, default BLAS
     default = cpu.active_blas()
     blases, missing = open_candidates(wanted)
     if not blases:
         raise SystemExit(f"no BLAS could be opened: {missing}")
-    torch = None
-    if not args.no_torch:
-        import torch
-        torch.set_num_threads(args.threads or os.cpu_count() or 1)
     shape, seq, batch = tt.resolve_shape(tt.parse_args(["--preset", args.preset]))
     out: dict[str, Any] = {
         "preset": args.preset, "shape": shape, "seq": seq, "batch": batch,

@@ -31,6 +31,11 @@ a call and hands its ``cblas_sgemm`` to the library (``tfm_set_sgemm(fn, ilp64)`
 When any of that is missing :func:`available` says why and the model keeps the XLA path
 (``backend.cpu_kernels: auto``); ``backend.cpu_kernels: native`` turns the reason into an error.
 
+Caveat (MKL): ``libmkl_rt`` loads its MKL layers into the process's global symbol scope, so a
+library with its own MKL that is loaded *later* (``import torch`` after the kernels loaded MKL)
+can bind to them and run sequential MKL; import such libraries first, or use
+``cpu_blas=openblas`` (prefixed symbols, no such effect).
+
 Every BLAS runs single-threaded inside each call; the call splits its work over XLA's own
 intra-op thread pool, so the process never has two thread pools competing for the cores.
 ``benchmarks/blas_compare.py`` measures the candidates side by side (it switches the BLAS of the
