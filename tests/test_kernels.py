@@ -1,8 +1,11 @@
-"""Native fp32 CPU kernels (tfm_jax/kernels): numerics against numpy and against the XLA path,
-the model with kernels="native" vs "xla", the backend.cpu_kernels resolution, the build cache."""
+"""Native fp32 CPU kernels (tfm_jax/kernels): that they load where they can, the BLAS finder and
+every installed BLAS, numerics against numpy and against the XLA path, the model with
+kernels="native" vs "xla", the backend.cpu_kernels resolution, the build cache."""
 
 import os
 import pathlib
+import platform
+import shutil
 import subprocess
 import sys
 
@@ -18,8 +21,128 @@ from tfm_jax.layers import attention as attn_lib
 from tfm_jax.model import TransformerLM
 
 cpu = pytest.importorskip("tfm_jax.kernels.cpu")
-OK, WHY = cpu.available()
+OK, WHY = cpu.available()           # the default BLAS (auto): what every numeric test below runs
+DEFAULT_BLAS = cpu.active_blas()
 needs_kernels = pytest.mark.skipif(not OK, reason=f"native kernels unavailable: {WHY}")
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _platform_cannot_build():
+    """Why this platform genuinely cannot have the native kernels (None: it must have them)."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"native kernels are built on Linux x86_64 only (this is {sys.platform} " \
+               f"{platform.machine()})"
+    if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
+        return "no C++ compiler (g++/c++) on PATH"
+    return None
+
+
+def test_native_kernels_load_on_linux_x86_64_with_a_compiler():
+    """Fails (not skips) where the kernels should work: the old silent XLA fallback hid a missing
+    BLAS (libmkl_rt.so.2 vs .so.3) from CI."""
+    why_not = _platform_cannot_build()
+    if why_not:
+        pytest.skip(why_not)
+    assert OK, f"native CPU kernels did not load: {WHY}"
+    assert DEFAULT_BLAS is not None and str(DEFAULT_BLAS.path) in WHY
+
+
+@needs_kernels
+def test_default_blas_is_the_first_installed_of_auto_order():
+    found = cpu.find_blas()
+    expected = next(k for k in cpu.AUTO_ORDER if found[k])
+    assert DEFAULT_BLAS.kind == expected
+    assert found[expected][0] == DEFAULT_BLAS.path
+    # the kernels' log line names the BLAS, its version, core (OpenBLAS) and library path
+    assert DEFAULT_BLAS.version.split()[0] in WHY and str(DEFAULT_BLAS.path) in WHY
+    if DEFAULT_BLAS.kind == "openblas":
+        assert DEFAULT_BLAS.core and f"{DEFAULT_BLAS.core} core" in WHY
+
+
+def _installed(kind):
+    paths = cpu.find_blas()[kind]
+    if not paths:
+        pytest.skip(f"{kind} is not installed ({cpu.INSTALL_HINT[kind]})")
+    return cpu.open_blas(kind, paths[0])
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["openblas", "mkl"])
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("m,k,n", [(300, 40, 24), (17, 8, 5), (130, 257, 66)])
+def test_gemm_with_each_installed_blas_matches_numpy(kind, ta, tb, m, k, n):
+    blas = _installed(kind)
+    rng = np.random.default_rng(m + k + n)
+    a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+    prev = cpu.use_blas(blas)
+    try:
+        got = np.asarray(jax.jit(lambda x, y: cpu._gemm(x, y, ta=ta, tb=tb))(a, b))
+    finally:
+        cpu.use_blas(prev)
+    ref = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
+    assert got.shape == (m, n)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+def test_use_blas_switches_the_library_between_calls():
+    blas = _installed("mkl" if DEFAULT_BLAS.kind != "mkl" else "openblas")
+    prev = cpu.use_blas(blas)
+    try:
+        assert cpu.active_blas() is blas and prev is DEFAULT_BLAS
+        assert cpu.available()[1] == blas.describe()
+    finally:
+        cpu.use_blas(prev)
+    assert cpu.active_blas() is DEFAULT_BLAS
+
+
+def test_finder_in_a_fake_prefix(tmp_path):
+    """Pure path logic: libmkl_rt.so.<any version> (highest first, no decoys) and the OpenBLAS
+    libraries under a prefix's site-packages or a given site dir; nothing is loaded."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for name in ("libmkl_rt.so.2", "libmkl_rt.so.3", "libmkl_rt.so.10", "libmkl_rt.so.3.bak",
+                 "libmkl_core.so.3"):
+        (lib / name).write_bytes(b"")
+    (lib / "libmkl_rt.so").symlink_to("libmkl_rt.so.3")          # same file: listed once
+    sp = lib / "python3.11" / "site-packages"
+    (sp / "scipy_openblas32" / "lib").mkdir(parents=True)
+    (sp / "scipy_openblas32" / "lib" / "libscipy_openblas.so").write_bytes(b"\0")
+    (sp / "numpy.libs").mkdir()
+    (sp / "numpy.libs" / "libscipy_openblas64_-0123abcd.so").write_bytes(b"\0")
+    found = cpu.find_blas(prefixes=[tmp_path], site_dirs=[], metadata=False)
+    assert [p.name for p in found["mkl"]] == ["libmkl_rt.so.10", "libmkl_rt.so.3",
+                                              "libmkl_rt.so.2"]
+    assert found["openblas"] == [sp / "scipy_openblas32" / "lib" / "libscipy_openblas.so"]
+    assert found["numpy-openblas"] == [sp / "numpy.libs" / "libscipy_openblas64_-0123abcd.so"]
+    # a site dir outside any prefix (user site, PYTHONPATH) is searched as given
+    other = tmp_path / "elsewhere"
+    (other / "scipy_openblas32" / "lib").mkdir(parents=True)
+    (other / "scipy_openblas32" / "lib" / "libscipy_openblas.so").write_bytes(b"\0")
+    found = cpu.find_blas(prefixes=[tmp_path / "empty"], site_dirs=[other], metadata=False)
+    assert found["openblas"] == [other / "scipy_openblas32" / "lib" / "libscipy_openblas.so"]
+    assert found["mkl"] == [] and found["numpy-openblas"] == []
+
+
+def test_a_blas_asked_for_by_name_but_missing_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(cpu, "find_blas", lambda *a, **k: {"openblas": [], "mkl": [],
+                                                           "numpy-openblas": []})
+    with pytest.raises(RuntimeError, match=r"cpu_blas=mkl: .*pip install 'tfm-jax\[mkl\]'"):
+        cpu.resolve_blas("mkl")
+    with pytest.raises(RuntimeError, match=r"cpu_blas=auto: ") as err:
+        cpu.resolve_blas("auto")
+    assert "pip install scipy-openblas32" in str(err.value)
+    assert "pip install 'tfm-jax[mkl]'" in str(err.value)
+    with pytest.raises(RuntimeError, match="must be one of"):
+        cpu.resolve_blas("atlas")
+
+
+def test_cpu_blas_config_knob():
+    assert load_config().backend.cpu_blas == "auto"
+    assert load_config(overrides=["backend.cpu_blas=mkl"]).backend.cpu_blas == "mkl"
+    with pytest.raises(ConfigError, match="cpu_blas"):
+        load_config(overrides=["backend.cpu_blas=atlas"])
 
 
 def rand(rng, *shape):
@@ -147,17 +270,53 @@ def test_resolve_kernels_rules():
     assert backends.resolve_kernels(cfg, devs[:1])[0] == ("native" if OK else "xla")
 
 
-def test_kernel_library_builds_into_a_fresh_cache(tmp_path):
+def test_kernel_library_builds_into_a_fresh_cache_once_for_every_blas(tmp_path):
     if not OK:
         pytest.skip(f"native kernels unavailable: {WHY}")
-    env = {**os.environ, "TFM_JAX_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
-    code = "from tfm_jax.kernels import cpu; ok, p = cpu.available(); print(ok); print(p)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.split()
-    assert out[0] == "True" and pathlib.Path(out[1]).is_relative_to(tmp_path)
+    kinds = [k for k in ("openblas", "mkl") if cpu.find_blas()[k]]
+    code = ("from tfm_jax.kernels import cpu; ok, d = cpu.available(); print(ok); "
+            "print(cpu.library_path()); print(cpu.active_blas().kind); print(d)")
+    libs = set()
+    for kind in kinds:
+        env = {**os.environ, "TFM_JAX_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu",
+               "TFM_JAX_CPU_BLAS": kind, "PYTHONPATH": str(_ROOT)}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+        assert out[0] == "True" and out[2] == kind, out
+        assert pathlib.Path(out[1]).is_relative_to(tmp_path)
+        libs.add(out[1])
+    assert len(libs) == 1                  # the build does not depend on the BLAS
     files = [p.name for p in (tmp_path / "kernels").rglob("*")]
     assert files.count("libtfm_cpu_kernels.so") == 1
     assert not [f for f in files if f.startswith(".build.")]     # no half-written library left
+    if shutil.which("readelf"):            # and links none
+        dyn = subprocess.run(["readelf", "-d", libs.pop()], capture_output=True, text=True,
+                             check=True).stdout
+        needed = [ln for ln in dyn.splitlines() if "(NEEDED)" in ln]
+        assert needed and not [ln for ln in needed if "blas" in ln.lower() or "mkl" in ln], needed
+
+
+def test_blas_compare_smoke(tmp_path):
+    """benchmarks/blas_compare.py checks every candidate's GEMMs against float64 numpy before
+    timing them; in a subprocess because opening numpy's OpenBLAS sets numpy's threads to 1."""
+    if not OK:
+        pytest.skip(f"native kernels unavailable: {WHY}")
+    out = tmp_path / "b.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(_ROOT)}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.blas_compare", "--iters", "1",
+                           "--repeats", "1", "--train-steps", "0", "--no-torch", "--json",
+                           str(out)], env=env, capture_output=True, text=True, cwd=_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+    res = json.loads(out.read_text())
+    assert DEFAULT_BLAS.kind in res["blas"] and res["default_blas"] == DEFAULT_BLAS.describe()
+    assert len(res["gemm"]) == 6 * 3 + 1
+    for r in res["gemm"]:
+        assert set(r["gflops"]) == set(res["blas"])
+        for kind, ms in r["ms"].items():
+            assert r["gflops"][kind] == pytest.approx(2 * r["m"] * r["k"] * r["n"] / ms / 1e6)
+    assert "GEMM GFLOP/s" in proc.stdout
 
 
 @needs_kernels

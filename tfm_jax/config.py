@@ -331,6 +331,12 @@ class BackendConfig(_Section):
         "auto", description="fp32 GEMMs, causal attention, SwiGLU, RMSNorm as native custom calls "
         "(tfm_jax.kernels.cpu) on a single CPU device: auto = when they build, native = "
         "required, xla = never")
+    cpu_blas: Literal["auto", "openblas", "mkl"] = Field(
+        "auto", description="BLAS the native CPU kernels' GEMMs call (loaded at run time, one "
+        "thread per call): openblas = the scipy-openblas32 wheel (default dependency), mkl = "
+        "libmkl_rt from the optional 'mkl' extra (pip install 'tfm-jax[mkl]'), auto = the first "
+        "installed of tfm_jax.kernels.cpu.AUTO_ORDER; a BLAS that is asked for by name but not "
+        "installed is reported by tfm_jax.kernels.cpu.available(cpu_blas)")
 
 
 class RunConfig(_Section):

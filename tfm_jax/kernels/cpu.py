@@ -1,37 +1,65 @@
-"""Native fp32 CPU kernels (``cpu_kernels.cc``) as jax custom calls, each with its VJP: MKL GEMMs,
-causal GQA attention, the SwiGLU elementwise product and RMSNorm.
+"""Native fp32 CPU kernels (``cpu_kernels.cc``) as jax custom calls, each with its VJP: BLAS
+GEMMs, causal GQA attention, the SwiGLU elementwise product and RMSNorm.
 
 Why: on XLA:CPU (jax 0.10) the step of the benchmark model is bound by (a) GEMM kernels that run
-at 75-85 % of MKL's rate, worst for weight gradients (a transposed operand), and (b) attention
-built from many small XLA ops that stall each other on the shared thread pool
+at 75-85 % of an optimised BLAS's rate, worst for weight gradients (a transposed operand), and
+(b) attention built from many small XLA ops that stall each other on the shared thread pool
 (``benchmarks/README.md`` has the measurements). One custom call per GEMM and one per attention
 forward/backward removes both; SwiGLU and RMSNorm were the largest elementwise costs left.
 
-The library is compiled on first use with the system C++ compiler (``-O3 -march=native``: the
-binary is specific to this host, so the cache key includes the CPU's model and flags) against
-``libmkl_rt`` from the ``mkl`` wheel and XLA's FFI headers from jaxlib, into
-``$TFM_JAX_CACHE/kernels/<key>/`` (default ``~/.cache/tfm_jax``), written atomically. When any of
-that is missing :func:`available` says why and the model keeps the XLA path
+**Build.** The library is compiled on first use with the system C++ compiler (``-O3
+-march=native``: the binary is specific to this host, so the cache key includes the CPU's model
+and flags) against XLA's FFI headers from jaxlib, into ``$TFM_JAX_CACHE/kernels/<key>/``
+(default ``~/.cache/tfm_jax``), written atomically (temporary file + ``os.replace``). It links
+**no BLAS**, so the key does not depend on one.
+
+**BLAS at run time.** :func:`load` opens a BLAS with ``ctypes``, makes it single-threaded inside
+a call and hands its ``cblas_sgemm`` to the library (``tfm_set_sgemm(fn, ilp64)``). The choice is
+``backend.cpu_blas`` / the ``blas`` argument / ``$TFM_JAX_CPU_BLAS`` (first given wins):
+
+* ``openblas`` -- the ``scipy-openblas32`` wheel (a default dependency on Linux x86_64; ~26 MB
+  installed). Its own library instance (symbols prefixed ``scipy_``), so setting it to one
+  thread does not touch the OpenBLAS numpy bundles. The core OpenBLAS picked for this CPU
+  (``openblas_get_corename``; forced by ``$OPENBLAS_CORETYPE`` where set) is part of
+  :func:`available`'s detail.
+* ``mkl`` -- ``libmkl_rt.so.<any version>`` from the optional ``mkl`` wheel
+  (``pip install 'tfm-jax[mkl]'``, ~0.9 GB), a conda env or the user site, run with the
+  sequential threading layer.
+* ``auto`` -- the first of :data:`AUTO_ORDER` that is installed and opens: MKL if present
+  (faster here), else OpenBLAS (``benchmarks/README.md`` has the measurements).
+
+When any of that is missing :func:`available` says why and the model keeps the XLA path
 (``backend.cpu_kernels: auto``); ``backend.cpu_kernels: native`` turns the reason into an error.
 
-MKL runs sequentially inside each call; the call splits its work over XLA's own intra-op thread
-pool, so the process never has two thread pools competing for the cores.
+Caveat (MKL): ``libmkl_rt`` loads its MKL layers into the process's global symbol scope, so a
+library with its own MKL that is loaded *later* (``import torch`` after the kernels loaded MKL)
+can bind to them and run sequential MKL; import such libraries first, or use
+``cpu_blas=openblas`` (prefixed symbols, no such effect).
+
+Every BLAS runs single-threaded inside each call; the call splits its work over XLA's own
+intra-op thread pool, so the process never has two thread pools competing for the cores.
+``benchmarks/blas_compare.py`` measures the candidates side by side (it switches the BLAS of the
+loaded library between steps with :func:`use_blas`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import glob
 import hashlib
+import importlib.metadata
 import os
+import re
 import shutil
+import site
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,19 +68,221 @@ import numpy as np
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = ("tfm_gemm", "tfm_attn_fwd", "tfm_attn_bwd", "tfm_swiglu_fwd", "tfm_swiglu_bwd",
            "tfm_rms_fwd", "tfm_rms_bwd")
+BLAS_CHOICES = ("auto", "openblas", "mkl")
+# What ``auto`` tries, in order: MKL when it is installed (the [mkl] extra) -- measured ~10 %
+# faster GEMMs and a ~5-9 % faster train step than scipy-openblas32 on the development CPU
+# (benchmarks/README.md, "Which BLAS") --, else the default dependency scipy-openblas32.
+AUTO_ORDER = ("mkl", "openblas")
+INSTALL_HINT = {
+    "openblas": "pip install scipy-openblas32 (a default dependency of tfm-jax on Linux x86_64)",
+    "mkl": "pip install 'tfm-jax[mkl]' (or pip install mkl)",
+}
 _lock = threading.Lock()
-_state: dict = {}
+_state: dict = {"blas": {}}
 
 
-def _find_mkl() -> Optional[Path]:
-    """libmkl_rt.so.2 of the ``mkl`` wheel (installed under the interpreter's prefix)."""
-    roots = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(sys.executable))}
-    for root in roots:
-        for name in ("libmkl_rt.so.2", "libmkl_rt.so"):
-            hits = sorted(glob.glob(os.path.join(root, "lib", name)))
-            if hits:
-                return Path(hits[0])
-    return None
+# --------------------------------------------------------------------------------------------
+# Finding BLAS libraries (pure path logic; nothing is loaded here)
+
+_MKL_RT = re.compile(r"^libmkl_rt\.so(?:\.(\d+(?:\.\d+)*))?$")
+
+
+def _default_prefixes() -> list[Path]:
+    roots = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(sys.executable)),
+             site.getuserbase(), os.environ.get("CONDA_PREFIX")]
+    return [Path(r) for r in roots if r]
+
+
+def _default_site_dirs() -> list[Path]:
+    dirs = [p for p in sys.path if p]
+    try:
+        dirs += site.getsitepackages() + [site.getusersitepackages()]
+    except AttributeError:          # some embedded interpreters
+        pass
+    return [Path(d) for d in dirs]
+
+
+def _unique_files(paths: Iterable[Path]) -> list[Path]:
+    out, seen = [], set()
+    for p in paths:
+        if not p.is_file():
+            continue
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
+            out.append(p)
+    return out
+
+
+def _mkl_version_key(p: Path) -> tuple:
+    m = _MKL_RT.match(p.name)
+    return tuple(int(x) for x in m.group(1).split(".")) if m and m.group(1) else ()
+
+
+def find_blas(prefixes: Optional[Iterable[Path]] = None,
+              site_dirs: Optional[Iterable[Path]] = None,
+              metadata: bool = True) -> dict[str, list[Path]]:
+    """Candidate BLAS libraries by kind, best first, without loading anything:
+
+    * ``openblas``: ``<site>/scipy_openblas32/lib/libscipy_openblas*.so`` (scipy-openblas32),
+    * ``numpy-openblas``: ``<site>/numpy.libs/libscipy_openblas64_*.so`` (numpy's own ILP64
+      copy; measured by ``benchmarks/blas_compare.py`` only, see :func:`open_blas`),
+    * ``mkl``: ``<prefix>/lib{,64}/libmkl_rt.so[.N...]`` (any soname version, highest first) and,
+      with ``metadata``, the files the installed ``mkl`` distribution lists.
+
+    ``prefixes`` default to the interpreter's prefix, base prefix, the user base and
+    ``$CONDA_PREFIX``; ``site_dirs`` to ``sys.path`` and the site-packages folders. Passing a
+    fake prefix (and ``metadata=False``) makes this pure path logic.
+    """
+    prefixes = list(_default_prefixes() if prefixes is None else prefixes)
+    sites = list(_default_site_dirs() if site_dirs is None else site_dirs)
+    for pre in prefixes:       # <prefix>/lib/pythonX.Y/site-packages of every prefix
+        sites += [Path(p) for p in glob.glob(str(pre / "lib*" / "python3*" / "site-packages"))]
+    found: dict[str, list[Path]] = {}
+    found["openblas"] = _unique_files(
+        Path(p) for d in sites
+        for p in sorted(glob.glob(str(d / "scipy_openblas32" / "lib" / "libscipy_openblas*.so"))))
+    found["numpy-openblas"] = _unique_files(
+        Path(p) for d in sites
+        for p in sorted(glob.glob(str(d / "numpy.libs" / "libscipy_openblas64_*.so"))))
+    mkl = [Path(p) for pre in prefixes for lib in ("lib", "lib64")
+           for p in glob.glob(str(pre / lib / "libmkl_rt.so*"))]
+    if metadata:
+        try:
+            dist = importlib.metadata.distribution("mkl")
+            mkl += [Path(dist.locate_file(f)) for f in (dist.files or ())
+                    if _MKL_RT.match(Path(str(f)).name)]
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    mkl = [p for p in mkl if _MKL_RT.match(p.name)]
+    found["mkl"] = _unique_files(sorted(mkl, key=_mkl_version_key, reverse=True))
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Opening a BLAS: single-threaded inside a call, self-checked, described
+
+
+@dataclasses.dataclass(frozen=True)
+class Blas:
+    """An opened BLAS library: what :func:`use_blas` hands to the kernels."""
+    kind: str            # "openblas" | "numpy-openblas" | "mkl"
+    path: Path
+    version: str         # "OpenBLAS 0.3.34.481.3", "Intel(R) oneAPI Math Kernel Library ..."
+    core: str            # OpenBLAS: the kernel set picked for this CPU; MKL: ""
+    sgemm: int           # address of cblas_sgemm (LP64) / its ILP64 variant
+    ilp64: bool
+    source: str          # "scipy-openblas32", "numpy's bundled OpenBLAS", "mkl"
+
+    def describe(self) -> str:
+        """``OpenBLAS 0.3.34 scipy-openblas32, SapphireRapids core; /path/libscipy_openblas.so``"""
+        core = f", {self.core} core" if self.core else ""
+        forced = [f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                  if self.kind != "mkl" and os.environ.get(k)]
+        forced_s = f" (forced by {', '.join(forced)})" if forced else ""
+        return f"{self.version} {self.source}{core}{forced_s}; {self.path}"
+
+
+_SGEMM_ARGS = {False: ctypes.c_int32, True: ctypes.c_int64}
+
+
+def _self_check(addr: int, ilp64: bool, name: str) -> None:
+    """C = A B on 2x3 @ 3x2 through the raw pointer (catches a wrong symbol or ABI at once)."""
+    i = _SGEMM_ARGS[ilp64]
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, i, i, i, ctypes.c_float,
+                          ctypes.c_void_p, i, ctypes.c_void_p, i, ctypes.c_float, ctypes.c_void_p,
+                          i)(addr)
+    a = np.arange(1, 7, dtype=np.float32).reshape(2, 3)
+    b = np.arange(1, 7, dtype=np.float32).reshape(3, 2)[::-1].copy()
+    c = np.full((2, 2), np.nan, np.float32)
+    fn(101, 111, 111, 2, 2, 3, 1.0, a.ctypes.data, 3, b.ctypes.data, 2, 0.0, c.ctypes.data, 2)
+    if not np.allclose(c, a.astype(np.float64) @ b):
+        raise RuntimeError(f"{name}: sgemm self-check failed ({c.tolist()})")
+
+
+def _addr(lib: ctypes.CDLL, sym: str) -> int:
+    return ctypes.cast(getattr(lib, sym), ctypes.c_void_p).value
+
+
+def _open_openblas(path: Path, kind: str) -> Blas:
+    # scipy-openblas32: scipy_cblas_sgemm (LP64); numpy's scipy-openblas64: ..._sgemm64_ (ILP64)
+    suffix, ilp64 = ("64_", True) if kind == "numpy-openblas" else ("", False)
+    lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
+    getattr(lib, f"scipy_openblas_set_num_threads{suffix}")(1)
+    for f in ("get_config", "get_corename"):
+        getattr(lib, f"scipy_openblas_{f}{suffix}").restype = ctypes.c_char_p
+    config = getattr(lib, f"scipy_openblas_get_config{suffix}")().decode(errors="replace").split()
+    core = getattr(lib, f"scipy_openblas_get_corename{suffix}")().decode(errors="replace")
+    version = " ".join(config[:2]) if config else "OpenBLAS"
+    addr = _addr(lib, f"scipy_cblas_sgemm{suffix}")
+    _self_check(addr, ilp64, str(path))
+    source = "numpy's bundled OpenBLAS" if kind == "numpy-openblas" else "scipy-openblas32"
+    _state.setdefault("handles", []).append(lib)         # never unloaded
+    return Blas(kind, path, version, core, addr, ilp64, source)
+
+
+def _open_mkl(path: Path) -> Blas:
+    lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
+    lib.MKL_Set_Interface_Layer(0)                       # LP64
+    layer = lib.MKL_Set_Threading_Layer(1)               # 1 = MKL_THREADING_SEQUENTIAL
+    if layer != 1:
+        raise RuntimeError(f"{path}: MKL is already initialised in this process with threading "
+                           f"layer {layer}, not sequential")
+    buf = ctypes.create_string_buffer(256)
+    lib.MKL_Get_Version_String(buf, len(buf))
+    full = buf.value.decode(errors="replace")
+    m = re.search(r"Version ([0-9][0-9.]*)", full)
+    version = f"Intel MKL {m.group(1)}" if m else (full or "Intel MKL")
+    addr = _addr(lib, "cblas_sgemm")
+    _self_check(addr, False, str(path))
+    _state.setdefault("handles", []).append(lib)
+    return Blas("mkl", path, version, "", addr, False, "(sequential)")
+
+
+def open_blas(kind: str, path: Path) -> Blas:
+    """Opens one library found by :func:`find_blas` and sets it to one thread per call.
+
+    ``numpy-openblas`` sets the thread count of the OpenBLAS instance numpy itself uses, so it
+    is for ``benchmarks/blas_compare.py`` only (not a ``backend.cpu_blas`` choice): numpy's own
+    matmuls in the process would then run on one core.
+    """
+    if sys.platform != "linux":
+        raise RuntimeError(f"BLAS loading is implemented for Linux only (this is {sys.platform})")
+    key = (kind, os.path.realpath(path))
+    cache = _state.setdefault("opened", {})
+    if key not in cache:
+        try:
+            cache[key] = _open_mkl(path) if kind == "mkl" else _open_openblas(path, kind)
+        except (OSError, AttributeError, RuntimeError) as e:
+            cache[key] = RuntimeError(f"{kind} at {path}: {type(e).__name__}: {e}")
+    if isinstance(cache[key], Exception):
+        raise cache[key]
+    return cache[key]
+
+
+def resolve_blas(choice: Optional[str] = None) -> Blas:
+    """The BLAS for ``choice`` (``auto`` | ``openblas`` | ``mkl``; None: ``$TFM_JAX_CPU_BLAS``
+    or ``auto``), opened; RuntimeError naming what was searched and how to install it."""
+    choice = choice or os.environ.get("TFM_JAX_CPU_BLAS") or "auto"
+    if choice not in BLAS_CHOICES:
+        raise RuntimeError(f"cpu_blas={choice!r}: must be one of {', '.join(BLAS_CHOICES)}")
+    found = find_blas()
+    errors = []
+    for kind in (AUTO_ORDER if choice == "auto" else (choice,)):
+        if not found[kind]:
+            errors.append(f"{kind}: not installed ({INSTALL_HINT[kind]})")
+            continue
+        for path in found[kind]:
+            try:
+                return open_blas(kind, path)
+            except RuntimeError as e:
+                errors.append(str(e))
+    raise RuntimeError(f"cpu_blas={choice}: no usable BLAS for the native CPU kernels; "
+                       + "; ".join(errors))
+
+
+# --------------------------------------------------------------------------------------------
+# Building and loading the kernel library
 
 
 def _cpu_id() -> str:
@@ -65,18 +295,16 @@ def _cpu_id() -> str:
 
 
 def _build(cache_root: Path) -> Path:
+    if sys.platform != "linux":
+        raise RuntimeError(f"native CPU kernels are built for Linux only (this is {sys.platform})")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise RuntimeError("no C++ compiler (g++/c++) on PATH to build tfm_jax's CPU kernels")
-    if sys.platform != "linux":
-        raise RuntimeError(f"native CPU kernels are built for Linux only (this is {sys.platform})")
-    mkl = _find_mkl()
-    if mkl is None:
-        raise RuntimeError("libmkl_rt not found: install the 'mkl' wheel (pip install mkl)")
     include = jax.ffi.include_dir()
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, jax.__version__.encode(), str(mkl).encode(),
-                                     cxx.encode(), _cpu_id().encode()])).hexdigest()[:16]
+    # The library links no BLAS: the key is the source, jax (FFI headers), compiler and CPU.
+    key = hashlib.sha256(b"\0".join([src, jax.__version__.encode(), cxx.encode(),
+                                     _cpu_id().encode()])).hexdigest()[:16]
     out_dir = cache_root / "kernels" / key
     lib = out_dir / "libtfm_cpu_kernels.so"
     if lib.exists():
@@ -85,7 +313,7 @@ def _build(cache_root: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build.", suffix=".so")
     os.close(fd)
     cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-           f"-I{include}", str(SOURCE), "-o", tmp, str(mkl), f"-Wl,-rpath,{mkl.parent}"]
+           "-Wl,--no-undefined", f"-I{include}", str(SOURCE), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -102,34 +330,77 @@ def _cache_root() -> Path:
     return Path(os.environ.get("TFM_JAX_CACHE") or "~/.cache/tfm_jax").expanduser()
 
 
-def load() -> None:
-    """Build (once per host and source version), load and register the kernels; raises
-    RuntimeError naming what is missing."""
-    with _lock:
-        if _state.get("loaded"):
-            return
-        if "error" in _state:
-            raise RuntimeError(_state["error"])
-        try:
-            path = _build(_cache_root())
-            lib = ctypes.cdll.LoadLibrary(str(path))
-            lib.tfm_mkl_sequential()
-            for name in TARGETS:
-                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
-                                            platform="cpu")
-        except Exception as e:  # noqa: BLE001 -- reported by available()/resolve()
-            _state["error"] = f"{type(e).__name__}: {e}"
-            raise RuntimeError(_state["error"]) from e
-        _state.update(loaded=True, lib=lib, path=path)
-
-
-def available() -> tuple[bool, str]:
-    """(True, library path) if the kernels load on this host, else (False, why not)."""
+def _load_library() -> None:
+    if _state.get("lib") is not None:
+        return
+    if "error" in _state:
+        raise RuntimeError(_state["error"])
     try:
-        load()
+        path = _build(_cache_root())
+        lib = ctypes.CDLL(str(path))
+        lib.tfm_set_sgemm.argtypes = (ctypes.c_void_p, ctypes.c_int)
+        for name in TARGETS:
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
+                                        platform="cpu")
+    except Exception as e:  # noqa: BLE001 -- reported by available()/resolve()
+        _state["error"] = f"{type(e).__name__}: {e}"
+        raise RuntimeError(_state["error"]) from e
+    _state.update(lib=lib, path=path)
+
+
+def use_blas(blas: Blas) -> Optional[Blas]:
+    """Points the loaded kernels at ``blas`` (returns the previous one). Process-wide: call it
+    between computations, never while one runs (``block_until_ready`` first)."""
+    with _lock:
+        _load_library()
+        prev = _state.get("active")
+        _state["lib"].tfm_set_sgemm(blas.sgemm, int(blas.ilp64))
+        _state["active"] = blas
+        return prev
+
+
+def load(blas: Optional[str] = None) -> None:
+    """Build (once per host and source version), load and register the kernels and give them the
+    BLAS ``blas`` (``auto`` | ``openblas`` | ``mkl``; None: ``$TFM_JAX_CPU_BLAS``, else the one
+    already in use, else ``auto``); raises RuntimeError naming what is missing."""
+    choice = blas or os.environ.get("TFM_JAX_CPU_BLAS") or None
+    with _lock:
+        if choice is None and _state.get("active") is not None:
+            return                                 # the hot path: every kernel call lands here
+        _load_library()
+        choice = choice or "auto"
+        cached = _state["blas"].get(choice)
+        if cached is None:
+            try:
+                cached = resolve_blas(choice)
+            except RuntimeError as e:
+                cached = e
+            _state["blas"][choice] = cached
+        if isinstance(cached, Exception):
+            raise RuntimeError(str(cached))
+        if _state.get("active") is not cached:
+            _state["lib"].tfm_set_sgemm(cached.sgemm, int(cached.ilp64))
+            _state["active"] = cached
+
+
+def available(blas: Optional[str] = None) -> tuple[bool, str]:
+    """(True, which BLAS: name, version, core and library path) if the kernels load on this
+    host with ``blas`` (see :func:`load`), else (False, why not)."""
+    try:
+        load(blas)
     except RuntimeError as e:
         return False, str(e)
-    return True, str(_state["path"])
+    return True, _state["active"].describe()
+
+
+def active_blas() -> Optional[Blas]:
+    """The BLAS the kernels call now (None before :func:`load`)."""
+    return _state.get("active")
+
+
+def library_path() -> Optional[Path]:
+    """The built kernel library (None before :func:`load`)."""
+    return _state.get("path")
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,8 +417,8 @@ def _gemm(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> jax
 
 @jax.custom_vjp
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """(N, K) @ (K, M) in fp32 on MKL. VJP: ``dx = dy W^T`` and ``dW = x^T dy`` with the
-    transposes passed to MKL as flags (no copies)."""
+    """(N, K) @ (K, M) in fp32 on the loaded BLAS. VJP: ``dx = dy W^T`` and ``dW = x^T dy`` with
+    the transposes passed to ``sgemm`` as flags (no copies)."""
     return _gemm(x, w)
 
 

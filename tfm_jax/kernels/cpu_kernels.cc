@@ -1,8 +1,8 @@
 // Native CPU kernels for tfm_jax (XLA FFI custom calls), fp32:
 //
-//  * tfm_gemm      C = op(A) op(B) through MKL's cblas_sgemm (sequential MKL; rows split over
-//                  XLA's intra-op thread pool), so the weight-gradient GEMMs contract the token
-//                  axis without a materialised transpose.
+//  * tfm_gemm      C = op(A) op(B) through the BLAS's cblas_sgemm (single-threaded inside the
+//                  call; rows split over XLA's intra-op thread pool), so the weight-gradient GEMMs
+//                  contract the token axis without a materialised transpose.
 //  * tfm_attn_fwd  causal GQA attention, query blocks x all keys up to the block end, exact
 //    tfm_attn_bwd  softmax per block (same blocks and masking as layers/attention.py's XLA
 //                  path), the G query heads of one kv head in one GEMM per block; forward saves
@@ -14,6 +14,9 @@
 // Layouts are the model's own: q (B, T, H, D), k/v (B, T, Hkv, D), k_valid (B, T) as 1/0
 // floats; the attention gathers a group's query rows into a contiguous tile and reads K/V as
 // strided GEMM operands (ld = heads * D), so nothing is transposed.
+// The library links no BLAS: cpu.py loads one at run time (OpenBLAS, MKL, ...) and hands its
+// cblas_sgemm over with tfm_set_sgemm(fn, ilp64), so one build serves every BLAS. Until that is
+// done every handler returns an error instead of calling a null pointer.
 // Built and loaded by tfm_jax/kernels/cpu.py.
 #include <algorithm>
 #include <atomic>
@@ -31,10 +34,40 @@
 namespace ffi = xla::ffi;
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
-extern "C" void cblas_sgemm(int layout, int transa, int transb, int m, int n, int k, float alpha,
-                            const float* a, int lda, const float* b, int ldb, float beta, float* c,
-                            int ldc);
-extern "C" int MKL_Set_Threading_Layer(int);
+// cblas_sgemm with 32-bit (LP64) or 64-bit (ILP64) integer arguments; the enums stay int.
+using SgemmLP64 = void (*)(int, int, int, int32_t, int32_t, int32_t, float, const float*, int32_t,
+                           const float*, int32_t, float, float*, int32_t);
+using SgemmILP64 = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*,
+                            int64_t, const float*, int64_t, float, float*, int64_t);
+static std::atomic<void*> g_sgemm{nullptr};
+static std::atomic<bool> g_ilp64{false};
+
+// Installs the BLAS (called by cpu.py before any kernel runs, and again to switch BLAS between
+// calls, e.g. by benchmarks/blas_compare.py; never while a kernel is running).
+extern "C" int tfm_set_sgemm(void* fn, int ilp64) {
+  g_ilp64.store(ilp64 != 0);
+  g_sgemm.store(fn);
+  return fn != nullptr;
+}
+
+static inline void cblas_sgemm(int layout, int transa, int transb, int m, int n, int k,
+                               float alpha, const float* a, int lda, const float* b, int ldb,
+                               float beta, float* c, int ldc) {
+  void* fn = g_sgemm.load(std::memory_order_relaxed);
+  if (g_ilp64.load(std::memory_order_relaxed))
+    reinterpret_cast<SgemmILP64>(fn)(layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta,
+                                     c, ldc);
+  else
+    reinterpret_cast<SgemmLP64>(fn)(layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c,
+                                    ldc);
+}
+
+static inline bool NoBlas() { return g_sgemm.load() == nullptr; }
+static ffi::Error NoBlasError() {
+  return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                    "tfm_jax CPU kernels: no BLAS installed (tfm_set_sgemm was not called)");
+}
+
 static const int kRow = 101, kN = 111, kT = 112;
 static const float kNegInf = -1e30f;
 
@@ -122,6 +155,7 @@ static ffi::Error AttnFwd(ffi::ThreadPool pool, F32 q, F32 k,
                           F32 v, F32 kvalid,
                           F32Out o, F32Out stats,
                           int64_t block) {
+  if (NoBlas()) return NoBlasError();
   auto qd = q.dimensions(), kd = k.dimensions();
   Dims d{(int)qd[0], (int)qd[1], (int)qd[2], (int)kd[2], (int)qd[3], (int)(qd[2] / kd[2])};
   float scale = 1.0f / std::sqrt((float)d.D);
@@ -177,6 +211,7 @@ static ffi::Error AttnBwd(ffi::ThreadPool pool, F32 q, F32 k,
                           F32 dout, F32Out dq,
                           F32Out dk, F32Out dv,
                           int64_t block) {
+  if (NoBlas()) return NoBlasError();
   auto qd = q.dimensions(), kd = k.dimensions();
   Dims d{(int)qd[0], (int)qd[1], (int)qd[2], (int)kd[2], (int)qd[3], (int)(qd[2] / kd[2])};
   float scale = 1.0f / std::sqrt((float)d.D);
@@ -255,6 +290,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_attn_bwd, AttnBwd,
 // C (m, n) = op(A) @ op(B); A stored (m, k), or (k, m) if ta; B stored (k, n), or (n, k) if tb.
 static ffi::Error Gemm(ffi::ThreadPool pool, F32 a, F32 b,
                        F32Out c, bool ta, bool tb) {
+  if (NoBlas()) return NoBlasError();
   auto ad = a.dimensions(), bd = b.dimensions();
   int m = ta ? ad[1] : ad[0], k = ta ? ad[0] : ad[1], n = tb ? bd[0] : bd[1];
   int lda = ad[1], ldb = bd[1];
@@ -394,5 +430,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_rms_bwd, RmsBwd,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
         .Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>().Attr<float>("eps"));
 
-// MKL runs single-threaded inside each task: the parallelism is XLA's pool (no oversubscription).
-extern "C" int tfm_mkl_sequential() { return MKL_Set_Threading_Layer(1); }
