@@ -1,6 +1,7 @@
 """Native fp32 CPU kernels (tfm_jax/kernels): that they load where they can, the BLAS finder and
 every installed BLAS, numerics against numpy and against the XLA path, the model with
-kernels="native" vs "xla", the backend.cpu_kernels resolution, the build cache."""
+the cpu-native vs cpu-xla op sets, the BLAS choice, the build cache (the backend.cpu_kernels
+resolution is in tests/test_ops.py)."""
 
 import os
 import pathlib
@@ -15,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfm_jax import backends
 from tfm_jax.config import ConfigError, ModelConfig, load_config
 from tfm_jax.layers import attention as attn_lib
+from tfm_jax.layers import ops as ops_lib
 from tfm_jax.model import TransformerLM
 
 cpu = pytest.importorskip("tfm_jax.kernels.cpu")
@@ -240,7 +241,8 @@ def test_model_native_matches_xla(scan):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                       attn_block_q=8, scan_layers=scan, remat="full" if scan else "none")
     toks = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 24)), jnp.int32)
-    xla_m, nat_m = TransformerLM(cfg), TransformerLM(cfg, kernels="native")
+    xla_m = TransformerLM(cfg, ops=ops_lib.cpu_xla_ops())
+    nat_m = TransformerLM(cfg, ops=ops_lib.native_cpu_ops())
     params = xla_m.init(jax.random.key(0), toks)["params"]
     assert jax.tree.structure(params) == jax.tree.structure(
         nat_m.init(jax.random.key(0), toks)["params"])           # same parameters
@@ -254,20 +256,6 @@ def test_model_native_matches_xla(scan):
     np.testing.assert_allclose(l_n, l_x, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_n), jax.tree.leaves(g_x)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
-
-
-def test_resolve_kernels_rules():
-    cfg = load_config()
-    devs = jax.devices()
-    xla = load_config(overrides=["backend.cpu_kernels=xla"])
-    assert backends.resolve_kernels(xla, devs[:1])[0] == "xla"
-    choice, why = backends.resolve_kernels(cfg, devs)           # conftest: 8 fake devices
-    assert choice == "xla" and "8 devices" in why
-    with pytest.raises(ConfigError, match="single-device"):
-        backends.resolve_kernels(load_config(overrides=["backend.cpu_kernels=native"]), devs)
-    bf = load_config(overrides=["model.dtype=bfloat16"])
-    assert backends.resolve_kernels(bf, devs[:1])[0] == "xla"
-    assert backends.resolve_kernels(cfg, devs[:1])[0] == ("native" if OK else "xla")
 
 
 def test_kernel_library_builds_into_a_fresh_cache_once_for_every_blas(tmp_path):

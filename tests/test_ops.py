@@ -183,3 +183,21 @@ def test_replaced_gemm_is_named_in_the_log_line():
     b = TransformerLM(cfg, ops=ops_lib.cpu_xla_ops())
     params = nn.meta.unbox(b.init(jax.random.key(0), tokens))["params"]
     _close(a.apply({"params": params}, tokens), b.apply({"params": params}, tokens), 1e-5)
+
+
+def test_a_blas_asked_for_by_name_is_never_a_silent_fallback(devices, monkeypatch):
+    """backend.cpu_blas=mkl without MKL (or openblas without it) is a config error naming the
+    fix, not a quiet cpu-xla run; auto may fall back (with the reason in the log line)."""
+    from tfm_jax.kernels import cpu
+    installed = {kind for kind, paths in cpu.find_blas().items() if paths}
+    monkeypatch.delenv("TFM_JAX_CPU_BLAS", raising=False)
+    for kind in ("mkl", "openblas"):
+        cfg = load_config(overrides=[f"backend.cpu_blas={kind}"])
+        if kind in installed:
+            ops = backends.resolve_ops(cfg, devices[:1])
+            assert ops.name == "cpu-native" and ("MKL" if kind == "mkl" else "OpenBLAS") in \
+                ops.describe()
+        else:
+            with pytest.raises(ConfigError, match=f"cpu_blas={kind}.*pip install"):
+                backends.resolve_ops(cfg, devices[:1])
+    backends.resolve_ops(load_config(), devices[:1])        # leave the default BLAS active

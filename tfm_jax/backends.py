@@ -46,8 +46,9 @@ def resolve_ops(cfg: Config, devices: list) -> Ops:
     * GPU/TPU (any non-CPU platform): ``xla``, plain XLA ops.
     * CPU: ``cpu-native`` when ``backend.cpu_kernels`` allows it and the run can use the native
       kernels -- one device (XLA cannot partition a custom call over a mesh) and fp32 -- and the
-      library builds/loads; otherwise ``cpu-xla``. ``auto`` falls back with the reason in
-      ``Ops.detail``; ``native`` raises ConfigError with it.
+      library builds/loads with the BLAS ``backend.cpu_blas`` names; otherwise ``cpu-xla``.
+      ``auto`` falls back with the reason in ``Ops.detail``; ``native``, or a BLAS asked for by
+      name that is not installed, raises ConfigError with it.
     """
     from tfm_jax.layers import ops as ops_lib
 
@@ -65,9 +66,12 @@ def resolve_ops(cfg: Config, devices: list) -> Ops:
         reason = f"model dtype {cfg.model.dtype}/{cfg.model.param_dtype} (native kernels: float32)"
     else:
         from tfm_jax.kernels import cpu
-        ok, detail = cpu.available()
+        blas = cfg.backend.cpu_blas
+        ok, detail = cpu.available(blas)
         if ok:
             return ops_lib.native_cpu_ops(detail)
+        if blas != "auto":      # asked for by name: not a reason to fall back silently
+            raise ConfigError(f"backend.cpu_blas={blas}: {detail}")
         reason = detail
     if choice == "native":
         raise ConfigError(f"backend.cpu_kernels=native: {reason}; use backend.cpu_kernels=auto "
