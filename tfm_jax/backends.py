@@ -67,7 +67,8 @@ def resolve_ops(cfg: Config, devices: list) -> Ops:
     else:
         from tfm_jax.kernels import cpu
         blas = cfg.backend.cpu_blas
-        ok, detail = cpu.available(blas)
+        ok, detail = cpu.available(None if blas == "auto" else blas)   # auto: $TFM_JAX_CPU_BLAS
+                                                                        # or the best installed
         if ok:
             return ops_lib.native_cpu_ops(detail)
         if blas != "auto":      # asked for by name: not a reason to fall back silently
