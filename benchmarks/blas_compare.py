@@ -34,7 +34,7 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _ROOT = str(pathlib.Path(__file__).resolve().parents[1])
@@ -70,14 +70,7 @@ def open_candidates(wanted: list[str]) -> tuple[dict[str, cpu.Blas], dict[str, s
     return opened, missing
 
 
-def _time(fn: Callable[[], Any], iters: int) -> float:
-    fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+_time = gemm_rates._time   # median seconds of iters calls after one warm-up
 
 
 def gemm_cases(shape: dict[str, int], seq: int, batch: int) -> list[tuple[str, str, int, int, int,
@@ -216,7 +209,7 @@ def print_report(out: dict[str, Any]) -> None:
     print(f"  env: {env or 'no OPENBLAS_*/MKL_* variables set'}")
     cols = list(out["blas"]) + (["torch"] if out["torch"] else [])
     if out["gemm"]:
-        print(f"\nGEMM GFLOP/s (kernels' tfm_gemm over XLA's pool; torch: its own matmul)")
+        print("\nGEMM GFLOP/s (kernels' tfm_gemm over XLA's pool; torch: its own matmul)")
         print(f"{'gemm':<12} {'case':<7} {'M x K x N':>16} | " + " ".join(f"{c:>14}" for c in cols))
         for r in out["gemm"]:
             dims = f"{r['m']}x{r['k']}x{r['n']}"
