@@ -5,7 +5,10 @@ argv: die_at overrides..."""
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+# The same XLA CPU set-up as the test process (8 fake devices, the run on the first): a resume
+# continues on the machine and set-up it stopped on, and the native kernels' OpenBLAS results can
+# differ in the last bit between XLA thread-pool configurations.
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 
@@ -23,7 +26,8 @@ def main():
             os._exit(17)
 
     Checkpointer.save = save_then_die
-    train(load_config(None, sys.argv[2:]))
+    import jax
+    train(load_config(None, sys.argv[2:]), devices=jax.devices()[:1])
 
 
 if __name__ == "__main__":

@@ -436,6 +436,16 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     run_dir = cfg.run_dir
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoint)
+    try:   # closed on every exit: an orbax manager left open prints asyncio tracebacks at exit
+        return _train(cfg, ckpt, resume, devices, corpus, step_hook)
+    finally:
+        ckpt.close()
+
+
+def _train(cfg: Config, ckpt: Checkpointer, resume: bool, devices: Optional[list],
+           corpus: Optional[data_lib.Corpus], step_hook: Optional[Callable[[int], None]]
+           ) -> TrainResult:
+    run_dir = cfg.run_dir
     if not resume and ckpt.latest_step() is not None:
         raise FileExistsError(
             f"run directory {run_dir} already has checkpoints (latest step "

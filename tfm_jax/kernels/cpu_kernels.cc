@@ -297,9 +297,13 @@ static ffi::Error Gemm(ffi::ThreadPool pool, F32 a, F32 b,
   const float* A = a.typed_data();
   const float* B = b.typed_data();
   float* C = c->typed_data();
-  // One row chunk per pool thread (more chunks measured 1-4 % slower in the full step).
+  // One row chunk per pool thread (more chunks measured 1-4 % slower in the full step), each a
+  // multiple of 64 rows: the BLAS then sees the same row tiling and tail whatever the pool size,
+  // so every output row is computed the same way (OpenBLAS rounds rows in a tail tile
+  // differently; bitwise resume across processes with other pool sizes relies on this).
   int parts = std::max<int>(1, std::min<int>((int)pool.num_threads(), m / 32));
-  int chunk = (m + parts - 1) / parts;
+  int chunk = ((m + parts - 1) / parts + 63) / 64 * 64;
+  parts = (m + chunk - 1) / chunk;
   auto rows = [=](int i) {
     int r0 = i * chunk, r1 = std::min(m, r0 + chunk);
     if (r1 <= r0) return;
