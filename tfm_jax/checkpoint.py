@@ -48,12 +48,37 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        self._check_shapes(step, abstract_state)
         try:
             return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointMismatch(
                 f"checkpoint {self.directory}/{step} does not match the configured model "
                 f"(was it written with a different model.* config?): {err}") from err
+
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        """Compare the checkpoint's metadata (names and shapes, no array read) with the
+        configured state, so a mismatch is reported before orbax starts any asynchronous read
+        (a failing restore leaves reader threads that print tracebacks at exit)."""
+        try:   # the manager's single unnamed item lives in <step>/default
+            meta = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) /
+                                                            "default")
+        except Exception:  # noqa: BLE001 -- no readable metadata: let restore decide
+            return
+        saved = _shapes(getattr(meta, "tree", meta))
+        wanted = _shapes(abstract_state)
+        if not saved:
+            return
+        problems = [f"{k}: checkpoint {saved[k]}, configured {wanted[k]}"
+                    for k in wanted if k in saved and saved[k] != wanted[k]]
+        problems += [f"{k}: not in the checkpoint" for k in wanted if k not in saved]
+        problems += [f"{k}: in the checkpoint, not in the configured model"
+                     for k in saved if k not in wanted]
+        if problems:
+            more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory}/{step} does not match the configured model (was it "
+                f"written with a different model.* config?): {'; '.join(problems[:5])}{more}")
 
     def wait(self) -> None:
         if self._manager is not None:
@@ -63,3 +88,22 @@ class Checkpointer:
         if self._manager is not None:
             self._manager.close()
             self._manager = None
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """``{"params/embed/embedding": shape}`` for every array-like leaf (dataclass fields and dict
+    keys alike, so a saved TrainState and its abstract twin give the same names)."""
+    import jax
+
+    def name(path) -> str:
+        parts = []
+        for k in path:
+            for attr in ("key", "name", "idx"):
+                if hasattr(k, attr):
+                    k = getattr(k, attr)
+                    break
+            parts.append(str(k))
+        return "/".join(parts)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {name(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
