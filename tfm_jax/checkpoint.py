@@ -95,15 +95,7 @@ def _shapes(tree: Any) -> dict[str, tuple]:
     keys alike, so a saved TrainState and its abstract twin give the same names)."""
     import jax
 
-    def name(path) -> str:
-        parts = []
-        for k in path:
-            for attr in ("key", "name", "idx"):
-                if hasattr(k, attr):
-                    k = getattr(k, attr)
-                    break
-            parts.append(str(k))
-        return "/".join(parts)
+    from tfm_jax.param_roles import path_names
 
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {name(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
+    return {"/".join(path_names(p)): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
