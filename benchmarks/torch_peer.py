@@ -365,6 +365,107 @@ def torch_matmul_peak_flops(n: int = 1024, seconds: float = 1.0) -> float:
 
 
 # -----------------------------------------------------------------------------
+# KV-cache decoding (the peer of benchmarks/decode.py)
+
+
+class TorchKVDecoder:
+    """Greedy-decoding state of a :class:`TorchLM`: per layer a preallocated K/V cache
+    (B, Hkv, max_len, Dh), filled by :meth:`prefill` and one position per :meth:`step`.
+
+    Every row of the batch has the same length (the benchmark's fixed context). K/V are never
+    repeated per query head (SDPA's ``enable_gqa`` where this torch has it, as in training).
+    """
+
+    def __init__(self, model: TorchLM, batch: int, max_len: int):
+        self.model, self.batch, self.max_len = model, batch, max_len
+        shape = (batch, model.n_kv_heads, max_len, model.head_dim)
+        dtype = model.embed.weight.dtype
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in model.layers]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in model.layers]
+        self.cos, self.sin = rope_cos_sin(max_len, model.head_dim, model.rope_theta)
+        self.length = 0
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def _attend(self, i: int, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Layer i's attention for x (B, T, d) at positions start..start+T-1 (writes the cache)."""
+        attn = self.model.layers[i].attn
+        B, T, _ = x.shape
+        H, Hkv, Dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        end = start + T
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        q = apply_rope(attn.wq(x).view(B, T, H, Dh).transpose(1, 2), cos, sin)
+        self.k[i][:, :, start:end] = apply_rope(attn.wk(x).view(B, T, Hkv, Dh).transpose(1, 2),
+                                                cos, sin)
+        self.v[i][:, :, start:end] = attn.wv(x).view(B, T, Hkv, Dh).transpose(1, 2)
+        k, v = self.k[i][:, :, :end], self.v[i][:, :, :end]
+        if T > 1:                      # prefill from position 0: causal over the prompt
+            y = causal_attention(q, k, v)
+        else:                          # one new token sees every cached key
+            n_rep = H // Hkv
+            if USE_SDPA_GQA:
+                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=n_rep > 1)
+            else:
+                y = F.scaled_dot_product_attention(q, k.repeat_interleave(n_rep, dim=1),
+                                                   v.repeat_interleave(n_rep, dim=1))
+        return attn.wo(y.transpose(1, 2).reshape(B, T, H * Dh))
+
+    def _forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        x = self.model.embed(tokens)                                     # (B, T, d)
+        for i, block in enumerate(self.model.layers):
+            x = x + self._attend(i, block.attn_norm(x), start)
+            x = x + block.ffn(block.ffn_norm(x))
+        return self.model.lm_head(self.model.final_norm(x[:, -1]))      # (B, V)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, P) -> logits (B, V) at the last prompt token; the cache holds 0..P-1."""
+        if tokens.shape[1] > self.max_len:
+            raise ValueError(f"prompt of {tokens.shape[1]} tokens > max_len {self.max_len}")
+        logits = self._forward(tokens, 0)
+        self.length = tokens.shape[1]
+        return logits
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) at position ``length`` -> logits (B, V); length += 1."""
+        if self.length >= self.max_len:
+            raise ValueError(f"the cache is full ({self.max_len} positions)")
+        logits = self._forward(tokens[:, None], self.length)
+        self.length += 1
+        return logits
+
+
+def bench_torch_decode(model: TorchLM, prompt: torch.Tensor, new_tokens: int,
+                       threads: int | None = None) -> dict:
+    """Greedy decode of ``new_tokens`` after ``prompt`` (B, P); prefill is timed apart.
+
+    Returns decode tokens/s (B * new_tokens / decode seconds), ms per step, prefill seconds and
+    the generated ids (B, new_tokens) for cross-checking against another implementation.
+    """
+    n_threads = threads or os.cpu_count()
+    torch.set_num_threads(n_threads)
+    model.eval()
+    B, P = prompt.shape
+    dec = TorchKVDecoder(model, B, P + new_tokens)
+    t0 = time.perf_counter()
+    logits = dec.prefill(prompt)
+    prefill_s = time.perf_counter() - t0
+    out, step_s = [], []
+    tok = logits.argmax(-1)
+    for _ in range(new_tokens):
+        out.append(tok)
+        t0 = time.perf_counter()
+        tok = dec.step(tok).argmax(-1)
+        step_s.append(time.perf_counter() - t0)
+    decode_s = sum(step_s)
+    return {"tokens_per_s": B * new_tokens / decode_s, "step_ms": _median_ms(step_s),
+            "prefill_s": prefill_s, "cache_bytes": dec.cache_bytes(), "threads": n_threads,
+            "ids": torch.stack(out, 1).numpy()}
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 

@@ -119,6 +119,26 @@ def test_forward_matches_numpy(monkeypatch, sdpa_gqa):
     np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("sdpa_gqa", [True, False])
+def test_kv_decoder_matches_numpy_forward(monkeypatch, sdpa_gqa):
+    """Prefill 3 tokens, then decode the rest one at a time: every step's logits equal the
+    numpy full forward's logits at that position (the decode benchmark's peer)."""
+    if sdpa_gqa and not torch_peer._sdpa_supports_gqa():
+        pytest.skip("this torch has no enable_gqa")
+    monkeypatch.setattr(torch_peer, "USE_SDPA_GQA", sdpa_gqa)
+    w = random_weights()
+    tokens = _tokens()
+    ref = np_forward(w, tokens)                                  # (B, T, V)
+    dec = torch_peer.TorchKVDecoder(load_numpy_weights(TorchLM(**CFG), w).eval(), B, T)
+    got = [dec.prefill(torch.from_numpy(tokens[:, :3])).numpy()]
+    for t in range(3, T):
+        got.append(dec.step(torch.from_numpy(tokens[:, t])).numpy())
+    np.testing.assert_allclose(np.stack(got, 1), ref[:, 2:], atol=1e-5, rtol=1e-5)
+    assert dec.length == T
+    with pytest.raises(ValueError, match="cache is full"):
+        dec.step(torch.from_numpy(tokens[:, 0]))
+
+
 def test_loss_is_mean_cross_entropy():
     w = random_weights()
     tokens = _tokens()
