@@ -118,7 +118,7 @@ class Decoder:
     _init: Callable = dataclasses.field(repr=False)
     _prefill: Callable = dataclasses.field(repr=False)
     _step: Callable = dataclasses.field(repr=False)
-    _sample: Callable = dataclasses.field(repr=False)
+    _start: Callable = dataclasses.field(repr=False)
     _loop: Callable = dataclasses.field(repr=False)
 
     def init_cache(self) -> Cache:
@@ -200,6 +200,19 @@ def make_decoder(model: Any, *, batch: int, max_len: int, kv_cache: str = "none"
         tok = sample_logits(logits, rng, temperature, top_k, top_p)
         return tok, jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
 
+    def start(variables, cache, tokens, lengths, idle, rng, stop_ids, *, temperature, top_k,
+              top_p):
+        """generate's prefill: the cache and the first sampled token of every row; rows that
+        sampled a stop id (or are idle padding rows) are done."""
+        traces["start"] += 1
+        with _cache_rules():
+            mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]      # (B, P)
+            logits, cache = model.apply(variables, tokens, token_mask=mask, cache=cache)
+            last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+            tok, stop = sample(last, rng, stop_ids, temperature=temperature, top_k=top_k,
+                               top_p=top_p)
+            return tok, stop | idle, _constrain_cache(cache)
+
     def loop(variables, cache, tok, done, rng, stop_ids, *, n_steps, temperature, top_k,
              top_p):
         """``n_steps`` decode steps (fewer once every row is done) in one while loop: feed
@@ -230,7 +243,7 @@ def make_decoder(model: Any, *, batch: int, max_len: int, kv_cache: str = "none"
     return Decoder(model, batch, max_len, kv_cache, kv_scale, traces,
                    jax.jit(init), jax.jit(prefill, donate_argnums=1),
                    jax.jit(step, donate_argnums=1),
-                   jax.jit(sample, static_argnames=sampling),
+                   jax.jit(start, donate_argnums=1, static_argnames=sampling),
                    jax.jit(loop, donate_argnums=1, static_argnames=("n_steps",) + sampling))
 
 
@@ -305,20 +318,18 @@ def generate(decoder: Decoder, variables: Any, prompts: Sequence[Sequence[int]],
     # Compile first (traced against abstract values), so the timed calls run compiled code only.
     t0 = time.perf_counter()
     cache = decoder.init_cache()
-    logits_aval = jax.ShapeDtypeStruct((b, decoder.model.cfg.vocab_size), jnp.float32)
-    decoder._prefill.lower(variables, cache, tokens, lengths).compile()
-    decoder._sample.lower(logits_aval, rng_first, stops, **sampling).compile()
+    decoder._start.lower(variables, cache, tokens, lengths, idle, rng_first, stops,
+                         **sampling).compile()
     if n_steps:
         decoder._loop.lower(variables, cache, jnp.zeros((b,), jnp.int32), idle, rng_loop,
                             stops, n_steps=n_steps, **sampling).compile()
     compile_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    logits, cache = decoder.prefill(variables, cache, tokens, lengths)
-    first, done = decoder._sample(logits, rng_first, stops, **sampling)
+    first, done, cache = decoder._start(variables, cache, tokens, lengths, idle, rng_first,
+                                        stops, **sampling)
     first.block_until_ready()
     prefill_s = time.perf_counter() - t0
-    done = done | idle
 
     out, steps, decode_s = np.zeros((b, 0), np.int32), 0, 0.0
     if n_steps:
