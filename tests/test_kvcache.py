@@ -128,11 +128,12 @@ def test_cached_decoding_equals_full_forward(heads, scan):
 @pytest.mark.slow          # the same attention code as the grid above; ~4 s of compiles each
 @pytest.mark.parametrize("kw", [dict(norm="batchnorm", norm_position="post",
                                      tie_embeddings=True),
-                                dict(norm="layernorm", attn_block_q=0, ffn_type="gelu")],
-                         ids=["bn-post-tied", "ln-masked-path"])
+                                dict(norm="layernorm", attn_block_q=0, ffn_type="gelu"),
+                                dict(remat="full")],
+                         ids=["bn-post-tied", "ln-masked-path", "remat"])
 def test_cached_decoding_other_model_variants(kw):
-    """Post-norm with BatchNorm (eval statistics), tied embeddings, and the general masked
-    prefill path (attn_block_q=0)."""
+    """Post-norm with BatchNorm (eval statistics), tied embeddings, the general masked prefill
+    path (attn_block_q=0), remat-wrapped blocks."""
     model, variables = model_and_vars(cfg_of(2, scan_layers=True, **kw))   # scanned: BN stats
     toks = seq_tokens()                                                     # stacked as well
     got, _ = decode_all(model, variables, toks, LENGTHS)

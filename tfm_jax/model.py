@@ -109,6 +109,11 @@ class TransformerLM(nn.Module):
         if cache is not None and (train or positions is not None):
             raise ValueError("the KV cache is for inference: call with train=False and without "
                              "positions (prefill uses 0..T-1, decode each row's cache length)")
+        if cache is not None and (isinstance(cache.layers, tuple) == cfg.scan_layers or (
+                isinstance(cache.layers, tuple) and len(cache.layers) != cfg.n_layers)):
+            raise ValueError(
+                f"the KV cache's layout does not fit this model (scan_layers={cfg.scan_layers}, "
+                f"{cfg.n_layers} layers); create it with TransformerLM.init_cache")
         if decode:
             if cache is None:
                 raise ValueError("decode=True needs a cache (prefill one first)")
