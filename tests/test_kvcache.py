@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from tfm_jax.config import DEFAULT_RULES, ConfigError, MeshConfig, ModelConfig, load_config
 from tfm_jax.generate import (bytes_of_cache, eval_through_cache, generate, make_decoder)

@@ -38,11 +38,14 @@ from flax import linen as nn
 from tfm_jax.config import DEFAULT_RULES
 from tfm_jax.data import ByteTokenizer
 from tfm_jax.layers import kv_cache as kv
-from tfm_jax.layers.kv_cache import Cache, bytes_of_cache  # noqa: F401  (re-exported)
+from tfm_jax.layers.kv_cache import Cache, bytes_of_cache
 from tfm_jax.parallel import axes
 from tfm_jax.parallel.mesh import rules_tuple
 
 PAD_OUT = -1     # token id in generate's raw output for rows that had already finished
+
+__all__ = ["Cache", "Decoder", "Generation", "bytes_of_cache", "eval_through_cache", "generate",
+           "generate_text", "make_decoder", "sample_logits"]
 
 
 # --------------------------------------------------------------------------------------------
