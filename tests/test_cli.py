@@ -233,6 +233,36 @@ def test_generate_run_dir(env, trained):
     assert len(text) > len("def "), repr(proc.stdout)
 
 
+def test_generate_batch_of_prompts(env, trained, tmp_path):
+    """Several prompts (--prompt twice + --prompts-file) are one batch; --json prints one object
+    with the completions, prefill time, decode tokens/s and the KV-cache bytes (the formula
+    for this model: 1 layer, 1 kv head of 16, int8 + float32 per-token scales)."""
+    rd, _, base = trained
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("class \nimport os\n")
+    proc = _check(run(env, base, "generate", "--run-dir", rd, "--tokens", "4", "--prompt",
+                      "def ", "--prompt", "x = ", "--prompts-file", pf, "--top-p", "0.9",
+                      "--json", "quant.kv_cache=int8"), 0)
+    out = json.loads(proc.stdout)
+    rows = out["completions"]
+    assert [r["prompt"] for r in rows] == ["def ", "x = ", "class ", "import os"]
+    for r in rows:
+        assert r["text"].startswith(r["prompt"]) and 0 <= r["new_tokens"] <= 4
+    assert out["prefill_s"] > 0 and out["batch"] == 4 and out["kv_cache"] == "int8"
+    assert out["decode_steps"] == 0 or out["decode_tokens_per_s"] > 0
+    max_len = len("import os") + 1 + 4 - 1          # EOS + prompt + fed-back new tokens
+    assert out["kv_cache_bytes"] == 2 * 1 * 4 * max_len * 1 * (16 * 1 + 4)
+    # text mode: the completions on stdout, the timings on stderr
+    proc = _check(run(env, base, "generate", "--run-dir", rd, "--tokens", "3", "--prompt",
+                      "def ", "--prompt", "x = ", "--temperature", "0"), 0)
+    assert proc.stdout.startswith("=== prompt 1/2 ===\ndef ") and "=== prompt 2/2 ===\nx = " \
+        in proc.stdout
+    assert re.search(r"^prefill [\d.]+ ms \(2 prompts\), decode .*tokens/s", proc.stderr, re.M), \
+        proc.stderr
+    err = _config_error(run(env, base, "generate", "--run-dir", rd, "--top-p", "1.5"))
+    assert "--top-p 1.5" in err
+
+
 def test_train_again_requires_resume(env, trained, corpus):
     rd, _, base = trained
     before = (rd / "metrics.jsonl").read_text()

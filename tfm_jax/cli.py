@@ -75,10 +75,11 @@ def _sample(setup, state, prompt: str, tokens: int, temperature: float, top_k: i
     from tfm_jax.generate import generate_text
 
     variables = {"params": state.params, **state.model_state}
+    q = setup.cfg.quant
     with setup.context():
         return generate_text(setup.model, variables, prompt, max_new_tokens=tokens,
-                             window=setup.cfg.data.seq_len, temperature=temperature,
-                             top_k=top_k, seed=seed)
+                             temperature=temperature, top_k=top_k, seed=seed,
+                             kv_cache=q.kv_cache, kv_scale=q.kv_scale)
 
 
 # ----------------------------------------------------------------------------- train
@@ -161,20 +162,89 @@ def run_eval(args) -> int:
 def _generate_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
-    p.add_argument("--prompt", default=None, help="prompt text (default train.sample_prompt)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text; repeat for several prompts, generated as one batch "
+                   "(default train.sample_prompt)")
+    p.add_argument("--prompts-file", default=None,
+                   help="more prompts: one per line (a .json file: a list of strings)")
     p.add_argument("--tokens", type=int, default=None, help="new tokens (default "
                    "train.sample_tokens)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=40, help="0: no top-k truncation")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1: no truncation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (completions, timings) instead of text")
+
+
+def _read_prompts(path: Optional[str]) -> list[str]:
+    if path is None:
+        return []
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--prompts-file {path}: no such file")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if p.suffix == ".json":
+        try:
+            prompts = json.loads(text)
+        except ValueError as err:
+            raise ConfigError(f"--prompts-file {path}: not valid JSON ({err})") from None
+        if not (isinstance(prompts, list) and all(isinstance(x, str) for x in prompts)):
+            raise ConfigError(f"--prompts-file {path}: a .json file must hold a list of strings")
+        return prompts
+    return [line for line in text.splitlines() if line]
 
 
 def run_generate(args) -> int:
     cfg = _run_config(args)
-    setup, state = _restore(cfg)
-    prompt = cfg.train.sample_prompt if args.prompt is None else args.prompt
+    prompts = list(args.prompt or []) + _read_prompts(args.prompts_file)
+    if not prompts:
+        prompts = [cfg.train.sample_prompt]
     tokens = cfg.train.sample_tokens if args.tokens is None else args.tokens
-    print(_sample(setup, state, prompt, tokens, args.temperature, args.top_k, args.seed))
+    if tokens < 1:
+        raise ConfigError(f"--tokens {tokens}: generate at least 1 token")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError(f"--temperature {args.temperature} / --top-k {args.top_k} / --top-p "
+                          f"{args.top_p}: need temperature >= 0, top-k >= 0, 0 < top-p <= 1")
+    setup, state = _restore(cfg)
+    from tfm_jax.data import ByteTokenizer
+    from tfm_jax.generate import bytes_of_cache, generate, make_decoder
+
+    tok = ByteTokenizer()
+    # Packed training streams separate documents with EOS: EOS is the "document start" context.
+    ids = [[tok.EOS_ID] + list(tok.encode(p)) for p in prompts]
+    shards = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+    batch = -(-len(ids) // shards) * shards          # rows split evenly over the batch shards
+    q = cfg.quant
+    variables = {"params": state.params, **state.model_state}
+    with setup.context():
+        decoder = make_decoder(setup.model, batch=batch,
+                               max_len=max(map(len, ids)) + tokens - 1,
+                               kv_cache=q.kv_cache, kv_scale=q.kv_scale)
+        g = generate(decoder, variables, ids, max_new_tokens=tokens,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     stop_ids=[tok.EOS_ID], seed=args.seed)
+    texts = [tok.decode(list(i) + list(new)) for i, new in zip(ids, g.tokens)]
+    stats = {"prefill_s": g.prefill_s, "decode_s": g.decode_s,
+             "decode_tokens_per_s": g.decode_tokens_per_s if g.decode_steps else None,
+             "decode_tokens": g.decode_tokens,
+             "decode_steps": g.decode_steps, "compile_s": g.compile_s, "batch": batch,
+             "kv_cache": q.kv_cache, "kv_scale": q.kv_scale,
+             "kv_cache_bytes": bytes_of_cache(g.cache), "kernels": setup.ops.describe()}
+    if args.json:
+        rows = [{"prompt": p, "text": t, "new_tokens": len(new), "stopped": bool(stop)}
+                for p, t, new, stop in zip(prompts, texts, g.tokens, g.stopped)]
+        print(json.dumps({"completions": rows, **stats}, indent=2))
+        return 0
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"=== prompt {i + 1}/{len(texts)} ===")
+        print(text)
+    rate = (f"{g.decode_tokens_per_s:,.1f} tokens/s ({g.decode_tokens} tokens in "
+            f"{g.decode_steps} steps of batch {batch})" if g.decode_steps else "no decode steps")
+    print(f"prefill {g.prefill_s * 1e3:.1f} ms ({len(ids)} prompts), decode {rate}; KV cache "
+          f"{q.kv_cache}, {stats['kv_cache_bytes'] / 2**10:,.1f} KiB; compile "
+          f"{g.compile_s:.1f} s (not timed)", file=sys.stderr)
     return 0
 
 

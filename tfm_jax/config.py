@@ -68,6 +68,8 @@ DEFAULT_RULES: list[tuple[str, Union[str, list[str], None]]] = [
     ("expert", "expert"),
     ("layers", None),
     ("norm", None),
+    ("cache_batch", ["data", "fsdp"]),   # KV cache (tfm_jax.layers.kv_cache): rows like batch
+    ("cache_length", None),
 ]
 
 
@@ -310,6 +312,12 @@ class MeshConfig(_Section):
 
 class QuantConfig(_Section):
     recipe: Literal["none"] = "none"
+    kv_cache: Literal["none", "int8", "fp8"] = Field(
+        "none", description="KV-cache storage for generation (tfm_jax.layers.kv_cache): none = "
+        "the compute dtype; int8 / fp8 (e4m3) = symmetric, saturating, with float32 scales")
+    kv_scale: Literal["per_token_head", "per_token"] = Field(
+        "per_token_head", description="granularity of the quantized KV cache's scales: one per "
+        "(token, kv head), or one per token across heads")
 
 
 class MoEConfig(_Section):

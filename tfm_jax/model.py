@@ -10,7 +10,8 @@ at creation. ``scan_layers`` stacks the blocks under ``nn.scan`` (one compiled b
 ``layers`` axis on every block parameter); ``remat`` recomputes block activations in backward.
 
 Variables: ``params``; with ``norm: batchnorm`` also ``batch_stats`` (running statistics,
-mutable in train mode).
+mutable in train mode). The KV cache of inference is not a variable collection but an explicit
+pytree passed in and returned (:class:`TransformerLM`, :mod:`tfm_jax.layers.kv_cache`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tfm_jax.config import ModelConfig, param_counts
 from tfm_jax.layers.attention import Attention, make_attention_mask, rope_tables
 from tfm_jax.layers.embed import Embed
 from tfm_jax.layers.ffn import FeedForward
+from tfm_jax.layers.kv_cache import Cache, init_cache as init_kv_cache
 from tfm_jax.layers.linear import Linear
 from tfm_jax.layers.norms import make_norm
 from tfm_jax.layers.ops import Ops
@@ -38,10 +40,12 @@ class Block(nn.Module):
     cfg: ModelConfig
     train: bool = False
     ops: Optional[Ops] = None
+    decode: bool = False          # with a layer cache: decode (True) or prefill (False)
 
     @nn.compact
-    def __call__(self, x, positions, attn_mask, token_mask, rope_sincos):
-        """x (B, T, d) -> (B, T, d). Returns ``(y, None)`` so it can be scanned."""
+    def __call__(self, x, positions, attn_mask, token_mask, rope_sincos, layer_cache=None):
+        """x (B, T, d) -> (B, T, d). Returns ``(y, new_layer_cache)`` (None without a cache) so
+        it can be scanned (the cache is a scanned input and output)."""
         cfg = self.cfg
         dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         out_std = cfg.init_std / np.sqrt(2 * cfg.n_layers)   # GPT-2 residual-branch scaling
@@ -56,19 +60,38 @@ class Block(nn.Module):
                           out_init_std=out_std, dtype=dtype, param_dtype=pdtype, ops=self.ops,
                           name="ffn")
         n1, n2 = norm("attn_norm"), norm("ffn_norm")
+        new_cache = None
+
+        def attend(z):
+            nonlocal new_cache
+            if layer_cache is None:
+                return attn(z, positions, attn_mask, token_mask, rope_sincos)
+            out, new_cache = attn(z, positions, attn_mask, token_mask, rope_sincos, layer_cache,
+                                  decode=self.decode)
+            return out
+
         if cfg.norm_position == "pre":
-            h = x + attn(n1(x, token_mask, train=self.train), positions, attn_mask, token_mask,
-                         rope_sincos)
+            h = x + attend(n1(x, token_mask, train=self.train))
             y = h + ffn(n2(h, token_mask, train=self.train))
         else:
-            h = n1(x + attn(x, positions, attn_mask, token_mask, rope_sincos), token_mask,
-                   train=self.train)
+            h = n1(x + attend(x), token_mask, train=self.train)
             y = n2(h + ffn(h), token_mask, train=self.train)
-        return nn.with_logical_constraint(y.astype(dtype), axes.ACT_BTD), None
+        return nn.with_logical_constraint(y.astype(dtype), axes.ACT_BTD), new_cache
 
 
 class TransformerLM(nn.Module):
-    """tokens (B, T) -> logits (B, T, vocab) in float32."""
+    """tokens (B, T) -> logits (B, T, vocab) in float32.
+
+    Three modes (the KV cache is an explicit pytree, :mod:`tfm_jax.layers.kv_cache`):
+
+    * train / full forward (``cache=None``): as always; returns the logits.
+    * prefill (``cache=...``): the same causal forward over a right-padded prompt batch
+      (``token_mask`` (B, T) marks each row's prompt, a prefix) that also writes every layer's
+      K/V at positions [0, T); returns ``(logits, cache)`` with ``lengths`` = prompt lengths.
+    * decode (``cache=..., decode=True``): T new tokens per row at positions
+      ``lengths[b] + 0..T-1`` (RoPE at those absolute positions) attend to the cache; returns
+      ``(logits, cache)`` with their K/V written and ``lengths + T``.
+    """
 
     cfg: ModelConfig
     # The backend's GEMM / attention core / RMSNorm / SwiGLU (tfm_jax.layers.ops), resolved once
@@ -78,15 +101,31 @@ class TransformerLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, positions: Optional[jax.Array] = None,
-                 token_mask: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
+                 token_mask: Optional[jax.Array] = None, train: bool = False,
+                 cache: Optional[Cache] = None, decode: bool = False):
         cfg = self.cfg
         dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         b, t = tokens.shape
+        if cache is not None and (train or positions is not None):
+            raise ValueError("the KV cache is for inference: call with train=False and without "
+                             "positions (prefill uses 0..T-1, decode each row's cache length)")
+        if cache is not None and (isinstance(cache.layers, tuple) == cfg.scan_layers or (
+                isinstance(cache.layers, tuple) and len(cache.layers) != cfg.n_layers)):
+            raise ValueError(
+                f"the KV cache's layout does not fit this model (scan_layers={cfg.scan_layers}, "
+                f"{cfg.n_layers} layers); create it with TransformerLM.init_cache")
+        if decode:
+            if cache is None:
+                raise ValueError("decode=True needs a cache (prefill one first)")
+            if token_mask is not None:
+                raise ValueError("decode: every new token is real, token_mask must be None")
+            # (B, T): each row continues at its own length; the cache masks what it holds
+            positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         # positions 0..T-1 (training, prefill): the block-causal path, no (B, T, T) mask at all
         causal_fast_path = positions is None and cfg.attn_block_q > 0
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        attn_mask = (None if causal_fast_path
+        attn_mask = (None if causal_fast_path or decode
                      else make_attention_mask(positions, positions, token_mask))   # (B, T, T)
         rope_sincos = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
 
@@ -98,16 +137,23 @@ class TransformerLM(nn.Module):
             policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
                       if cfg.remat == "dots" else None)
             block_cls = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+        block_args = (positions, attn_mask, token_mask, rope_sincos)
+        new_layers = None
         if cfg.scan_layers:
+            # the cache (stacked, leading layers axis) is scanned in and out like the params
+            in_axes = (nn.broadcast,) * 4 + (() if cache is None else (0,))
             stack = nn.scan(block_cls, variable_axes={"params": 0, "batch_stats": 0},
-                            split_rngs={"params": True}, in_axes=(nn.broadcast,) * 4,
+                            split_rngs={"params": True}, in_axes=in_axes,
                             length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-            x, _ = stack(cfg, train, self.ops, name="layers")(
-                x, positions, attn_mask, token_mask, rope_sincos)
+            x, new_layers = stack(cfg, train, self.ops, decode, name="layers")(
+                x, *block_args, *(() if cache is None else (cache.layers,)))
         else:
+            layer_caches = []
             for i in range(cfg.n_layers):
-                x, _ = block_cls(cfg, train, self.ops, name=f"layers_{i}")(
-                    x, positions, attn_mask, token_mask, rope_sincos)
+                x, layer_cache = block_cls(cfg, train, self.ops, decode, name=f"layers_{i}")(
+                    x, *block_args, *(() if cache is None else (cache.layers[i],)))
+                layer_caches.append(layer_cache)
+            new_layers = tuple(layer_caches)
 
         if cfg.norm_position == "pre":
             x = make_norm(cfg.norm, eps=cfg.norm_eps, bn_momentum=cfg.bn_momentum,
@@ -119,7 +165,26 @@ class TransformerLM(nn.Module):
         else:
             logits = Linear(cfg.vocab_size, (axes.EMBED, axes.VOCAB), init_std=cfg.init_std,
                             dtype=dtype, param_dtype=pdtype, ops=self.ops, name="lm_head")(x)
-        return nn.with_logical_constraint(logits.astype(jnp.float32), axes.ACT_BTV)
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), axes.ACT_BTV)
+        if cache is None:
+            return logits
+        if decode:
+            lengths = cache.lengths + t
+        elif token_mask is None:
+            lengths = jnp.full((b,), t, jnp.int32)
+        else:
+            lengths = jnp.sum(token_mask.astype(jnp.int32), axis=1)
+        return logits, Cache(new_layers, lengths)
+
+    def init_cache(self, batch: int, max_len: int, *, kv_cache: str = "none",
+                   kv_scale: str = "per_token_head") -> Cache:
+        """An empty KV cache for this model (:func:`tfm_jax.layers.kv_cache.init_cache`):
+        stacked when ``scan_layers``, stored in the compute dtype unless quantized."""
+        cfg = self.cfg
+        return init_kv_cache(n_layers=cfg.n_layers, batch=batch, max_len=max_len,
+                             n_kv_heads=cfg.n_kv_heads, head_dim=cfg.resolved_head_dim,
+                             dtype=DTYPES[cfg.dtype], kv_cache=kv_cache, kv_scale=kv_scale,
+                             stacked=cfg.scan_layers)
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from tfm_jax.layers import kv_cache
 from tfm_jax.layers.linear import Linear
 from tfm_jax.layers.ops import Ops, resolve as resolve_ops
 from tfm_jax.parallel import axes
@@ -102,6 +103,46 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)                             # (B, T, K, G, D)
     return out.reshape(b, t, h, d)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+                     k_scale: Optional[jax.Array] = None,
+                     v_scale: Optional[jax.Array] = None) -> jax.Array:
+    """Decode attention: a few new queries against a KV cache (the ``cached_attention`` of every
+    ops set; XLA ops only).
+
+    q (B, T, H, D) at absolute positions ``q_positions`` (B, T) int32; k, v (B, S, Hkv, D): the
+    cache, the new tokens' K/V already written. Query t of row b sees cache slots
+    ``s <= q_positions[b, t]`` (slots beyond a row's length hold stale values and stay masked).
+    Returns (B, T, H, D) in q's dtype.
+
+    Quantized cache (int8 / e4m3 values, float32 ``k_scale``/``v_scale`` (B, S, Hkv) or
+    (B, S, 1)): dequantized on read without a dequantized copy -- a key's scale is constant over
+    D, so ``q . (k_q s_k) = (q . k_q) s_k`` scales the scores, and ``sum_s p_s (v_q s_v)_s =
+    sum_s (p_s s_v) v_q`` scales the probabilities. K/V are never repeated per query head
+    (the grouped (B, T, Hkv, G, D) view of :func:`grouped_attention`).
+    """
+    b, t, h, d = q.shape
+    s_len, hkv = k.shape[1], k.shape[2]
+    if h % hkv:
+        raise ValueError(f"{h} query heads are not a multiple of {hkv} kv heads")
+    f32 = jnp.float32
+    quantized = k_scale is not None
+    qg = q.reshape(b, t, hkv, h // hkv, d)                                      # (B, T, K, G, D)
+    if quantized:                    # int8 / e4m3 storage: the dots run on float32 values
+        qg, k, v = qg.astype(f32), k.astype(f32), v.astype(f32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
+                        preferred_element_type=f32) / jnp.sqrt(f32(d))          # (B, K, G, T, S)
+    if quantized:
+        scores = scores * k_scale.transpose(0, 2, 1)[:, :, None, None, :]       # (B, K|1,1,1,S)
+    visible = jnp.arange(s_len, dtype=jnp.int32)[None, None, :] <= q_positions[:, :, None]
+    scores = jnp.where(visible[:, None, None, :, :], scores, NEG_INF)           # (B, T, S) mask
+    probs = jax.nn.softmax(scores, axis=-1)                                     # f32
+    if quantized:
+        probs = probs * v_scale.transpose(0, 2, 1)[:, :, None, None, :]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
+                     preferred_element_type=f32)                                # (B, T, K, G, D)
+    return out.reshape(b, t, h, d).astype(q.dtype)
 
 
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -217,12 +258,19 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: Optional[jax.Array],
                  k_valid: Optional[jax.Array] = None,
-                 rope_sincos: Optional[jax.Array] = None) -> jax.Array:
+                 rope_sincos: Optional[jax.Array] = None,
+                 cache: Optional[kv_cache.LayerCache] = None, *, decode: bool = False):
         """x (B, T, d), positions (B, T) -> (B, T, d). ``rope_sincos``: precomputed
         :func:`rope_tables` of ``positions`` (computed here when not given).
 
         ``mask`` bool (B, T, T): general masked attention. ``mask=None``: causal self-attention
         over positions 0..T-1 with optional key padding ``k_valid`` (B, T), block-causal path.
+
+        With a KV ``cache`` (:class:`~tfm_jax.layers.kv_cache.LayerCache`, inference) it returns
+        ``(out, new_cache)``. Prefill (``decode=False``): the attention above over the prompt,
+        and the K/V of all T tokens written at positions [0, T). Decode (``decode=True``,
+        ``mask`` unused): the K/V of the T new tokens written at ``positions[:, 0]`` of each
+        row, then the queries attend to the cache through ``ops.cached_attention``.
         """
         d = x.shape[-1]
         ops = resolve_ops(self.ops)
@@ -241,12 +289,20 @@ class Attention(nn.Module):
             rope_sincos = rope_tables(positions, self.head_dim, self.rope_theta)
         q = apply_rope(q, rope_sincos)
         k = apply_rope(k, rope_sincos)
-        if mask is None:
+        if cache is not None:
+            # prefill writes at 0 (one slice for all rows); decode at each row's length
+            cache = kv_cache.write(cache, k, v, positions[:, 0] if decode else None)
+            cache = kv_cache.constrain(cache, kv_cache.layer_logical_axes(cache))
+        if cache is not None and decode:
+            out = ops.cached_attention(q, cache.k, cache.v, positions, cache.k_scale,
+                                       cache.v_scale)                          # (B, T, H, Dh)
+        elif mask is None:
             out = ops.causal_attention(q, k, v, k_valid, block_q=self.block_q)  # (B,T,H,Dh)
         else:
             out = grouped_attention(q, k, v, mask)                          # (B, T, H, Dh)
         out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.HEADS,
                                                axes.HEAD_DIM))
-        return Linear(d, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), in_axes=2,
-                      init_std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype,
-                      ops=ops, name="o_proj")(out)
+        out = Linear(d, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), in_axes=2,
+                     init_std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype,
+                     ops=ops, name="o_proj")(out)
+        return out if cache is None else (out, cache)

@@ -22,8 +22,9 @@ set             for                                    what it runs
 
 A quantization recipe replaces the projections' dot with its own Linen module
 (:meth:`Ops.with_dot_general`); the seam then names it, so a run's log never claims a GEMM it does
-not use. Later ops (KV-cache decode attention, MoE dispatch, other attention implementations) are
-added here as new members, written once for every layer.
+not use. Later ops (MoE dispatch, other attention implementations) are added here as new members,
+written once for every layer; KV-cache decode attention (``cached_attention``) is one already,
+with the XLA implementation in every set (a native CPU decode kernel is not written yet).
 
 The constructors import the numerics lazily: the layer modules import this file for the type, and
 this file must not import them back at import time.
@@ -45,6 +46,10 @@ class Ops:
     * ``causal_attention(q, k, v, k_valid=None, *, block_q)``: self-attention over positions
       0..T-1 (+ key padding); q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D).
     * ``rms_norm(x, scale, eps)``, ``swiglu(gate, up)``: elementwise cores.
+    * ``cached_attention(q, k, v, q_positions, k_scale=None, v_scale=None)``: decode attention
+      of new queries q (B, T, H, D) at ``q_positions`` (B, T) against a KV cache k/v
+      (B, S, Hkv, D), quantized when scales are given (B, S, Hkv | 1) -> (B, T, H, D). Every set
+      uses the XLA implementation (:func:`tfm_jax.layers.attention.cached_attention`) for now.
     * ``dot_general_cls``: a factory of a Linen module called like ``lax.dot_general`` (e.g. a
       quantized dot with its scales in the params tree); when set it replaces ``matmul``.
     """
@@ -54,6 +59,7 @@ class Ops:
     causal_attention: Callable
     rms_norm: Callable
     swiglu: Callable
+    cached_attention: Callable
     dot_general_cls: Optional[Callable] = None
     detail: str = ""
 
@@ -82,7 +88,7 @@ def xla_ops() -> Ops:
     """Plain XLA ops for any backend (the GPU/TPU default): no CPU-specific tricks."""
     from tfm_jax.layers import attention, ffn, linear, norms
     return Ops("xla", linear.plain_dot_general, attention.dense_causal_attention,
-               norms.rms_norm, ffn.swiglu)
+               norms.rms_norm, ffn.swiglu, attention.cached_attention)
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,7 +96,7 @@ def cpu_xla_ops() -> Ops:
     """XLA ops shaped for XLA:CPU (the block-causal loop and the transposed-free dW matmul)."""
     from tfm_jax.layers import attention, ffn, linear, norms
     return Ops("cpu-xla", linear.cpu_dot_general, attention.causal_attention, norms.rms_norm,
-               ffn.swiglu)
+               ffn.swiglu, attention.cached_attention)
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,9 +104,10 @@ def native_cpu_ops(detail: str = "") -> Ops:
     """The native fp32 custom calls; builds/loads the library (raises RuntimeError with the
     reason when it cannot)."""
     from tfm_jax.kernels import cpu
+    from tfm_jax.layers import attention
     cpu.load()
     return Ops("cpu-native", cpu.dot_general, cpu.causal_attention, cpu.rms_norm, cpu.swiglu,
-               detail=detail)
+               attention.cached_attention, detail=detail)
 
 
 def default_ops() -> Ops:

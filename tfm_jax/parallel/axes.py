@@ -15,8 +15,11 @@ VOCAB = "vocab"          # token ids
 EXPERT = "expert"        # MoE experts
 LAYERS = "layers"        # stacked layer axis under nn.scan
 NORM = "norm"            # norm scale/bias vectors (kept replicated)
+CACHE_BATCH = "cache_batch"    # KV-cache rows (decode batch)
+CACHE_LENGTH = "cache_length"  # KV-cache positions (max_len)
 
-ALL = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, EXPERT, LAYERS, NORM)
+ALL = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, EXPERT, LAYERS, NORM,
+       CACHE_BATCH, CACHE_LENGTH)
 
 # Activation layouts at block boundaries.
 ACT_BTD = (BATCH, LENGTH, EMBED)
