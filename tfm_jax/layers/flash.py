@@ -14,7 +14,8 @@ never repeated. ``backend.attention`` picks one (:func:`tfm_jax.backends.resolve
   the log-sum-exp ``lse = m + log l`` per row -- O(T) -- and nothing of size T x T;
 * backward (custom VJP): for each key block (``lax.scan``), a ``fori_loop`` over the query
   blocks at or below the diagonal recomputes ``P = exp(S - lse)`` from the saved ``lse`` and
-  accumulates ``dV += P^T dO``, ``dK += dS^T Q``, ``dQ += dS K`` (dQ carried whole, O(T D)),
+  accumulates ``dV += P^T dO``, ``dK += dS^T Q``, ``dQ += dS K`` (dQ carried whole, O(T D);
+  tiles kept keys-first so no score tile is ever transposed),
   with ``dS = P * (dP - rowsum(dO * O))``, ``dP = dO V^T``.
 
 Loop trip counts depend on the block index, so the compiled program is the same for any T
@@ -73,6 +74,17 @@ def _tile_scores(q_blk, k_blk, valid_blk, q0, k0, scale):
     qpos = q0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     kpos = k0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     allowed = (kpos <= qpos)[None, None, None] & valid_blk[:, None, None, None, :]
+    return jnp.where(allowed, s, NEG_INF)
+
+
+def _tile_scores_t(q_blk, k_blk, valid_blk, q0, k0, scale):
+    """:func:`_tile_scores` transposed, keys first: (B, K, bk, G, bq)."""
+    bq, bk = q_blk.shape[3], k_blk.shape[2]
+    s = jnp.einsum("bksd,bkgqd->bksgq", k_blk, q_blk,
+                   preferred_element_type=jnp.float32) * scale
+    kpos = k0 + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
+    qpos = q0 + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
+    allowed = (kpos <= qpos)[None, None, :, None, :] & valid_blk[:, None, :, None, None]
     return jnp.where(allowed, s, NEG_INF)
 
 
@@ -156,17 +168,23 @@ def _flash_bwd(q, k, v, valid, o, lse, do, bq, bk):
         k0 = j * bk
 
         def body(i, carry):
+            # Tiles are kept transposed, (B, K, bk, G, bq): keys first, so that dV = P^T dO and
+            # dK = dS^T Q are plain GEMMs and no (bk, G*bq) tile is ever transposed (only the
+            # small (D, G*bq) dQ^T is).
             dk, dv, dq = carry
             q_i, do_i, lse_i, delta_i = (_at(x, i) for x in (qb, dob, lseb, deltab))
-            s = _tile_scores(q_i, k_j, valid_j, i * bq, k0, scale)
-            p = jnp.exp(s - lse_i[..., None])          # (B, K, G, bq, bk), P of the forward
-            dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do.dtype), do_i,
+            s_t = _tile_scores_t(q_i, k_j, valid_j, i * bq, k0, scale)     # (B, K, bk, G, bq)
+            p_t = jnp.exp(s_t - lse_i[:, :, None])      # P^T of the forward
+            dv = dv + jnp.einsum("bksgq,bkgqd->bksd", p_t.astype(do.dtype), do_i,
                                  preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
-            ds = (p * (dp - delta_i[..., None]) * scale).astype(q.dtype)
-            dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds, q_i,
+            dp_t = jnp.einsum("bksd,bkgqd->bksgq", v_j, do_i,
+                              preferred_element_type=jnp.float32)
+            ds_t = (p_t * (dp_t - delta_i[:, :, None]) * scale).astype(q.dtype)
+            dk = dk + jnp.einsum("bksgq,bkgqd->bksd", ds_t, q_i,
                                  preferred_element_type=jnp.float32)
-            dq_i = jnp.einsum("bkgqs,bksd->bkgqd", ds, k_j, preferred_element_type=jnp.float32)
+            dq_t = jnp.einsum("bksd,bksgq->bkdgq", k_j, ds_t,
+                              preferred_element_type=jnp.float32)          # (B, K, D, G, bq)
+            dq_i = jnp.moveaxis(dq_t, 2, -1)
             dq = lax.dynamic_update_index_in_dim(dq, _at(dq, i) + dq_i, i, 0)
             return dk, dv, dq
 
