@@ -24,7 +24,8 @@ def test_long_context_smoke(tmp_path, capsys):
     assert set(rows) == {(i, t) for i in ("flash", "block", "xla_sdpa")
                          for t in long_context.QUICK_SEQ}
     # block-causal at T=40 with block_q=8 would unroll 5 query blocks > --max-unrolled 2
-    assert rows[("block", 40)]["status"] == "skipped" and "5 unrolled" in rows[("block", 40)]["note"]
+    block40 = rows[("block", 40)]
+    assert block40["status"] == "skipped" and "5 unrolled" in block40["note"]
     assert rows[("block", 16)]["status"] == "ok"
     for r in res["rows"]:
         if r["status"] != "ok":

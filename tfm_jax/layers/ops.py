@@ -23,8 +23,9 @@ set             for                                    what it runs
 A quantization recipe replaces the projections' dot with its own Linen module
 (:meth:`Ops.with_dot_general`); ``backend.attention`` replaces the causal core with one of
 :data:`ATTENTION_CORES` (:meth:`Ops.with_attention`: flash, cuDNN, ...). The seam then names the
-replacement, so a run's log never claims a GEMM or an attention it does not use. Later ops (KV-cache decode attention, MoE dispatch) are added here as new members, written
-once for every layer.
+replacement, so a run's log never claims a GEMM or an attention it does not use. Later ops
+(KV-cache decode attention, MoE dispatch) are added here as new members, written once for every
+layer.
 
 The constructors import the numerics lazily: the layer modules import this file for the type, and
 this file must not import them back at import time.
