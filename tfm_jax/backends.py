@@ -41,7 +41,23 @@ def configure(cfg: BackendConfig) -> None:
 
 
 def resolve_ops(cfg: Config, devices: list) -> Ops:
-    """The ops set (:mod:`tfm_jax.layers.ops`) a run uses on these devices, resolved once.
+    """The ops set (:mod:`tfm_jax.layers.ops`) a run uses on these devices, resolved once:
+    :func:`_resolve_set`, then ``backend.attention`` (unless ``auto``) replaces its causal core
+    (``cudnn`` on a non-GPU platform raises ConfigError)."""
+    ops = _resolve_set(cfg, devices)
+    choice = cfg.backend.attention
+    if choice == "auto":
+        return ops
+    platform = devices[0].platform
+    if choice == "cudnn" and platform != "gpu":
+        raise ConfigError(f"backend.attention=cudnn needs a GPU (cuDNN), but the run's devices "
+                          f"are {platform}; use backend.attention=flash (any platform) or auto")
+    from tfm_jax.layers import ops as ops_lib
+    return ops.with_attention(*ops_lib.attention_core(choice))
+
+
+def _resolve_set(cfg: Config, devices: list) -> Ops:
+    """The ops set for these devices and ``backend.cpu_kernels``.
 
     * GPU/TPU (any non-CPU platform): ``xla``, plain XLA ops.
     * CPU: ``cpu-native`` when ``backend.cpu_kernels`` allows it and the run can use the native

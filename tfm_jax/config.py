@@ -345,6 +345,16 @@ class BackendConfig(_Section):
         "libmkl_rt from the optional 'mkl' extra (pip install 'tfm-jax[mkl]'), auto = the first "
         "installed of tfm_jax.kernels.cpu.AUTO_ORDER; a BLAS that is asked for by name but not "
         "installed is reported by tfm_jax.kernels.cpu.available(cpu_blas)")
+    # Under backend, not model: every choice computes the same function of the same parameters
+    # (checkpoints are interchangeable, only rounding and speed differ), and whether one is
+    # allowed depends on the platform, as for cpu_kernels.
+    attention: Literal["auto", "block", "dense", "flash", "xla_sdpa", "cudnn"] = Field(
+        "auto", description="causal attention core of training/prefill (positions 0..T-1): "
+        "auto = the ops set's own (native kernel or block-causal on CPU, dense on GPU/TPU); "
+        "block = block-causal XLA; dense = one masked softmax over T x T scores; flash = "
+        "key-tiled online softmax, O(T) memory (tfm_jax.layers.flash); xla_sdpa / cudnn = "
+        "jax.nn.dot_product_attention with implementation xla / cudnn (cudnn: GPU only, "
+        "bfloat16/float16, head_dim a multiple of 8, right-padded rows)")
 
 
 class RunConfig(_Section):
@@ -369,6 +379,25 @@ class Config(_Section):
         if self.backend.platform == "hpu":
             raise ValueError("backend.platform=hpu: the HPU PJRT plugin path is not available "
                              "in this version; use backend.platform=auto, cpu, gpu or tpu")
+        attn = self.backend.attention
+        if attn != "auto" and self.model.attn_block_q == 0:
+            raise ValueError(f"backend.attention={attn} never runs with model.attn_block_q=0 "
+                             "(which forces the general masked path); set model.attn_block_q "
+                             "> 0 (e.g. 64) or backend.attention=auto")
+        if attn == "cudnn":
+            if self.backend.platform in ("cpu", "tpu"):
+                raise ValueError(f"backend.attention=cudnn needs a GPU, but backend.platform="
+                                 f"{self.backend.platform}; use backend.attention=flash or "
+                                 "auto there")
+            if self.model.dtype == "float32":
+                raise ValueError("backend.attention=cudnn needs model.dtype bfloat16 or float16 "
+                                 "(cuDNN's fused attention has no float32 kernel); set "
+                                 "model.dtype=bfloat16 or use backend.attention=flash")
+            hd = self.model.resolved_head_dim
+            if hd % 8 or hd > 256:
+                raise ValueError(f"backend.attention=cudnn needs a head_dim that is a multiple "
+                                 f"of 8 and <= 256 (128 before Hopper), got {hd}; change "
+                                 "model.head_dim or use backend.attention=flash")
         if self.data.tokenizer == "byte" and self.model.vocab_size < BYTE_VOCAB_SIZE:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the byte "
                              f"tokenizer's {BYTE_VOCAB_SIZE} ids; use >= {BYTE_VOCAB_SIZE}")

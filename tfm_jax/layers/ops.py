@@ -21,10 +21,12 @@ set             for                                    what it runs
 ==============  =====================================  ======================================
 
 A quantization recipe replaces the projections' dot with its own Linen module
-(:meth:`Ops.with_dot_general`); the seam then names it, so a run's log never claims a GEMM it does
-not use. Later ops (MoE dispatch, other attention implementations) are added here as new members,
-written once for every layer; KV-cache decode attention (``cached_attention``) is one already,
-with the XLA implementation in every set (a native CPU decode kernel is not written yet).
+(:meth:`Ops.with_dot_general`); ``backend.attention`` replaces the causal core with one of
+:data:`ATTENTION_CORES` (:meth:`Ops.with_attention`: flash, cuDNN, ...). The seam then names the
+replacement, so a run's log never claims a GEMM or an attention it does not use. Later ops (MoE
+dispatch) are added here as new members, written once for every layer; KV-cache decode attention
+(``cached_attention``) is one already, with the XLA implementation in every set (a native CPU
+decode kernel is not written yet).
 
 The constructors import the numerics lazily: the layer modules import this file for the type, and
 this file must not import them back at import time.
@@ -62,10 +64,16 @@ class Ops:
     cached_attention: Callable
     dot_general_cls: Optional[Callable] = None
     detail: str = ""
+    attention_name: str = ""     # set when ``causal_attention`` is not the set's own core
 
     def with_dot_general(self, dot_general_cls: Optional[Callable]) -> "Ops":
         """The same ops with the projections' dot replaced by ``dot_general_cls``."""
         return dataclasses.replace(self, dot_general_cls=dot_general_cls)
+
+    def with_attention(self, fn: Callable, name: str) -> "Ops":
+        """The same ops with the causal core replaced by ``fn`` (same contract as
+        ``causal_attention``), named ``name`` in :meth:`describe`."""
+        return dataclasses.replace(self, causal_attention=fn, attention_name=name)
 
     def describe(self) -> str:
         """One line for the run log (``kernels: ...``): the set, why, and what replaces its GEMM
@@ -76,6 +84,8 @@ class Ops:
         if self.dot_general_cls is not None:
             name = getattr(self.dot_general_cls, "__name__", repr(self.dot_general_cls))
             text += f"; projections use {name} instead of this set's GEMM"
+        if self.attention_name:
+            text += f"; attention: {self.attention_name}"
         return text
 
 
@@ -108,6 +118,32 @@ def native_cpu_ops(detail: str = "") -> Ops:
     cpu.load()
     return Ops("cpu-native", cpu.dot_general, cpu.causal_attention, cpu.rms_norm, cpu.swiglu,
                attention.cached_attention, detail=detail)
+
+
+# ``backend.attention`` choices other than ``auto``: (module, function, log name), imported when
+# chosen. Every core has the contract of ``Ops.causal_attention``.
+ATTENTION_CORES = {
+    "block": ("tfm_jax.layers.attention", "causal_attention",
+              "block-causal (XLA, unrolled over query blocks)"),
+    "dense": ("tfm_jax.layers.attention", "dense_causal_attention",
+              "dense masked softmax (XLA, T x T scores)"),
+    "flash": ("tfm_jax.layers.flash", "flash_attention",
+              "flash (key-tiled online softmax, lax loops, O(T) memory)"),
+    "xla_sdpa": ("tfm_jax.layers.flash", "xla_sdpa_attention",
+                 "jax.nn.dot_product_attention (implementation=xla)"),
+    "cudnn": ("tfm_jax.layers.flash", "cudnn_attention",
+              "jax.nn.dot_product_attention (implementation=cudnn)"),
+}
+
+
+def attention_core(choice: str) -> tuple[Callable, str]:
+    """(core, log name) of a ``backend.attention`` choice other than ``auto``."""
+    import importlib
+    if choice not in ATTENTION_CORES:
+        raise ValueError(f"unknown attention core {choice!r}; choose one of "
+                         f"{', '.join(ATTENTION_CORES)}")
+    module, fn, name = ATTENTION_CORES[choice]
+    return getattr(importlib.import_module(module), fn), name
 
 
 def default_ops() -> Ops:
