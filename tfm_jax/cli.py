@@ -248,6 +248,39 @@ def run_kv_cache(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- convert
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="trained MHA/GQA run to convert")
+    p.add_argument("--kv-heads", type=int, required=True,
+                   help="K/V heads of the new run (must divide the source's)")
+    p.add_argument("--out", default=None, help="new run directory (default <run-dir>-kv<N>)")
+    p.add_argument("--steps", type=int, default=None, help="train.steps of the new run, i.e. "
+                   "uptraining steps (default 5%% of the source's)")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation right after "
+                   "conversion")
+
+
+def run_convert(args) -> int:
+    """Mean-pool a trained run's K/V heads into a new run (GQA uptraining, tfm_jax.convert)."""
+    from tfm_jax.convert import convert_run
+
+    res = convert_run(args.run_dir, args.kv_heads, args.out, steps=args.steps,
+                      evaluate=not args.no_eval)
+    out = res.out_dir
+    print(f"converted {args.run_dir} (step {res.source_step}, {res.source_n_kv_heads} K/V heads)"
+          f" -> {out} ({args.kv_heads} K/V heads, checkpoint at step 0, fresh optimizer state)")
+    if res.eval:
+        print(f"right after conversion: val loss {res.eval['val_loss']:.4f} nats/token "
+              f"(ppl {res.eval['val_ppl']:.2f})")
+    print(f"  config      {out / 'config.yaml'}  (train.steps={res.config.train.steps})\n"
+          f"  checkpoints {out / 'checkpoints'}\n  provenance  {out / 'convert.json'}\n"
+          f"continue training: tfm-jax train --config {out / 'config.yaml'} --resume\n"
+          f"evaluate:          tfm-jax eval --run-dir {out}")
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(("train",), "train a model (default: tiny config, built-in corpus)", _train_args,
             run_train),
@@ -259,6 +292,8 @@ COMMANDS: tuple[Command, ...] = (
             run_config_show),
     Command(("kv-cache",), "KV-cache bytes for MHA / GQA / MQA at a length, batch and dtype",
             _kv_cache_args, run_kv_cache),
+    Command(("convert",), "mean-pool a trained run's K/V heads into a new GQA/MQA run",
+            _convert_args, run_convert),
 )
 _GROUP_HELP = {"config": "config utilities"}
 
