@@ -281,6 +281,32 @@ def run_convert(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- ablate
+
+
+def _ablate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="experiment YAML (e.g. experiments/attention.yaml) or the "
+                   "name of a shipped one (attention, smoke)")
+    p.add_argument("--dry-run", action="store_true", help="validate every run's config and "
+                   "show what would be trained, skipped or resumed; train nothing")
+
+
+def run_ablate(args) -> int:
+    """Variants x seeds of an experiment file (tfm_jax.ablate); exit 1 if a run failed."""
+    from tfm_jax import train as train_lib
+    from tfm_jax.ablate.runner import run_experiment
+
+    interrupts.note("before the first run of the experiment; nothing trained")
+    try:
+        res = run_experiment(args.experiment, dry_run=args.dry_run,
+                             command=f"tfm-jax ablate {args.experiment}")
+    except train_lib.Interrupted as err:
+        print(f"\ntfm-jax: ablation interrupted by {err}; the same command continues the "
+              "experiment", file=sys.stderr)
+        return 128 + err.signum
+    return 1 if res.failed else 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(("train",), "train a model (default: tiny config, built-in corpus)", _train_args,
             run_train),
@@ -294,6 +320,8 @@ COMMANDS: tuple[Command, ...] = (
             _kv_cache_args, run_kv_cache),
     Command(("convert",), "mean-pool a trained run's K/V heads into a new GQA/MQA run",
             _convert_args, run_convert),
+    Command(("ablate",), "run an experiment: variants x seeds, results table, plots, claims",
+            _ablate_args, run_ablate),
 )
 _GROUP_HELP = {"config": "config utilities"}
 

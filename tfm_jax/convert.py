@@ -131,14 +131,15 @@ def _check_target(src: Config, target: Config) -> None:
 def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
                 out_dir: Optional[pathlib.Path | str] = None, *, steps: Optional[int] = None,
                 config: Optional[Config] = None, evaluate: bool = True,
-                corpus: Any = None) -> ConvertResult:
+                corpus: Any = None, devices: Optional[list] = None) -> ConvertResult:
     """Convert the latest checkpoint of ``run_dir`` to ``n_kv_heads`` K/V heads in a new run
     directory (default ``<run_dir>-kv<N>``); see the module docstring for what it holds.
 
     ``config``: the new run's full config instead of the one derived from the source
     (:func:`converted_config`); its model must be the source's except ``n_kv_heads`` (which
     then gives the head count), and ``run.dir`` names the output. The ablation runner's
-    ``init_from`` uses this. ``corpus``: a loaded corpus to evaluate on (else loaded)."""
+    ``init_from`` uses this. ``corpus``: a loaded corpus to evaluate on (else loaded);
+    ``devices``: the devices to build on (default all)."""
     import jax
     import jax.numpy as jnp
 
@@ -165,7 +166,7 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
                               "--out or remove it")
     backends.configure(src_cfg.backend)
 
-    src_setup = build(src_cfg)
+    src_setup = build(src_cfg, devices)
     src_ckpt = Checkpointer(run_dir / "checkpoints")
     try:
         if src_ckpt.latest_step() is None:
@@ -179,7 +180,7 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
     model_state = jax.device_get(src_state.model_state)
     del src_state
 
-    setup = build(new_cfg)
+    setup = build(new_cfg, devices)
     want = jax.tree.map(lambda s: (tuple(s.shape), s.dtype), setup.abstract_state().params)
     have = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), params)
     if want != have:   # a layout this converter does not know (a new kind of K/V leaf)
