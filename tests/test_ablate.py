@@ -17,6 +17,7 @@ import yaml
 
 from tfm_jax import cli
 from tfm_jax.ablate import report
+from tfm_jax.ablate.measurements import MEASUREMENTS, Series
 from tfm_jax.ablate.spec import EXPERIMENT_DIR, ExperimentError, load_experiment
 
 SMOKE = EXPERIMENT_DIR / "smoke.yaml"
@@ -176,9 +177,36 @@ class Counter:
         return self.fn(cfg, **kw)
 
 
+FAKE_CALLS = []
+
+
+def fake_decode(ctx):
+    """A plug-in measurement as the decode benchmark will be: options, the restored model, a
+    series keyed by context and batch."""
+    ctx.check_options({"contexts", "batches"})
+    setup, state = ctx.restore()
+    assert int(state.step) == ctx.cfg.train.steps
+    FAKE_CALLS.append((ctx.variant, ctx.seed))
+    return {"fake": Series(("context", "batch"), [
+        {"context": c, "batch": b, "fake_tps": float(c * b * ctx.cfg.model.n_kv_heads)}
+        for c in ctx.option("contexts") for b in ctx.option("batches", [1])])}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    MEASUREMENTS["fake_decode"] = fake_decode           # one line registers a measurement
+    yield
+    del MEASUREMENTS["fake_decode"]
+
+
 def _experiment(tmp_path, corpus, **changes):
     raw = _raw(out_dir=str(tmp_path / "out"), **changes)
     raw["overrides"]["data.path"] = str(corpus)
+    raw["measurements"] = raw["measurements"] + [
+        {"name": "fake_decode", "contexts": [8, 16], "batches": [1, 4], "once": True}]
+    raw["plots"] = raw["plots"] + [{"x": "context", "y": "fake_tps",
+                                    "series": ["variant", "batch"], "logx": True},
+                                   {"x": "context", "y": "nothing"}]
     raw["variants"] = {
         "mha": {"model.n_kv_heads": 4},
         "mqa": {"model.n_kv_heads": 1},
@@ -236,10 +264,13 @@ def test_files_written(ablation):
     exp, res, _ = ablation
     out = exp.out
     for name in ("results.json", "results.md", "loss_curves.png", "perplexity-vs-kv_bytes.png",
-                 "kv_bytes-vs-context.png"):
+                 "kv_bytes-vs-context.png", "fake_tps-vs-context.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
         if name.endswith(".png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "nothing-vs-context.png").exists()
+    assert any("plot nothing vs context: no measurement series" in w
+               for w in res.results["warnings"])
     md = (out / "results.md").read_text()
     assert "| metric | mha | mqa | bad | up |" in md
     assert "## Claims" in md and "FAILED" in md and "MHA mean-pooled" in md
@@ -274,6 +305,13 @@ def test_aggregates_match_numpy(ablation):
            for r in res.results["aggregates"]["series"]["kv_bytes_by_context"]["rows"]}
     assert ser[("mha", 64)] == 2 * ser[("mha", 32)] == 8 * ser[("mqa", 32)]
     assert "init_val_loss" in agg["up"] and "init_val_loss" not in agg["mha"]
+    # the plug-in: measured once per variant (first seed), its series averaged per key
+    assert sorted(FAKE_CALLS) == [("mha", 0), ("mqa", 0), ("up", 0)]
+    fake = {(r["variant"], r["context"], r["batch"]): r["fake_tps"]
+            for r in res.results["aggregates"]["series"]["fake"]["rows"]}
+    assert fake[("mqa", 16, 4)] == {"n": 1, "mean": 64.0, "std": None, "min": 64.0,
+                                    "max": 64.0, "values": [64.0]}
+    assert fake[("mha", 8, 1)]["mean"] == 32.0 and len(fake) == 3 * 2 * 2
 
 
 def test_claims_table(ablation):

@@ -215,3 +215,45 @@ def measure_train_speed(ctx: RunContext) -> dict[str, Any]:
     if mfu:
         out["train_mfu"] = f(mfu)
     return out
+
+
+@register("flops")
+def measure_flops(ctx: RunContext) -> dict[str, Any]:
+    """``train_flops_per_token`` at the run's sequence length
+    (:func:`tfm_jax.model.train_flops_per_token`: PaLM convention, 6 x matmul parameters + the
+    attention score/value products over the full T x T square)."""
+    from tfm_jax.model import train_flops_per_token
+
+    ctx.check_options(set())
+    return {"train_flops_per_token": train_flops_per_token(ctx.cfg.model, ctx.cfg.data.seq_len)}
+
+
+@register("loss_curve")
+def measure_loss_curve(ctx: RunContext) -> dict[str, Any]:
+    """Shape of the train loss curve from ``metrics.jsonl`` (each logged loss is the mean over
+    its ``train.log_every`` steps).
+
+    Options: ``at`` (steps, default a quarter and half of ``train.steps``): ``train_loss_step<N>``
+    = the first logged loss at a step >= N (how far training got by then: "converges faster");
+    steps beyond the run's ``train.steps`` are left out (a shorter variant has none).
+    Always: ``train_loss_roughness`` = mean |difference| of consecutive logged losses over the
+    second half of training (step-to-step noise once the trend is slow: "smoother curve")."""
+    ctx.check_options({"at"})
+    steps = ctx.cfg.train.steps
+    at = [int(s) for s in ctx.option("at", [steps // 4, steps // 2])]
+    rows = [(r["step"], float(r["loss"])) for r in ctx.metrics() if r.get("loss") is not None]
+    if not rows:
+        raise ValueError(f"no train losses in {ctx.run_dir / 'metrics.jsonl'}")
+    out: dict[str, Any] = {}
+    for s in at:
+        if s > steps:
+            continue
+        hit = [loss for step, loss in rows if step >= s]
+        if not hit:
+            raise ValueError(f"at={s}: no train loss logged at or after step {s}")
+        out[f"train_loss_step{s}"] = hit[0]
+    late = [loss for step, loss in rows if step > steps // 2]
+    if len(late) >= 2:
+        out["train_loss_roughness"] = statistics.fmean(
+            abs(b - a) for a, b in zip(late, late[1:]))
+    return out

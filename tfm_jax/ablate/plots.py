@@ -30,7 +30,8 @@ def _mean_band(curves: list[list[list[float]]]) -> tuple[list, list, list]:
 
 def loss_curves(runs: list[dict[str, Any]], variants: list[str], path: pathlib.Path) -> None:
     """Train loss (left) and validation loss (right) vs step: per variant the mean over its
-    finished seeds, with a ±1 std band."""
+    finished seeds, with a ±1 std band. Runs started from another run (``init_from``) continue
+    its step axis (``step_offset``), their first validation point the one before training."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, kind, label in ((axes[0], "train", "train loss"), (axes[1], "val", "val loss")):
@@ -41,7 +42,9 @@ def loss_curves(runs: list[dict[str, Any]], variants: list[str], path: pathlib.P
                 continue
             steps, mean, std = _mean_band(curves)
             color = f"C{i % 10}"
-            ax.plot(steps, mean, color=color, label=f"{v} (n={len(curves)})",
+            offs = {r.get("step_offset") for r in runs if r["variant"] == v} - {None}
+            start = f", from step {min(offs)}" if offs else ""
+            ax.plot(steps, mean, color=color, label=f"{v} (n={len(curves)}{start})",
                     marker="o" if kind == "val" else None, ms=3)
             ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
         ax.set_xlabel("step")
@@ -92,16 +95,25 @@ def plot(spec: dict[str, Any], agg: dict[str, Any], variants: list[str],
             groups: dict[tuple, list] = {}
             for r in rows:
                 groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
-            for i, (g, rs) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
-                rs.sort(key=lambda r: r[x])
+            # a variant keeps its colour across plots (its index); other keys get line styles
+            vi = keys.index("variant") if "variant" in keys else None
+            rest = sorted({tuple(v for j, v in enumerate(g) if j != vi) for g in groups},
+                          key=str)
+            order = sorted(groups, key=lambda g: (variants.index(g[vi]) if vi is not None
+                                                  else 0, str(g)))
+            for i, g in enumerate(order):
+                rs = sorted(groups[g], key=lambda r: r[x])
                 xs = [r[x] for r in rs]
                 mean = [r[y]["mean"] for r in rs]
                 std = [r[y]["std"] or 0.0 for r in rs]
                 label = ", ".join(f"{k}={val}" if k != "variant" else str(val)
                                   for k, val in zip(keys, g))
-                ax.plot(xs, mean, marker="o", color=f"C{i % 10}", label=label)
+                color = f"C{(variants.index(g[vi]) if vi is not None else i) % 10}"
+                style = ("-", "--", ":", "-.")[
+                    rest.index(tuple(v for j, v in enumerate(g) if j != vi)) % 4]
+                ax.plot(xs, mean, marker="o", color=color, ls=style, label=label)
                 ax.fill_between(xs, [m - s for m, s in zip(mean, std)],
-                                [m + s for m, s in zip(mean, std)], color=f"C{i % 10}",
+                                [m + s for m, s in zip(mean, std)], color=color,
                                 alpha=0.2, lw=0)
             filt = ", ".join(f"{k}={v}" for k, v in spec.get("where", {}).items())
             ax.set_title(spec.get("title") or f"{y} vs {x}" + (f" ({filt})" if filt else ""))

@@ -6,8 +6,9 @@
 * Claims: ``metric`` and ``check`` are small arithmetic expressions, parsed with :mod:`ast` and
   evaluated over a whitelist (numbers, strings, ``+ - * / // % **``, comparisons, ``and/or/not``,
   ``x if c else y``, ``metric[variant]`` = the mean over seeds, and the functions ``abs min max
-  round log exp sqrt``, ``std('metric', 'variant')``, ``value('metric', 'variant', key=...)``
-  for a series row). Nothing else (no attributes, no other calls) is accepted.
+  round log exp sqrt``, ``std('metric', 'variant')`` (sample std over seeds), ``sem(...)``
+  (standard error of the mean, std / sqrt(n)), ``value('metric', 'variant', key=...)`` for a
+  series row). Nothing else (no attributes, no other calls) is accepted.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Optional
 
 FUNCTIONS = {"abs": abs, "min": min, "max": max, "round": round, "log": math.log,
              "exp": math.exp, "sqrt": math.sqrt}
-_SPECIAL = ("std", "value")
+_SPECIAL = ("std", "sem", "value")
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
            ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b,
            ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
@@ -116,7 +117,7 @@ def parse_expression(text: str) -> ast.Expression:
             raise ValueError(
                 f"expression {text!r}: {type(node).__name__} is not allowed (use numbers, "
                 "+ - * / ** , comparisons, metric[variant], abs/min/max/round/log/exp/sqrt, "
-                "std('metric', 'variant'), value('metric', 'variant', key=...))")
+                "std/sem('metric', 'variant'), value('metric', 'variant', key=...))")
     return tree
 
 
@@ -201,6 +202,8 @@ class _Evaluator:
             kwargs = {k.arg: self.eval(k.value) for k in node.keywords}
             if node.func.id == "std":
                 return self.scalar(*args, field="std")
+            if node.func.id == "sem":
+                return self.scalar(*args, field="std") / math.sqrt(self.scalar(*args, field="n"))
             if node.func.id == "value":
                 return self.value(*args, **kwargs)
             return FUNCTIONS[node.func.id](*args, **kwargs)
@@ -244,7 +247,7 @@ def judge_claim(claim: dict[str, Any], agg: dict[str, Any], where: str) -> dict[
         row["verdict"] = "holds" if ok else "does not hold"
     except NotMeasured as err:
         row["verdict"] = "not measured"
-        row["note"] = "; ".join(x for x in (row["note"], str(err)) if x)
+        row["note"] = (f"{row['note']} [{err}]" if row["note"] else str(err))
     except (ValueError, TypeError, ZeroDivisionError, ArithmeticError) as err:
         row["verdict"] = f"error: {err}"
     return row
@@ -279,11 +282,11 @@ def fmt_stats(s: Optional[dict[str, Any]]) -> str:
     if not s:
         return "–"
     mean, std = s["mean"], s["std"]
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in s["values"]) and (
-            std is None or std == 0):
-        return fmt(int(round(mean)))
+    if not std:                      # one seed, or the same value for every seed
+        integral = all(float(v).is_integer() for v in s["values"])
+        return fmt(int(mean)) if integral and abs(mean) >= 1000 else fmt(s["values"][0])
     d = _decimals(mean)
-    return fmt(mean, d) + ("" if std is None else f" ± {fmt(std, d)}")
+    return fmt(mean, d) + f" ± {fmt(std, d)}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -334,10 +337,10 @@ def markdown(results: dict[str, Any]) -> str:
             out += [_table(list(s["by"]) + variants, body), ""]
     if results["claims"]:
         out += ["## Claims", ""]
-        rows = [[c["claim"], c["source"], fmt(c["claimed"]), fmt(c["measured"]), c["verdict"],
-                 c["where"]] for c in results["claims"]]
-        out += [_table(["claim", "source", "claimed", "measured", "verdict", "where measured"],
-                       rows), ""]
+        rows = [[str(i + 1), c["claim"], c["source"], fmt(c["claimed"]), fmt(c["measured"]),
+                 c["verdict"], c["where"]] for i, c in enumerate(results["claims"])]
+        out += [_table(["#", "claim", "source", "claimed", "measured", "verdict",
+                        "where measured"], rows), ""]
         notes = [(i + 1, c["note"]) for i, c in enumerate(results["claims"]) if c.get("note")]
         if notes:
             out += ["Notes: " + " ".join(f"({i}) {n}" for i, n in notes), ""]

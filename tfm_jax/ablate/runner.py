@@ -259,10 +259,10 @@ class _Runner:
                     f"{'; ...' if len(diff) > 4 else ''}); remove that directory to rerun it, or "
                     "give the experiment another name (or out_dir)")
             result = None
+            var = self.exp.variants[variant]
             if state == "finished":
                 rec["outcome"] = f"finished earlier (step {last}), read back"
             else:
-                var = self.exp.variants[variant]
                 if state == "new" and var.init_from is not None:
                     self.convert_from(var.init_from.run, seed, cfg)
                     state, last = "partial", 0
@@ -285,6 +285,15 @@ class _Runner:
                 for name, e in errs.items():
                     self.warnings.append(f"{variant}/seed{seed}: measurement {name} failed: {e}")
             rec["curves"] = _curves(cfg.run_dir)
+            if var.init_from is not None:
+                # plotted after the source run: steps continue from its last one, and the
+                # evaluation right after conversion is the first validation point
+                src = self.records[(var.init_from.run, seed)]
+                off = rec["step_offset"] = src["steps"]
+                rec["curves"] = {k: [[st + off, x] for st, x in c]
+                                 for k, c in rec["curves"].items()}
+                if "init_val_loss" in rec["metrics"]:
+                    rec["curves"]["val"].insert(0, [off, rec["metrics"]["init_val_loss"]])
             rec["status"] = "ok"
         except (train_lib.Interrupted, KeyboardInterrupt):
             rec["status"] = "interrupted"
