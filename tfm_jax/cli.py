@@ -230,7 +230,8 @@ def run_kv_cache(args) -> int:
     hb = kvm.human_bytes
     print(f"KV cache, {args.config or 'tiny'}: {m.n_layers} layers, {m.n_heads} query heads, "
           f"head_dim {m.resolved_head_dim}; seq {seq:,} x batch {args.batch}, {dtype} "
-          f"({kvm.DTYPE_BYTES[dtype]} byte(s)/element)\n{formula}\n")
+          f"({kvm.DTYPE_BYTES[dtype]} byte{'s' if kvm.DTYPE_BYTES[dtype] > 1 else ''}/element)"
+          f"\n{formula}\n")
     head = (f"{'attention':<14}{'kv heads':>9}{'B/token/layer':>15}{'B/token':>12}"
             f"{'per layer':>12}{'total':>12}" + (f"{'+scales':>12}" if quant else "")
             + f"{'weights':>12}{'KV share':>10}")
