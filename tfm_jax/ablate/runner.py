@@ -288,8 +288,8 @@ class _Runner:
             if var.init_from is not None:
                 # plotted after the source run: steps continue from its last one, and the
                 # evaluation right after conversion is the first validation point
-                src = self.records[(var.init_from.run, seed)]
-                off = rec["step_offset"] = src["steps"]
+                off = rec["step_offset"] = self.variant_config(var.init_from.run,
+                                                               seed).train.steps
                 rec["curves"] = {k: [[st + off, x] for st, x in c]
                                  for k, c in rec["curves"].items()}
                 if "init_val_loss" in rec["metrics"]:

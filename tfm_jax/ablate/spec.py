@@ -194,6 +194,9 @@ class Experiment(_Strict):
         names = []
         for i, m in enumerate(items):
             name = m.get("name") if isinstance(m, dict) else None
+            if name is None:
+                raise ValueError(f"item {i}: {m!r} needs a 'name' (a measurement name, or a "
+                                 "mapping {name: ..., options...})")
             if name not in MEASUREMENTS:
                 near = difflib.get_close_matches(str(name), list(MEASUREMENTS), n=1, cutoff=0.5)
                 raise ValueError(
@@ -332,7 +335,7 @@ def _valid_keys(loc: tuple) -> list[str]:
                 if isinstance(sub, type) and issubclass(sub, BaseModel):
                     nxt = sub
         cls = nxt
-    return list(cls.model_fields) if cls is not None else []
+    return [k for k in cls.model_fields if k != "source"] if cls is not None else []
 
 
 def resolve_experiment_path(path: str) -> pathlib.Path:
