@@ -262,6 +262,122 @@ def run_config_show(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- kv-cache
+
+
+def _kv_cache_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default "
+                   "data.seq_len)")
+    p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    p.add_argument("--dtype", default=None, help="cache element type: fp32, bf16, fp16, int8 or "
+                   "fp8 (default: model.dtype); int8/fp8 totals exclude the scales, shown apart")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+
+
+def run_kv_cache(args) -> int:
+    """KV-cache bytes for MHA / the config's GQA / MQA. Needs no jax: config + arithmetic."""
+    from tfm_jax import kv_memory as kvm
+
+    cfg = load_config(args.config, args.overrides)
+    m = cfg.model
+    seq = cfg.data.seq_len if args.seq is None else args.seq
+    try:
+        dtype = kvm.canonical_dtype(m.dtype if args.dtype is None else args.dtype)
+        rows = kvm.kv_table(cfg, seq, args.batch, dtype)
+    except ValueError as err:
+        raise ConfigError(f"kv-cache: {err}") from None
+    quant = dtype in kvm.QUANTIZED
+    scale_note = ("total_bytes excludes the scales: scale_bytes counts one float32 scale per "
+                  "token and K/V head, for K and V, in every layer; total_with_scales adds them"
+                  if quant else "no scales (unquantized cache)")
+    formula = "total = 2 * n_kv_heads * head_dim * bytes * n_layers * seq * batch"
+    if args.json:
+        print(json.dumps({"config": str(args.config or "tiny"), "seq": seq, "batch": args.batch,
+                          "dtype": dtype, "formula": formula, "scales": scale_note,
+                          "variants": {r["kind"]: r for r in rows}}, indent=2))
+        return 0
+    hb = kvm.human_bytes
+    print(f"KV cache, {args.config or 'tiny'}: {m.n_layers} layers, {m.n_heads} query heads, "
+          f"head_dim {m.resolved_head_dim}; seq {seq:,} x batch {args.batch}, {dtype} "
+          f"({kvm.DTYPE_BYTES[dtype]} byte{'s' if kvm.DTYPE_BYTES[dtype] > 1 else ''}/element)"
+          f"\n{formula}\n")
+    head = (f"{'attention':<14}{'kv heads':>9}{'B/token/layer':>15}{'B/token':>12}"
+            f"{'per layer':>12}{'total':>12}" + (f"{'+scales':>12}" if quant else "")
+            + f"{'weights':>12}{'KV share':>10}")
+    print(head)
+    for r in rows:
+        name = r["kind"] + (" (config)" if r["config"] else "")
+        print(f"{name:<14}{r['n_kv_heads']:>9}{r['bytes_per_token_per_layer']:>15,}"
+              f"{r['bytes_per_token']:>12,}{hb(r['bytes_per_layer']):>12}{hb(r['total_bytes']):>12}"
+              + (f"{hb(r['total_with_scales']):>12}" if quant else "")
+              + f"{hb(r['weights_bytes']):>12}{100 * r['kv_share']:>9.2f}%")
+    print(f"\nweights: the parameters of each variant (its own K/V projections) stored as {dtype}"
+          f"; KV share = KV{' with scales' if quant else ''} / (KV + weights)."
+          + ("\nint8/fp8: 'total' excludes the scales; '+scales' adds one float32 scale per token "
+             "and K/V head, for K and V, in every layer." if quant else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="trained MHA/GQA run to convert")
+    p.add_argument("--kv-heads", type=int, required=True,
+                   help="K/V heads of the new run (must divide the source's)")
+    p.add_argument("--out", default=None, help="new run directory (default <run-dir>-kv<N>)")
+    p.add_argument("--steps", type=int, default=None, help="train.steps of the new run, i.e. "
+                   "uptraining steps (default 5%% of the source's)")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation right after "
+                   "conversion")
+
+
+def run_convert(args) -> int:
+    """Mean-pool a trained run's K/V heads into a new run (GQA uptraining, tfm_jax.convert)."""
+    from tfm_jax.convert import convert_run
+
+    res = convert_run(args.run_dir, args.kv_heads, args.out, steps=args.steps,
+                      evaluate=not args.no_eval)
+    out = res.out_dir
+    print(f"converted {args.run_dir} (step {res.source_step}, {res.source_n_kv_heads} K/V heads)"
+          f" -> {out} ({args.kv_heads} K/V heads, checkpoint at step 0, fresh optimizer state)")
+    if res.eval:
+        print(f"right after conversion: val loss {res.eval['val_loss']:.4f} nats/token "
+              f"(ppl {res.eval['val_ppl']:.2f})")
+    print(f"  config      {out / 'config.yaml'}  (train.steps={res.config.train.steps})\n"
+          f"  checkpoints {out / 'checkpoints'}\n  provenance  {out / 'convert.json'}\n"
+          f"continue training: tfm-jax train --config {out / 'config.yaml'} --resume\n"
+          f"evaluate:          tfm-jax eval --run-dir {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- ablate
+
+
+def _ablate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="experiment YAML (e.g. experiments/attention.yaml) or the "
+                   "name of a shipped one (attention, smoke)")
+    p.add_argument("--dry-run", action="store_true", help="validate every run's config and "
+                   "show what would be trained, skipped or resumed; train nothing")
+
+
+def run_ablate(args) -> int:
+    """Variants x seeds of an experiment file (tfm_jax.ablate); exit 1 if a run failed."""
+    from tfm_jax import train as train_lib
+    from tfm_jax.ablate.runner import run_experiment
+
+    interrupts.note("before the first run of the experiment; nothing trained")
+    try:
+        res = run_experiment(args.experiment, dry_run=args.dry_run,
+                             command=f"tfm-jax ablate {args.experiment}")
+    except train_lib.Interrupted as err:
+        print(f"\ntfm-jax: ablation interrupted by {err}; the same command continues the "
+              "experiment", file=sys.stderr)
+        return 128 + err.signum
+    return 1 if res.failed else 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(("train",), "train a model (default: tiny config, built-in corpus)", _train_args,
             run_train),
@@ -271,6 +387,12 @@ COMMANDS: tuple[Command, ...] = (
             run_generate),
     Command(("config", "show"), "print the resolved config as YAML", _add_common,
             run_config_show),
+    Command(("kv-cache",), "KV-cache bytes for MHA / GQA / MQA at a length, batch and dtype",
+            _kv_cache_args, run_kv_cache),
+    Command(("convert",), "mean-pool a trained run's K/V heads into a new GQA/MQA run",
+            _convert_args, run_convert),
+    Command(("ablate",), "run an experiment: variants x seeds, results table, plots, claims",
+            _ablate_args, run_ablate),
 )
 _GROUP_HELP = {"config": "config utilities"}
 

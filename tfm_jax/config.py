@@ -571,3 +571,26 @@ def check_runtime(cfg: Config, n_devices: int) -> dict[str, int]:
             f"divisible by the {shards} batch shards (mesh.data*mesh.fsdp); change the batch "
             "size or the mesh")
     return sizes
+
+
+def compose_config(path: Optional[str], layers: list[dict[str, Any]]) -> Config:
+    """Load ``path`` (a YAML file or a shipped config name; None: the default), apply each
+    mapping of ``layers`` in order, validate once. A layer's keys are dotted
+    (``{"model.n_heads": 1}``) or sections holding mappings (``{"model": {"n_heads": 1}}``,
+    merged into the section); values are taken as they are (already parsed YAML). ``run.name``
+    is left as the layers set it (no name is derived). Used by the ablation runner
+    (:mod:`tfm_jax.ablate`), whose variants are override mappings."""
+    import copy
+
+    raw = _read_yaml(resolve_config_path(path))
+    for layer in layers:
+        for key, value in copy.deepcopy(layer or {}).items():   # never alias the caller's dicts
+            if not isinstance(key, str):
+                raise ConfigError(f"override key {key!r} must be a string such as model.n_heads")
+            if "." in key:
+                _set_dotted(raw, key, value)
+            elif isinstance(value, dict) and isinstance(raw.get(key), dict):
+                _deep_merge(raw[key], value)
+            else:
+                raw[key] = value
+    return validate(raw)

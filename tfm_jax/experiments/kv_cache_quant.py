@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Optional
 
-_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+_ROOT = str(pathlib.Path(__file__).resolve().parents[2])   # experiments -> tfm_jax/experiments
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 

@@ -1,0 +1,352 @@
+"""The ablation runner (tfm_jax.ablate): experiment-file validation, expressions and claims,
+aggregates against numpy, and one small experiment end to end (2 variants x 2 seeds, a failing
+variant, a variant started from a converted run): files written, resume skips finished runs
+and continues an interrupted one bitwise, a changed config is refused.
+
+Runs train on one CPU device with jax's persistent compilation cache switched on for this
+module only (seeds of a variant share compiled programs), so the module takes well under a
+minute on 2 cores."""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from tfm_jax import cli
+from tfm_jax.ablate import report
+from tfm_jax.ablate.measurements import MEASUREMENTS, Series
+from tfm_jax.ablate.spec import EXPERIMENT_DIR, ExperimentError, load_experiment
+
+SMOKE = EXPERIMENT_DIR / "smoke.yaml"
+
+
+def _raw(**changes):
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw.update(changes)
+    return raw
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"varients": {"a": {}}}, r"varients: unknown key; did you mean 'variants'\?"),
+    ({"measurements": ["kv_byte"]}, r"measurements: .*unknown measurement 'kv_byte'; did you "
+                                    r"mean 'kv_bytes'\?"),
+    ({"measurements": ["params", "params"]}, "'params' listed twice"),
+    ({"variants": {}}, "variants: .*at least 1 item"),
+    ({"variants": {"a/b": {}}}, "variant name 'a/b'"),
+    ({"variants": {"a": {"init_from": {"run": "zz"}}}},
+     r"variants.a.init_from.run: 'zz' is not a variant"),
+    ({"variants": {"a": {"init_from": {"run": "b"}}, "b": {"init_from": {"run": "a"}}}},
+     "init_from forms a cycle: a -> b -> a"),
+    ({"variants": {"a": {"init_from": {"run": "a", "convrt": {}}}}},
+     r"variants.a.init_from.convrt: unknown key; did you mean 'convert'\?"),
+    ({"seeds": [0, 0]}, r"seeds \[0, 0\] repeat a value"),
+    ({"claims": [{"claim": "x", "metric": "__import__('os').system('true')"}]},
+     "(Call|Attribute) is not allowed"),
+    ({"claims": [{"claim": "x", "metric": "ppl[a]", "check": "~abc%"}]}, "check '~abc%'"),
+    ({"claims": [{"claim": "x", "metrc": "ppl[a]"}]}, r"did you mean 'metric'\?"),
+    ({"plots": [{"x": "a"}]}, r"plots.0.y: Field required"),
+    ({"name": "a b"}, "name: String should match pattern"),
+])
+def test_invalid_experiment(changes, match):
+    with pytest.raises(ExperimentError, match=match) as info:
+        load_experiment("bad.yaml", _raw(**changes))
+    assert str(info.value).startswith("invalid experiment file bad.yaml")
+
+
+def test_shipped_experiments_valid():
+    for path in sorted(EXPERIMENT_DIR.glob("*.yaml")):
+        exp = load_experiment(path)
+        exp.common_config()
+        for v in exp.variants:
+            exp.config(v, exp.seeds[0])           # every variant's config validates
+    exp = load_experiment("smoke")                # bare names find shipped experiments
+    assert exp.measurements[0].name == "val_loss"   # always measured, added first
+    assert exp.order() == list(exp.variants)
+
+
+def test_base_and_variant_config_errors(tmp_path):
+    exp = load_experiment("x.yaml", _raw(overrides={"model.n_hedas": 2}))
+    with pytest.raises(ExperimentError, match=r"(?s)base \+ overrides: .*model.n_hedas: unknown "
+                                              r"key; did you mean 'model.n_heads'\?"):
+        exp.common_config()
+    assert cli.main(["ablate", str(tmp_path / "missing.yaml")]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_raw(seeds="zero")))
+    assert cli.main(["ablate", str(bad)]) == 2
+
+
+# ----------------------------------------------------------------------------- expressions
+
+
+AGG = {"scalars": {"mha": {"ppl": report.stats([4.0, 6.0]), "kv": report.stats([8])},
+                   "gqa": {"ppl": report.stats([5.0, 5.5])}},
+       "series": {"dec": {"by": ["context", "batch"], "rows": [
+           {"variant": "mha", "context": 256, "batch": 1, "tps": report.stats([10.0, 20.0])}]}}}
+
+
+def test_expressions():
+    assert report.evaluate("ppl[gqa] - ppl[mha]", AGG) == pytest.approx(0.25)
+    assert report.evaluate("ppl['mha'] / kv[mha]", AGG) == pytest.approx(5 / 8)
+    assert report.evaluate("std('ppl', 'mha')", AGG) == pytest.approx(np.std([4, 6], ddof=1))
+    assert report.evaluate("value('tps', 'mha', context=256, batch=1)", AGG) == 15.0
+    assert report.evaluate("abs(-2) + max(1, 3) if ppl[mha] > 4 else 0", AGG) == 5
+    with pytest.raises(report.NotMeasured, match="kv.gqa. was not measured"):
+        report.evaluate("kv[gqa]", AGG)
+    with pytest.raises(report.NotMeasured):
+        report.evaluate("value('tps', 'mha', context=512)", AGG)
+    for bad in ("ppl.mean", "open('x')", "[1, 2]", "lambda: 1", "ppl[mha][0]", "True"):
+        with pytest.raises(ValueError, match="not allowed"):
+            report.parse_expression(bad)
+    with pytest.raises(ValueError, match="unknown name 'ppl'"):
+        report.evaluate("ppl", AGG)
+
+
+@pytest.mark.parametrize("claim, verdict", [
+    ({"metric": "ppl[gqa] - ppl[mha]", "expected": 0.12, "check": "<="}, "does not hold"),
+    ({"metric": "ppl[gqa] - ppl[mha]", "expected": 0.3, "check": "<="}, "holds"),
+    ({"metric": "ppl[gqa]", "expected": 5.0, "check": "~10%"}, "holds"),
+    ({"metric": "ppl[gqa]", "expected": 6.0, "check": "~0.5"}, "does not hold"),
+    ({"metric": "ppl[gqa]", "expected": 6.0, "check": "~0.75"}, "holds"),
+    ({"metric": "ppl[gqa]", "expected": 5, "check": "measured < expected and ppl[mha] < 6"},
+     "does not hold"),
+    ({"metric": "ppl[gqa] / ppl[mha]", "check": "measured > 1"}, "holds"),
+    ({"metric": "ppl[gqa]"}, "reported"),
+    ({"expected": "640 MB"}, "reported"),
+    ({"metric": "kv[gqa]", "expected": 1, "check": "<"}, "not measured"),
+    ({"metric": "ppl[gqa]", "expected": "text", "check": "<"}, "error: check '<' needs a "
+                                                              "numeric 'expected'"),
+])
+def test_claims(claim, verdict):
+    row = report.judge_claim({"claim": "c", **claim}, AGG, "here")
+    assert row["verdict"].startswith(verdict)
+    assert row["where"] == "here"
+
+
+def test_stats_against_numpy():
+    vals = [1.5, 2.25, 7.0]
+    s = report.stats(vals)
+    assert s["mean"] == pytest.approx(np.mean(vals)) and s["n"] == 3
+    assert s["std"] == pytest.approx(np.std(vals, ddof=1))
+    assert report.stats([3.0])["std"] is None
+    assert report.fmt_stats(report.stats([1.0, 1.5])) == "1.250 ± 0.354"
+    assert report.fmt_stats(report.stats([33376, 33376])) == "33,376"
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("".join(f"def f{i}(x, y={i % 7}):\n    return x * y + {i}\n\n"
+                            for i in range(2500)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """jax's persistent compilation cache, for this module only (restored afterwards)."""
+    import jax
+    from jax._src import compilation_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update(keys[1], 0)
+    jax.config.update(keys[2], 0)
+    compilation_cache.reset_cache()
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+class Counter:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, cfg, **kw):
+        self.calls.append((cfg.run_dir.parent.name, cfg.train.seed, kw.get("resume")))
+        return self.fn(cfg, **kw)
+
+
+FAKE_CALLS = []
+
+
+def fake_decode(ctx):
+    """A plug-in measurement as the decode benchmark will be: options, the restored model, a
+    series keyed by context and batch."""
+    ctx.check_options({"contexts", "batches"})
+    setup, state = ctx.restore()
+    assert int(state.step) == ctx.cfg.train.steps
+    FAKE_CALLS.append((ctx.variant, ctx.seed))
+    return {"fake": Series(("context", "batch"), [
+        {"context": c, "batch": b, "fake_tps": float(c * b * ctx.cfg.model.n_kv_heads)}
+        for c in ctx.option("contexts") for b in ctx.option("batches", [1])])}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    MEASUREMENTS["fake_decode"] = fake_decode           # one line registers a measurement
+    yield
+    del MEASUREMENTS["fake_decode"]
+
+
+def _experiment(tmp_path, corpus, **changes):
+    raw = _raw(out_dir=str(tmp_path / "out"), **changes)
+    raw["overrides"]["data.path"] = str(corpus)
+    raw["measurements"] = raw["measurements"] + [
+        {"name": "fake_decode", "contexts": [8, 16], "batches": [1, 4], "once": True}]
+    raw["plots"] = raw["plots"] + [{"x": "context", "y": "fake_tps",
+                                    "series": ["variant", "batch"], "logx": True},
+                                   {"x": "context", "y": "nothing"}]
+    raw["variants"] = {
+        "mha": {"model.n_kv_heads": 4},
+        "mqa": {"model.n_kv_heads": 1},
+        "bad": {"model.n_kv_heads": 3},                       # 4 heads: invalid
+        # MHA mean-pooled to one K/V head: the same compiled programs as mqa (fast)
+        "up": {"init_from": {"run": "mha", "convert": {"kv_heads": 1}},
+               "description": "MHA mean-pooled to 1 K/V head"},
+    }
+    raw["claims"] = raw["claims"] + [
+        {"claim": "uptraining lowers the loss", "source": "test",
+         "metric": "init_val_loss[up] - val_loss[up]", "expected": 0, "check": ">"},
+        {"claim": "bad is measured", "metric": "val_loss[bad]", "expected": 1, "check": "<"}]
+    return load_experiment(tmp_path / "exp.yaml", raw)
+
+
+def _run(exp, monkeypatch):
+    import jax
+
+    from tfm_jax import train as train_lib
+    from tfm_jax.ablate.runner import run_experiment
+
+    counter = Counter(train_lib.train)
+    monkeypatch.setattr(train_lib, "train", counter)
+    res = run_experiment(exp, devices=jax.devices()[:1], progress=False)
+    return res, counter.calls
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory, corpus, compile_cache):
+    tmp = tmp_path_factory.mktemp("ablate")
+    exp = _experiment(tmp, corpus)
+    with pytest.MonkeyPatch.context() as mp:
+        res, calls = _run(exp, mp)
+    return exp, res, calls
+
+
+def test_runs_and_failures(ablation):
+    exp, res, calls = ablation
+    runs = {(r["variant"], r["seed"]): r for r in res.results["runs"]}
+    assert sorted(calls) == sorted([("mha", 0, False), ("mha", 1, False), ("mqa", 0, False),
+                                    ("mqa", 1, False), ("up", 0, True), ("up", 1, True)])
+    assert res.failed == 2
+    for seed in (0, 1):
+        bad = runs[("bad", seed)]
+        assert bad["status"] == "failed" and "variant 'bad'" in bad["error"]
+        assert "n_kv_heads=3" in bad["error"]
+        for v in ("mha", "mqa", "up"):
+            assert runs[(v, seed)]["status"] == "ok", runs[(v, seed)].get("error")
+    # order: 'up' runs after its source
+    order = [r["variant"] for r in res.results["runs"]]
+    assert order.index("up") > order.index("mha")
+
+
+def test_files_written(ablation):
+    exp, res, _ = ablation
+    out = exp.out
+    for name in ("results.json", "results.md", "loss_curves.png", "perplexity-vs-kv_bytes.png",
+                 "kv_bytes-vs-context.png", "fake_tps-vs-context.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "nothing-vs-context.png").exists()
+    assert any("plot nothing vs context: no measurement series" in w
+               for w in res.results["warnings"])
+    md = (out / "results.md").read_text()
+    assert "| metric | mha | mqa | bad | up |" in md
+    assert "## Claims" in md and "FAILED" in md and "MHA mean-pooled" in md
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["aggregates"] == json.loads(json.dumps(res.results["aggregates"]))
+    for seed in (0, 1):
+        assert (out / "mha" / f"seed{seed}" / "checkpoints" / "4").is_dir()
+        assert (out / "up" / f"seed{seed}" / "convert.json").is_file()
+
+
+def test_aggregates_match_numpy(ablation):
+    exp, res, _ = ablation
+    agg = res.results["aggregates"]["scalars"]
+    for v in ("mha", "mqa", "up"):
+        runs = [r for r in res.results["runs"] if r["variant"] == v]
+        for r in runs:       # per-run numbers are the run directory's final evaluation
+            rows = [json.loads(x) for x in (pathlib.Path(r["run_dir"]) / "metrics.jsonl")
+                    .read_text().splitlines()]
+            final = [x for x in rows if "val_loss" in x][-1]
+            assert r["metrics"]["val_loss"] == final["val_loss"]
+            assert final["step"] == 4
+        for m in ("val_loss", "perplexity", "train_tokens_per_s", "kv_bytes"):
+            vals = np.array([r["metrics"][m] for r in runs], dtype=float)
+            assert agg[v][m]["mean"] == pytest.approx(np.mean(vals), rel=1e-12)
+            assert agg[v][m]["std"] == pytest.approx(np.std(vals, ddof=1), rel=1e-12, abs=1e-12)
+    assert "bad" not in agg or not agg["bad"]
+    # measurements: params and KV bytes from the formulas, exact
+    assert agg["mha"]["kv_bytes"]["mean"] == 2 * 4 * 8 * 4 * 1 * 32        # 2*Hkv*Dh*4B*L*T
+    assert agg["mqa"]["kv_bytes"]["mean"] == 2 * 1 * 8 * 4 * 1 * 32
+    assert agg["mha"]["params"]["mean"] - agg["mqa"]["params"]["mean"] == 2 * 32 * 3 * 8
+    ser = {(r["variant"], r["context"]): r["kv_bytes"]["mean"]
+           for r in res.results["aggregates"]["series"]["kv_bytes_by_context"]["rows"]}
+    assert ser[("mha", 64)] == 2 * ser[("mha", 32)] == 8 * ser[("mqa", 32)]
+    assert "init_val_loss" in agg["up"] and "init_val_loss" not in agg["mha"]
+    # the plug-in: measured once per variant (first seed), its series averaged per key
+    assert sorted(FAKE_CALLS) == [("mha", 0), ("mqa", 0), ("up", 0)]
+    fake = {(r["variant"], r["context"], r["batch"]): r["fake_tps"]
+            for r in res.results["aggregates"]["series"]["fake"]["rows"]}
+    assert fake[("mqa", 16, 4)] == {"n": 1, "mean": 64.0, "std": None, "min": 64.0,
+                                    "max": 64.0, "values": [64.0]}
+    assert fake[("mha", 8, 1)]["mean"] == 32.0 and len(fake) == 3 * 2 * 2
+
+
+def test_claims_table(ablation):
+    _, res, _ = ablation
+    claims = {c["claim"]: c for c in res.results["claims"]}
+    assert claims["MQA caches 4x less than MHA at 4 heads"]["verdict"] == "holds"
+    assert claims["a claim that is only reported"]["verdict"] == "reported"
+    assert claims["bad is measured"]["verdict"] == "not measured"
+    assert claims["uptraining lowers the loss"]["verdict"] in ("holds", "does not hold")
+    assert claims["uptraining lowers the loss"]["where"].startswith("CPU x1, d32 L1")
+
+
+def test_rerun_skips_resumes_and_refuses_changes(ablation, corpus, monkeypatch):
+    exp, first, _ = ablation
+    res, calls = _run(exp, monkeypatch)
+    assert calls == []                                        # all finished: read back
+    assert res.failed == 2
+    assert {r["outcome"].split(" (")[0] for r in res.results["runs"] if r["status"] == "ok"} \
+        == {"finished earlier"}
+    before = {(r["variant"], r["seed"]): r["metrics"] for r in first.results["runs"]}
+    for r in res.results["runs"]:
+        assert r["metrics"] == before[(r["variant"], r["seed"])]
+
+    # an interrupted run (its last checkpoint gone) is resumed, to bitwise the same result
+    run_dir = exp.run_dir("mqa", 1)
+    shutil.rmtree(run_dir / "checkpoints" / "4")
+    res, calls = _run(exp, monkeypatch)
+    assert calls == [("mqa", 1, True)]
+    again = {(r["variant"], r["seed"]): r for r in res.results["runs"]}
+    assert again[("mqa", 1)]["outcome"].startswith("resumed at step 2")
+    assert again[("mqa", 1)]["metrics"]["val_loss"] == before[("mqa", 1)]["val_loss"]
+
+    # a changed experiment does not reuse runs of another config
+    changed = _experiment(exp.out.parent, corpus, overrides={**exp.overrides, "train.lr": 1e-2})
+    res, calls = _run(changed, monkeypatch)
+    assert calls == []
+    err = {(r["variant"], r["seed"]): r.get("error", "") for r in res.results["runs"]}
+    assert "holds a run of a different config (train.lr: 0.003 -> 0.01)" in err[("mha", 0)]

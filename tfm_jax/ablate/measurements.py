@@ -1,0 +1,259 @@
+"""Per-run measurements of the ablation runner: a registry of plain functions.
+
+``MEASUREMENTS[name](ctx) -> dict``. ``ctx`` (:class:`RunContext`) gives the run's config,
+directory, variant, seed, the measurement's options from the experiment file (``ctx.options``)
+and helpers: :meth:`RunContext.metrics` (the rows of ``metrics.jsonl``),
+:meth:`RunContext.final_eval`, :meth:`RunContext.restore` (the trained model: setup + state).
+The returned dict maps names to
+
+* numbers -- scalar metrics, averaged over seeds per variant (``perplexity``, ``params``), or
+* :class:`Series` -- rows keyed by some fields (``by``: e.g. context and batch) holding values
+  (e.g. ``decode_tokens_per_s``), averaged over seeds per variant and key; plotted as lines.
+
+Adding one is one function plus one line::
+
+    def measure_decode(ctx: RunContext) -> dict:
+        contexts = ctx.option("contexts", [256, 1024, 4096])
+        setup, state = ctx.restore()
+        ...
+        return {"decode": Series(by=("context", "batch"), rows=[{"context": c, "batch": b,
+                                 "decode_tokens_per_s": tps}, ...])}
+
+    MEASUREMENTS["decode"] = measure_decode
+
+and in the experiment file ``measurements: [{name: decode, contexts: [256, 4096], batches: [1,
+16]}]``. Measurements run after each run's training (also for runs finished earlier, whose
+results are read back from their directory); their results are cached per run in
+``measurements.json`` by name and options, so a rerun measures only what is new. A failing
+measurement is recorded (``measurement_errors`` in ``results.json``) and the rest go on.
+
+This module imports no jax; the measurements that need it import it when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import statistics
+from typing import Any, Callable, Optional
+
+from tfm_jax.config import Config, param_counts
+
+
+@dataclasses.dataclass
+class Series:
+    """Rows of one measurement keyed by the fields in ``by`` (e.g. ``context``, ``batch``);
+    every other numeric field of a row is a value, e.g. ``{"context": 256, "batch": 1,
+    "decode_tokens_per_s": 812.0}``."""
+
+    by: tuple[str, ...]
+    rows: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"by": list(self.by), "rows": [dict(r) for r in self.rows]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Series":
+        return cls(tuple(d["by"]), [dict(r) for r in d["rows"]])
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What a measurement sees of one run. ``train_result`` is the
+    :class:`tfm_jax.train.TrainResult` when the run was trained in this invocation (else None:
+    read what you need from ``run_dir``)."""
+
+    cfg: Config
+    run_dir: pathlib.Path
+    variant: str
+    seed: int
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_result: Any = None
+    devices: Optional[list] = None
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)   # shared by a run's measurements
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return self.options.get(key, default)
+
+    def check_options(self, allowed: set[str]) -> None:
+        """Raise ValueError for an option the measurement does not know."""
+        bad = sorted(set(self.options) - set(allowed))
+        if bad:
+            raise ValueError(f"unknown option(s) {', '.join(bad)}; this measurement takes "
+                             f"{', '.join(sorted(allowed)) or 'no options'}")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Rows of the run's ``metrics.jsonl`` (train rows have ``loss``, eval rows
+        ``val_loss``)."""
+        if "metrics" not in self.cache:
+            from tfm_jax.metrics import read_metrics
+            self.cache["metrics"] = read_metrics(self.run_dir)
+        return self.cache["metrics"]
+
+    def final_eval(self) -> dict[str, Any]:
+        """The evaluation at the run's last step (``val_loss``, ``val_ppl``, ``val_tokens``)."""
+        if self.train_result is not None and self.train_result.eval:
+            return dict(self.train_result.eval)
+        steps = self.cfg.train.steps
+        rows = [r for r in self.metrics() if "val_loss" in r and r.get("step") == steps]
+        if not rows:
+            raise ValueError(f"no evaluation at step {steps} in {self.run_dir / 'metrics.jsonl'}")
+        return rows[-1]
+
+    def restore(self) -> tuple[Any, Any]:
+        """(setup, state) of the run's final checkpoint (built once per run)."""
+        if "restored" not in self.cache:
+            tr = self.train_result
+            if tr is not None:
+                self.cache["restored"] = (tr.setup, tr.state)
+            else:
+                from tfm_jax import backends
+                from tfm_jax.checkpoint import Checkpointer
+                from tfm_jax.train import build
+
+                backends.configure(self.cfg.backend)
+                setup = build(self.cfg, self.devices)
+                ckpt = Checkpointer(self.run_dir / "checkpoints")
+                try:
+                    state = ckpt.restore(setup.abstract_state())
+                finally:
+                    ckpt.close()
+                self.cache["restored"] = (setup, state)
+        return self.cache["restored"]
+
+
+Measurement = Callable[[RunContext], dict[str, Any]]
+MEASUREMENTS: dict[str, Measurement] = {}
+
+
+def register(name: str, fn: Optional[Measurement] = None):
+    """``register("x", fn)`` or ``@register("x")``; same as ``MEASUREMENTS["x"] = fn``."""
+    if fn is None:
+        return lambda f: register(name, f)
+    MEASUREMENTS[name] = fn
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in measurements.
+
+
+@register("val_loss")
+def measure_val_loss(ctx: RunContext) -> dict[str, Any]:
+    """``val_loss`` (nats/token) and ``perplexity`` of the final evaluation, and
+    ``final_train_loss`` (the last logged train loss). For runs started from another run
+    (``init_from``): also ``init_val_loss`` / ``init_perplexity``, the evaluation right after
+    conversion, before the first step (``convert.json``). Always measured."""
+    ctx.check_options(set())
+    ev = ctx.final_eval()
+    out: dict[str, Any] = {"val_loss": float(ev["val_loss"]), "perplexity": float(ev["val_ppl"])}
+    train = [r for r in ctx.metrics() if r.get("loss") is not None]
+    if train:
+        out["final_train_loss"] = float(train[-1]["loss"])
+    conv = ctx.run_dir / "convert.json"
+    if conv.is_file():
+        init = json.loads(conv.read_text()).get("eval") or {}
+        if "val_loss" in init:
+            out["init_val_loss"] = float(init["val_loss"])
+            out["init_perplexity"] = float(init["val_ppl"])
+    return out
+
+
+MEASUREMENTS["perplexity"] = measure_val_loss
+
+
+@register("params")
+def measure_params(ctx: RunContext) -> dict[str, Any]:
+    """Parameter counts from the config (:func:`tfm_jax.config.param_counts`): ``params``
+    (total), ``params_embedding``, ``params_non_embedding``, ``params_matmul``."""
+    ctx.check_options(set())
+    c = param_counts(ctx.cfg.model)
+    return {"params": c["total"], "params_embedding": c["embedding"],
+            "params_non_embedding": c["total"] - c["embedding"], "params_matmul": c["matmul"]}
+
+
+@register("kv_bytes")
+def measure_kv_bytes(ctx: RunContext) -> dict[str, Any]:
+    """KV-cache bytes at the model's shape (:func:`tfm_jax.kv_memory.kv_cache_bytes`).
+
+    Options: ``contexts`` (default ``[data.seq_len]``), ``batch`` (1), ``dtype`` (the model's).
+    Gives ``kv_bytes_per_token`` (all layers), ``kv_bytes`` (at the first context and the
+    batch), and the series ``kv_bytes_by_context`` (by context, batch: ``kv_bytes``)."""
+    from tfm_jax.kv_memory import kv_cache_bytes
+
+    ctx.check_options({"contexts", "batch", "dtype"})
+    contexts = list(ctx.option("contexts", [ctx.cfg.data.seq_len]))
+    batch = int(ctx.option("batch", 1))
+    dtype = ctx.option("dtype", ctx.cfg.model.dtype)
+    rows = []
+    for c in contexts:
+        r = kv_cache_bytes(ctx.cfg, int(c), batch, dtype)
+        rows.append({"context": int(c), "batch": batch, "kv_bytes": r["total_with_scales"]})
+    first = kv_cache_bytes(ctx.cfg, int(contexts[0]), batch, dtype)
+    return {"kv_bytes_per_token": first["bytes_per_token"],
+            "kv_bytes": first["total_with_scales"],
+            "kv_bytes_by_context": Series(("context", "batch"), rows)}
+
+
+@register("train_tokens_per_s")
+def measure_train_speed(ctx: RunContext) -> dict[str, Any]:
+    """Training throughput from the run's ``metrics.jsonl``: the median over its log windows of
+    ``tokens_per_s`` (the first step, which compiles, is never in a window; the median keeps
+    one slow window -- a checkpoint, a busy machine -- from moving it) and of ``mfu``.
+    Option ``stat``: ``median`` (default) or ``mean``."""
+    ctx.check_options({"stat"})
+    stat = ctx.option("stat", "median")
+    if stat not in ("median", "mean"):
+        raise ValueError(f"stat={stat!r}: use median or mean")
+    f = statistics.median if stat == "median" else statistics.fmean
+    rows = [r for r in ctx.metrics() if r.get("tokens_per_s")]
+    if not rows:
+        raise ValueError(f"no tokens_per_s rows in {ctx.run_dir / 'metrics.jsonl'}")
+    out = {"train_tokens_per_s": f([float(r["tokens_per_s"]) for r in rows])}
+    mfu = [float(r["mfu"]) for r in rows if r.get("mfu") is not None]
+    if mfu:
+        out["train_mfu"] = f(mfu)
+    return out
+
+
+@register("flops")
+def measure_flops(ctx: RunContext) -> dict[str, Any]:
+    """``train_flops_per_token`` at the run's sequence length
+    (:func:`tfm_jax.model.train_flops_per_token`: PaLM convention, 6 x matmul parameters + the
+    attention score/value products over the full T x T square)."""
+    from tfm_jax.model import train_flops_per_token
+
+    ctx.check_options(set())
+    return {"train_flops_per_token": train_flops_per_token(ctx.cfg.model, ctx.cfg.data.seq_len)}
+
+
+@register("loss_curve")
+def measure_loss_curve(ctx: RunContext) -> dict[str, Any]:
+    """Shape of the train loss curve from ``metrics.jsonl`` (each logged loss is the mean over
+    its ``train.log_every`` steps).
+
+    Options: ``at`` (steps, default a quarter and half of ``train.steps``): ``train_loss_step<N>``
+    = the first logged loss at a step >= N (how far training got by then: "converges faster");
+    steps beyond the run's ``train.steps`` are left out (a shorter variant has none).
+    Always: ``train_loss_roughness`` = mean |difference| of consecutive logged losses over the
+    second half of training (step-to-step noise once the trend is slow: "smoother curve")."""
+    ctx.check_options({"at"})
+    steps = ctx.cfg.train.steps
+    at = [int(s) for s in ctx.option("at", [steps // 4, steps // 2])]
+    rows = [(r["step"], float(r["loss"])) for r in ctx.metrics() if r.get("loss") is not None]
+    if not rows:
+        raise ValueError(f"no train losses in {ctx.run_dir / 'metrics.jsonl'}")
+    out: dict[str, Any] = {}
+    for s in at:
+        if s > steps:
+            continue
+        hit = [loss for step, loss in rows if step >= s]
+        if not hit:
+            raise ValueError(f"at={s}: no train loss logged at or after step {s}")
+        out[f"train_loss_step{s}"] = hit[0]
+    late = [loss for step, loss in rows if step > steps // 2]
+    if len(late) >= 2:
+        out["train_loss_roughness"] = statistics.fmean(
+            abs(b - a) for a, b in zip(late, late[1:]))
+    return out

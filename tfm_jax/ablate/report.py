@@ -1,0 +1,358 @@
+"""Aggregates over seeds, the claims table and ``results.md`` of an ablation (no jax).
+
+* :func:`aggregate` -- per variant and scalar metric: n, mean, sample std (``ddof=1``; None for
+  one seed), min, max over the seeds that finished; per measurement series the same per
+  (variant, key).
+* Claims: ``metric`` and ``check`` are small arithmetic expressions, parsed with :mod:`ast` and
+  evaluated over a whitelist (numbers, strings, ``+ - * / // % **``, comparisons, ``and/or/not``,
+  ``x if c else y``, ``metric[variant]`` = the mean over seeds, and the functions ``abs min max
+  round log exp sqrt``, ``std('metric', 'variant')`` (sample std over seeds), ``sem(...)``
+  (standard error of the mean, std / sqrt(n)), ``value('metric', 'variant', key=...)`` for a
+  series row). Nothing else (no attributes, no other calls) is accepted.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from typing import Any, Optional
+
+FUNCTIONS = {"abs": abs, "min": min, "max": max, "round": round, "log": math.log,
+             "exp": math.exp, "sqrt": math.sqrt}
+_SPECIAL = ("std", "sem", "value")
+_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+           ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b,
+           ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
+           ast.Pow: lambda a, b: a ** b}
+_CMPOPS = {ast.Lt: lambda a, b: a < b, ast.LtE: lambda a, b: a <= b,
+           ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
+           ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b}
+
+
+class NotMeasured(LookupError):
+    """An expression needs a metric no finished run measured."""
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation.
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    """n, mean, sample std (ddof=1; None when n < 2), min, max and the values."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"n": n, "mean": mean, "std": std, "min": min(values), "max": max(values),
+            "values": list(values)}
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def aggregate(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
+    """``{"scalars": {variant: {metric: stats}}, "series": {name: {"by": [...], "rows":
+    [{"variant": v, **keys, value: stats}]}}}`` over runs with ``status == "ok"``."""
+    scalars: dict[str, dict[str, Any]] = {}
+    series: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        ok = [r for r in runs if r["variant"] == v and r["status"] == "ok"]
+        names: list[str] = []
+        for r in ok:
+            names += [k for k in r.get("metrics", {}) if k not in names]
+        scalars[v] = {m: stats([r["metrics"][m] for r in ok if _num(r["metrics"].get(m))])
+                      for m in names
+                      if any(_num(r["metrics"].get(m)) for r in ok)}
+        for r in ok:
+            for name, s in r.get("series", {}).items():
+                entry = series.setdefault(name, {"by": list(s["by"]), "groups": {}})
+                for row in s["rows"]:
+                    key = (v,) + tuple(row.get(b) for b in entry["by"])
+                    g = entry["groups"].setdefault(key, {})
+                    for field, val in row.items():
+                        if field not in entry["by"] and _num(val):
+                            g.setdefault(field, []).append(val)
+    out_series = {}
+    for name, entry in series.items():
+        rows = []
+        for key, g in entry["groups"].items():
+            row = {"variant": key[0], **dict(zip(entry["by"], key[1:]))}
+            row.update({f: stats(vals) for f, vals in g.items()})
+            rows.append(row)
+        out_series[name] = {"by": entry["by"], "rows": rows}
+    return {"scalars": scalars, "series": out_series}
+
+
+# --------------------------------------------------------------------------------------------
+# Expressions.
+
+
+def parse_expression(text: str) -> ast.Expression:
+    """Parse and whitelist-check an expression; ValueError says what is not allowed."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as err:
+        raise ValueError(f"expression {text!r} is not valid: {err.msg}") from None
+    for node in ast.walk(tree):
+        ok = isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp,
+                               ast.IfExp, ast.Constant, ast.Name, ast.Subscript, ast.Call,
+                               ast.keyword, ast.Load, ast.operator, ast.unaryop, ast.cmpop,
+                               ast.boolop))
+        if isinstance(node, ast.BinOp):
+            ok = type(node.op) in _BINOPS
+        if isinstance(node, ast.Compare):
+            ok = all(type(op) in _CMPOPS for op in node.ops)
+        if isinstance(node, ast.UnaryOp):
+            ok = isinstance(node.op, (ast.USub, ast.UAdd, ast.Not))
+        if isinstance(node, ast.Call):
+            ok = isinstance(node.func, ast.Name) and node.func.id in (*FUNCTIONS, *_SPECIAL)
+        if isinstance(node, ast.Subscript):
+            ok = isinstance(node.value, ast.Name) and (
+                isinstance(node.slice, ast.Name) or (isinstance(node.slice, ast.Constant)
+                                                     and isinstance(node.slice.value, str)))
+        if isinstance(node, ast.Constant):
+            ok = isinstance(node.value, (int, float, str)) and not isinstance(node.value, bool)
+        if not ok:
+            raise ValueError(
+                f"expression {text!r}: {type(node).__name__} is not allowed (use numbers, "
+                "+ - * / ** , comparisons, metric[variant], abs/min/max/round/log/exp/sqrt, "
+                "std/sem('metric', 'variant'), value('metric', 'variant', key=...))")
+    return tree
+
+
+def parse_check(text: str) -> tuple[str, float, bool]:
+    """A comparator check: ``'<='`` -> ("<=", 0, False); ``'~10%'`` -> ("~", 0.1, True);
+    ``'~0.05'`` -> ("~", 0.05, False)."""
+    s = text.strip()
+    if s in ("<", "<=", ">", ">=", "=="):
+        return s, 0.0, False
+    m = re.fullmatch(r"~\s*([0-9.eE+-]+)\s*(%?)", s)
+    if not m:
+        raise ValueError(f"check {text!r}: use <, <=, >, >=, ==, ~X% or ~X, or an expression")
+    try:
+        tol = float(m.group(1))
+    except ValueError:
+        raise ValueError(f"check {text!r}: {m.group(1)!r} is not a number") from None
+    pct = bool(m.group(2))
+    return "~", tol / 100 if pct else tol, pct
+
+
+class _Evaluator:
+    def __init__(self, agg: dict[str, Any], names: Optional[dict[str, Any]] = None):
+        self.scalars = agg.get("scalars", {})
+        self.series = agg.get("series", {})
+        self.names = names or {}
+
+    def scalar(self, metric: str, variant: str, field: str = "mean") -> float:
+        if variant not in self.scalars:
+            raise NotMeasured(f"variant {variant!r} has no finished runs")
+        s = self.scalars[variant].get(metric)
+        if s is None:
+            raise NotMeasured(f"{metric}[{variant}] was not measured")
+        if s[field] is None:
+            raise NotMeasured(f"{field} of {metric}[{variant}] needs two or more seeds")
+        return s[field]
+
+    def value(self, metric: str, variant: str, **where: Any) -> float:
+        for entry in self.series.values():
+            for row in entry["rows"]:
+                if (row["variant"] == variant and metric in row
+                        and all(row.get(k) == v for k, v in where.items())):
+                    return row[metric]["mean"]
+        if not where:
+            return self.scalar(metric, variant)
+        raise NotMeasured(f"value({metric!r}, {variant!r}, "
+                          f"{', '.join(f'{k}={v!r}' for k, v in where.items())}) was not measured")
+
+    def eval(self, node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return self.eval(node.body)
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id in self.names:
+                return self.names[node.id]
+            raise ValueError(f"unknown name {node.id!r}: write metric[variant], e.g. "
+                             f"perplexity[{next(iter(self.scalars), 'mha')}]")
+        if isinstance(node, ast.Subscript):
+            variant = node.slice.id if isinstance(node.slice, ast.Name) else node.slice.value
+            return self.scalar(node.value.id, variant)
+        if isinstance(node, ast.BinOp):
+            return _BINOPS[type(node.op)](self.eval(node.left), self.eval(node.right))
+        if isinstance(node, ast.UnaryOp):
+            x = self.eval(node.operand)
+            return -x if isinstance(node.op, ast.USub) else (+x if isinstance(node.op, ast.UAdd)
+                                                              else not x)
+        if isinstance(node, ast.Compare):
+            left = self.eval(node.left)
+            for op, comp in zip(node.ops, node.comparators):
+                right = self.eval(comp)
+                if not _CMPOPS[type(op)](left, right):
+                    return False
+                left = right
+            return True
+        if isinstance(node, ast.BoolOp):
+            vals = [self.eval(v) for v in node.values]
+            return all(vals) if isinstance(node.op, ast.And) else any(vals)
+        if isinstance(node, ast.IfExp):
+            return self.eval(node.body) if self.eval(node.test) else self.eval(node.orelse)
+        if isinstance(node, ast.Call):
+            args = [self.eval(a) for a in node.args]
+            kwargs = {k.arg: self.eval(k.value) for k in node.keywords}
+            if node.func.id == "std":
+                return self.scalar(*args, field="std")
+            if node.func.id == "sem":
+                return self.scalar(*args, field="std") / math.sqrt(self.scalar(*args, field="n"))
+            if node.func.id == "value":
+                return self.value(*args, **kwargs)
+            return FUNCTIONS[node.func.id](*args, **kwargs)
+        raise ValueError(f"cannot evaluate {type(node).__name__}")
+
+
+def evaluate(text: str, agg: dict[str, Any], names: Optional[dict[str, Any]] = None) -> Any:
+    """Evaluate an expression over aggregates (``metric[variant]`` = mean over seeds)."""
+    return _Evaluator(agg, names).eval(parse_expression(text))
+
+
+def judge_claim(claim: dict[str, Any], agg: dict[str, Any], where: str) -> dict[str, Any]:
+    """One row of the claims table: claim, source, claimed, measured, verdict, where, note.
+
+    Verdicts: ``holds`` / ``does not hold`` (checked), ``reported`` (no check), ``not
+    measured`` (a metric it needs is missing, e.g. its variant failed or its measurement is not
+    enabled), ``error: ...`` (the expression failed)."""
+    row = {"claim": claim["claim"], "source": claim.get("source", ""),
+           "claimed": claim.get("expected"), "measured": None,
+           "where": claim.get("where") or where, "note": claim.get("note")}
+    metric, check, expected = claim.get("metric"), claim.get("check"), claim.get("expected")
+    if metric is None:
+        row["verdict"] = "not measured" if check else "reported"
+        return row
+    try:
+        measured = evaluate(metric, agg)
+        row["measured"] = measured
+        if check is None:
+            row["verdict"] = "reported"
+            return row
+        if re.fullmatch(r"\s*(<=|>=|<|>|==|~.*)\s*", check):
+            op, tol, _ = parse_check(check)
+            if not isinstance(expected, (int, float)):
+                raise ValueError(f"check {check!r} needs a numeric 'expected' (got {expected!r})")
+            ok = (abs(measured - expected) <= tol * (abs(expected) if "%" in check else 1)
+                  if op == "~" else _CMPOPS[{"<": ast.Lt, "<=": ast.LtE, ">": ast.Gt,
+                                             ">=": ast.GtE, "==": ast.Eq}[op]](measured,
+                                                                               expected))
+        else:
+            ok = evaluate(check, agg, {"measured": measured, "expected": expected})
+        row["verdict"] = "holds" if ok else "does not hold"
+    except NotMeasured as err:
+        row["verdict"] = "not measured"
+        row["note"] = (f"{row['note']} [{err}]" if row["note"] else str(err))
+    except (ValueError, TypeError, ZeroDivisionError, ArithmeticError) as err:
+        row["verdict"] = f"error: {err}"
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting and results.md.
+
+
+def _decimals(x: float) -> int:
+    """Decimals that show ~4 significant digits of ``x`` (0 for |x| >= 1000)."""
+    if x == 0 or not math.isfinite(x):
+        return 4
+    return max(0, min(6, 3 - math.floor(math.log10(abs(x)))))
+
+
+def fmt(x: Any, decimals: Optional[int] = None) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, str):
+        return x
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, int):
+        return f"{x:,}"
+    d = _decimals(x) if decimals is None else decimals
+    return f"{x:,.{d}f}"
+
+
+def fmt_stats(s: Optional[dict[str, Any]]) -> str:
+    """``mean ± std`` with the std at the mean's decimals (``mean`` alone for one seed)."""
+    if not s:
+        return "–"
+    mean, std = s["mean"], s["std"]
+    if not std:                      # one seed, or the same value for every seed
+        integral = all(float(v).is_integer() for v in s["values"])
+        return fmt(int(mean)) if integral and abs(mean) >= 1000 else fmt(s["values"][0])
+    d = _decimals(mean)
+    return fmt(mean, d) + f" ± {fmt(std, d)}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    esc = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """``results.md``: per-variant mean ± std, series tables, claims, runs, plots."""
+    exp = results["experiment"]
+    variants = exp["variants"]
+    agg = results["aggregates"]
+    out = [f"# Ablation: {exp['name']}", ""]
+    if exp.get("description"):
+        out += [exp["description"].strip(), ""]
+    out += [f"Command: `{results['command']}`  ", f"Written: {results['written']}  ",
+            f"Where: {results['where']}  ",
+            f"Seeds: {', '.join(map(str, exp['seeds']))} (mean ± sample std over the seeds that "
+            "finished; n in the runs table)", ""]
+    out += ["## Results", ""]
+    metrics: list[str] = []
+    for v in variants:
+        metrics += [m for m in agg["scalars"].get(v, {}) if m not in metrics]
+    rows = [[m] + [fmt_stats(agg["scalars"].get(v, {}).get(m)) for v in variants]
+            for m in metrics]
+    out += [_table(["metric"] + variants, rows), ""]
+    descr = [(v, d) for v, d in ((v, exp["variant_descriptions"].get(v)) for v in variants) if d]
+    if descr:
+        out += ["Variants: " + "; ".join(f"**{v}**: {d}" for v, d in descr), ""]
+    for name, s in agg["series"].items():
+        fields: list[str] = []
+        for r in s["rows"]:
+            fields += [k for k in r if k not in s["by"] and k != "variant" and k not in fields]
+        keys = sorted({tuple(r.get(b) for b in s["by"]) for r in s["rows"]},
+                      key=lambda k: tuple((x is None, x) for x in k))
+        for f in fields:
+            out += [f"### {name}: {f}", ""]
+            body = []
+            for k in keys:
+                cells = []
+                for v in variants:
+                    hit = [r for r in s["rows"] if r["variant"] == v
+                           and tuple(r.get(b) for b in s["by"]) == k and f in r]
+                    cells.append(fmt_stats(hit[0][f]) if hit else "–")
+                body.append([fmt(x) for x in k] + cells)
+            out += [_table(list(s["by"]) + variants, body), ""]
+    if results["claims"]:
+        out += ["## Claims", ""]
+        rows = [[str(i + 1), c["claim"], c["source"], fmt(c["claimed"]), fmt(c["measured"]),
+                 c["verdict"], c["where"]] for i, c in enumerate(results["claims"])]
+        out += [_table(["#", "claim", "source", "claimed", "measured", "verdict",
+                        "where measured"], rows), ""]
+        notes = [(i + 1, c["note"]) for i, c in enumerate(results["claims"]) if c.get("note")]
+        if notes:
+            out += ["Notes: " + " ".join(f"({i}) {n}" for i, n in notes), ""]
+    out += ["## Runs", ""]
+    rows = [[r["variant"], str(r["seed"]), r["status"], r.get("outcome", ""),
+             fmt(r.get("wall_s")), fmt(r.get("metrics", {}).get("val_loss")),
+             (r.get("error") or "").splitlines()[0][:160] if r.get("error") else ""]
+            for r in results["runs"]]
+    out += [_table(["variant", "seed", "status", "outcome", "wall s", "val_loss", "error"],
+                   rows), ""]
+    if results.get("plots"):
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in results["plots"]] + [""]
+    if results.get("warnings"):
+        out += ["## Warnings", ""] + [f"- {w}" for w in results["warnings"]] + [""]
+    return "\n".join(out)
