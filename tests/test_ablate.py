@@ -203,7 +203,8 @@ def _experiment(tmp_path, corpus, **changes):
     raw = _raw(out_dir=str(tmp_path / "out"), **changes)
     raw["overrides"]["data.path"] = str(corpus)
     raw["measurements"] = raw["measurements"] + [
-        {"name": "fake_decode", "contexts": [8, 16], "batches": [1, 4], "once": True}]
+        {"name": "fake_decode", "contexts": [8, 16], "batches": [1, 4], "once": True},
+        {"name": "decode", "contexts": [8], "batches": [2], "new_tokens": 3, "once": True}]
     raw["plots"] = raw["plots"] + [{"x": "context", "y": "fake_tps",
                                     "series": ["variant", "batch"], "logx": True},
                                    {"x": "context", "y": "nothing"}]
@@ -312,6 +313,13 @@ def test_aggregates_match_numpy(ablation):
     assert fake[("mqa", 16, 4)] == {"n": 1, "mean": 64.0, "std": None, "min": 64.0,
                                     "max": 64.0, "values": [64.0]}
     assert fake[("mha", 8, 1)]["mean"] == 32.0 and len(fake) == 3 * 2 * 2
+    # the real decode measurement (tfm_jax.generate.decode_speed on the restored run)
+    dec = {(r["variant"], r["context"], r["batch"]): r
+           for r in res.results["aggregates"]["series"]["decode"]["rows"]}
+    assert sorted(dec) == [("mha", 8, 2), ("mqa", 8, 2), ("up", 8, 2)]
+    for r in dec.values():
+        assert r["decode_tokens_per_s"]["n"] == 1 and r["decode_tokens_per_s"]["mean"] > 0
+        assert r["decode_step_ms"]["mean"] > 0
 
 
 def test_claims_table(ablation):

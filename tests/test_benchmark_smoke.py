@@ -104,3 +104,31 @@ def test_profile_step_torch_phases_tiny():
     ph = profile_step.torch_phases(shape, 16, 2, 2)
     assert set(ph) == {"torch forward", "torch forward+backward", "torch full step (AdamW)"}
     assert all(0 < v["min_ms"] <= v["median_ms"] for v in ph.values())
+
+
+def test_decode_smoke(tmp_path, capsys):
+    """benchmarks/decode.py end to end at a tiny shape: the JSON has the issue's layout, both
+    implementations decode the same greedy ids from the same weights (exported to the peer),
+    and the traffic bound is the byte count / the bandwidth measured in the run."""
+    from benchmarks import decode
+
+    out = tmp_path / "decode.json"
+    res = decode.main(["--d-model", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+                       "--ffn-hidden", "64", "--batch", "2", "--context", "16",
+                       "--new-tokens", "6", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "tfm_jax / torch:" in text and "greedy ids agree" in text
+    on_disk = json.loads(out.read_text())
+    for name in ("tfm_jax", "torch"):
+        assert on_disk[name]["tokens_per_s"] > 0
+    assert on_disk["tfm_jax"]["per_step_tokens_per_s"] > 0
+    # random-init weights: logits are near-uniform, so a near-tie may flip late; the first
+    # greedy id of every row comes from the prefill, which must agree
+    assert res["greedy_agreement"]["first_mismatch_step"] in (None, *range(1, 6))
+    tr, bw = res["traffic_bytes_per_step"], res["bandwidth_bytes_per_s"]
+    m = 2 * (32 * (4 + 2 * 2) * 8 + 4 * 8 * 32 + 3 * 32 * 64) + 32 * 264  # matmul params
+    assert tr["weights"] == 4 * (m + 2 * 32)
+    assert tr["kv"] == 2 * 2 * 2 * 8 * 16 * 2 * 4                        # 2*L*Hkv*Dh*ctx*B*4
+    assert res["tfm_jax"]["bound_ms"]["dram"] == pytest.approx(1e3 * tr["total"] / bw["dram"])
+    # the decoder's cache holds context + new_tokens positions: 2*L*B*max_len*Hkv*Dh*4
+    assert res["tfm_jax"]["cache_bytes"] == 2 * 2 * 2 * (16 + 6) * 2 * 8 * 4

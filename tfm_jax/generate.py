@@ -44,7 +44,8 @@ from tfm_jax.parallel.mesh import rules_tuple
 
 PAD_OUT = -1     # token id in generate's raw output for rows that had already finished
 
-__all__ = ["Cache", "Decoder", "Generation", "bytes_of_cache", "eval_through_cache", "generate",
+__all__ = ["Cache", "Decoder", "Generation", "bytes_of_cache", "decode_speed",
+           "eval_through_cache", "generate",
            "generate_text", "make_decoder", "sample_logits"]
 
 
@@ -358,6 +359,49 @@ def generate(decoder: Decoder, variables: Any, prompts: Sequence[Sequence[int]],
     decode_tokens = int((out[:n] != PAD_OUT).sum())
     return Generation(new, stopped, lens, prefill_s, decode_s, steps, decode_tokens, compile_s,
                       cache)
+
+
+def decode_speed(model: Any, variables: Any, *, batch: int, context: int, new_tokens: int,
+                 kv_cache: str = "none", kv_scale: str = "per_token_head", seed: int = 0,
+                 per_step: bool = False) -> dict[str, Any]:
+    """Greedy decode speed after random prompts of ``context`` tokens in ``batch`` rows.
+
+    ``tokens_per_s``: :func:`generate`'s compiled decode loop (what ``tfm-jax generate`` runs),
+    ``batch x (new_tokens - 1)`` tokens over the decode seconds; prefill and compilation are
+    excluded (reported as ``prefill_s``, ``compile_s``). With ``per_step``, also
+    ``per_step_tokens_per_s``: the same decode driven from Python one :meth:`Decoder.step` (plus
+    a jitted argmax) per token, i.e. with a host round trip per token, as an eager framework
+    decodes. ``ids`` (batch, new_tokens): the greedy ids of the loop. Used by
+    ``benchmarks/decode.py`` and the ablation runner's ``decode`` measurement."""
+    if context < 1 or new_tokens < 2:
+        raise ValueError(f"decode_speed: context >= 1 and new_tokens >= 2 needed, got "
+                         f"{context}, {new_tokens}")
+    vocab = model.cfg.vocab_size
+    prompts = np.random.default_rng(seed).integers(0, vocab, (batch, context), dtype=np.int32)
+    dec = make_decoder(model, batch=batch, max_len=context + new_tokens, kv_cache=kv_cache,
+                       kv_scale=kv_scale)
+    g = generate(dec, variables, list(prompts), max_new_tokens=new_tokens)
+    out: dict[str, Any] = {
+        "tokens_per_s": g.decode_tokens_per_s, "step_ms": 1e3 * g.decode_s / g.decode_steps,
+        "prefill_s": g.prefill_s, "compile_s": g.compile_s,
+        "cache_bytes": int(bytes_of_cache(g.cache)), "ids": np.stack(g.tokens)}
+    if per_step:
+        greedy = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        lengths = jnp.full((batch,), context, jnp.int32)
+        times = []
+        for timed in (False, True):        # the first pass compiles prefill, step and argmax
+            cache = dec.init_cache()
+            logits, cache = dec.prefill(variables, cache, prompts, lengths)
+            tok = greedy(logits).block_until_ready()
+            for _ in range(new_tokens - 1):
+                t0 = time.perf_counter()
+                logits, cache = dec.step(variables, cache, tok)
+                tok = greedy(logits).block_until_ready()
+                if timed:
+                    times.append(time.perf_counter() - t0)
+        out["per_step_tokens_per_s"] = batch * len(times) / sum(times)
+        out["per_step_ms"] = 1e3 * float(np.median(times))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -257,3 +257,34 @@ def measure_loss_curve(ctx: RunContext) -> dict[str, Any]:
         out["train_loss_roughness"] = statistics.fmean(
             abs(b - a) for a, b in zip(late, late[1:]))
     return out
+
+
+@register("decode")
+def measure_decode(ctx: RunContext) -> dict[str, Any]:
+    """Greedy decode speed of the trained model through the KV cache
+    (:func:`tfm_jax.generate.decode_speed`: the compiled decode loop of ``tfm-jax generate``,
+    prefill and compilation excluded), on random prompts.
+
+    Options: ``contexts`` (prompt lengths, default ``[data.seq_len]``), ``batches`` (default
+    ``[1]``), ``new_tokens`` (default 32), ``kv_cache`` (default the run's ``quant.kv_cache``).
+    Gives the series ``decode`` (by context, batch: ``decode_tokens_per_s``,
+    ``decode_step_ms``). Decoding is timing: use ``once: true`` and a quiet machine."""
+    from tfm_jax.generate import decode_speed
+
+    ctx.check_options({"contexts", "batches", "new_tokens", "kv_cache"})
+    contexts = [int(c) for c in ctx.option("contexts", [ctx.cfg.data.seq_len])]
+    batches = [int(b) for b in ctx.option("batches", [1])]
+    new_tokens = int(ctx.option("new_tokens", 32))
+    kv_cache = ctx.option("kv_cache", ctx.cfg.quant.kv_cache)
+    setup, state = ctx.restore()
+    variables = {"params": state.params, **state.model_state}
+    rows = []
+    with setup.context():
+        for c in contexts:
+            for b in batches:
+                r = decode_speed(setup.model, variables, batch=b, context=c,
+                                 new_tokens=new_tokens, kv_cache=kv_cache,
+                                 kv_scale=ctx.cfg.quant.kv_scale)
+                rows.append({"context": c, "batch": b, "decode_tokens_per_s": r["tokens_per_s"],
+                             "decode_step_ms": r["step_ms"]})
+    return {"decode": Series(("context", "batch"), rows)}
