@@ -7,7 +7,9 @@
 // NR columns (k-major, zero-padded) and op(A), MC rows at a time, into panels of MR rows
 // (k-major); a register-blocked micro-kernel then keeps an MR x NR tile of C in MR * NR / W
 // vector accumulators and, per k, loads NR/W vectors of the B panel and broadcasts MR values of
-// the A panel into FMAs. Packing turns every transpose case into the same unit-stride loop.
+// the A panel into FMAs. Packing turns every transpose case into the same unit-stride loop. Where
+// op(B) has at most two panels (the k/v projections, the attention tiles), op(A) is read in place
+// instead: packing it would cost more than the reuse saves.
 //
 // Determinism: each C element is one FMA chain over its K block's k in ascending order, started
 // from 0, then C = alpha * acc + beta * C (first block) or C + alpha * acc (later blocks), and the
@@ -30,19 +32,7 @@
 
 namespace tfm_sgemm {
 
-#ifndef TFM_KC
-#define TFM_KC 256
-#endif
-#ifndef TFM_MCT
-#define TFM_MCT 12
-#endif
-#ifndef TFM_PF
-#define TFM_PF 0
-#endif
-#ifndef TFM_INPLACE_A
-#define TFM_INPLACE_A (nc <= NR)
-#endif
-constexpr int kKcMax = TFM_KC;   // K block depth: a B micro-panel (KC x NR) stays in L1
+constexpr int kKcMax = 256;   // K block depth: a B micro-panel (KC x NR) stays in L1
 // K blocks of equal depth (the last ones one shorter) covering k: a function of k only.
 static inline int KBlocks(int k) { return (k + kKcMax - 1) / kKcMax; }
 static inline int KBlockStart(int k, int nb, int i) {
@@ -132,7 +122,7 @@ constexpr const char* kIsa = "";
 #endif
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-constexpr int MC = MR * TFM_MCT;    // rows of op(A) packed at a time (an MC x KC block stays in L2)
+constexpr int MC = MR * 12;    // rows of op(A) packed at a time (an MC x KC block stays in L2)
 constexpr int NC = 2048;       // columns of op(B) packed at a time (a multiple of NR)
 static_assert(NC % NR == 0 && NR % W == 0, "panel widths");
 
@@ -181,7 +171,7 @@ static void Tile(int kc, const float* __restrict a, int64_t as, const float* __r
     for (int v = 0; v < NV; ++v) acc[i][v] = Zero();
   float* cr = c;
   for (int i = 0; i < R; ++i, cr += ldc)      // the tile's C lines, needed by the epilogue
-    for (int v = 0; v < NV * W; v += 64 / (int)sizeof(float)) _mm_prefetch((const char*)(cr + v), _MM_HINT_T0);
+    for (int v = 0; v < NV * W; v += 16) _mm_prefetch((const char*)(cr + v), _MM_HINT_T0);
   for (int p = 0; p < kc; ++p) {
     V bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = Load(b + p * NR + v * W);
@@ -253,40 +243,6 @@ struct Buffer {
   ~Buffer() { std::free(p); }
 };
 
-// Rows [0, rows) of base + r * ld, `len` floats each: a block of a source matrix.
-struct Region {
-  const float* base;
-  int64_t ld;
-  int rows, len;
-};
-
-// Prefetches the source of the next packing step into L2 while the tiles of this one run, a few
-// cache lines after each tile (for operands that do not stay in L2 between steps, e.g. the
-// 2048-token weight gradients, the packing would otherwise wait on L3 each time).
-struct Prefetcher {
-  Region reg[2];
-  int nreg = 0, r = 0, row = 0, line = 0, per_step = 0;
-  void Add(Region g) {
-    if (g.rows > 0 && g.len > 0) reg[nreg++] = g;
-  }
-  static int Lines(const Region& g) { return (g.len * (int)sizeof(float) + 63) / 64 + 1; }
-  void Start(int steps) {
-    int64_t total = 0;
-    for (int i = 0; i < nreg; ++i) total += (int64_t)reg[i].rows * Lines(reg[i]);
-    per_step = (int)((total + steps - 1) / std::max(1, steps));
-  }
-  void Step() {
-    for (int n = 0; n < per_step && r < nreg; ++n) {
-      const Region& g = reg[r];
-      _mm_prefetch((const char*)(g.base + row * g.ld) + 64 * line, _MM_HINT_T1);
-      if (++line == Lines(g)) {
-        line = 0;
-        if (++row == g.rows) row = 0, ++r;
-      }
-    }
-  }
-};
-
 static void Blocked(bool ta, bool tb, int m, int n, int k, float alpha, const float* A, int lda,
                     const float* B, int ldb, float beta, float* C, int ldc) {
   static thread_local Buffer abuf, bbuf;
@@ -297,39 +253,30 @@ static void Blocked(bool ta, bool tb, int m, int n, int k, float alpha, const fl
     std::fprintf(stderr, "tfm_builtin_sgemm: out of memory for the packing buffers\n");
     std::abort();
   }
-  // The source blocks that packing reads: op(A)[i0:i0+mc, pc:pc+kc] and op(B)[pc:pc+kc, j:j+nc].
-  auto a_src = [&](int i0, int mc, int pc, int kc) {
-    return ta ? Region{A + (int64_t)pc * lda + i0, lda, kc, mc}
-              : Region{A + (int64_t)i0 * lda + pc, lda, mc, kc};
-  };
-  auto b_src = [&](int j, int nc, int pc, int kc) {
-    return tb ? Region{B + (int64_t)j * ldb + pc, ldb, nc, kc}
-              : Region{B + (int64_t)pc * ldb + j, ldb, kc, nc};
-  };
   for (int jc = 0; jc < n; jc += NC) {
     int nc = std::min(NC, n - jc);
+    // At most two panels of B: each element of op(A) is used at most twice, so op(A) is read in
+    // place rather than packed (a transposed A as the tile's k-major rows, a row-major A row by
+    // row); measured faster for the k/v projections and the attention tiles.
+    bool inplace = nc <= 2 * NR;
     for (int kb = 0; kb < nkb; ++kb) {
       int pc = KBlockStart(k, nkb, kb), kc = KBlockStart(k, nkb, kb + 1) - pc;
-      int pc2 = KBlockStart(k, nkb, kb + 1), kc2 = KBlockStart(k, nkb, kb + 2) - pc2;
-      bool first = kb == 0, last_kb = kb + 1 == nkb;
+      bool first = kb == 0;
       // op(B)[pc:pc+kc, jc:jc+nc] -> panels of NR columns, each kc x NR
       if (!tb) PackRows(B + (int64_t)pc * ldb + jc, ldb, kc, nc, Bp, NR);
       else
         for (int j0 = 0; j0 < nc; j0 += NR)
           PackCols(B + (int64_t)(jc + j0) * ldb + pc, ldb, std::min(NR, nc - j0), kc,
                    Bp + (int64_t)j0 * kc, NR);
-      // One panel of B (n <= NR): every element of op(A) is used once, so A is read in place
-      // (a transposed A as the tile's k-major rows, a row-major A row by row).
-      if (TFM_INPLACE_A) {
-        Prefetcher pf;
-        if (!last_kb) pf.Add(b_src(jc, nc, pc2, kc2)), pf.Add(a_src(0, m, pc2, kc2));
-        pf.Start((m + MR - 1) / MR);
-        const TileFn* table = TileTable::fn[!ta][nc > W];
+      if (inplace) {
         for (int i0 = 0; i0 < m; i0 += MR) {
           const float* ap = ta ? A + (int64_t)pc * lda + i0 : A + (int64_t)i0 * lda + pc;
-          table[std::min(MR, m - i0) - 1](kc, ap, lda, Bp, C + (int64_t)i0 * ldc + jc, ldc, nc,
-                                          alpha, beta, first);
-          pf.Step();
+          for (int j0 = 0; j0 < nc; j0 += NR) {
+            int w = std::min(NR, nc - j0);
+            TileTable::fn[!ta][w > W][std::min(MR, m - i0) - 1](
+                kc, ap, lda, Bp + (int64_t)j0 * kc, C + (int64_t)i0 * ldc + jc + j0, ldc, w,
+                alpha, beta, first);
+          }
         }
         continue;
       }
@@ -341,20 +288,15 @@ static void Blocked(bool ta, bool tb, int m, int n, int k, float alpha, const fl
           for (int i0 = 0; i0 < mc; i0 += MR)
             PackCols(A + (int64_t)(ic + i0) * lda + pc, lda, std::min(MR, mc - i0), kc,
                      Ap + (int64_t)i0 * kc, MR);
-        Prefetcher pf;
-        if (ic + MC < m) pf.Add(a_src(ic + MC, std::min(MC, m - ic - MC), pc, kc));
-        else if (!last_kb) pf.Add(b_src(jc, nc, pc2, kc2)), pf.Add(a_src(0, std::min(MC, m), pc2, kc2));
-        pf.Start(((mc + MR - 1) / MR) * ((nc + NR - 1) / NR));
+        // B panel outer (it stays in L1), A panels inner (from the L2-resident packed block)
         for (int j0 = 0; j0 < nc; j0 += NR) {
           int w = std::min(NR, nc - j0);
           const TileFn* table = TileTable::fn[0][w > W];
           const float* bp = Bp + (int64_t)j0 * kc;
-          for (int i0 = 0; i0 < mc; i0 += MR) {
-            int h = std::min(MR, mc - i0);
-            table[h - 1](kc, Ap + (int64_t)i0 * kc, MR, bp, C + (int64_t)(ic + i0) * ldc + jc + j0,
-                         ldc, w, alpha, beta, first);
-            if (TFM_PF) pf.Step();
-          }
+          for (int i0 = 0; i0 < mc; i0 += MR)
+            table[std::min(MR, mc - i0) - 1](kc, Ap + (int64_t)i0 * kc, MR, bp,
+                                             C + (int64_t)(ic + i0) * ldc + jc + j0, ldc, w,
+                                             alpha, beta, first);
         }
       }
     }
