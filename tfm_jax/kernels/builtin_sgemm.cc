@@ -70,7 +70,8 @@ static inline void Transpose(V r[W]) {
     u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
   }
   for (int j = 0; j < 4; ++j) {      // gather lane L of u[j], u[4+j], u[8+j], u[12+j]
-    V p = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), q = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+    V p = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88),
+      q = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
     V p2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88),
       q2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
     r[j] = _mm512_shuffle_f32x4(p, p2, 0x88);
