@@ -144,10 +144,15 @@ def test_a_blas_asked_for_by_name_but_missing_says_how_to_install_it(monkeypatch
                                                            "numpy-openblas": []})
     with pytest.raises(RuntimeError, match=r"cpu_blas=mkl: .*pip install 'tfm-jax\[mkl\]'"):
         cpu.resolve_blas("mkl")
+    if OK and cpu.builtin_isa():          # nothing installed: auto still has the builtin
+        assert cpu.resolve_blas("auto") is cpu.builtin_blas()
+    monkeypatch.setattr(cpu, "builtin_isa", lambda: "")      # ... unless the CPU has no AVX2
+    monkeypatch.setitem(cpu._state, "builtin", None)
     with pytest.raises(RuntimeError, match=r"cpu_blas=auto: ") as err:
         cpu.resolve_blas("auto")
     assert "pip install scipy-openblas32" in str(err.value)
     assert "pip install 'tfm-jax[mkl]'" in str(err.value)
+    assert "AVX2+FMA or AVX-512F" in str(err.value)
     with pytest.raises(RuntimeError, match="must be one of"):
         cpu.resolve_blas("atlas")
 

@@ -75,10 +75,11 @@ SGEMM_SOURCE = Path(__file__).with_name("builtin_sgemm.cc")
 TARGETS = ("tfm_gemm", "tfm_attn_fwd", "tfm_attn_bwd", "tfm_swiglu_fwd", "tfm_swiglu_bwd",
            "tfm_rms_fwd", "tfm_rms_bwd")
 BLAS_CHOICES = ("auto", "builtin", "openblas", "mkl")
-# What ``auto`` tries, in order: MKL when it is installed (the [mkl] extra) -- measured ~10 %
-# faster GEMMs and a ~5-9 % faster train step than scipy-openblas32 on the development CPU
-# (benchmarks/README.md, "Which BLAS") --, else the default dependency scipy-openblas32.
-AUTO_ORDER = ("mkl", "openblas")
+# What ``auto`` tries, in order: MKL when it is installed (the [mkl] extra; still the fastest
+# train step on the development CPU, ~3 % ahead of the builtin in one process), else the
+# library's own sgemm (~12 % faster steps than scipy-openblas32 there, nothing to install), else
+# scipy-openblas32 (a CPU without AVX2; benchmarks/README.md, "Which BLAS", has the figures).
+AUTO_ORDER = ("mkl", "builtin", "openblas")
 INSTALL_HINT = {
     "builtin": "needs an x86-64 CPU with AVX2+FMA or AVX-512F (the library is compiled with "
                "-march=native); choose backend.cpu_blas=openblas or mkl on this one",
@@ -285,29 +286,30 @@ def builtin_blas() -> Blas:
     """The kernel library's own sgemm (``tfm_builtin_sgemm``, ``builtin_sgemm.cc``) as a
     :class:`Blas`, self-checked like the others; RuntimeError where this CPU has neither AVX2+FMA
     nor AVX-512F."""
-    isa = builtin_isa()
-    cached = _state.get("builtin")
-    if cached is None:
-        lib = _state["lib"]
-        if not isa:
-            cached = RuntimeError(f"builtin: this build of the kernels has no builtin sgemm "
-                                  f"({INSTALL_HINT['builtin']})")
-        else:
-            blocking = (ctypes.c_int * 5)()
-            lib.tfm_builtin_sgemm_blocking(blocking)
-            mr, nr = blocking[0], blocking[1]
-            addr = _addr(lib, "tfm_builtin_sgemm")
-            try:
-                _self_check(addr, False, "builtin")
-                cached = Blas("builtin", _state["path"],
-                              f"builtin {_ISA_NAMES.get(isa, isa)} sgemm {mr}x{nr}", isa, addr,
-                              False, "")
-            except RuntimeError as e:
-                cached = e
-        _state["builtin"] = cached
-    if isinstance(cached, Exception):
-        raise RuntimeError(str(cached))
-    return cached
+    with _lock:
+        isa = builtin_isa()
+        cached = _state.get("builtin")
+        if cached is None:
+            if not isa:
+                cached = RuntimeError(f"builtin: this build of the kernels has no builtin sgemm "
+                                      f"({INSTALL_HINT['builtin']})")
+            else:
+                lib = _state["lib"]
+                blocking = (ctypes.c_int * 5)()
+                lib.tfm_builtin_sgemm_blocking(blocking)
+                mr, nr = blocking[0], blocking[1]
+                addr = _addr(lib, "tfm_builtin_sgemm")
+                try:
+                    _self_check(addr, False, "builtin")
+                    cached = Blas("builtin", _state["path"],
+                                  f"builtin {_ISA_NAMES.get(isa, isa)} sgemm {mr}x{nr}", isa, addr,
+                                  False, "")
+                except RuntimeError as e:
+                    cached = e
+            _state["builtin"] = cached
+        if isinstance(cached, Exception):
+            raise RuntimeError(str(cached))
+        return cached
 
 
 def resolve_blas(choice: Optional[str] = None) -> Blas:
