@@ -606,3 +606,29 @@ def test_gemm_custom_call_with_the_builtin_matches_numpy(ta, tb, m, k, n):
         cpu.use_blas(prev)
     ref = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_gemm_kernels_benchmark_smoke(tmp_path):
+    """benchmarks/gemm_kernels.py: every candidate checked against float64 numpy before timing;
+    the step totals are the count-weighted sums of the rows."""
+    if not OK:
+        pytest.skip(f"native kernels unavailable: {WHY}")
+    out = tmp_path / "g.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(_ROOT)}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gemm_kernels", "--rounds", "1",
+                           "--flops", "1e5", "--only", "attn", "--json", str(out)], env=env,
+                          capture_output=True, text=True, cwd=_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+    from benchmarks import gemm_kernels
+    res = json.loads(out.read_text())
+    assert set(res["blas"]) | set(res["missing"]) == {"builtin", "openblas", "mkl"}
+    assert len(res["calls"]) == 3 * 4 and {c["group"] for c in res["calls"]} == {"attn"}
+    # 8 batches x 2 kv heads x 4 layers = 64 tasks: S/dP 3 calls each, the others 2
+    assert sorted({c["count"] for c in res["calls"]}) == [128, 192]
+    tot = gemm_kernels.step_totals(res)["attn"]
+    for kind in res["blas"]:
+        assert tot[kind] == pytest.approx(
+            sum(c["best_us"][kind] * c["count"] for c in res["calls"]) / 1e3)
+    assert "one step, attn, ms" in proc.stdout
