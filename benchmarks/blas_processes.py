@@ -2,12 +2,14 @@
 
 ``benchmarks/blas_compare.py`` switches BLAS inside one process (same compiled executables);
 this measures what a user gets: a new process per run, as ``tfm-jax train`` starts, rounds
-interleaved (openblas, mkl, torch, openblas, ...) so the shared machine's drift hits all alike.
+interleaved (builtin, openblas, mkl, torch, builtin, ...) so the shared machine's drift hits all
+alike.
 Each tfm_jax run is the real jitted train step of :func:`tfm_jax.train.build` (clipping, AdamW,
 the non-finite guard) on the built-in corpus at the reference shape; the peer is
 ``benchmarks/torch_peer.py`` at the same shape (vocab 264, the byte tokenizer's padded size).
 
     python -m benchmarks.blas_processes --rounds 3          # needs .[torch]; mkl if installed
+    python -m benchmarks.blas_processes --blas builtin openblas mkl --rounds 3 --steps 30
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed steps per process")
-    p.add_argument("--blas", nargs="+", default=["openblas", "mkl"])
+    p.add_argument("--blas", nargs="+", default=["builtin", "openblas", "mkl"],
+                   help="backend.cpu_blas values to run (one process each per round)")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     runs: dict[str, list[float]] = {k: [] for k in (*a.blas, "torch")}

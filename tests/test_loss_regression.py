@@ -36,7 +36,10 @@ VARIANTS = {"plain": [], "scan": ["model.scan_layers=true"], "accum2": ["train.g
             # one device picks the native CPU kernels when they build (backend.cpu_kernels=auto);
             # the XLA-only path must reproduce the same curve
             "xla_kernels": ["backend.cpu_kernels=xla"],
-            "xla_kernels_blocks16": ["backend.cpu_kernels=xla", "model.attn_block_q=16"]}
+            "xla_kernels_blocks16": ["backend.cpu_kernels=xla", "model.attn_block_q=16"],
+            # the native kernels on the project's own sgemm (other summation order than a BLAS)
+            "builtin_sgemm": ["backend.cpu_blas=builtin"],
+            "builtin_sgemm_blocks16": ["backend.cpu_blas=builtin", "model.attn_block_q=16"]}
 
 
 def corpus_tokens() -> np.ndarray:
@@ -67,10 +70,30 @@ def tfm_losses(extra, devices) -> list[float]:
     return losses
 
 
+def _restore_blas():
+    """The BLAS the native kernels use now, and a function that puts it back (a run with
+    backend.cpu_blas=<name> switches it process-wide)."""
+    try:
+        from tfm_jax.kernels import cpu
+    except ImportError:
+        return lambda: None
+    prev = cpu.active_blas()
+    return lambda: prev is not None and cpu.use_blas(prev)
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_losses_match_golden(variant, devices):
     golden = json.loads(GOLDEN.read_text())["losses"]
-    got = tfm_losses(VARIANTS[variant], devices)
+    if "backend.cpu_blas=builtin" in VARIANTS[variant]:
+        from tfm_jax.kernels import cpu
+        ok, why = cpu.available()
+        if not ok or not cpu.builtin_isa():
+            pytest.skip(f"no builtin sgemm here: {why if not ok else cpu.INSTALL_HINT['builtin']}")
+    restore = _restore_blas()
+    try:
+        got = tfm_losses(VARIANTS[variant], devices)
+    finally:
+        restore()
     np.testing.assert_allclose(got, golden, rtol=2e-5, atol=0)
     assert golden[-1] < golden[0] - 0.5        # the curve actually moves
 

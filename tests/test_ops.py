@@ -190,14 +190,21 @@ def test_a_blas_asked_for_by_name_is_never_a_silent_fallback(devices, monkeypatc
     fix, not a quiet cpu-xla run; auto may fall back (with the reason in the log line)."""
     from tfm_jax.kernels import cpu
     installed = {kind for kind, paths in cpu.find_blas().items() if paths}
+    if cpu.available()[0] and cpu.builtin_isa():
+        installed.add("builtin")
     monkeypatch.delenv("TFM_JAX_CPU_BLAS", raising=False)
-    for kind in ("mkl", "openblas"):
-        cfg = load_config(overrides=[f"backend.cpu_blas={kind}"])
-        if kind in installed:
-            ops = backends.resolve_ops(cfg, devices[:1])
-            assert ops.name == "cpu-native" and ("MKL" if kind == "mkl" else "OpenBLAS") in \
-                ops.describe()
-        else:
-            with pytest.raises(ConfigError, match=f"cpu_blas={kind}.*pip install"):
-                backends.resolve_ops(cfg, devices[:1])
-    backends.resolve_ops(load_config(), devices[:1])        # leave the default BLAS active
+    names = {"mkl": "MKL", "openblas": "OpenBLAS", "builtin": "builtin"}
+    fix = {"mkl": "pip install", "openblas": "pip install", "builtin": "AVX2"}
+    prev = cpu.active_blas()
+    try:
+        for kind in ("mkl", "openblas", "builtin"):
+            cfg = load_config(overrides=[f"backend.cpu_blas={kind}"])
+            if kind in installed:
+                ops = backends.resolve_ops(cfg, devices[:1])
+                assert ops.name == "cpu-native" and names[kind] in ops.describe()
+            else:
+                with pytest.raises(ConfigError, match=f"cpu_blas={kind}.*{fix[kind]}"):
+                    backends.resolve_ops(cfg, devices[:1])
+    finally:
+        if prev is not None:
+            cpu.use_blas(prev)                  # leave the default BLAS active

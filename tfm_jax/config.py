@@ -339,12 +339,13 @@ class BackendConfig(_Section):
         "auto", description="fp32 GEMMs, causal attention, SwiGLU, RMSNorm as native custom calls "
         "(tfm_jax.kernels.cpu) on a single CPU device: auto = when they build, native = "
         "required, xla = never")
-    cpu_blas: Literal["auto", "openblas", "mkl"] = Field(
-        "auto", description="BLAS the native CPU kernels' GEMMs call (loaded at run time, one "
-        "thread per call): openblas = the scipy-openblas32 wheel (default dependency), mkl = "
-        "libmkl_rt from the optional 'mkl' extra (pip install 'tfm-jax[mkl]'), auto = the first "
-        "installed of tfm_jax.kernels.cpu.AUTO_ORDER; a BLAS that is asked for by name but not "
-        "installed is reported by tfm_jax.kernels.cpu.available(cpu_blas)")
+    cpu_blas: Literal["auto", "builtin", "openblas", "mkl"] = Field(
+        "auto", description="sgemm the native CPU kernels' GEMMs call (one thread per call): "
+        "builtin = the kernel library's own AVX-512/AVX2 sgemm (nothing to install; x86-64 with "
+        "AVX2+FMA or AVX-512F), openblas = the scipy-openblas32 wheel (default dependency), mkl "
+        "= libmkl_rt from the optional 'mkl' extra (pip install 'tfm-jax[mkl]'), auto = the first "
+        "available of tfm_jax.kernels.cpu.AUTO_ORDER; one that is asked for by name but not "
+        "available is reported by tfm_jax.kernels.cpu.available(cpu_blas)")
     # Under backend, not model: every choice computes the same function of the same parameters
     # (checkpoints are interchangeable, only rounding and speed differ), and whether one is
     # allowed depends on the platform, as for cpu_kernels.

@@ -17,6 +17,10 @@ and flags) against XLA's FFI headers from jaxlib, into ``$TFM_JAX_CACHE/kernels/
 a call and hands its ``cblas_sgemm`` to the library (``tfm_set_sgemm(fn, ilp64)``). The choice is
 ``backend.cpu_blas`` / the ``blas`` argument / ``$TFM_JAX_CPU_BLAS`` (first given wins):
 
+* ``builtin`` -- the library's own ``tfm_builtin_sgemm`` (``builtin_sgemm.cc``, compiled into
+  it): a register-blocked fp32 GEMM with the ``cblas_sgemm`` signature, AVX-512 (14x32 tiles)
+  or AVX2+FMA (6x16), nothing to install. A row's result does not depend on how the rows are
+  chunked, nor on which of the two ISA variants runs. Unavailable on a CPU with neither ISA.
 * ``openblas`` -- the ``scipy-openblas32`` wheel (a default dependency on Linux x86_64; ~26 MB
   installed). Its own library instance (symbols prefixed ``scipy_``), so setting it to one
   thread does not touch the OpenBLAS numpy bundles. The core OpenBLAS picked for this CPU
@@ -25,8 +29,8 @@ a call and hands its ``cblas_sgemm`` to the library (``tfm_set_sgemm(fn, ilp64)`
 * ``mkl`` -- ``libmkl_rt.so.<any version>`` from the optional ``mkl`` wheel
   (``pip install 'tfm-jax[mkl]'``, ~0.9 GB), a conda env or the user site, run with the
   sequential threading layer.
-* ``auto`` -- the first of :data:`AUTO_ORDER` that is installed and opens: MKL if present
-  (faster here), else OpenBLAS (``benchmarks/README.md`` has the measurements).
+* ``auto`` -- the first of :data:`AUTO_ORDER` that is available and opens
+  (``benchmarks/README.md`` has the measurements behind the order).
 
 When any of that is missing :func:`available` says why and the model keeps the XLA path
 (``backend.cpu_kernels: auto``); ``backend.cpu_kernels: native`` turns the reason into an error.
@@ -66,18 +70,24 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+# Compiled into the same library: the project's own sgemm (backend.cpu_blas=builtin).
+SGEMM_SOURCE = Path(__file__).with_name("builtin_sgemm.cc")
 TARGETS = ("tfm_gemm", "tfm_attn_fwd", "tfm_attn_bwd", "tfm_swiglu_fwd", "tfm_swiglu_bwd",
            "tfm_rms_fwd", "tfm_rms_bwd")
-BLAS_CHOICES = ("auto", "openblas", "mkl")
-# What ``auto`` tries, in order: MKL when it is installed (the [mkl] extra) -- measured ~10 %
-# faster GEMMs and a ~5-9 % faster train step than scipy-openblas32 on the development CPU
-# (benchmarks/README.md, "Which BLAS") --, else the default dependency scipy-openblas32.
-AUTO_ORDER = ("mkl", "openblas")
+BLAS_CHOICES = ("auto", "builtin", "openblas", "mkl")
+# What ``auto`` tries, in order: MKL when it is installed (the [mkl] extra; still the fastest
+# train step on the development CPU, ~3 % ahead of the builtin in one process), else the
+# library's own sgemm (~12 % faster steps than scipy-openblas32 there, nothing to install), else
+# scipy-openblas32 (a CPU without AVX2; benchmarks/README.md, "Which BLAS", has the figures).
+AUTO_ORDER = ("mkl", "builtin", "openblas")
 INSTALL_HINT = {
+    "builtin": "needs an x86-64 CPU with AVX2+FMA or AVX-512F (the library is compiled with "
+               "-march=native); choose backend.cpu_blas=openblas or mkl on this one",
     "openblas": "pip install scipy-openblas32 (a default dependency of tfm-jax on Linux x86_64)",
     "mkl": "pip install 'tfm-jax[mkl]' (or pip install mkl)",
 }
-_lock = threading.Lock()
+_ISA_NAMES = {"avx512": "AVX-512", "avx2": "AVX2"}
+_lock = threading.RLock()      # re-entered: load() -> resolve_blas() -> builtin_isa()
 _state: dict = {"blas": {}}
 
 
@@ -166,16 +176,20 @@ def find_blas(prefixes: Optional[Iterable[Path]] = None,
 @dataclasses.dataclass(frozen=True)
 class Blas:
     """An opened BLAS library: what :func:`use_blas` hands to the kernels."""
-    kind: str            # "openblas" | "numpy-openblas" | "mkl"
+    kind: str            # "builtin" | "openblas" | "numpy-openblas" | "mkl"
     path: Path
-    version: str         # "OpenBLAS 0.3.34.481.3", "Intel(R) oneAPI Math Kernel Library ..."
-    core: str            # OpenBLAS: the kernel set picked for this CPU; MKL: ""
+    version: str         # "OpenBLAS 0.3.34.481.3", "Intel(R) oneAPI Math Kernel Library ...",
+                         # "builtin AVX-512 sgemm 14x32"
+    core: str            # OpenBLAS: the kernel set picked for this CPU; MKL: ""; builtin: ISA
     sgemm: int           # address of cblas_sgemm (LP64) / its ILP64 variant
     ilp64: bool
-    source: str          # "scipy-openblas32", "numpy's bundled OpenBLAS", "mkl"
+    source: str          # "scipy-openblas32", "numpy's bundled OpenBLAS", "mkl", "" (builtin)
 
     def describe(self) -> str:
-        """``OpenBLAS 0.3.34 scipy-openblas32, SapphireRapids core; /path/libscipy_openblas.so``"""
+        """``OpenBLAS 0.3.34 scipy-openblas32, SapphireRapids core; /path/libscipy_openblas.so``,
+        ``builtin AVX-512 sgemm 14x32; /path/libtfm_cpu_kernels.so``"""
+        if self.kind == "builtin":
+            return f"{self.version}; {self.path}"
         core = f", {self.core} core" if self.core else ""
         forced = [f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
                   if self.kind != "mkl" and os.environ.get(k)]
@@ -260,15 +274,60 @@ def open_blas(kind: str, path: Path) -> Blas:
     return cache[key]
 
 
+def builtin_isa() -> str:
+    """``"avx512"`` / ``"avx2"``: the ISA the kernel library's own sgemm was compiled for; ``""``
+    where it has none (builds the library if needed; RuntimeError if that fails)."""
+    with _lock:
+        _load_library()
+    return _state["lib"].tfm_builtin_sgemm_isa().decode()
+
+
+def builtin_blas() -> Blas:
+    """The kernel library's own sgemm (``tfm_builtin_sgemm``, ``builtin_sgemm.cc``) as a
+    :class:`Blas`, self-checked like the others; RuntimeError where this CPU has neither AVX2+FMA
+    nor AVX-512F."""
+    with _lock:
+        isa = builtin_isa()
+        cached = _state.get("builtin")
+        if cached is None:
+            if not isa:
+                cached = RuntimeError(f"builtin: this build of the kernels has no builtin sgemm "
+                                      f"({INSTALL_HINT['builtin']})")
+            else:
+                lib = _state["lib"]
+                blocking = (ctypes.c_int * 5)()
+                lib.tfm_builtin_sgemm_blocking(blocking)
+                mr, nr = blocking[0], blocking[1]
+                addr = _addr(lib, "tfm_builtin_sgemm")
+                try:
+                    _self_check(addr, False, "builtin")
+                    cached = Blas("builtin", _state["path"],
+                                  f"builtin {_ISA_NAMES.get(isa, isa)} sgemm {mr}x{nr}", isa, addr,
+                                  False, "")
+                except RuntimeError as e:
+                    cached = e
+            _state["builtin"] = cached
+        if isinstance(cached, Exception):
+            raise RuntimeError(str(cached))
+        return cached
+
+
 def resolve_blas(choice: Optional[str] = None) -> Blas:
-    """The BLAS for ``choice`` (``auto`` | ``openblas`` | ``mkl``; None: ``$TFM_JAX_CPU_BLAS``
-    or ``auto``), opened; RuntimeError naming what was searched and how to install it."""
+    """The BLAS for ``choice`` (``auto`` | ``builtin`` | ``openblas`` | ``mkl``; None:
+    ``$TFM_JAX_CPU_BLAS`` or ``auto``), opened; RuntimeError naming what was searched and how to
+    install it."""
     choice = choice or os.environ.get("TFM_JAX_CPU_BLAS") or "auto"
     if choice not in BLAS_CHOICES:
         raise RuntimeError(f"cpu_blas={choice!r}: must be one of {', '.join(BLAS_CHOICES)}")
     found = find_blas()
     errors = []
     for kind in (AUTO_ORDER if choice == "auto" else (choice,)):
+        if kind == "builtin":
+            try:
+                return builtin_blas()
+            except RuntimeError as e:
+                errors.append(str(e))
+            continue
         if not found[kind]:
             errors.append(f"{kind}: not installed ({INSTALL_HINT[kind]})")
             continue
@@ -301,9 +360,9 @@ def _build(cache_root: Path) -> Path:
     if not cxx:
         raise RuntimeError("no C++ compiler (g++/c++) on PATH to build tfm_jax's CPU kernels")
     include = jax.ffi.include_dir()
-    src = SOURCE.read_bytes()
-    # The library links no BLAS: the key is the source, jax (FFI headers), compiler and CPU.
-    key = hashlib.sha256(b"\0".join([src, jax.__version__.encode(), cxx.encode(),
+    # The library links no BLAS: the key is the sources, jax (FFI headers), compiler and CPU.
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), SGEMM_SOURCE.read_bytes(),
+                                     jax.__version__.encode(), cxx.encode(),
                                      _cpu_id().encode()])).hexdigest()[:16]
     out_dir = cache_root / "kernels" / key
     lib = out_dir / "libtfm_cpu_kernels.so"
@@ -313,11 +372,12 @@ def _build(cache_root: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build.", suffix=".so")
     os.close(fd)
     cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-           "-Wl,--no-undefined", f"-I{include}", str(SOURCE), "-o", tmp]
+           "-Wl,--no-undefined", f"-I{include}", str(SOURCE), str(SGEMM_SOURCE), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n"
+            raise RuntimeError(f"building {SOURCE.name} + {SGEMM_SOURCE.name} failed "
+                               f"({' '.join(cmd)}):\n"
                                f"{proc.stderr[-2000:]}")
         os.replace(tmp, lib)                       # atomic: never a half-written library
     finally:
@@ -339,6 +399,7 @@ def _load_library() -> None:
         path = _build(_cache_root())
         lib = ctypes.CDLL(str(path))
         lib.tfm_set_sgemm.argtypes = (ctypes.c_void_p, ctypes.c_int)
+        lib.tfm_builtin_sgemm_isa.restype = ctypes.c_char_p
         for name in TARGETS:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                         platform="cpu")
@@ -361,8 +422,8 @@ def use_blas(blas: Blas) -> Optional[Blas]:
 
 def load(blas: Optional[str] = None) -> None:
     """Build (once per host and source version), load and register the kernels and give them the
-    BLAS ``blas`` (``auto`` | ``openblas`` | ``mkl``; None: ``$TFM_JAX_CPU_BLAS``, else the one
-    already in use, else ``auto``); raises RuntimeError naming what is missing."""
+    BLAS ``blas`` (``auto`` | ``builtin`` | ``openblas`` | ``mkl``; None: ``$TFM_JAX_CPU_BLAS``,
+    else the one already in use, else ``auto``); raises RuntimeError naming what is missing."""
     choice = blas or os.environ.get("TFM_JAX_CPU_BLAS") or None
     with _lock:
         if choice is None and _state.get("active") is not None:

@@ -15,8 +15,9 @@
 // floats; the attention gathers a group's query rows into a contiguous tile and reads K/V as
 // strided GEMM operands (ld = heads * D), so nothing is transposed.
 // The library links no BLAS: cpu.py loads one at run time (OpenBLAS, MKL, ...) and hands its
-// cblas_sgemm over with tfm_set_sgemm(fn, ilp64), so one build serves every BLAS. Until that is
-// done every handler returns an error instead of calling a null pointer.
+// cblas_sgemm over with tfm_set_sgemm(fn, ilp64), so one build serves every BLAS; or it hands
+// over tfm_builtin_sgemm, the project's own sgemm (builtin_sgemm.cc, compiled into the same
+// library). Until that is done every handler returns an error instead of calling a null pointer.
 // Built and loaded by tfm_jax/kernels/cpu.py.
 #include <algorithm>
 #include <atomic>
@@ -433,4 +434,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_rms_fwd, RmsFwd,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_rms_bwd, RmsBwd,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
         .Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>().Attr<float>("eps"));
-
