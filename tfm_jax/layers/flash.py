@@ -15,7 +15,7 @@ never repeated. ``backend.attention`` picks one (:func:`tfm_jax.backends.resolve
 * backward (custom VJP): for each key block (``lax.scan``), a ``fori_loop`` over the query
   blocks at or below the diagonal recomputes ``P = exp(S - lse)`` from the saved ``lse`` and
   accumulates ``dV += P^T dO``, ``dK += dS^T Q``, ``dQ += dS K`` (dQ carried whole, O(T D);
-  tiles kept keys-first so no score tile is ever transposed),
+  score tiles kept keys-first, so the fp32 GEMMs never transpose one),
   with ``dS = P * (dP - rowsum(dO * O))``, ``dP = dO V^T``.
 
 Loop trip counts depend on the block index, so the compiled program is the same for any T
@@ -86,6 +86,17 @@ def _tile_scores_t(q_blk, k_blk, valid_blk, q0, k0, scale):
     qpos = q0 + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
     allowed = (kpos <= qpos)[None, None, :, None, :] & valid_blk[:, None, :, None, None]
     return jnp.where(allowed, s, NEG_INF)
+
+
+def _dq_tile(ds_t, k_blk):
+    """dQ of one tile, float32: dS (keys first, (B, K, bk, G, bq)) times K (B, K, bk, D) ->
+    (B, K, G, bq, D). In float32 it is computed as (K^T dS)^T, which leaves the big tile
+    untransposed (faster on XLA:CPU in an interleaved A/B at T=4k); other dtypes contract the tile
+    directly, because XLA:CPU in jax 0.12 has no bf16 x bf16 -> f32 kernel for the first form."""
+    if ds_t.dtype == jnp.float32 and k_blk.dtype == jnp.float32:
+        dq_t = jnp.einsum("bksd,bksgq->bkdgq", k_blk, ds_t)                    # (B,K,D,G,bq)
+        return jnp.moveaxis(dq_t, 2, -1)
+    return jnp.einsum("bksgq,bksd->bkgqd", ds_t, k_blk, preferred_element_type=jnp.float32)
 
 
 def _at(x, i):
@@ -169,8 +180,7 @@ def _flash_bwd(q, k, v, valid, o, lse, do, bq, bk):
 
         def body(i, carry):
             # Tiles are kept transposed, (B, K, bk, G, bq): keys first, so that dV = P^T dO and
-            # dK = dS^T Q are plain GEMMs and no (bk, G*bq) tile is ever transposed (only the
-            # small (D, G*bq) dQ^T is).
+            # dK = dS^T Q are plain GEMMs and no (bk, G*bq) tile is transposed (see _dq_tile).
             dk, dv, dq = carry
             q_i, do_i, lse_i, delta_i = (_at(x, i) for x in (qb, dob, lseb, deltab))
             s_t = _tile_scores_t(q_i, k_j, valid_j, i * bq, k0, scale)     # (B, K, bk, G, bq)
@@ -182,9 +192,7 @@ def _flash_bwd(q, k, v, valid, o, lse, do, bq, bk):
             ds_t = (p_t * (dp_t - delta_i[:, :, None]) * scale).astype(q.dtype)
             dk = dk + jnp.einsum("bksgq,bkgqd->bksd", ds_t, q_i,
                                  preferred_element_type=jnp.float32)
-            dq_t = jnp.einsum("bksd,bksgq->bkdgq", k_j, ds_t,
-                              preferred_element_type=jnp.float32)          # (B, K, D, G, bq)
-            dq_i = jnp.moveaxis(dq_t, 2, -1)
+            dq_i = _dq_tile(ds_t, k_j)                                        # (B,K,G,bq,D)
             dq = lax.dynamic_update_index_in_dim(dq, _at(dq, i) + dq_i, i, 0)
             return dk, dv, dq
 
