@@ -15,3 +15,13 @@ def devices():
     devs = jax.devices()
     assert len(devs) == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set in conftest)"
     return devs
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory):
+    """A small deterministic text file (~100 KB), so CLI/ablation runs do not depend on the
+    stdlib corpus."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("".join(f"def f{i}(x, y={i % 7}):\n    return x * y + {i}\n\n"
+                            for i in range(2500)))
+    return path

@@ -142,11 +142,8 @@ def test_stats_against_numpy():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("".join(f"def f{i}(x, y={i % 7}):\n    return x * y + {i}\n\n"
-                            for i in range(2500)))
-    return path
+def corpus(text_corpus):
+    return text_corpus
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,8 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small deterministic text file (~100 KB), so runs do not depend on the stdlib corpus."""
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("".join(f"def f{i}(x, y={i % 7}):\n    return x * y + {i}\n\n"
-                            for i in range(2500)))
-    return path
+def corpus(text_corpus):
+    return text_corpus
 
 
 def run(env, cwd, *args, exe=None):
