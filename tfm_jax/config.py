@@ -310,14 +310,69 @@ class MeshConfig(_Section):
         return sizes
 
 
+FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+FP8_RECIPES = ("fp8_dynamic", "fp8_delayed", "fp8_static")
+
+
 class QuantConfig(_Section):
-    recipe: Literal["none"] = "none"
+    """Low precision. Training recipes (the projections' dot, :mod:`tfm_jax.quant.fp8`; the
+    embedding and the LM head stay in the model dtype):
+
+    * ``none``: the model dtype everywhere.
+    * ``fp8_dynamic``: each step scales by the current amax of each tensor (no state).
+    * ``fp8_delayed``: scales from an amax history kept in the params tree (``<proj>/fp8/...``),
+      ``amax_history`` steps long, reduced by ``amax_compute``, with ``margin``.
+    * ``fp8_static``: fixed input/kernel scales from ``calibration`` (a file, see
+      :func:`tfm_jax.quant.fp8.load_calibration`); output gradients scaled dynamically.
+    * ``int8_weight``: post-training weight-only INT8 (``tfm-jax quantize``); not a training
+      recipe.
+    """
+
+    recipe: Literal["none", "fp8_dynamic", "fp8_delayed", "fp8_static", "int8_weight"] = "none"
+    amax_history: Int = Field(1024, gt=0, description="fp8_delayed: amax history length (Flax "
+                              "and Transformer Engine default 1024)")
+    amax_compute: Literal["max", "most_recent"] = Field(
+        "max", description="fp8_delayed: the amax a scale assumes: the history's max or its "
+        "newest entry")
+    margin: Int = Field(0, ge=0, description="scale = fmt_max / amax / 2**margin (headroom)")
+    fwd_format: Literal[FP8_FORMATS] = Field(  # type: ignore[valid-type]
+        "float8_e4m3fn", description="format of the forward operands (inputs, kernels)")
+    bwd_format: Literal[FP8_FORMATS] = Field(  # type: ignore[valid-type]
+        "float8_e5m2", description="format of the output gradients")
+    kernel_granularity: Literal["per_tensor", "per_channel"] = Field(
+        "per_tensor", description="kernel scales: one per tensor, or one per output channel")
+    calibration: Optional[str] = Field(
+        None, description="fp8_static: calibration file of scales (tfm_jax.quant.fp8)")
+    telemetry: bool = Field(True, description="fp8 recipes: per-projection amax, scale, "
+                            "saturated / flushed-to-zero fractions, staleness in metrics.jsonl")
     kv_cache: Literal["none", "int8", "fp8"] = Field(
         "none", description="KV-cache storage for generation (tfm_jax.layers.kv_cache): none = "
         "the compute dtype; int8 / fp8 (e4m3) = symmetric, saturating, with float32 scales")
     kv_scale: Literal["per_token_head", "per_token"] = Field(
         "per_token_head", description="granularity of the quantized KV cache's scales: one per "
         "(token, kv head), or one per token across heads")
+
+    @model_validator(mode="after")
+    def _cross(self) -> "QuantConfig":
+        if self.recipe == "fp8_static" and not self.calibration:
+            raise ValueError("quant.recipe=fp8_static needs quant.calibration=FILE (the scales "
+                             "`tfm-jax calibrate` writes; format: tfm_jax.quant.fp8); or use "
+                             "quant.recipe=fp8_delayed, which needs no calibration")
+        if self.calibration and self.recipe != "fp8_static":
+            raise ValueError(f"quant.calibration is only read by quant.recipe=fp8_static (got "
+                             f"quant.recipe={self.recipe}); drop quant.calibration or set "
+                             "quant.recipe=fp8_static")
+        return self
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the projections run the FP8 dot."""
+        return self.recipe in FP8_RECIPES
+
+    @property
+    def has_param_state(self) -> bool:
+        """Whether the recipe keeps state (scales, amax histories) in the params tree."""
+        return self.recipe in ("fp8_delayed", "fp8_static")
 
 
 class MoEConfig(_Section):
@@ -559,6 +614,15 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     if isinstance(run, dict) and not run.get("name"):
         run["name"] = _run_name(cfg_path.stem, ov)
     return validate(raw)
+
+
+def check_trainable(cfg: Config) -> None:
+    """Checks for ``tfm-jax train`` only (a config that evaluates may still not train)."""
+    if cfg.quant.recipe == "int8_weight":
+        raise ConfigError(
+            "quant.recipe=int8_weight is post-training weight-only quantization: a run cannot "
+            "be trained with it. Train with quant.recipe=none (or an fp8_* recipe), then "
+            "quantize the trained run: tfm-jax quantize --run-dir DIR --recipe int8_weight")
 
 
 def check_runtime(cfg: Config, n_devices: int) -> dict[str, int]:

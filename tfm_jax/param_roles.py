@@ -10,11 +10,25 @@ role           names                                               decayed
 ``embedding``  ``embedding`` (token table; also the tied LM head)  yes
 ``norm``       ``scale``, and ``bias`` under a ``*norm`` module    no
 ``bias``       any other ``bias``                                  no
-``quant``      quantization state (amax histories, FP8 scales,     no
-               anything under a ``*overwrite_with_gradient*``
-               collection)
+``quant``      quantization state: amax histories, FP8 scales      no
+               (the names in ``_QUANT_NAMES``, any ``*_amax_history``),
+               everything under an ``fp8`` sub-module (the FP8 dot's
+               state, :mod:`tfm_jax.quant.fp8`) or a path component
+               containing ``overwrite_with_gradient`` (Flax's fp8 ops)
 ``other``      anything else                                       no
 =============  ==================================================  ==========
+
+How the train step treats each role (:func:`tfm_jax.train.make_train_step`):
+
+* ``quant`` leaves are **overwritten**, not optimized. Their "gradient" is their new value (the op
+  that owns them returns it as the cotangent of its custom VJP, as Flax's fp8 ops do); the step
+  writes it into the parameter bit for bit (never through ``p + (new - p)``), takes the **max**
+  over gradient-accumulation micro-batches (not the sum), and leaves it out of the token-count
+  division, the gradient norm, the clip, the non-finite check and AdamW (they sit in an
+  ``optax.multi_transform`` partition of their own, :func:`optimizer_labels`, with no moments).
+  An op must therefore use each of its state leaves, every step: a leaf that no computation uses
+  gets a zero cotangent and would be overwritten with zeros.
+* every other role is trained by AdamW; decay follows :data:`DECAY_ROLES`.
 
 Embeddings are decayed, as in GPT-2/nanoGPT and in this framework from the start (the golden loss
 curves and the PyTorch reference were recorded that way); set ``DECAY_ROLES`` to change it.
@@ -37,6 +51,11 @@ DECAY_ROLES = frozenset({"weight", "embedding"})
 _QUANT_NAMES = frozenset({"amax_history", "input_amax_history", "kernel_amax_history",
                           "output_grad_amax_history", "input_scale", "kernel_scale",
                           "output_grad_scale", "scale_inv", "zero_point"})
+# The sub-module name under which a projection keeps its FP8 state (tfm_jax.quant.fp8).
+QUANT_MODULES = frozenset({"fp8"})
+OVERWRITE_ROLES = frozenset({"quant"})
+# optax.multi_transform labels (see optimizer_labels)
+TRAINED, OVERWRITTEN = "trained", "overwritten"
 
 
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
@@ -57,7 +76,8 @@ def param_role(path: Sequence[Any]) -> str:
     if not names:
         return "other"
     leaf = names[-1]
-    if leaf in _QUANT_NAMES or any("overwrite_with_gradient" in n for n in names):
+    if (leaf in _QUANT_NAMES or leaf.endswith("_amax_history")
+            or any(n in QUANT_MODULES or "overwrite_with_gradient" in n for n in names[:-1])):
         return "quant"
     if leaf == "kernel":
         return "weight"
@@ -80,3 +100,26 @@ def decay_mask(params: Any) -> Any:
     import jax
 
     return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
+
+
+def overwritten(path: Sequence[Any]) -> bool:
+    """Whether the train step overwrites the parameter at ``path`` with its "gradient" (the new
+    value its op computed) instead of optimizing it (roles in :data:`OVERWRITE_ROLES`)."""
+    return param_role(path) in OVERWRITE_ROLES
+
+
+def overwrite_mask(params: Any) -> Any:
+    """Tree of Python bools (same structure as ``params``): True where :func:`overwritten`.
+    Static under jit (decided by paths only)."""
+    import jax
+
+    return jax.tree_util.tree_map_with_path(lambda path, _: overwritten(path), params)
+
+
+def optimizer_labels(params: Any) -> Any:
+    """``optax.multi_transform`` labels: :data:`OVERWRITTEN` for overwritten leaves,
+    :data:`TRAINED` for the rest."""
+    import jax
+
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: OVERWRITTEN if overwritten(path) else TRAINED, params)

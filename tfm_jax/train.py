@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tfm_jax import backends, data as data_lib, interrupts, param_roles
 from tfm_jax.checkpoint import CheckpointMismatch, Checkpointer
-from tfm_jax.config import Config, check_runtime
+from tfm_jax.config import Config, check_runtime, check_trainable
 from tfm_jax.layers.ops import Ops
 from tfm_jax.metrics import MetricsLogger, read_metrics
 from tfm_jax.model import TransformerLM, count_params, train_flops_per_token
@@ -72,10 +72,22 @@ def lr_schedule(cfg: Config) -> optax.Schedule:
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     """AdamW; decoupled weight decay on projection kernels and embeddings only, decided by each
     parameter's role (:mod:`tfm_jax.param_roles`), never by its rank (scanned norm scales are
-    2-D). (Global-norm clipping happens in the train step, which already has the norm.)"""
+    2-D). (Global-norm clipping happens in the train step, which already has the norm.)
+
+    When the quantization recipe keeps state in the params tree (``quant.recipe`` fp8_delayed /
+    fp8_static), the optimizer is an ``optax.multi_transform``: AdamW over the trained leaves,
+    ``set_to_zero`` over the quantization state, which therefore has no Adam moments (its
+    optimizer state is ``MaskedNode``) and is never decayed; the train step then writes the new
+    state values itself (:func:`make_train_step`). Without such state the optimizer is the plain
+    AdamW (checkpoints of fp32 runs keep their optimizer-state layout)."""
     t = cfg.train
-    return optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
-                       weight_decay=t.weight_decay, mask=param_roles.decay_mask)
+    adamw = optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
+                        weight_decay=t.weight_decay, mask=param_roles.decay_mask)
+    if not cfg.quant.has_param_state:
+        return adamw
+    return optax.multi_transform({param_roles.TRAINED: adamw,
+                                  param_roles.OVERWRITTEN: optax.set_to_zero()},
+                                 param_roles.optimizer_labels)
 
 
 def input_mask(target_mask: jax.Array) -> jax.Array:
@@ -134,11 +146,37 @@ def leaf_sumsq(tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(f, tree)
 
 
+def _accumulate(acc, g, over: bool):
+    """Micro-batch accumulation of one leaf: sum of gradients; max of overwritten state."""
+    return jnp.maximum(acc, g) if over else acc + g
+
+
+def _acc_init(p, over: bool):
+    if not over:
+        return jnp.zeros_like(p)
+    low = jnp.finfo(p.dtype).min if jnp.issubdtype(p.dtype, jnp.floating) else jnp.iinfo(
+        p.dtype).min
+    return jnp.full_like(p, low)
+
+
 def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformation
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure train step. Non-finite loss or gradients never update the state (in both
     ``on_nonfinite`` modes): the step counter advances, everything else is kept, and the
-    metrics say so (``finite``, per-leaf ``grad_nonfinite``); the loop decides to stop or skip."""
+    metrics say so (``finite``, per-leaf ``grad_nonfinite``); the loop decides to stop or skip.
+
+    Leaves are routed by role (:mod:`tfm_jax.param_roles`, decided from paths at trace time):
+    trained leaves are summed over micro-batches, divided by the token count, clipped and
+    updated by the optimizer; overwritten leaves (quantization state, whose "gradient" is its
+    new value) take the max over micro-batches and are written into the parameters as they
+    are -- bit for bit -- when the step is finite; they count in neither the gradient norm nor
+    the non-finite check (their ``grad_nonfinite`` flag is always False). A tree without
+    overwritten leaves runs exactly the computation it always did.
+
+    Telemetry: whatever the model sows into :data:`TELEMETRY_COLLECTIONS` comes back in the
+    metrics under ``"telemetry"`` (reduced over micro-batches as the collection says), for the
+    loop to log; nothing is computed for it when the model sows nothing.
+    """
     n_micro = cfg.train.grad_accum
     clip = cfg.train.grad_clip
 
@@ -149,6 +187,7 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        over = param_roles.overwrite_mask(state.params)     # Python bools: static routing
         n_tokens = jnp.maximum(batch["mask"].sum(), 1.0)
         if n_micro == 1:
             (loss_sum, model_state), grads = grad_fn(state.params, state.model_state, batch)
@@ -162,24 +201,30 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
             def body(carry, mb):
                 loss_acc, grad_acc, mstate = carry
                 (loss_sum, mstate), g = grad_fn(state.params, mstate, mb)
-                return (loss_acc + loss_sum, jax.tree.map(jnp.add, grad_acc, g), mstate), None
+                return (loss_acc + loss_sum, jax.tree.map(_accumulate, grad_acc, g, over),
+                        mstate), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            init = jax.tree.map(_acc_init, state.params, over)
             (loss_sum, grads, model_state), _ = jax.lax.scan(
-                body, (jnp.zeros((), jnp.float32), zeros, state.model_state), micro)
+                body, (jnp.zeros((), jnp.float32), init, state.model_state), micro)
         loss = loss_sum / n_tokens
-        grads = jax.tree.map(lambda g: g / n_tokens, grads)
-        sumsq = leaf_sumsq(grads)
+        grads = jax.tree.map(lambda g, o: g if o else g / n_tokens, grads, over)
+        # overwritten leaves: zeros here, so they add nothing to the norm and are never flagged
+        sumsq = leaf_sumsq(jax.tree.map(lambda g, o: jnp.zeros_like(g) if o else g, grads, over))
         grad_norm = jnp.sqrt(sum(jnp.sum(x) for x in jax.tree.leaves(sumsq)))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if clip > 0:   # clip_by_global_norm, reusing the norm computed above
             scale = jnp.where(grad_norm < clip, 1.0, clip / grad_norm)
-            grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+            grads = jax.tree.map(lambda g, o: g if o else (g * scale).astype(g.dtype),
+                                 grads, over)
 
         def apply(_):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return TrainState(state.step + 1, optax.apply_updates(state.params, updates),
-                              model_state, opt_state)
+            params = optax.apply_updates(state.params, updates)
+            # the new quantization state, as computed (not p + (new - p), which rounds)
+            params = jax.tree.map(lambda p, g, o: g.astype(p.dtype) if o else p,
+                                  params, grads, over)
+            return TrainState(state.step + 1, params, model_state, opt_state)
 
         def keep(_):
             return TrainState(state.step + 1, state.params, state.model_state, state.opt_state)
@@ -432,6 +477,7 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     """Run training as configured; writes the run directory. ``step_hook(step)`` is called after
     each step (tests use it to inject interruptions)."""
     backends.configure(cfg.backend)
+    check_trainable(cfg)
     check_runtime(cfg, len(jax.devices() if devices is None else devices))   # before any I/O
     run_dir = cfg.run_dir
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
