@@ -1,0 +1,399 @@
+"""FP8 dot for the projections: e4m3 operands, e5m2 output gradients, scales in the params tree.
+
+:class:`Fp8DotGeneral` is a ``dot_general_cls`` for :class:`~tfm_jax.layers.linear.Linear`
+(2-D ``(tokens, in) @ (in, out)``). Forward: the input and the kernel are quantized to
+``fwd_format`` (saturating, each with its own multiplicative scale ``fmt_max / amax``,
+:mod:`tfm_jax.quant.scaling`), dequantized, and multiplied by the run's GEMM in the compute dtype.
+Backward: the output gradient is quantized to ``bwd_format`` with its own scale before the dot's
+backward uses it; the operand quantizers pass gradients straight through (as Flax and Transformer
+Engine do). On CPU the dot therefore runs on upcast values (*emulated*: the numerics of FP8, no
+speed-up); on GPUs with FP8 GEMMs XLA rewrites the quantize -> dequantize -> dot pattern into one
+FP8 GEMM (:func:`fp8_dot_mode` reports which happened).
+
+Recipes (``quant.recipe``):
+
+* ``fp8_dynamic``: scale from the current amax of each tensor; no state.
+* ``fp8_delayed``: state per role r in (input, kernel, output_grad): ``r_amax_history`` (L,)
+  (newest at index 0, :func:`~tfm_jax.quant.scaling.update_amax_history`) and ``r_scale``. The
+  step-t forward uses ``scale_t = fmt_max / amax_from_history(history) / 2**margin`` -- the
+  amaxes of steps < t -- falling back to the stored scale when that amax is 0 or non-finite
+  (the first step uses 1.0). The op's custom VJP returns the **new** state as the cotangent of
+  the state: the history with this step's amax recorded, and ``scale_t``. The train step writes
+  it (role ``quant``, :mod:`tfm_jax.param_roles`), taking the max over accumulation micro-batches:
+  every micro-batch sees the same old state, so its ``scale_t`` is the same and the max of the
+  histories is the history of the whole batch -- accumulation gives exactly the whole batch's
+  state (the stored scale is monotone-free: it never depends on the micro-batch).
+* ``fp8_static``: ``input_scale`` and ``kernel_scale`` fixed from a calibration file
+  (:func:`load_calibration`, written into the params at init); output gradients are scaled
+  dynamically (they cannot be calibrated before training).
+
+State lives under the projection, ``<proj>/fp8/...``, replicated (no sharded axes; stacked by
+``nn.scan`` like every layer parameter) and checkpointed with the params. Under jit with a
+sharded batch the amax is a global reduction, so every device holds the same state.
+
+Telemetry (``quant.telemetry``, :mod:`tfm_jax.telemetry`): per projection ``input_amax``,
+``kernel_amax`` (max over micro-batches), ``input_scale``, ``kernel_scale``,
+``input_saturated`` / ``input_flushed`` (fraction of values beyond ``fmt_max`` after scaling / of
+non-zeros that quantize to 0), the same for the kernel, and ``*_staleness`` = current amax /
+the amax the scale assumes (``fmt_max / scale / 2**margin``; > 1 means saturation). For output
+gradients (computed in backward, where nothing can be sown) the forward of the next step sows
+the previous step's ``output_grad_amax`` and ``output_grad_staleness`` from the state
+(fp8_delayed).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import re
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from tfm_jax.quant.formats import fmt_max, saturating_cast
+from tfm_jax.quant.scaling import (amax_from_history, compute_amax, compute_scale,
+                                   update_amax_history)
+
+ROLES = ("input", "kernel", "output_grad")
+CALIBRATION_FORMAT = "tfm-jax-fp8-calibration"
+CALIBRATION_VERSION = 1
+
+
+class QSpec(NamedTuple):
+    """Static description of one tensor's quantization (hashable: a custom-VJP static arg).
+    ``mode``: dynamic | delayed | static; ``axis``: None (per tensor) or the kept axes."""
+
+    mode: str
+    fmt: str
+    method: str = "max"
+    margin: int = 0
+    axis: Optional[tuple] = None
+
+
+def _scale(x: jax.Array, state: dict, spec: QSpec) -> jax.Array:
+    """The multiplicative scale used for ``x`` this step (float32, amax's shape)."""
+    if spec.mode == "dynamic":
+        return compute_scale(compute_amax(x, axis=spec.axis), spec.fmt, margin=spec.margin)
+    if spec.mode == "static":
+        return state["scale"]
+    return compute_scale(amax_from_history(state["amax_history"], spec.method), spec.fmt,
+                         margin=spec.margin, prev_scale=state["scale"])
+
+
+def _new_state(x: jax.Array, state: dict, scale: jax.Array, spec: QSpec) -> dict:
+    """The state after this step: delayed records amax(x); static keeps its scale."""
+    if spec.mode == "delayed":
+        return {"amax_history": update_amax_history(state["amax_history"],
+                                                    compute_amax(x, axis=spec.axis)),
+                "scale": scale}
+    return dict(state)
+
+
+def qdq(x: jax.Array, scale: jax.Array, fmt: str) -> jax.Array:
+    """Quantize (saturating) then dequantize, in x's dtype: ``cast(x*s -> fmt) * (1/s)``."""
+    q = saturating_cast(x.astype(jnp.float32) * scale, fmt)
+    return (q.astype(jnp.float32) * (1.0 / scale)).astype(x.dtype)
+
+
+# Operands (input, kernel): quantized in forward, straight-through in backward; the state's
+# cotangent is its new value. Outputs (x_qdq, scale used, current amax): the last two for
+# telemetry only (their cotangents are zero and ignored).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def qdq_operand(x: jax.Array, state: dict, spec: QSpec):
+    return _qdq_operand_fwd(x, state, spec)[0]
+
+
+def _qdq_operand_fwd(x, state, spec):
+    scale = _scale(x, state, spec)
+    return (qdq(x, scale, spec.fmt), scale), _new_state(x, state, scale, spec)
+
+
+def _qdq_operand_bwd(spec, new_state, g):
+    return g[0], new_state
+
+
+qdq_operand.defvjp(_qdq_operand_fwd, _qdq_operand_bwd)
+
+
+# Output gradient: identity in forward; backward quantizes the incoming gradient with its own
+# scale and returns the new state as the state's cotangent.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def qdq_grad(y: jax.Array, state: dict, spec: QSpec) -> jax.Array:
+    return y
+
+
+def _qdq_grad_fwd(y, state, spec):
+    return y, state
+
+
+def _qdq_grad_bwd(spec, state, g):
+    scale = _scale(g, state, spec)
+    return qdq(g, scale, spec.fmt), _new_state(g, state, scale, spec)
+
+
+qdq_grad.defvjp(_qdq_grad_fwd, _qdq_grad_bwd)
+
+
+def _plain_dot(x, w, dimension_numbers, precision=None, preferred_element_type=None):
+    return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+class Fp8DotGeneral(nn.Module):
+    """``lax.dot_general``-like FP8 dot with its scaling state as params (module doc).
+
+    Called by :class:`~tfm_jax.layers.linear.Linear` on 2-D operands x (N, K), kernel (K, M)
+    contracting x's axis 1 with the kernel's axis 0. ``matmul`` is the GEMM of the dequantized
+    operands (the run's ``ops.matmul``; None: ``lax.dot_general``).
+    """
+
+    recipe: str = "fp8_delayed"            # fp8_dynamic | fp8_delayed | fp8_static
+    amax_history: int = 1024
+    amax_compute: str = "max"
+    margin: int = 0
+    fwd_format: str = "float8_e4m3fn"
+    bwd_format: str = "float8_e5m2"
+    kernel_granularity: str = "per_tensor"  # or per_channel: one scale per output column
+    telemetry: bool = True
+    matmul: Optional[Callable] = None
+
+    def _spec(self, role: str) -> QSpec:
+        mode = {"fp8_dynamic": "dynamic", "fp8_delayed": "delayed",
+                "fp8_static": "static"}[self.recipe]
+        if role == "output_grad" and mode == "static":
+            mode = "dynamic"
+        axis = (1,) if role == "kernel" and self.kernel_granularity == "per_channel" else None
+        fmt = self.bwd_format if role == "output_grad" else self.fwd_format
+        return QSpec(mode, fmt, self.amax_compute, self.margin, axis)
+
+    def _state(self, role: str, spec: QSpec, scale_shape: tuple) -> dict:
+        if spec.mode == "dynamic":
+            return {}
+        replicated = lambda init, ndim: nn.with_logical_partitioning(  # noqa: E731
+            init, (None,) * ndim)
+        state = {"scale": self.param(f"{role}_scale", replicated(nn.initializers.ones,
+                                                                 len(scale_shape)),
+                                     scale_shape, jnp.float32)}
+        if spec.mode == "delayed":
+            shape = (self.amax_history,) + scale_shape
+            state["amax_history"] = self.param(
+                f"{role}_amax_history", replicated(nn.initializers.zeros, len(shape)),
+                shape, jnp.float32)
+        return state
+
+    @nn.compact
+    def __call__(self, x, kernel, dimension_numbers, precision=None,
+                 preferred_element_type=None):
+        if dimension_numbers != (((1,), (0,)), ((), ())) or x.ndim != 2 or kernel.ndim != 2:
+            raise ValueError("Fp8DotGeneral takes Linear's 2-D (tokens, in) @ (in, out) dot; got "
+                             f"shapes {x.shape} @ {kernel.shape}, {dimension_numbers}")
+        if self.recipe not in ("fp8_dynamic", "fp8_delayed", "fp8_static"):
+            raise ValueError(f"Fp8DotGeneral recipe {self.recipe!r}; valid: fp8_dynamic, "
+                             "fp8_delayed, fp8_static")
+        specs = {r: self._spec(r) for r in ROLES}
+        k_scale_shape = (1, kernel.shape[1]) if specs["kernel"].axis else ()
+        states = {"input": self._state("input", specs["input"], ()),
+                  "kernel": self._state("kernel", specs["kernel"], k_scale_shape),
+                  "output_grad": self._state("output_grad", specs["output_grad"], ())}
+        xq, x_scale = qdq_operand(x, states["input"], specs["input"])
+        kq, k_scale = qdq_operand(kernel, states["kernel"], specs["kernel"])
+        if self.telemetry:
+            self._sow_operand("input", x, x_scale, specs["input"])
+            self._sow_operand("kernel", kernel, k_scale, specs["kernel"])
+            if specs["output_grad"].mode == "delayed":
+                self._sow_grad_state(states["output_grad"], specs["output_grad"])
+        mm = self.matmul or _plain_dot
+        y = mm(xq, kq, dimension_numbers, precision=precision)
+        return qdq_grad(y, states["output_grad"], specs["output_grad"])
+
+    def _sow_operand(self, role: str, x: jax.Array, scale: jax.Array, spec: QSpec) -> None:
+        from tfm_jax import telemetry
+
+        x = jax.lax.stop_gradient(x).astype(jnp.float32)
+        scale = jax.lax.stop_gradient(scale)
+        m = fmt_max(spec.fmt)
+        amax = jnp.max(jnp.abs(x))
+        xs = x * scale
+        nonzero = x != 0
+        flushed = (saturating_cast(xs, spec.fmt) == 0) & nonzero
+        telemetry.sow(self, f"{role}_amax", amax, "max")
+        telemetry.sow(self, f"{role}_scale", jnp.min(scale), "mean")
+        telemetry.sow(self, f"{role}_saturated", jnp.mean(jnp.abs(xs) > m), "mean")
+        telemetry.sow(self, f"{role}_flushed", jnp.sum(flushed) / jnp.maximum(
+            jnp.sum(nonzero), 1), "mean")
+        # the amax the scale was made for: fmt_max / scale / 2**margin (per channel: its max)
+        assumed = m / scale / 2.0 ** spec.margin
+        telemetry.sow(self, f"{role}_staleness",
+                      jnp.max(compute_amax(x, axis=spec.axis) / assumed), "max")
+
+    def _sow_grad_state(self, state: dict, spec: QSpec) -> None:
+        """The previous step's output-gradient amax and its staleness, read from the state."""
+        from tfm_jax import telemetry
+
+        hist = jax.lax.stop_gradient(state["amax_history"])
+        scale = jax.lax.stop_gradient(state["scale"])
+        telemetry.sow(self, "output_grad_amax", hist[0], "max")
+        telemetry.sow(self, "output_grad_scale", scale, "mean")
+        telemetry.sow(self, "output_grad_staleness",
+                      hist[0] * scale * 2.0 ** spec.margin / fmt_max(spec.fmt), "max")
+
+
+def dot_general_factory(quant_cfg: Any, matmul: Optional[Callable] = None) -> Callable:
+    """The ``dot_general_cls`` of ``quant`` config (:class:`~tfm_jax.config.QuantConfig`): a
+    factory of :class:`Fp8DotGeneral` named ``fp8`` (so its state is ``<proj>/fp8/...``)."""
+    q = quant_cfg
+    factory = functools.partial(
+        Fp8DotGeneral, recipe=q.recipe, amax_history=q.amax_history,
+        amax_compute=q.amax_compute, margin=q.margin, fwd_format=q.fwd_format,
+        bwd_format=q.bwd_format, kernel_granularity=q.kernel_granularity,
+        telemetry=q.telemetry, matmul=matmul, name="fp8")
+    factory.__name__ = (f"Fp8DotGeneral ({q.recipe}, {q.fwd_format} forward / {q.bwd_format} "
+                        "gradients)")
+    return factory
+
+
+# --------------------------------------------------------------------------------------------
+# HLO check: native FP8 GEMMs or emulated.
+
+_NATIVE_PATTERNS = (
+    re.compile(r"__cublas\$lt\$matmul\$f8"),                    # XLA:GPU's FP8 cuBLASLt GEMM
+    re.compile(r"=\s*[^=\n]*\bdot\((?:[^)\n]*)f8e[45]m[23]"),   # a dot taking f8 operands
+    re.compile(r"\bf8e[45]m[23][a-z]*\[[^\]]*\][^\n]*\bdot\("),
+)
+
+
+def fp8_dot_mode(compiled_text: str) -> str:
+    """``"native"`` if the compiled HLO text runs a dot on FP8 operands (an f8 ``dot`` or XLA's
+    cuBLASLt FP8 GEMM custom call), ``"emulated"`` if FP8 types appear but every dot takes
+    upcast values (XLA:CPU), ``"none"`` if no FP8 type appears at all."""
+    if any(p.search(compiled_text) for p in _NATIVE_PATTERNS):
+        return "native"
+    if re.search(r"\bf8e[45]m[23]", compiled_text):
+        return "emulated"
+    return "none"
+
+
+def fp8_native_in_hlo(compiled_text: str) -> bool:
+    """Whether FP8 dots appear in the compiled HLO (:func:`fp8_dot_mode` == native)."""
+    return fp8_dot_mode(compiled_text) == "native"
+
+
+def describe_dot_mode(mode: str, platform: str) -> str:
+    """The line printed at train start for an fp8 recipe."""
+    return {
+        "native": f"fp8: native FP8 GEMMs in the compiled step ({platform})",
+        "emulated": (f"fp8: emulated -- the compiled step casts to FP8 and back but its dots run "
+                     f"on upcast values ({platform}: no FP8 GEMM); FP8 numerics, no speed-up"),
+        "none": f"fp8: no FP8 type in the compiled step ({platform}); check quant.recipe",
+    }[mode]
+
+
+# --------------------------------------------------------------------------------------------
+# Static scales from a calibration file.
+
+
+def load_calibration(path: str | pathlib.Path) -> dict[str, dict[str, Any]]:
+    """Read a calibration file for ``fp8_static``; returns ``{projection path: {name: value}}``.
+
+    Format (JSON)::
+
+        {"format": "tfm-jax-fp8-calibration", "version": 1,
+         "convention": "multiplicative",          # scale = fmt_max / amax (x ~= q / scale)
+         "fwd_format": "float8_e4m3fn",           # the format the scales were made for
+         "scales": {"layers_0/attn/q_proj": {"input_scale": 12.5, "kernel_scale": 900.0},
+                    "layers/ffn/wo": {"input_scale": [3.1, 2.9], ...},   # nn.scan: per layer
+                    ...}}
+
+    Keys are projection paths in the params tree (the part before ``/fp8``); values are
+    positive finite floats (a list per layer for a scanned model; a list per output channel,
+    or per layer of such lists, for ``per_channel`` kernels). A missing or malformed file raises
+    FileNotFoundError / ValueError naming the problem."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"quant.calibration={path}: no such file. fp8_static reads its scales from a "
+            f"calibration file ({CALIBRATION_FORMAT} JSON, see tfm_jax.quant.fp8."
+            "load_calibration); write one with `tfm-jax calibrate` or use quant.recipe="
+            "fp8_delayed, which needs none")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"quant.calibration={path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict) or raw.get("format") != CALIBRATION_FORMAT:
+        raise ValueError(f"quant.calibration={path}: not a {CALIBRATION_FORMAT} file (its "
+                         f"'format' key must be {CALIBRATION_FORMAT!r})")
+    if raw.get("version") != CALIBRATION_VERSION:
+        raise ValueError(f"quant.calibration={path}: version {raw.get('version')!r}; this "
+                         f"version reads {CALIBRATION_VERSION}")
+    if raw.get("convention", "multiplicative") != "multiplicative":
+        raise ValueError(f"quant.calibration={path}: convention {raw.get('convention')!r}; "
+                         "scales must be multiplicative (fmt_max / amax); convert inverse "
+                         "scales with tfm_jax.quant.scaling.scale_from_scale_inv")
+    scales = raw.get("scales")
+    if not isinstance(scales, dict) or not scales:
+        raise ValueError(f"quant.calibration={path}: 'scales' must map projection paths to "
+                         "{input_scale, kernel_scale}")
+    for proj, entry in scales.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"quant.calibration={path}: scales[{proj!r}] must be a mapping")
+        for name, v in entry.items():
+            if name not in ("input_scale", "kernel_scale"):
+                raise ValueError(f"quant.calibration={path}: scales[{proj!r}] has {name!r}; "
+                                 "valid: input_scale, kernel_scale")
+            a = np.asarray(v, np.float64)
+            if a.size == 0 or not np.all(np.isfinite(a)) or np.any(a <= 0):
+                raise ValueError(f"quant.calibration={path}: scales[{proj!r}][{name!r}] = {v!r} "
+                                 "must be positive finite number(s)")
+    return {"fwd_format": raw.get("fwd_format"), "scales": scales}
+
+
+def apply_calibration(params: Any, calibration: dict) -> Any:
+    """``params`` with every ``<proj>/fp8/{input,kernel}_scale`` set from a loaded calibration
+    (:func:`load_calibration`). Every static scale of the model must be in the file and every
+    entry of the file must be a scale of the model (ValueError listing them otherwise)."""
+    scales = calibration["scales"]
+    used = set()
+    missing = []
+
+    def fill(path, leaf):
+        names = [str(getattr(k, "key", k)) for k in path]
+        if len(names) < 3 or names[-2] != "fp8" or names[-1] not in ("input_scale",
+                                                                    "kernel_scale"):
+            return leaf
+        proj = "/".join(names[:-2])
+        if proj not in scales or names[-1] not in scales[proj]:
+            missing.append(f"{proj}/{names[-1]}")
+            return leaf
+        used.add((proj, names[-1]))
+        value = np.asarray(scales[proj][names[-1]], np.float32)
+        if value.size == leaf.size:              # per layer and/or per channel, as stored
+            return jnp.asarray(value.reshape(leaf.shape), leaf.dtype)
+        if value.ndim == 0:                      # one scale for every layer / channel
+            return jnp.full(leaf.shape, value, leaf.dtype)
+        raise ValueError(f"calibration scale {proj}/{names[-1]} has shape {value.shape}; "
+                         f"the model's is {tuple(leaf.shape)}")
+
+    out = jax.tree_util.tree_map_with_path(fill, params)
+    extra = sorted(f"{p}/{n}" for p, e in scales.items() for n in e if (p, n) not in used)
+    if missing or extra:
+        raise ValueError("calibration file does not fit the model: "
+                         + (f"missing {', '.join(missing[:6])}" if missing else "")
+                         + ("; " if missing and extra else "")
+                         + (f"not in the model: {', '.join(extra[:6])}" if extra else "")
+                         + " (projection paths as in the params tree, before /fp8)")
+    return out
+
+
+def write_calibration(path: str | pathlib.Path, scales: dict[str, dict[str, Any]],
+                      fwd_format: str = "float8_e4m3fn") -> None:
+    """Write a calibration file (the format :func:`load_calibration` reads)."""
+    def plain(v):
+        return np.asarray(v, np.float64).tolist()
+    doc = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
+           "convention": "multiplicative", "fwd_format": fwd_format,
+           "scales": {p: {n: plain(v) for n, v in e.items()} for p, e in scales.items()}}
+    pathlib.Path(path).write_text(json.dumps(doc, indent=1))
