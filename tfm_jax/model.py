@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from tfm_jax import telemetry
 from tfm_jax.config import ModelConfig, param_counts
 from tfm_jax.layers.attention import Attention, make_attention_mask, rope_tables
 from tfm_jax.layers.embed import Embed
@@ -142,7 +143,9 @@ class TransformerLM(nn.Module):
         if cfg.scan_layers:
             # the cache (stacked, leading layers axis) is scanned in and out like the params
             in_axes = (nn.broadcast,) * 4 + (() if cache is None else (0,))
-            stack = nn.scan(block_cls, variable_axes={"params": 0, "batch_stats": 0},
+            variable_axes = {"params": 0, "batch_stats": 0,
+                             **{c: 0 for c in telemetry.COLLECTIONS}}   # sown: one per layer
+            stack = nn.scan(block_cls, variable_axes=variable_axes,
                             split_rngs={"params": True}, in_axes=in_axes,
                             length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: axes.LAYERS})
             x, new_layers = stack(cfg, train, self.ops, decode, name="layers")(
@@ -163,8 +166,10 @@ class TransformerLM(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
+            # high precision under quantization recipes (quantized=False): the set's own GEMM
             logits = Linear(cfg.vocab_size, (axes.EMBED, axes.VOCAB), init_std=cfg.init_std,
-                            dtype=dtype, param_dtype=pdtype, ops=self.ops, name="lm_head")(x)
+                            dtype=dtype, param_dtype=pdtype, ops=self.ops, quantized=False,
+                            name="lm_head")(x)
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), axes.ACT_BTV)
         if cache is None:
             return logits

@@ -28,7 +28,7 @@ from flax import linen as nn
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tfm_jax import backends, data as data_lib, interrupts, param_roles
+from tfm_jax import backends, data as data_lib, interrupts, param_roles, telemetry
 from tfm_jax.checkpoint import CheckpointMismatch, Checkpointer
 from tfm_jax.config import Config, check_runtime, check_trainable
 from tfm_jax.layers.ops import Ops
@@ -107,12 +107,16 @@ def masked_ce_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax
 
 
 def _forward(model: nn.Module, params, model_state, batch, *, train: bool):
+    """(logits, new model_state, telemetry); telemetry (:mod:`tfm_jax.telemetry`) is collected
+    in training only, and is ``{}`` when no module sows."""
     variables = {"params": params, **model_state}
-    mutable = list(model_state) if (train and model_state) else False
+    mutable = ((list(model_state) if model_state else []) + list(telemetry.COLLECTIONS)
+               if train else False)
     out = model.apply(variables, batch["inputs"], token_mask=input_mask(batch["mask"]),
                       train=train, mutable=mutable)
     logits, new_state = out if mutable else (out, model_state)
-    return logits, dict(new_state)
+    new_state, sown = telemetry.split(new_state)
+    return logits, new_state, sown
 
 
 def _stacked(path) -> bool:
@@ -173,16 +177,16 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
     the non-finite check (their ``grad_nonfinite`` flag is always False). A tree without
     overwritten leaves runs exactly the computation it always did.
 
-    Telemetry: whatever the model sows into :data:`TELEMETRY_COLLECTIONS` comes back in the
-    metrics under ``"telemetry"`` (reduced over micro-batches as the collection says), for the
-    loop to log; nothing is computed for it when the model sows nothing.
+    Telemetry: whatever the model sows (:mod:`tfm_jax.telemetry`) comes back in the metrics
+    under ``"telemetry"`` (reduced over micro-batches as its collection says), for the loop to
+    log; the key is absent and nothing is computed when the model sows nothing.
     """
     n_micro = cfg.train.grad_accum
     clip = cfg.train.grad_clip
 
     def micro_loss(params, model_state, batch):
-        logits, new_state = _forward(model, params, model_state, batch, train=True)
-        return masked_ce_sum(logits, batch["targets"], batch["mask"]), new_state
+        logits, new_state, sown = _forward(model, params, model_state, batch, train=True)
+        return masked_ce_sum(logits, batch["targets"], batch["mask"]), (new_state, sown)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -190,7 +194,8 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
         over = param_roles.overwrite_mask(state.params)     # Python bools: static routing
         n_tokens = jnp.maximum(batch["mask"].sum(), 1.0)
         if n_micro == 1:
-            (loss_sum, model_state), grads = grad_fn(state.params, state.model_state, batch)
+            (loss_sum, (model_state, sown)), grads = grad_fn(state.params, state.model_state,
+                                                              batch)
         else:
             # (B, ...) -> (A, B/A, ...), micro-batch a = rows a, a+A, ... so each device keeps
             # its own rows in every micro-batch (no resharding of the batch dimension).
@@ -200,13 +205,14 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
 
             def body(carry, mb):
                 loss_acc, grad_acc, mstate = carry
-                (loss_sum, mstate), g = grad_fn(state.params, mstate, mb)
+                (loss_sum, (mstate, sown)), g = grad_fn(state.params, mstate, mb)
                 return (loss_acc + loss_sum, jax.tree.map(_accumulate, grad_acc, g, over),
-                        mstate), None
+                        mstate), sown
 
             init = jax.tree.map(_acc_init, state.params, over)
-            (loss_sum, grads, model_state), _ = jax.lax.scan(
+            (loss_sum, grads, model_state), sown = jax.lax.scan(
                 body, (jnp.zeros((), jnp.float32), init, state.model_state), micro)
+            sown = telemetry.reduce_micro(sown)
         loss = loss_sum / n_tokens
         grads = jax.tree.map(lambda g, o: g if o else g / n_tokens, grads, over)
         # overwritten leaves: zeros here, so they add nothing to the norm and are never flagged
@@ -233,6 +239,8 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                    "grad_nonfinite": jax.tree.map(lambda x: ~jnp.isfinite(x), sumsq),
                    "lr": lr_schedule(cfg)(state.step), "tokens": n_tokens}
+        if jax.tree.leaves(sown):
+            metrics["telemetry"] = sown
         return new, metrics
 
     return step
@@ -240,7 +248,7 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
 
 def make_eval_step(model: nn.Module) -> Callable[[TrainState, dict], tuple[jax.Array, jax.Array]]:
     def step(state: TrainState, batch: dict):
-        logits, _ = _forward(model, state.params, state.model_state, batch, train=False)
+        logits, _, _ = _forward(model, state.params, state.model_state, batch, train=False)
         return masked_ce_sum(logits, batch["targets"], batch["mask"]), batch["mask"].sum()
     return step
 
@@ -293,13 +301,19 @@ def build(cfg: Config, devices: Optional[list] = None) -> Setup:
     model = TransformerLM(cfg.model, ops=ops)
     tx = make_optimizer(cfg)
     dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+    calibration = None
+    if cfg.quant.recipe == "fp8_static":
+        from tfm_jax.quant import fp8
+        calibration = fp8.load_calibration(cfg.quant.calibration)   # a bad file: fail now
 
-    def init_boxed(rng):
-        return model.init(rng, dummy, train=False)
+    def init_boxed(rng):   # (what modules sow at init is not state)
+        return telemetry.split(model.init(rng, dummy, train=False))[0]
 
     def init_fn(rng) -> TrainState:
         variables = nn.meta.unbox(init_boxed(rng))
         params = variables.pop("params")
+        if calibration is not None:      # fp8_static: the scales of the calibration file
+            params = fp8.apply_calibration(params, calibration)
         return TrainState(jnp.zeros((), jnp.int32), params, variables, tx.init(params))
 
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
@@ -307,9 +321,11 @@ def build(cfg: Config, devices: Optional[list] = None) -> Setup:
     mesh_lib.check_rules_cover(var_specs, rules)
     param_specs = var_specs.pop("params")
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    # (multi_transform: the overwritten leaves' moments are MaskedNode, kept as they are)
     opt_specs = optax.tree_map_params(
-        tx, lambda _, spec: spec, abstract.opt_state, param_specs,
-        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+        tx, lambda x, spec: x if isinstance(x, optax.MaskedNode) else spec, abstract.opt_state,
+        param_specs, transform_non_params=lambda _: P(),
+        is_leaf=lambda x: isinstance(x, (P, optax.MaskedNode)))
     specs = TrainState(P(), param_specs, var_specs, opt_specs)
     state_shardings = mesh_lib.logical_to_sharding(specs, mesh, rules)
     mesh_lib.check_divisible(abstract, state_shardings)
@@ -323,6 +339,21 @@ def build(cfg: Config, devices: Optional[list] = None) -> Setup:
     jit_init = jax.jit(init_fn, out_shardings=state_shardings)
     return Setup(cfg, mesh, rules, model, tx, state_shardings, batch_sharding, train_step,
                  eval_step, jit_init, ops)
+
+
+def fp8_dot_line(setup: Setup, state: TrainState) -> str:
+    """Whether the compiled train step runs FP8 GEMMs (native) or upcasts (emulated), from its
+    HLO (:func:`tfm_jax.quant.fp8.fp8_dot_mode`); one line for the run log."""
+    from tfm_jax.quant import fp8
+
+    cfg = setup.cfg
+    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
+                                     jnp.float32 if k == "mask" else jnp.int32,
+                                     sharding=setup.batch_sharding)
+             for k in ("inputs", "targets", "mask")}
+    with setup.context():
+        text = setup.train_step.lower(state, batch).compile().as_text()
+    return fp8.describe_dot_mode(fp8.fp8_dot_mode(text), setup.mesh.devices.flat[0].platform)
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,6 +566,8 @@ def _train(cfg: Config, ckpt: Checkpointer, resume: bool, devices: Optional[list
     if corpus.skipped_files:
         logger.info(f"corpus {corpus.source}: {corpus.skipped_summary()}")
     logger.info(f"kernels: {setup.ops.describe()}")
+    if cfg.quant.fp8:
+        logger.info(fp8_dot_line(setup, state))
     logger.info(f"MFU peak: {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
 
     rows = data_lib.process_rows(cfg.train.batch_size)
@@ -588,7 +621,8 @@ def _train(cfg: Config, ckpt: Checkpointer, resume: bool, devices: Optional[list
             logger.log(step_done, {
                 "loss": float(np.mean(window["losses"])) if window["losses"] else None,
                 "lr": float(m["lr"]), "grad_norm": window["grad_norm"], "tokens_per_s": tps,
-                "mfu": tps * flops_tok / peak if (peak and tps) else None, "skipped": skipped},
+                "mfu": tps * flops_tok / peak if (peak and tps) else None, "skipped": skipped,
+                **telemetry.flatten(m.get("telemetry", {}))},   # whatever was sown, by path
                 nullable=("loss",))
             window.update(t0=time.perf_counter(), tokens=0.0, losses=[], skipped=0,
                           grad_norm=None)

@@ -63,8 +63,10 @@ class Linear(nn.Module):
     """``y = x @ W`` contracting the last ``in_axes`` axes of x with the first of W.
 
     Kernel shape: ``x.shape[-in_axes:] + features``; its logical axes are ``kernel_axes``.
-    The dot (``dot_general_cls`` if given, else ``ops.dot_general_cls``, else ``ops.matmul``)
-    always sees 2-D operands: (tokens, in) and (in, out).
+    The dot (``dot_general_cls`` if given, else ``ops.quant_dot_cls`` when ``quantized``,
+    else ``ops.dot_general_cls``, else ``ops.matmul``) always sees 2-D operands: (tokens, in)
+    and (in, out). ``quantized=False`` keeps a projection (the LM head) out of a quantization
+    recipe.
     """
 
     features: Union[int, Sequence[int]]
@@ -75,6 +77,7 @@ class Linear(nn.Module):
     param_dtype: Any = jnp.float32
     ops: Optional[Ops] = None        # None: the XLA ops of jax's default backend
     dot_general_cls: Optional[Callable[[], nn.Module]] = None
+    quantized: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -95,7 +98,8 @@ class Linear(nn.Module):
         x2 = x.astype(self.dtype).reshape(math.prod(lead), k_in)
         kernel = jnp.asarray(kernel, self.dtype).reshape(k_in, k_out)
         ops = resolve_ops(self.ops)
-        dot_cls = self.dot_general_cls or ops.dot_general_cls
+        dot_cls = (self.dot_general_cls or (ops.quant_dot_cls if self.quantized else None)
+                   or ops.dot_general_cls)
         dot_general = dot_cls() if dot_cls else ops.matmul
         y = dot_general(x2, kernel, (((1,), (0,)), ((), ())), precision=None)
         return y.reshape(lead + features)

@@ -21,7 +21,8 @@ set             for                                    what it runs
 ==============  =====================================  ======================================
 
 A quantization recipe replaces the projections' dot with its own Linen module
-(:meth:`Ops.with_dot_general`); ``backend.attention`` replaces the causal core with one of
+(:meth:`Ops.with_quant_dot`: every projection but the LM head, which keeps the set's GEMM;
+:meth:`Ops.with_dot_general` replaces every Linear's dot); ``backend.attention`` replaces the causal core with one of
 :data:`ATTENTION_CORES` (:meth:`Ops.with_attention`: flash, cuDNN, ...). The seam then names the
 replacement, so a run's log never claims a GEMM or an attention it does not use. Later ops (MoE
 dispatch) are added here as new members, written once for every layer; KV-cache decode attention
@@ -52,8 +53,12 @@ class Ops:
       of new queries q (B, T, H, D) at ``q_positions`` (B, T) against a KV cache k/v
       (B, S, Hkv, D), quantized when scales are given (B, S, Hkv | 1) -> (B, T, H, D). Every set
       uses the XLA implementation (:func:`tfm_jax.layers.attention.cached_attention`) for now.
-    * ``dot_general_cls``: a factory of a Linen module called like ``lax.dot_general`` (e.g. a
-      quantized dot with its scales in the params tree); when set it replaces ``matmul``.
+    * ``dot_general_cls``: a factory of a Linen module called like ``lax.dot_general``; when
+      set it replaces ``matmul`` in every :class:`~tfm_jax.layers.linear.Linear`.
+    * ``quant_dot_cls``: the same for a quantization recipe (e.g. the FP8 dot of
+      :mod:`tfm_jax.quant.fp8`, state in the params tree): used by the Linears that accept a
+      quantized dot (``Linear.quantized``, True for the attention and FFN projections, False for
+      the LM head, which stays high precision on the set's own GEMM).
     """
 
     name: str
@@ -63,12 +68,17 @@ class Ops:
     swiglu: Callable
     cached_attention: Callable
     dot_general_cls: Optional[Callable] = None
+    quant_dot_cls: Optional[Callable] = None
     detail: str = ""
     attention_name: str = ""     # set when ``causal_attention`` is not the set's own core
 
     def with_dot_general(self, dot_general_cls: Optional[Callable]) -> "Ops":
         """The same ops with the projections' dot replaced by ``dot_general_cls``."""
         return dataclasses.replace(self, dot_general_cls=dot_general_cls)
+
+    def with_quant_dot(self, quant_dot_cls: Optional[Callable]) -> "Ops":
+        """The same ops with the quantizable projections' dot replaced by ``quant_dot_cls``."""
+        return dataclasses.replace(self, quant_dot_cls=quant_dot_cls)
 
     def with_attention(self, fn: Callable, name: str) -> "Ops":
         """The same ops with the causal core replaced by ``fn`` (same contract as
@@ -84,6 +94,9 @@ class Ops:
         if self.dot_general_cls is not None:
             name = getattr(self.dot_general_cls, "__name__", repr(self.dot_general_cls))
             text += f"; projections use {name} instead of this set's GEMM"
+        if self.quant_dot_cls is not None:
+            name = getattr(self.quant_dot_cls, "__name__", repr(self.quant_dot_cls))
+            text += f"; attention/FFN projections: {name} (LM head: this set's GEMM)"
         if self.attention_name:
             text += f"; attention: {self.attention_name}"
         return text

@@ -161,7 +161,7 @@ class Fp8DotGeneral(nn.Module):
     telemetry: bool = True
     matmul: Optional[Callable] = None
 
-    def _spec(self, role: str) -> QSpec:
+    def _qspec(self, role: str) -> QSpec:
         mode = {"fp8_dynamic": "dynamic", "fp8_delayed": "delayed",
                 "fp8_static": "static"}[self.recipe]
         if role == "output_grad" and mode == "static":
@@ -170,7 +170,7 @@ class Fp8DotGeneral(nn.Module):
         fmt = self.bwd_format if role == "output_grad" else self.fwd_format
         return QSpec(mode, fmt, self.amax_compute, self.margin, axis)
 
-    def _state(self, role: str, spec: QSpec, scale_shape: tuple) -> dict:
+    def _state_vars(self, role: str, spec: QSpec, scale_shape: tuple) -> dict:
         if spec.mode == "dynamic":
             return {}
         replicated = lambda init, ndim: nn.with_logical_partitioning(  # noqa: E731
@@ -194,11 +194,11 @@ class Fp8DotGeneral(nn.Module):
         if self.recipe not in ("fp8_dynamic", "fp8_delayed", "fp8_static"):
             raise ValueError(f"Fp8DotGeneral recipe {self.recipe!r}; valid: fp8_dynamic, "
                              "fp8_delayed, fp8_static")
-        specs = {r: self._spec(r) for r in ROLES}
+        specs = {r: self._qspec(r) for r in ROLES}
         k_scale_shape = (1, kernel.shape[1]) if specs["kernel"].axis else ()
-        states = {"input": self._state("input", specs["input"], ()),
-                  "kernel": self._state("kernel", specs["kernel"], k_scale_shape),
-                  "output_grad": self._state("output_grad", specs["output_grad"], ())}
+        states = {"input": self._state_vars("input", specs["input"], ()),
+                  "kernel": self._state_vars("kernel", specs["kernel"], k_scale_shape),
+                  "output_grad": self._state_vars("output_grad", specs["output_grad"], ())}
         xq, x_scale = qdq_operand(x, states["input"], specs["input"])
         kq, k_scale = qdq_operand(kernel, states["kernel"], specs["kernel"])
         if self.telemetry:
