@@ -1,0 +1,379 @@
+"""FP8 dot (tfm_jax.quant.fp8) and the role-aware train step: numerics vs numpy + ml_dtypes,
+delayed-scaling state rules, gradient accumulation, sharding, resume, optimizer routing,
+telemetry, calibration, HLO check."""
+
+import functools
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from tfm_jax import data as data_lib, param_roles
+from tfm_jax.config import ConfigError, load_config
+from tfm_jax.metrics import read_metrics
+from tfm_jax.quant import fp8
+from tfm_jax.train import build, train
+
+E4M3, E5M2 = ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2
+E4M3_MAX = float(ml_dtypes.finfo(E4M3).max)    # 448
+E5M2_MAX = float(ml_dtypes.finfo(E5M2).max)    # 57344
+
+SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+         "model.multiple_of=16", "data.seq_len=32", "train.batch_size=8", "train.warmup_steps=2",
+         "train.eval_batches=2", "train.log_every=1", "train.sample_tokens=0",
+         "run.progress=false", "run.tensorboard=false", "quant.amax_history=4"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return data_lib.load_corpus(None, 0.05, str(tmp_path_factory.mktemp("cache")))
+
+
+def cfg_of(tmp_path, *extra, recipe="fp8_delayed"):
+    return load_config(None, SMALL + [f"run.dir={tmp_path}", f"quant.recipe={recipe}"]
+                       + list(extra))
+
+
+def batch_at(cfg, corpus, step):
+    return data_lib.train_batch(corpus.train, corpus.train_doc_starts, step=step, seed=0,
+                                batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len)
+
+
+def quant_leaves(params) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
+            for p, x in flat if param_roles.overwritten(p)}
+
+
+# ------------------------------------------------------------------------------------------
+# Numpy + ml_dtypes reference (written from the formulas, not calling tfm_jax.quant).
+
+def ref_qdq(x, scale, dtype, fmax):
+    """cast(clip(x * scale)) to the fp8 dtype (ml_dtypes, round to nearest even), back / scale,
+    in float64. ``x * scale`` is rounded to float32 first, as the op computes it."""
+    xs = (np.asarray(x, np.float32) * np.float32(scale)).astype(np.float32)
+    q = np.clip(xs, -fmax, fmax).astype(dtype)
+    return q.astype(np.float64) / np.float64(scale)
+
+
+def dyn_scale(x, fmax):
+    return np.float32(fmax) / np.float32(np.max(np.abs(np.asarray(x, np.float32))))
+
+
+class Proj(nn.Module):
+    """A bare (N, K) @ (K, M) projection through the FP8 dot, kernel as a param."""
+    dot: functools.partial
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.param("kernel", nn.initializers.normal(0.5), (x.shape[1], 24))
+        return self.dot()(x, k, (((1,), (0,)), ((), ())))
+
+
+def _setup(recipe, hist=4):
+    dot = functools.partial(fp8.Fp8DotGeneral, recipe=recipe, amax_history=hist,
+                            telemetry=False, name="fp8")
+    model = Proj(dot)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((16, 32)) * 3).astype(np.float32)
+    g = (rng.standard_normal((16, 24)) * 1e-3).astype(np.float32)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.asarray(x))["params"])
+    return model, params, x, g
+
+
+def _vjp(model, params, x, g):
+    """(y, d params, dx) with the output cotangent g."""
+    y, pull = jax.vjp(lambda p, xx: model.apply({"params": p}, xx), params, jnp.asarray(x))
+    dp, dx = pull(jnp.asarray(g))
+    return np.asarray(y), jax.device_get(dp), np.asarray(dx)
+
+
+@pytest.mark.parametrize("recipe", ["fp8_dynamic", "fp8_delayed"])
+def test_fp8_dot_forward_backward_vs_numpy(recipe):
+    model, params, x, g = _setup(recipe)
+    k = np.asarray(params["kernel"])
+    if recipe == "fp8_delayed":   # a state with history: the scales come from it
+        st = params["fp8"]
+        st["input_amax_history"] = jnp.asarray([2.0, 9.0, 1.0, 0.0], jnp.float32)
+        st["kernel_amax_history"] = jnp.asarray([1.5, 0.0, 0.0, 1.0], jnp.float32)
+        st["output_grad_amax_history"] = jnp.asarray([1e-3, 2e-3, 0.0, 0.0], jnp.float32)
+        sx, sk, sg = (np.float32(E4M3_MAX) / np.float32(9.0),
+                      np.float32(E4M3_MAX) / np.float32(1.5),
+                      np.float32(E5M2_MAX) / np.float32(2e-3))
+    else:
+        sx, sk, sg = dyn_scale(x, E4M3_MAX), dyn_scale(k, E4M3_MAX), dyn_scale(g, E5M2_MAX)
+    y, dp, dx = _vjp(model, params, x, g)
+    xq, kq = ref_qdq(x, sx, E4M3, E4M3_MAX), ref_qdq(k, sk, E4M3, E4M3_MAX)
+    gq = ref_qdq(g, sg, E5M2, E5M2_MAX)
+    np.testing.assert_allclose(y, xq @ kq, rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, gq @ kq.T, rtol=2e-5, atol=1e-9)
+    np.testing.assert_allclose(dp["kernel"], xq.T @ gq, rtol=2e-5, atol=1e-9)
+    # the quantization really happened: the plain fp32 product differs
+    assert np.max(np.abs(y - x.astype(np.float64) @ k)) > 1e-3
+    if recipe == "fp8_delayed":   # cotangent of the state = its new value
+        new = dp["fp8"]
+        np.testing.assert_array_equal(new["input_scale"], sx)
+        np.testing.assert_array_equal(new["kernel_scale"], sk)
+        np.testing.assert_array_equal(new["output_grad_scale"], sg)
+        amx = np.float32(np.max(np.abs(x)))
+        # Flax/TE layout: roll by -1, newest at 0 (9.0, at index 1, was the oldest: dropped)
+        np.testing.assert_array_equal(new["input_amax_history"], [amx, 1.0, 0.0, 2.0])
+        np.testing.assert_array_equal(new["output_grad_amax_history"][0],
+                                      np.float32(np.max(np.abs(g))))
+    else:
+        assert "fp8" not in dp
+
+
+def test_saturation_and_no_nan_with_stale_scale():
+    """A delayed scale made for amax 1 meets values up to 100: e4m3 saturates at 448 (a plain
+    e4m3fn cast would give NaN), never NaN."""
+    model, params, x, g = _setup("fp8_delayed")
+    params["fp8"]["input_amax_history"] = jnp.asarray([1.0, 0, 0, 0], jnp.float32)
+    x = x * 30.0
+    y, _, _ = _vjp(model, params, x, g)
+    assert np.all(np.isfinite(y))
+    xq = ref_qdq(x, E4M3_MAX, E4M3, E4M3_MAX)
+    assert np.max(np.abs(xq)) == 1.0                # clipped at amax the scale assumed
+    assert np.isnan(np.float32(500.0).astype(E4M3))   # why the clip is needed
+
+
+@pytest.mark.parametrize("method", ["max", "most_recent"])
+def test_delayed_state_follows_the_history_rule_over_steps(method):
+    """Six steps, overwriting the state with its cotangent each time (what the train step
+    does): history and scales against a Python-list reference (newest first, length 3)."""
+    dot = functools.partial(fp8.Fp8DotGeneral, recipe="fp8_delayed", amax_history=3,
+                            amax_compute=method, margin=1, telemetry=False, name="fp8")
+    model = Proj(dot)
+    rng = np.random.default_rng(1)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((4, 8)))["params"])
+    hist, scale = [0.0, 0.0, 0.0], np.float32(1.0)
+    for step, mag in enumerate([1.0, 5.0, 0.5, 0.2, 0.1, 3.0]):
+        x = (rng.standard_normal((4, 8)) * mag).astype(np.float32)
+        amax_ref = max(hist) if method == "max" else hist[0]
+        if amax_ref > 0:   # fmt_max / amax / 2**margin; else the previous scale
+            scale = np.float32(np.float32(E4M3_MAX) / np.float32(amax_ref) / np.float32(2.0))
+        hist = [float(np.max(np.abs(x)))] + hist[:-1]
+        _, dp, _ = _vjp(model, params, x, np.ones((4, 24), np.float32))
+        new = dp["fp8"]
+        from tfm_jax.quant.scaling import history_newest_first
+        np.testing.assert_array_equal(np.asarray(history_newest_first(
+            new["input_amax_history"])), np.asarray(hist, np.float32), err_msg=str(step))
+        np.testing.assert_array_equal(new["input_scale"], scale, err_msg=str(step))
+        params = {**params, "fp8": new}
+
+
+# ------------------------------------------------------------------------------------------
+# The role-aware train step.
+
+
+def test_state_is_overwritten_not_optimized(tmp_path, corpus, devices):
+    """Strong weight decay, a tiny clip, a large lr: the state after a step equals the op's
+    cotangent bit for bit; AdamW holds no moments for it; grad_norm leaves it out."""
+    setup = build(cfg_of(tmp_path, "mesh.data=1", "train.grad_clip=0.001",
+                         "train.weight_decay=0.5", "train.warmup_steps=0", "train.lr=0.1"),
+                  devices=devices[:1])
+    state = setup.init_state()
+    p0 = jax.device_get(state.params)
+    batch = setup.shard_batch(batch_at(setup.cfg, corpus, 0))
+
+    def loss(p):   # the step's loss with the same model and batch, gradients by autodiff
+        from tfm_jax.train import input_mask, masked_ce_sum
+        logits = setup.model.apply({"params": p}, batch["inputs"],
+                                   token_mask=input_mask(batch["mask"]), train=True)
+        return masked_ce_sum(logits, batch["targets"], batch["mask"])
+
+    with setup.context():
+        grads = jax.jit(jax.grad(loss))(state.params)
+        state, m = setup.train_step(state, batch)
+    new, expect = quant_leaves(state.params), quant_leaves(grads)
+    assert len(new) == 7 * 2 * 6            # 7 projections x 2 layers x 6 state leaves
+    for k in new:
+        np.testing.assert_array_equal(new[k], expect[k], err_msg=k)
+    # trained leaves moved; the LM head and the embedding have no fp8 state
+    assert not any(k.startswith(("lm_head", "embed")) for k in new)
+    # multi_transform: the AdamW moments of the state are MaskedNode (none exist)
+    inner = state.opt_state.inner_states
+    adam = inner[param_roles.TRAINED].inner_state[0]
+    mu = adam.mu["layers_0"]["attn"]["q_proj"]
+    assert isinstance(mu["fp8"]["input_scale"], optax.MaskedNode) and mu["kernel"].shape
+    # grad_norm = the norm of the trained leaves only
+    trained = [np.asarray(v, np.float64) / float(jax.device_get(m["tokens"]))
+               for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(grads))[0]
+               if not param_roles.overwritten(p)]
+    norm = np.sqrt(sum(np.sum(v * v) for v in trained))
+    assert float(m["grad_norm"]) == pytest.approx(norm, rel=1e-4)
+    assert not any(jax.tree.leaves(jax.device_get(m["grad_nonfinite"])))
+    assert p0["layers_0"]["attn"]["q_proj"]["fp8"]["input_scale"] == 1.0
+
+
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_grad_accum_4_gives_the_whole_batch_scales(tmp_path, corpus, devices, scan):
+    """Two steps with train.grad_accum=4 end with the same fp8 state (bit for bit) as with
+    the whole batch at once -- the max over micro-batches, not the sum."""
+    extra = ["mesh.data=1", f"model.scan_layers={str(scan).lower()}"]
+    one = build(cfg_of(tmp_path, *extra), devices=devices[:1])
+    four = build(cfg_of(tmp_path, *extra, "train.grad_accum=4"), devices=devices[:1])
+    sa, sb = one.init_state(), four.init_state()
+    for step in range(2):
+        batch = one.shard_batch(batch_at(one.cfg, corpus, step))
+        with one.context():
+            sa, ma = one.train_step(sa, batch)
+        with four.context():
+            sb, mb = four.train_step(sb, batch)
+        np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
+    qa, qb = quant_leaves(sa.params), quant_leaves(sb.params)
+    assert qa and qa.keys() == qb.keys()
+    for k in qa:
+        np.testing.assert_array_equal(qa[k], qb[k], err_msg=k)
+    # a sum over the 4 micro-batches would have given 4x the amaxes
+    hist = [v for k, v in qa.items() if k.endswith("input_amax_history")][0]
+    assert np.max(hist) > 0
+    # telemetry came back reduced over micro-batches, same keys as the whole batch
+    assert jax.tree.structure(ma["telemetry"]) == jax.tree.structure(mb["telemetry"])
+
+
+@pytest.mark.parametrize("mesh", [["mesh.data=8"],
+                                  pytest.param(["mesh.data=1", "mesh.fsdp=8"],
+                                               marks=pytest.mark.slow)])
+def test_sharded_state_equals_single_device(tmp_path, corpus, devices, mesh):
+    """The amax inside the op is a global reduction: data- or fsdp-sharded batch (8 fake
+    devices) -> the same fp8 state and loss as one device."""
+    single = build(cfg_of(tmp_path, "mesh.data=1"), devices=devices[:1])
+    sharded = build(cfg_of(tmp_path, *mesh), devices=devices)
+    s1, s8 = single.init_state(), sharded.init_state()
+    for step in range(2):
+        batch = batch_at(single.cfg, corpus, step)
+        with single.context():
+            s1, m1 = single.train_step(s1, single.shard_batch(batch))
+        with sharded.context():
+            s8, m8 = sharded.train_step(s8, sharded.shard_batch(batch))
+        np.testing.assert_allclose(float(m1["loss"]), float(m8["loss"]), rtol=1e-5)
+    q1, q8 = quant_leaves(s1.params), quant_leaves(s8.params)
+    for k in q1:   # replicated on every device
+        np.testing.assert_allclose(q1[k], q8[k], rtol=1e-5, err_msg=k)
+    leaf = s8.params["layers_0"]["attn"]["q_proj"]["fp8"]["input_amax_history"]
+    assert leaf.sharding.is_fully_replicated
+
+
+def test_orbax_resume_equals_uninterrupted_with_state(tmp_path, corpus, devices):
+    """Three steps straight vs one step, an orbax save/restore (of the whole state, fp8
+    leaves and the multi_transform optimizer state included), two more steps: bitwise equal.
+    (The train loop's --resume path is the generic one of tests/test_train.py.)"""
+    from tfm_jax.checkpoint import Checkpointer
+
+    setup = build(cfg_of(tmp_path, "mesh.data=1"), devices=devices[:1])
+    batches = [setup.shard_batch(batch_at(setup.cfg, corpus, i)) for i in range(3)]
+    with setup.context():
+        full = setup.init_state()
+        for b in batches:
+            full, _ = setup.train_step(full, b)
+        cut, _ = setup.train_step(setup.init_state(), batches[0])
+        ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+        ckpt.save(1, cut)
+        ckpt.wait()
+        resumed = ckpt.restore(setup.abstract_state())
+        ckpt.close()
+        for b in batches[1:]:
+            resumed, _ = setup.train_step(resumed, b)
+    chex.assert_trees_all_equal(jax.device_get(full.params), jax.device_get(resumed.params))
+    chex.assert_trees_all_equal(jax.device_get(full.opt_state),
+                                jax.device_get(resumed.opt_state))
+    qa = quant_leaves(full.params)
+    assert any(np.count_nonzero(v) == 3 for k, v in qa.items() if "history" in k)
+
+
+def test_fp8_delayed_training_loss_falls_and_logs_telemetry(tmp_path, corpus, devices,
+                                                            capsys):
+    cfg = cfg_of(tmp_path, "mesh.data=1", "train.steps=40", "train.log_every=5",
+                 "train.eval_every=40", "train.checkpoint_every=40", "train.lr=3e-3")
+    res = train(cfg, corpus=corpus, devices=devices[:1])
+    rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, (rows[0]["loss"], rows[-1]["loss"])
+    out = capsys.readouterr().out
+    assert "fp8: emulated" in out and "Fp8DotGeneral (fp8_delayed" in out
+    last = rows[-1]
+    key = "layers_1/ffn/wo/fp8/input_amax"
+    for suffix in ("input_amax", "input_scale", "input_saturated", "input_flushed",
+                   "input_staleness", "kernel_amax", "output_grad_amax",
+                   "output_grad_staleness"):
+        assert f"layers_0/attn/q_proj/fp8/{suffix}" in last, suffix
+    assert not any(k.startswith("lm_head") for k in last)
+    # the logged amax is the one the step recorded in the state
+    hist = res.state.params["layers_1"]["ffn"]["wo"]["fp8"]["input_amax_history"]
+    assert last[key] == pytest.approx(float(hist[0]), rel=1e-6)
+    assert 0.0 <= last["layers_1/ffn/wo/fp8/input_saturated"] < 0.5
+
+
+def test_fp32_step_sows_nothing(tmp_path, corpus, devices):
+    """recipe none: no fp8 state, no telemetry output, the plain AdamW (traced, not run)."""
+    setup = build(cfg_of(tmp_path, "mesh.data=1", recipe="none"), devices=devices[:1])
+    state = setup.abstract_state()
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in
+             batch_at(setup.cfg, corpus, 0).items()}
+    with setup.context():
+        _, m = jax.eval_shape(setup.train_step, state, batch)
+    assert "telemetry" not in m
+    assert not quant_leaves(state.params)
+    assert not hasattr(state.opt_state, "inner_states")
+
+
+# ------------------------------------------------------------------------------------------
+# Config, calibration, HLO check.
+
+
+def test_int8_weight_training_refused(tmp_path, corpus):
+    with pytest.raises(ConfigError, match="tfm-jax quantize --run-dir"):
+        train(cfg_of(tmp_path, recipe="int8_weight"), corpus=corpus)
+
+
+def test_static_needs_a_calibration_file(tmp_path, corpus, devices):
+    with pytest.raises(ConfigError, match="quant.calibration"):
+        cfg_of(tmp_path, recipe="fp8_static")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        build(cfg_of(tmp_path, "quant.calibration=/nonexistent.json", "mesh.data=1",
+                     recipe="fp8_static"), devices=devices[:1])
+
+
+def test_static_scales_from_calibration_stay_fixed(tmp_path, corpus, devices):
+    projs = [f"layers_{i}/{p}" for i in range(2) for p in
+             ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "ffn/wi_0",
+              "ffn/wi_1", "ffn/wo")]
+    path = tmp_path / "calib.json"
+    fp8.write_calibration(path, {p: {"input_scale": 100.0 + i, "kernel_scale": 5000.0}
+                                 for i, p in enumerate(projs)})
+    setup = build(cfg_of(tmp_path, f"quant.calibration={path}", "mesh.data=1",
+                         recipe="fp8_static"), devices=devices[:1])
+    state = setup.init_state()
+    with setup.context():
+        for step in range(2):
+            state, _ = setup.train_step(state, setup.shard_batch(batch_at(setup.cfg, corpus,
+                                                                          step)))
+    q = quant_leaves(state.params)
+    assert q["layers_0/attn/k_proj/fp8/input_scale"] == np.float32(101.0)
+    assert q["layers_1/ffn/wo/fp8/kernel_scale"] == np.float32(5000.0)
+    assert not any("history" in k for k in q)
+    bad = tmp_path / "bad.json"
+    fp8.write_calibration(bad, {projs[0]: {"input_scale": 1.0, "kernel_scale": 1.0}})
+    with pytest.raises(ValueError, match="missing layers_0/attn/k_proj"):
+        build(cfg_of(tmp_path, f"quant.calibration={bad}", "mesh.data=1",
+                     recipe="fp8_static"), devices=devices[:1]).init_state()
+    bad.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="not a tfm-jax-fp8-calibration file"):
+        fp8.load_calibration(bad)
+
+
+def test_fp8_dot_mode_reads_hlo():
+    assert fp8.fp8_dot_mode("%d = f32[4,4] dot(f32[4,8] %a, f32[8,4] %b)") == "none"
+    cpu = ("%c = f8e4m3fn[4,8] convert(f32[4,8] %a)\n%u = f32[4,8] convert(f8e4m3fn[4,8] %c)\n"
+           "%d = f32[4,4] dot(f32[4,8] %u, f32[8,4] %b)")
+    assert fp8.fp8_dot_mode(cpu) == "emulated" and not fp8.fp8_native_in_hlo(cpu)
+    gpu = ('%g = (f32[16,16], s8[0]) custom-call(f8e4m3fn[16,32] %a, f8e4m3fn[16,32] %b), '
+           'custom_call_target="__cublas$lt$matmul$f8"')
+    assert fp8.fp8_native_in_hlo(gpu)
+    assert fp8.fp8_dot_mode("%d = f32[4,4] dot(f8e4m3fn[4,8] %a, f8e4m3fn[8,4] %b)") == "native"
