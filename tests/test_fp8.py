@@ -130,6 +130,35 @@ def test_fp8_dot_forward_backward_vs_numpy(recipe):
         assert "fp8" not in dp
 
 
+@pytest.mark.parametrize("recipe", ["fp8_dynamic", "fp8_delayed"])
+def test_per_channel_kernel_scales_vs_numpy(recipe):
+    """kernel_granularity=per_channel: one scale per output column, 448 / max|column|."""
+    dot = functools.partial(fp8.Fp8DotGeneral, recipe=recipe, amax_history=2,
+                            kernel_granularity="per_channel", telemetry=False, name="fp8")
+    model = Proj(dot)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 32)).astype(np.float32)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.asarray(x))["params"])
+    k = np.asarray(params["kernel"]) * np.geomspace(1e-3, 10, 24).astype(np.float32)
+    params["kernel"] = jnp.asarray(k)
+    col_amax = np.max(np.abs(k), axis=0).astype(np.float32)
+    if recipe == "fp8_delayed":
+        assert params["fp8"]["kernel_amax_history"].shape == (2, 1, 24)
+        params["fp8"]["kernel_amax_history"] = jnp.asarray(
+            np.stack([col_amax, np.zeros_like(col_amax)])[:, None, :])
+        params["fp8"]["input_amax_history"] = jnp.asarray([np.max(np.abs(x)), 0.0],
+                                                          jnp.float32)
+    sk = np.float32(E4M3_MAX) / col_amax
+    y, dp, _ = _vjp(model, params, x, np.zeros((8, 24), np.float32))
+    kq = np.stack([ref_qdq(k[:, j], sk[j], E4M3, E4M3_MAX) for j in range(24)], axis=1)
+    xq = ref_qdq(x, dyn_scale(x, E4M3_MAX), E4M3, E4M3_MAX)
+    np.testing.assert_allclose(y, xq @ kq, rtol=2e-5, atol=1e-7)
+    # the smallest column (amax ~1e-3) still quantizes to non-zeros with its own scale
+    assert np.all(np.abs(y[:, 0]) > 0)
+    if recipe == "fp8_delayed":
+        np.testing.assert_array_equal(dp["fp8"]["kernel_scale"][0], sk)
+
+
 def test_saturation_and_no_nan_with_stale_scale():
     """A delayed scale made for amax 1 meets values up to 100: e4m3 saturates at 448 (a plain
     e4m3fn cast would give NaN), never NaN."""
@@ -377,3 +406,12 @@ def test_fp8_dot_mode_reads_hlo():
            'custom_call_target="__cublas$lt$matmul$f8"')
     assert fp8.fp8_native_in_hlo(gpu)
     assert fp8.fp8_dot_mode("%d = f32[4,4] dot(f8e4m3fn[4,8] %a, f8e4m3fn[8,4] %b)") == "native"
+
+
+@pytest.mark.slow
+def test_fp8_step_benchmark_smoke():
+    from benchmarks import fp8_step
+    res = fp8_step.main(["--d-model", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2",
+                         "--seq", "16", "--batch", "2", "--steps", "1", "--repeats", "1",
+                         "--warmup", "1"])
+    assert res["ratio_median"] > 0 and set(res["median_s"]) == {"fp32", "fp8_delayed"}
