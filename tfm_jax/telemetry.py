@@ -13,7 +13,6 @@ This module imports only flax/jax (it sits below the layers).
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,7 @@ Recipes (``quant.recipe``):
   it (role ``quant``, :mod:`tfm_jax.param_roles`), taking the max over accumulation micro-batches:
   every micro-batch sees the same old state, so its ``scale_t`` is the same and the max of the
   histories is the history of the whole batch -- accumulation gives exactly the whole batch's
-  state (the stored scale is monotone-free: it never depends on the micro-batch).
+  state (the stored scale is the one used, which no micro-batch changes).
 * ``fp8_static``: ``input_scale`` and ``kernel_scale`` fixed from a calibration file
   (:func:`load_calibration`, written into the params at init); output gradients are scaled
   dynamically (they cannot be calibrated before training).
