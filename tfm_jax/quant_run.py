@@ -244,7 +244,7 @@ def summary(res: QuantizeResult) -> str:
         s, q = res.eval["source"], res.eval["quantized"]
         lines.append(f"  val loss {s['val_loss']:.4f} -> {q['val_loss']:.4f} nats/token, ppl "
                      f"{s['val_ppl']:.3f} -> {q['val_ppl']:.3f} "
-                     f"({res.eval['ppl_delta_pct']:+.2f} %)")
+                     f"({res.eval['ppl_delta_pct']:+.3f} %)")
     lines += [f"  config      {res.out_dir / 'config.yaml'}  (quant.recipe={res.recipe})",
               f"  checkpoints {res.out_dir / 'checkpoints'}",
               f"  provenance  {res.out_dir / 'quantize.json'}",
