@@ -95,9 +95,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    from tfm_jax.quant_run import is_quantized_run
-
-    if is_quantized_run(cfg):
+    if cfg.quant.recipe in _QUANT_RECIPES:        # a run written by `tfm-jax quantize`
         raise ConfigError(
             f"quant.recipe={cfg.quant.recipe} is weight-only post-training quantization: a "
             "quantized run cannot be trained or resumed (quantization-aware training is not "
