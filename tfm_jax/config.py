@@ -311,7 +311,7 @@ class MeshConfig(_Section):
 
 
 class QuantConfig(_Section):
-    recipe: Literal["none"] = "none"
+    recipe: Literal["none", "int8_weight", "int8_weight_asym", "int4_weight"] = "none"
     kv_cache: Literal["none", "int8", "fp8"] = Field(
         "none", description="KV-cache storage for generation (tfm_jax.layers.kv_cache): none = "
         "the compute dtype; int8 / fp8 (e4m3) = symmetric, saturating, with float32 scales")
