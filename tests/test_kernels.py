@@ -264,6 +264,51 @@ def _attention_matches_numpy_and_xla_path(b, t, h, hkv, d, block, padded):
         np.testing.assert_allclose(g_nat, g_xla, rtol=1e-4, atol=1e-5)
 
 
+def numpy_decode_attention(q, k, v, pos):
+    """Independent float64 reference of decode attention: query t of row b sees cache slots
+    0..pos[b, t] (and nothing beyond); G = H / Hkv query heads share a kv head."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for ti in range(t):
+            n = int(pos[bi, ti]) + 1
+            for hi in range(h):
+                s = k[bi, :n, hi // g] @ q[bi, ti, hi] / np.sqrt(d)
+                p = np.exp(s - s.max())
+                out[bi, ti, hi] = (p / p.sum()) @ v[bi, :n, hi // g]
+    return out
+
+
+DECODE_CASES = [  # B, T, H, Hkv, D, S, per-row last positions (the T queries end there)
+    (2, 1, 8, 2, 32, 1100, [1099, 37]),     # GQA, > 2 chunks of 512 slots, a short row
+    (3, 3, 4, 1, 20, 600, [2, 511, 599]),   # MQA, several queries, D not a multiple of 8
+    (2, 2, 4, 4, 8, 64, [1, 63]),           # MHA, a row that sees only slots 0..1 at t=0
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("blas", [None, "builtin"])
+@pytest.mark.parametrize("b,t,h,hkv,d,s,last", DECODE_CASES)
+def test_decode_attention_matches_numpy_and_xla_path(b, t, h, hkv, d, s, last, blas):
+    """The native decode kernel reads only slots <= each query's position: the slots beyond
+    hold NaN here, so any read of them (or of the wrong row / head) shows."""
+    rng = np.random.default_rng(2)
+    q = rand(rng, b, t, h, d)
+    k, v = np.array(rand(rng, b, s, hkv, d)), np.array(rand(rng, b, s, hkv, d))
+    pos = np.stack([np.arange(n - t + 1, n + 1) for n in last]).astype(np.int32)   # (B, T)
+    want = numpy_decode_attention(q, k, v, pos)
+    np.testing.assert_allclose(attn_lib.cached_attention(q, jnp.asarray(k), jnp.asarray(v),
+                                                         jnp.asarray(pos)),
+                               want, rtol=1e-5, atol=2e-6)
+    for bi, n in enumerate(last):
+        k[bi, n + 1:], v[bi, n + 1:] = np.nan, np.nan
+    with _blas(blas):
+        got = jax.jit(cpu.cached_attention)(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+
+
 @needs_kernels
 def test_attention_grads_match_finite_differences():
     rng = np.random.default_rng(2)

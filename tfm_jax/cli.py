@@ -57,8 +57,11 @@ def _run_config(args) -> Config:
 def _restore(cfg: Config):
     from tfm_jax import backends
     from tfm_jax.checkpoint import Checkpointer
+    from tfm_jax.quant_run import is_quantized_run, restore_quantized
     from tfm_jax.train import build
 
+    if is_quantized_run(cfg):      # written by `tfm-jax quantize`: int8/int4 kernels, dequantized
+        return restore_quantized(cfg)
     backends.configure(cfg.backend)
     setup = build(cfg)
     ckpt = Checkpointer(cfg.run_dir / "checkpoints")
@@ -92,6 +95,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    if cfg.quant.recipe in _QUANT_RECIPES:        # a run written by `tfm-jax quantize`
+        raise ConfigError(
+            f"quant.recipe={cfg.quant.recipe} is weight-only post-training quantization: a "
+            "quantized run cannot be trained or resumed (quantization-aware training is not "
+            "supported). Train the full-precision run (quant.recipe=none) and quantize it "
+            "afterwards with 'tfm-jax quantize'")
     interrupts.note("before training resumed; the run's checkpoints are unchanged" if args.resume
                     else "before step 1, nothing saved")
     from tfm_jax import train as train_lib
@@ -352,6 +361,32 @@ def run_convert(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- quantize
+
+
+# == tfm_jax.quant.ptq.RECIPES (spelled here so building the parser imports no jax; a test
+# checks they agree)
+_QUANT_RECIPES = ("int8_weight", "int8_weight_asym", "int4_weight")
+
+
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="trained full-precision run to quantize")
+    p.add_argument("--recipe", required=True, choices=_QUANT_RECIPES,
+                   help="int8_weight (symmetric), int8_weight_asym (uint8 + zero point), "
+                   "int4_weight (packed two per byte); all per output channel, weight-only")
+    p.add_argument("--out", default=None, help="new run directory (default <run-dir>-<recipe>)")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity comparison")
+
+
+def run_quantize(args) -> int:
+    """Weight-only PTQ of a trained run into a new run directory (tfm_jax.quant_run)."""
+    from tfm_jax.quant_run import quantize_run, summary
+
+    res = quantize_run(args.run_dir, args.recipe, args.out, evaluate=not args.no_eval)
+    print(summary(res))
+    return 0
+
+
 # ----------------------------------------------------------------------------- ablate
 
 
@@ -391,6 +426,8 @@ COMMANDS: tuple[Command, ...] = (
             _kv_cache_args, run_kv_cache),
     Command(("convert",), "mean-pool a trained run's K/V heads into a new GQA/MQA run",
             _convert_args, run_convert),
+    Command(("quantize",), "weight-only INT8/INT4 post-training quantization of a trained run",
+            _quantize_args, run_quantize),
     Command(("ablate",), "run an experiment: variants x seeds, results table, plots, claims",
             _ablate_args, run_ablate),
 )

@@ -324,11 +324,12 @@ class QuantConfig(_Section):
       ``amax_history`` steps long, reduced by ``amax_compute``, with ``margin``.
     * ``fp8_static``: fixed input/kernel scales from ``calibration`` (a file, see
       :func:`tfm_jax.quant.fp8.load_calibration`); output gradients scaled dynamically.
-    * ``int8_weight``: post-training weight-only INT8 (``tfm-jax quantize``); not a training
-      recipe.
+    * ``int8_weight``, ``int8_weight_asym``, ``int4_weight``: post-training weight-only integer
+      quantization (``tfm-jax quantize``, :mod:`tfm_jax.quant.ptq`); not training recipes.
     """
 
-    recipe: Literal["none", "fp8_dynamic", "fp8_delayed", "fp8_static", "int8_weight"] = "none"
+    recipe: Literal["none", "fp8_dynamic", "fp8_delayed", "fp8_static", "int8_weight",
+                    "int8_weight_asym", "int4_weight"] = "none"
     amax_history: Int = Field(1024, gt=0, description="fp8_delayed: amax history length (Flax "
                               "and Transformer Engine default 1024)")
     amax_compute: Literal["max", "most_recent"] = Field(
@@ -618,11 +619,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 def check_trainable(cfg: Config) -> None:
     """Checks for ``tfm-jax train`` only (a config that evaluates may still not train)."""
-    if cfg.quant.recipe == "int8_weight":
+    if cfg.quant.recipe in ("int8_weight", "int8_weight_asym", "int4_weight"):
         raise ConfigError(
-            "quant.recipe=int8_weight is post-training weight-only quantization: a run cannot "
-            "be trained with it. Train with quant.recipe=none (or an fp8_* recipe), then "
-            "quantize the trained run: tfm-jax quantize --run-dir DIR --recipe int8_weight")
+            f"quant.recipe={cfg.quant.recipe} is post-training weight-only quantization: a run "
+            "cannot be trained with it. Train with quant.recipe=none (or an fp8_* recipe), then "
+            f"quantize the trained run: tfm-jax quantize --run-dir DIR --recipe "
+            f"{cfg.quant.recipe}")
 
 
 def check_runtime(cfg: Config, n_devices: int) -> dict[str, int]:

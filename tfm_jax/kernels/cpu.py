@@ -73,7 +73,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # Compiled into the same library: the project's own sgemm (backend.cpu_blas=builtin).
 SGEMM_SOURCE = Path(__file__).with_name("builtin_sgemm.cc")
 TARGETS = ("tfm_gemm", "tfm_attn_fwd", "tfm_attn_bwd", "tfm_swiglu_fwd", "tfm_swiglu_bwd",
-           "tfm_rms_fwd", "tfm_rms_bwd")
+           "tfm_rms_fwd", "tfm_rms_bwd", "tfm_decode_attn")
 BLAS_CHOICES = ("auto", "builtin", "openblas", "mkl")
 # What ``auto`` tries, in order: MKL when it is installed (the [mkl] extra; still the fastest
 # train step on the development CPU, ~3 % ahead of the builtin in one process), else the
@@ -615,3 +615,26 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     kv = (jnp.ones(q.shape[:2], jnp.float32) if k_valid is None
           else k_valid.astype(jnp.float32))
     return _attention(q, k, v, kv, int(block_q))
+
+
+# --------------------------------------------------------------------------------------------
+# KV-cache decode attention
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+                     k_scale: Optional[jax.Array] = None,
+                     v_scale: Optional[jax.Array] = None) -> jax.Array:
+    """Drop-in for :func:`tfm_jax.layers.attention.cached_attention` (the ``cached_attention``
+    of the native set): one custom call that reads each row's cache only up to its query
+    positions (the XLA version reads and masks all ``S`` slots). Inference only (no VJP).
+
+    Native for float32 caches; a quantized cache (``k_scale`` given: int8 / e4m3 storage) runs
+    the XLA version, which :meth:`~tfm_jax.layers.ops.Ops.describe` states."""
+    if k_scale is not None or q.dtype != jnp.float32 or k.dtype != jnp.float32:
+        from tfm_jax.layers import attention
+        return attention.cached_attention(q, k, v, q_positions, k_scale, v_scale)
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
+    load()
+    return jax.ffi.ffi_call("tfm_decode_attn", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        q, k, v, q_positions.astype(jnp.int32))

@@ -434,3 +434,81 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_rms_fwd, RmsFwd,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_rms_bwd, RmsBwd,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
         .Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>().Attr<float>("eps"));
+
+// KV-cache decode attention: new queries q (B, T, H, D) at absolute positions pos (B, T) against
+// the cache k/v (B, S, Hkv, D); query t of row b sees slots s <= pos[b, t] and nothing beyond, so
+// a row reads only its filled part of the cache (the XLA path reads and masks all S slots). One
+// task per (batch, kv head): its G*T queries (the G heads sharing the kv head, rows i = t*G + g)
+// take the cache in chunks of kDecodeChunk slots, two GEMMs per chunk (scores = Q K^T, reading K
+// in place with ld = Hkv*D; then P V), with an online softmax between chunks (running max and
+// sum, as in FlashAttention), so no (T, S) score matrix is formed whatever T is.
+static const int kDecodeChunk = 512;
+
+static ffi::Error DecodeAttn(ffi::ThreadPool pool, F32 q, F32 k, F32 v,
+                             ffi::Buffer<ffi::S32> pos, F32Out o) {
+  if (NoBlas()) return NoBlasError();
+  auto qd = q.dimensions(), kd = k.dimensions();
+  const int B = (int)qd[0], T = (int)qd[1], H = (int)qd[2], D = (int)qd[3];
+  const int S = (int)kd[1], K = (int)kd[2], G = H / K, nq = G * T;
+  const int ldk = K * D;
+  const float scale = 1.0f / std::sqrt((float)D);
+  const float *Q = q.typed_data(), *Kp = k.typed_data(), *V = v.typed_data();
+  const int32_t* P = pos.typed_data();
+  float* O = o->typed_data();
+  ParallelFor(pool, B * K, [&](int task) {
+    const int b = task / K, kh = task % K;
+    std::vector<float> Qs((size_t)nq * D), acc((size_t)nq * D, 0.f), pv((size_t)nq * D),
+        m(nq, kNegInf), l(nq, 0.f), s((size_t)nq * kDecodeChunk);
+    std::vector<int> last(nq);
+    int end = 0;
+    for (int t = 0; t < T; ++t) {
+      const int p = std::min(P[(int64_t)b * T + t], S - 1);
+      end = std::max(end, p + 1);
+      for (int g = 0; g < G; ++g) {
+        const int i = t * G + g;
+        last[i] = p;
+        std::memcpy(&Qs[(size_t)i * D], Q + (((int64_t)b * T + t) * H + kh * G + g) * D,
+                    sizeof(float) * D);
+      }
+    }
+    const float* kb = Kp + (int64_t)b * S * ldk + (int64_t)kh * D;
+    const float* vb = V + (int64_t)b * S * ldk + (int64_t)kh * D;
+    for (int c0 = 0; c0 < end; c0 += kDecodeChunk) {
+      const int n = std::min(kDecodeChunk, end - c0);
+      cblas_sgemm(kRow, kN, kT, nq, n, D, scale, Qs.data(), D, kb + (int64_t)c0 * ldk, ldk, 0.f,
+                  s.data(), n);
+      for (int i = 0; i < nq; ++i) {
+        float* si = &s[(size_t)i * n];
+        const int vis = std::min(n, last[i] - c0 + 1);      // slots c0 .. last[i] of this chunk
+        float mx = m[i];
+        for (int j = 0; j < vis; ++j) mx = std::max(mx, si[j]);
+        const float corr = fast_exp(m[i] - mx);
+        float sum = 0.f;
+        for (int j = 0; j < vis; ++j) {
+          si[j] = fast_exp(si[j] - mx);
+          sum += si[j];
+        }
+        for (int j = std::max(vis, 0); j < n; ++j) si[j] = 0.f;
+        l[i] = l[i] * corr + sum;
+        m[i] = mx;
+        float* ai = &acc[(size_t)i * D];
+        for (int c = 0; c < D; ++c) ai[c] *= corr;
+      }
+      cblas_sgemm(kRow, kN, kN, nq, D, n, 1.f, s.data(), n, vb + (int64_t)c0 * ldk, ldk, 0.f,
+                  pv.data(), D);
+      for (size_t x = 0; x < acc.size(); ++x) acc[x] += pv[x];
+    }
+    for (int t = 0; t < T; ++t)
+      for (int g = 0; g < G; ++g) {
+        const int i = t * G + g;
+        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+        float* dst = O + (((int64_t)b * T + t) * H + kh * G + g) * D;
+        for (int c = 0; c < D; ++c) dst[c] = acc[(size_t)i * D + c] * inv;
+      }
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_decode_attn, DecodeAttn,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+        .Arg<F32>().Arg<F32>().Arg<F32>().Arg<ffi::Buffer<ffi::S32>>().Ret<F32>());

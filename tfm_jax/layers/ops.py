@@ -26,8 +26,9 @@ A quantization recipe replaces the projections' dot with its own Linen module
 :data:`ATTENTION_CORES` (:meth:`Ops.with_attention`: flash, cuDNN, ...). The seam then names the
 replacement, so a run's log never claims a GEMM or an attention it does not use. Later ops (MoE
 dispatch) are added here as new members, written once for every layer; KV-cache decode attention
-(``cached_attention``) is one already, with the XLA implementation in every set (a native CPU
-decode kernel is not written yet).
+(``cached_attention``) is one already: XLA in the ``xla``/``cpu-xla`` sets, a native kernel that
+reads only each row's filled cache slots in ``cpu-native`` (float32 caches; a quantized cache
+runs the XLA version there too).
 
 The constructors import the numerics lazily: the layer modules import this file for the type, and
 this file must not import them back at import time.
@@ -51,8 +52,9 @@ class Ops:
     * ``rms_norm(x, scale, eps)``, ``swiglu(gate, up)``: elementwise cores.
     * ``cached_attention(q, k, v, q_positions, k_scale=None, v_scale=None)``: decode attention
       of new queries q (B, T, H, D) at ``q_positions`` (B, T) against a KV cache k/v
-      (B, S, Hkv, D), quantized when scales are given (B, S, Hkv | 1) -> (B, T, H, D). Every set
-      uses the XLA implementation (:func:`tfm_jax.layers.attention.cached_attention`) for now.
+      (B, S, Hkv, D), quantized when scales are given (B, S, Hkv | 1) -> (B, T, H, D). XLA sets:
+      :func:`tfm_jax.layers.attention.cached_attention`; ``cpu-native``:
+      :func:`tfm_jax.kernels.cpu.cached_attention`.
     * ``dot_general_cls``: a factory of a Linen module called like ``lax.dot_general``; when
       set it replaces ``matmul`` in every :class:`~tfm_jax.layers.linear.Linear`.
     * ``quant_dot_cls``: the same for a quantization recipe (e.g. the FP8 dot of
@@ -127,10 +129,9 @@ def native_cpu_ops(detail: str = "") -> Ops:
     """The native fp32 custom calls; builds/loads the library (raises RuntimeError with the
     reason when it cannot)."""
     from tfm_jax.kernels import cpu
-    from tfm_jax.layers import attention
     cpu.load()
     return Ops("cpu-native", cpu.dot_general, cpu.causal_attention, cpu.rms_norm, cpu.swiglu,
-               attention.cached_attention, detail=detail)
+               cpu.cached_attention, detail=detail)
 
 
 # ``backend.attention`` choices other than ``auto``: (module, function, log name), imported when
