@@ -6,8 +6,21 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# One persistent compilation cache for the whole test session (a fresh directory per session,
+# so nothing carries over between runs): many tests compile the same small programs through
+# different jitted functions, and XLA compilation is most of the suite's time on 2 cores.
+# Executables from the cache are the same compiled code (bitwise tests are unaffected).
+# TFM_JAX_TEST_COMPILE_CACHE=0 turns it off.
+if os.environ.get("TFM_JAX_TEST_COMPILE_CACHE", "1") != "0":
+    jax.config.update("jax_compilation_cache_dir",
+                      tempfile.mkdtemp(prefix="tfm-jax-test-xla-cache."))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")
