@@ -57,7 +57,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 # Logical -> mesh axis rules (ordered; flax takes the first rule whose mesh axes are still free
 # for a given array, so activations' `embed` falls back to replicated once `batch` took `fsdp`).
 DEFAULT_RULES: list[tuple[str, Union[str, list[str], None]]] = [
-    ("batch", ["data", "fsdp"]),
+    ("batch", ["data", "fsdp", "expert"]),   # tokens over data x expert (MoE); expert=1: no-op
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -168,10 +168,11 @@ class ModelConfig(_Section):
         return self
 
 
-def param_counts(m: ModelConfig) -> dict[str, int]:
+def param_counts(m: ModelConfig, moe: Optional["MoEConfig"] = None) -> dict[str, int]:
     """Parameter counts from the shape alone, without building the model (so ``tfm-jax config
     show`` needs no jax); ``tfm_jax.model.count_params`` returns these. A test checks them
-    against the real parameter tree."""
+    against the real parameter tree. With MoE layers (``moe``): ``total`` counts every expert,
+    ``active`` / ``active_matmul`` what one token uses (top_k experts)."""
     d, h, hkv, dh, f, v, n = (m.d_model, m.n_heads, m.n_kv_heads, m.resolved_head_dim,
                               m.resolved_ffn_hidden, m.vocab_size, m.n_layers)
     attn = d * (h + 2 * hkv) * dh + h * dh * d
@@ -181,7 +182,14 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
     head = 0 if m.tie_embeddings else d * v
     embedding = v * d
     total = embedding + n * (attn + ffn + 2 * norm_vec) + final + head
-    return {"total": total, "embedding": embedding, "matmul": n * (attn + ffn) + (d * v)}
+    matmul = n * (attn + ffn) + (d * v)
+    extra = (moe_param_counts(m, moe) if moe is not None
+             else {"total": 0, "active": 0, "matmul": 0, "active_matmul": 0})
+    out = {"total": total + extra["total"], "embedding": embedding,
+           "matmul": matmul + extra["matmul"]}
+    if moe is not None and moe.n_experts:
+        out.update(active=total + extra["active"], active_matmul=matmul + extra["active_matmul"])
+    return out
 
 
 def ffn_hidden_size(d_model: int, ffn_type: str, ffn_mult: float = 4.0,
@@ -273,13 +281,6 @@ class MeshConfig(_Section):
         for name, s in sizes.items():
             if s == 0 or s < -1:
                 raise ValueError(f"mesh.{name}={s}: must be a positive size or -1")
-        if self.expert != 1:
-            # Nothing shards over `expert` until MoE layers exist: a larger axis would only
-            # replicate the whole model over its devices while looking like expert parallelism.
-            raise ValueError(
-                f"mesh.expert={self.expert}: the expert axis is not used yet (no MoE layers; "
-                "moe.n_experts must be 0), so it would only replicate the model; keep "
-                "mesh.expert=1 and put the devices on mesh.data, mesh.fsdp or mesh.tensor")
         # Several rules for one logical name are allowed: flax takes the first whose mesh axes
         # are still free for the array at hand (a fallback list, as in MaxText).
         for logical, mesh in self.rules:
@@ -376,17 +377,56 @@ class QuantConfig(_Section):
         return self.recipe in ("fp8_delayed", "fp8_static")
 
 
+MOE_DISPATCH = ("dense", "all_to_all", "implicit", "ragged")
+
+
 class MoEConfig(_Section):
+    """Mixture-of-Experts FFN (:mod:`tfm_jax.layers.moe`, dispatch in
+    :mod:`tfm_jax.parallel.moe_dispatch`); ``n_experts: 0`` keeps every FFN dense."""
+
     n_experts: Int = Field(0, ge=0, description="0: dense FFN")
     top_k: Int = Field(2, gt=0)
-    capacity_factor: Float = Field(1.25, gt=0)
+    capacity_factor: Optional[Float] = Field(
+        1.25, gt=0, description="slots per expert and routing group = ceil(cf * N * top_k / E); "
+        "null: dropless (N slots)")
+    router: Literal["softmax"] = Field(
+        "softmax", description="softmax top-k (fp32); weights renormalised when top_k > 1")
+    aux_loss_coef: Float = Field(0.01, ge=0, description="load-balancing loss (Switch) weight")
+    z_loss_coef: Float = Field(1e-3, ge=0, description="router z-loss (ST-MoE) weight")
+    shared_expert: bool = Field(False, description="a dense FFN every token also goes through")
+    expert_hidden: Optional[Int] = Field(None, gt=0, description="default: the model's FFN width")
+    every: Int = Field(1, gt=0, description="MoE in blocks i with (i + 1) % every == 0")
+    dispatch: Literal[MOE_DISPATCH] = Field(
+        "all_to_all", description="dense = single-device reference (every expert on every "
+        "token); all_to_all = shard_map + jax.lax.all_to_all over mesh.expert; implicit = "
+        "sharding constraints only (XLA inserts the collectives); ragged = dropless "
+        "ragged_all_to_all (GPU/TPU; not implemented yet)")
 
     @model_validator(mode="after")
     def _cross(self) -> "MoEConfig":
-        if self.n_experts:
-            raise ValueError("moe.n_experts > 0: Mixture-of-Experts layers are not implemented in "
-                             "this version; keep moe.n_experts=0")
+        if self.n_experts and self.top_k > self.n_experts:
+            raise ValueError(f"moe.top_k={self.top_k} exceeds moe.n_experts={self.n_experts}")
         return self
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block ``i`` (0-based) has the MoE FFN."""
+        return self.n_experts > 0 and (i + 1) % self.every == 0
+
+
+def moe_param_counts(m: ModelConfig, moe: MoEConfig) -> dict[str, int]:
+    """Extra parameters of the MoE layers over the dense model: ``total`` and ``active`` (those
+    one token uses: top_k experts + shared + router) -- what :func:`param_counts` adds."""
+    n_moe = sum(moe.is_moe_layer(i) for i in range(m.n_layers))
+    if not n_moe:
+        return {"total": 0, "active": 0, "matmul": 0, "active_matmul": 0}
+    d, f_dense = m.d_model, m.resolved_ffn_hidden
+    f = moe.expert_hidden or f_dense
+    per = (3 if m.ffn_type == "swiglu" else 2) * d
+    router, expert, dense_ffn = d * moe.n_experts, per * f, per * f_dense
+    shared = expert if moe.shared_expert else 0
+    total = n_moe * (router + moe.n_experts * expert + shared - dense_ffn)
+    active = n_moe * (router + moe.top_k * expert + shared - dense_ffn)
+    return {"total": total, "active": active, "matmul": total, "active_matmul": active}
 
 
 class BackendConfig(_Section):
@@ -433,6 +473,34 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
+        moe = self.moe
+        if self.mesh.expert != 1 and not moe.n_experts:
+            # Nothing shards over `expert` without MoE layers: a larger axis would only
+            # replicate the whole model over its devices while looking like expert parallelism.
+            raise ValueError(
+                f"mesh.expert={self.mesh.expert}: the expert axis is only used by MoE layers "
+                "(moe.n_experts > 0), so here it would only replicate the model; keep "
+                "mesh.expert=1 and put the devices on mesh.data, mesh.fsdp or mesh.tensor")
+        if moe.n_experts:
+            if self.mesh.expert > 1 and moe.n_experts % self.mesh.expert:
+                raise ValueError(f"moe.n_experts={moe.n_experts} is not divisible by "
+                                 f"mesh.expert={self.mesh.expert}; choose a divisor")
+            if moe.every > self.model.n_layers:
+                raise ValueError(f"moe.every={moe.every} exceeds model.n_layers="
+                                 f"{self.model.n_layers}: no block would be MoE")
+            if self.model.scan_layers and moe.every != 1:
+                raise ValueError(f"model.scan_layers=true needs identical blocks, but "
+                                 f"moe.every={moe.every} interleaves dense and MoE FFNs; set "
+                                 "moe.every=1 or model.scan_layers=false")
+            if moe.dispatch == "ragged" and self.backend.platform in ("cpu", "auto"):
+                raise ValueError(
+                    "moe.dispatch=ragged (dropless jax.lax.ragged_all_to_all) needs a GPU/TPU "
+                    f"backend (backend.platform={self.backend.platform}); on CPU use "
+                    "moe.dispatch=all_to_all (explicit shard_map), implicit (sharding "
+                    "constraints) or dense (single-device reference)")
+            if moe.n_experts and self.quant.recipe != "none":
+                raise ValueError(f"quant.recipe={self.quant.recipe} does not cover the MoE "
+                                 "experts yet; use quant.recipe=none with moe.n_experts > 0")
         if self.backend.platform == "hpu":
             raise ValueError("backend.platform=hpu: the HPU PJRT plugin path is not available "
                              "in this version; use backend.platform=auto, cpu, gpu or tpu")
@@ -630,12 +698,16 @@ def check_trainable(cfg: Config) -> None:
 def check_runtime(cfg: Config, n_devices: int) -> dict[str, int]:
     """Checks that need the runtime: mesh size vs devices, batch divisibility. Returns mesh sizes."""
     sizes = cfg.mesh.resolved_sizes(n_devices)
-    shards = sizes["data"] * sizes["fsdp"]
+    batch_rule = next((m for name, m in cfg.mesh.rules if name == "batch"), None)
+    batch_axes = ([] if batch_rule is None else [batch_rule] if isinstance(batch_rule, str)
+                  else list(batch_rule))
+    shards = math.prod(sizes[a] for a in batch_axes)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     if micro % shards:
         raise ConfigError(
             f"train.batch_size/train.grad_accum = {micro} sequences per micro-batch is not "
-            f"divisible by the {shards} batch shards (mesh.data*mesh.fsdp); change the batch "
+            f"divisible by the {shards} batch shards (the mesh axes {batch_axes} of the batch "
+            "rule); change the batch "
             "size or the mesh")
     return sizes
 

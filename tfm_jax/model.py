@@ -16,7 +16,8 @@ pytree passed in and returned (:class:`TransformerLM`, :mod:`tfm_jax.layers.kv_c
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +25,13 @@ import numpy as np
 from flax import linen as nn
 
 from tfm_jax import telemetry
-from tfm_jax.config import ModelConfig, param_counts
+from tfm_jax.config import MoEConfig, ModelConfig, param_counts
 from tfm_jax.layers.attention import Attention, make_attention_mask, rope_tables
 from tfm_jax.layers.embed import Embed
 from tfm_jax.layers.ffn import FeedForward
 from tfm_jax.layers.kv_cache import Cache, init_cache as init_kv_cache
 from tfm_jax.layers.linear import Linear
+from tfm_jax.layers.moe import MoEFeedForward
 from tfm_jax.layers.norms import make_norm
 from tfm_jax.layers.ops import Ops
 from tfm_jax.parallel import axes
@@ -37,11 +39,25 @@ from tfm_jax.parallel import axes
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def ffn_factory(cfg: ModelConfig, ops: Optional[Ops] = None, moe: Optional[MoEConfig] = None
+                ) -> Callable[..., nn.Module]:
+    """The FFN a :class:`Block` builds (called with ``name=``): the dense
+    :class:`~tfm_jax.layers.ffn.FeedForward`, or with ``moe`` the
+    :class:`~tfm_jax.layers.moe.MoEFeedForward` of the model's FFN type."""
+    common = dict(init_std=cfg.init_std, out_init_std=cfg.init_std / np.sqrt(2 * cfg.n_layers),
+                  dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], ops=ops)
+    if moe is not None and moe.n_experts:
+        return functools.partial(MoEFeedForward, moe, moe.expert_hidden or cfg.resolved_ffn_hidden,
+                                 cfg.ffn_type, **common)
+    return functools.partial(FeedForward, cfg.resolved_ffn_hidden, cfg.ffn_type, **common)
+
+
 class Block(nn.Module):
     cfg: ModelConfig
     train: bool = False
     ops: Optional[Ops] = None
     decode: bool = False          # with a layer cache: decode (True) or prefill (False)
+    ffn: Optional[Callable[..., nn.Module]] = None   # FFN factory (ffn_factory); None: dense
 
     @nn.compact
     def __call__(self, x, positions, attn_mask, token_mask, rope_sincos, layer_cache=None):
@@ -57,9 +73,7 @@ class Block(nn.Module):
                          init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
                          param_dtype=pdtype, block_q=cfg.attn_block_q, ops=self.ops,
                          name="attn")
-        ffn = FeedForward(cfg.resolved_ffn_hidden, cfg.ffn_type, init_std=cfg.init_std,
-                          out_init_std=out_std, dtype=dtype, param_dtype=pdtype, ops=self.ops,
-                          name="ffn")
+        ffn = (self.ffn or ffn_factory(cfg, self.ops))(name="ffn")
         n1, n2 = norm("attn_norm"), norm("ffn_norm")
         new_cache = None
 
@@ -99,6 +113,8 @@ class TransformerLM(nn.Module):
     # by tfm_jax.backends.resolve_ops (tfm_jax.train.build does). None: XLA ops for jax's default
     # backend. Every set has the same parameters and, to fp32 rounding, the same numbers.
     ops: Optional[Ops] = None
+    # Mixture-of-Experts (tfm_jax.layers.moe): None or n_experts 0: every FFN dense.
+    moe: Optional[MoEConfig] = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, positions: Optional[jax.Array] = None,
@@ -148,12 +164,16 @@ class TransformerLM(nn.Module):
             stack = nn.scan(block_cls, variable_axes=variable_axes,
                             split_rngs={"params": True}, in_axes=in_axes,
                             length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-            x, new_layers = stack(cfg, train, self.ops, decode, name="layers")(
+            # (every block alike: config validation refuses moe.every > 1 with scan_layers)
+            ffn = ffn_factory(cfg, self.ops, self.moe) if self._moe_layer(0) else None
+            x, new_layers = stack(cfg, train, self.ops, decode, ffn, name="layers")(
                 x, *block_args, *(() if cache is None else (cache.layers,)))
         else:
             layer_caches = []
             for i in range(cfg.n_layers):
-                x, layer_cache = block_cls(cfg, train, self.ops, decode, name=f"layers_{i}")(
+                ffn = ffn_factory(cfg, self.ops, self.moe) if self._moe_layer(i) else None
+                x, layer_cache = block_cls(cfg, train, self.ops, decode, ffn,
+                                           name=f"layers_{i}")(
                     x, *block_args, *(() if cache is None else (cache.layers[i],)))
                 layer_caches.append(layer_cache)
             new_layers = tuple(layer_caches)
@@ -181,6 +201,9 @@ class TransformerLM(nn.Module):
             lengths = jnp.sum(token_mask.astype(jnp.int32), axis=1)
         return logits, Cache(new_layers, lengths)
 
+    def _moe_layer(self, i: int) -> bool:
+        return self.moe is not None and self.moe.is_moe_layer(i)
+
     def init_cache(self, batch: int, max_len: int, *, kv_cache: str = "none",
                    kv_scale: str = "per_token_head") -> Cache:
         """An empty KV cache for this model (:func:`tfm_jax.layers.kv_cache.init_cache`):
@@ -192,20 +215,23 @@ class TransformerLM(nn.Module):
                              stacked=cfg.scan_layers)
 
 
-def count_params(cfg: ModelConfig) -> dict[str, int]:
+def count_params(cfg: ModelConfig, moe: Optional[MoEConfig] = None) -> dict[str, int]:
     """Parameter counts by the config's formulas (:func:`tfm_jax.config.param_counts`, which
-    needs no jax; checked against the real tree in tests)."""
-    return param_counts(cfg)
+    needs no jax; checked against the real tree in tests). With MoE also ``active``."""
+    return param_counts(cfg, moe)
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def train_flops_per_token(cfg: ModelConfig, seq_len: int,
+                          moe: Optional[MoEConfig] = None) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward), PaLM (appendix B) convention.
 
     Forward per token: ``2 * N_matmul`` (every projection incl. the LM head -- tied or not -- but
     not the embedding gather) ``+ 4 * n_layers * seq_len * H * Dh`` (QK^T and PV, counted over
     the full T x T square, ignoring the causal half). Norms, softmax, RoPE and the optimizer are
-    not counted.
+    not counted. With MoE layers (``moe``) the *active* projections count (top_k experts +
+    router + shared expert per token), not every expert; capacity drops are ignored.
     """
-    n_matmul = count_params(cfg)["matmul"]
+    counts = count_params(cfg, moe)
+    n_matmul = counts.get("active_matmul", counts["matmul"])
     attn = 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.resolved_head_dim
     return 3.0 * (2.0 * n_matmul + attn)

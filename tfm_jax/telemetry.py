@@ -19,7 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 REDUCTIONS = ("max", "mean")
-COLLECTIONS = tuple(f"telemetry_{r}" for r in REDUCTIONS)
+# Auxiliary losses (MoE load balancing, router z-loss): sown like telemetry (logged, mean over
+# micro-batches) and, in training, added to the loss by the train step (:func:`aux_loss`).
+LOSSES = "losses"
+COLLECTIONS = tuple(f"telemetry_{r}" for r in REDUCTIONS) + (LOSSES,)
 
 
 def sow(module, name: str, value: jax.Array, reduce: str = "mean") -> None:
@@ -30,6 +33,19 @@ def sow(module, name: str, value: jax.Array, reduce: str = "mean") -> None:
         raise ValueError(f"telemetry reduce={reduce!r}; valid: {', '.join(REDUCTIONS)}")
     module.sow(f"telemetry_{reduce}", name, jnp.asarray(value, jnp.float32),
                init_fn=lambda: None, reduce_fn=lambda _, v: v)
+
+
+def sow_loss(module, name: str, value: jax.Array) -> None:
+    """Record an auxiliary loss term (a float32 scalar, already weighted by its coefficient)
+    that the train step adds to the training loss; it is logged like telemetry under its path."""
+    module.sow(LOSSES, name, jnp.asarray(value, jnp.float32),
+               init_fn=lambda: None, reduce_fn=lambda _, v: v)
+
+
+def aux_loss(sown: dict):
+    """Sum of every sown auxiliary loss (scan-stacked ones: over layers); None if none."""
+    leaves = jax.tree.leaves(sown.get(LOSSES, {}))
+    return sum(jnp.sum(x) for x in leaves) if leaves else None
 
 
 def split(variables: dict) -> tuple[dict, dict]:

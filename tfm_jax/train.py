@@ -186,7 +186,11 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
 
     def micro_loss(params, model_state, batch):
         logits, new_state, sown = _forward(model, params, model_state, batch, train=True)
-        return masked_ce_sum(logits, batch["targets"], batch["mask"]), (new_state, sown)
+        loss_sum = masked_ce_sum(logits, batch["targets"], batch["mask"])
+        aux = telemetry.aux_loss(sown)     # sown auxiliary losses (MoE), per token; None if none
+        if aux is not None:
+            loss_sum = loss_sum + aux * jnp.sum(batch["mask"])
+        return loss_sum, (new_state, sown)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -298,7 +302,7 @@ def build(cfg: Config, devices: Optional[list] = None) -> Setup:
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     rules = mesh_lib.rules_tuple(cfg.mesh.rules)
     ops = backends.resolve_ops(cfg, devices)
-    model = TransformerLM(cfg.model, ops=ops)
+    model = TransformerLM(cfg.model, ops=ops, moe=cfg.moe)
     tx = make_optimizer(cfg)
     dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
     calibration = None
@@ -554,13 +558,13 @@ def _train(cfg: Config, ckpt: Checkpointer, resume: bool, devices: Optional[list
 
     param_paths = [jax.tree_util.keystr(p, simple=True, separator="/")
                    for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
-    flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len, cfg.moe)
     peak, peak_source = backends.peak_flops_info(cfg, n_devices=len(setup.mesh.devices.flat))
     unigram = data_lib.unigram_entropy(corpus.train, eval_span(cfg, corpus.val))
     logger = MetricsLogger(run_dir, resume_step=start_step, tensorboard=cfg.run.tensorboard,
                            progress=cfg.run.progress, total_steps=cfg.train.steps,
                            initial_step=start_step)
-    logger.info(f"run dir {run_dir} | params {count_params(cfg.model)['total']:,} | "
+    logger.info(f"run dir {run_dir} | params {count_params(cfg.model, cfg.moe)['total']:,} | "
                 f"mesh {dict(setup.mesh.shape)} | corpus {corpus.num_train_tokens:,} train / "
                 f"{corpus.num_val_tokens:,} val tokens | unigram baseline {unigram:.3f} nats")
     if corpus.skipped_files:
