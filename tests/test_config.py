@@ -280,16 +280,15 @@ def test_mesh_rule_unknown_axis():
     assert "['data', 'fsdp', 'tensor', 'expert']" in line
 
 
-def test_moe_not_implemented():
-    line = _one_problem(["moe.n_experts=4"])
-    assert "moe.n_experts" in line and "not implemented" in line
+def test_moe_config_accepted():
+    assert load_config(None, ["moe.n_experts=4"]).moe.n_experts == 4
     assert load_config(None, ["moe.n_experts=0"]).moe.n_experts == 0
 
 
 @pytest.mark.parametrize("value", [2, -1])
 def test_mesh_expert_refused_until_moe(value):
     line = _one_problem([f"mesh.expert={value}", "mesh.data=1"])
-    assert f"mesh.expert={value}" in line and "not used yet" in line
+    assert f"mesh.expert={value}" in line and "only used by MoE" in line
     assert "keep mesh.expert=1" in line
     assert load_config(None, ["mesh.expert=1"]).mesh.expert == 1
 

@@ -706,8 +706,8 @@ def check_runtime(cfg: Config, n_devices: int) -> dict[str, int]:
     if micro % shards:
         raise ConfigError(
             f"train.batch_size/train.grad_accum = {micro} sequences per micro-batch is not "
-            f"divisible by the {shards} batch shards (the mesh axes {batch_axes} of the batch "
-            "rule); change the batch "
+            f"divisible by the {shards} batch shards ("
+            f"{'*'.join('mesh.' + a for a in batch_axes)}, the batch rule's axes); change the batch "
             "size or the mesh")
     return sizes
 

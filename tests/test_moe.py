@@ -1,0 +1,217 @@
+"""MoE (tfm_jax.layers.moe, tfm_jax.parallel.moe_dispatch): routing, capacity and losses vs numpy;
+all_to_all and implicit dispatch == the dense reference (outputs, gradients, drops) on 8 fake
+CPU devices; parameter/FLOP counts; a tiny training run whose loss falls."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import linen as nn
+
+from tfm_jax import telemetry
+from tfm_jax.config import ConfigError, load_config, param_counts
+from tfm_jax.layers import moe as moe_lib
+from tfm_jax.model import TransformerLM, count_params, train_flops_per_token
+from tfm_jax.parallel import mesh as mesh_lib
+from tfm_jax.parallel import moe_dispatch as md
+
+D, F = 16, 24
+
+
+def _np_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _np_moe(x, wr, ks, top_k, cap):
+    """float64 reference of one group: x (N, d) -> (y, keep, aux, z)."""
+    x = x.astype(np.float64)
+    logits = x @ wr
+    p = _np_softmax(logits)
+    n, e = p.shape
+    experts = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
+    w = np.take_along_axis(p, experts, 1)
+    if top_k > 1:
+        w = w / w.sum(1, keepdims=True)
+    keep, count = np.zeros((n, top_k), bool), np.zeros(e, int)
+    for j in range(top_k):                      # all first choices, then all second choices
+        for i in range(n):
+            keep[i, j] = count[experts[i, j]] < cap
+            count[experts[i, j]] += 1
+    y = np.zeros_like(x)
+    for i in range(n):
+        for j in range(top_k):
+            if keep[i, j]:
+                ex = experts[i, j]
+                g, u = x[i] @ ks["wi_0"][ex], x[i] @ ks["wi_1"][ex]
+                y[i] += w[i, j] * ((g / (1 + np.exp(-g))) * u) @ ks["wo"][ex]
+    f = np.bincount(experts.ravel(), minlength=e) / (n * top_k)
+    aux = e * np.sum(f * p.mean(0))
+    lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    return y, keep, aux, np.mean(lse ** 2)
+
+
+def _weights(n_experts, seed=0):
+    r = np.random.default_rng(seed)
+    wr = r.normal(0, 0.5, (D, n_experts)).astype(np.float32)
+    ks = {"wi_0": r.normal(0, 0.3, (n_experts, D, F)), "wi_1": r.normal(0, 0.3, (n_experts, D, F)),
+          "wo": r.normal(0, 0.3, (n_experts, F, D))}
+    return wr, {k: v.astype(np.float32) for k, v in ks.items()}
+
+
+def test_routing_capacity_and_losses_match_numpy():
+    e, k, n = 4, 2, 24
+    wr, ks = _weights(e)
+    x = np.random.default_rng(1).normal(size=(1, n, D)).astype(np.float32)
+    cap = moe_lib.expert_capacity(n, e, k, 0.5)
+    assert cap == 6                                                   # ceil(0.5 * 24 * 2 / 4)
+    spec = md.MoESpec(e, k, 0.5)
+    y, st = md.moe_layer(x, jnp.asarray(wr), ks, spec, strategy="dense")
+    y_ref, keep, aux, z = _np_moe(x[0], wr.astype(np.float64), ks, k, cap)
+    assert (~keep).sum() > 0                                          # the probe can drop
+    assert int(st["dropped"]) == (~keep).sum()
+    np.testing.assert_allclose(float(st["drop_fraction"]), (~keep).mean(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(y[0]), y_ref, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(float(st["aux_loss"]), aux, rtol=1e-5)
+    np.testing.assert_allclose(float(st["z_loss"]), z, rtol=1e-5)
+    # uniform router -> aux loss exactly 1
+    probs = jnp.full((8, e), 1 / e)
+    experts = jnp.asarray(np.arange(16).reshape(8, 2) % e)
+    assert float(moe_lib.load_balance_loss(probs, experts)) == pytest.approx(1.0)
+    # top-1: the raw probability is the weight (the router still gets a gradient)
+    r1 = moe_lib.route(jnp.asarray(x[0] @ wr), 1)
+    np.testing.assert_allclose(np.asarray(r1.weights[:, 0]),
+                               _np_softmax((x[0] @ wr).astype(np.float64)).max(1), rtol=1e-5)
+
+
+def _mesh(shape):
+    cfg = load_config(None, ["moe.n_experts=8", f"mesh.data={shape[0]}",
+                             f"mesh.expert={shape[1]}"])
+    return mesh_lib.make_mesh(cfg.mesh), mesh_lib.rules_tuple(cfg.mesh.rules)
+
+
+@pytest.mark.parametrize("mesh_shape,n_experts,top_k", [
+    ((2, 4), 8, 2), ((1, 8), 16, 1),
+    pytest.param((2, 4), 8, 1, marks=pytest.mark.slow),
+    pytest.param((1, 8), 16, 2, marks=pytest.mark.slow)])
+def test_dispatch_strategies_equal_dense(devices, mesh_shape, n_experts, top_k):
+    """Outputs, gradients and drop counts of all_to_all and implicit == dense (2 experts per
+    device), with dropless capacity and with a small one (both in one compiled function)."""
+    mesh, rules = _mesh(mesh_shape)
+    wr, ks = _weights(n_experts, seed=top_k)
+    b, t = 16, 4                                     # 8 groups of 8 tokens
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(b, t, D)), jnp.float32)
+    cot = jnp.asarray(np.random.default_rng(3).normal(size=(b, t, D)), jnp.float32)
+    specs = [md.MoESpec(n_experts, top_k, cf) for cf in (None, 0.5)]
+    res = {}
+    for strategy in ("dense", "all_to_all", "implicit"):
+        def loss(x, wr, ks):
+            outs = [md.moe_layer(x, wr, ks, spec, strategy=strategy) for spec in specs]
+            return sum(jnp.sum(y * cot) * (i + 1) + st["aux_loss"] + st["z_loss"]
+                       for i, (y, st) in enumerate(outs)), outs
+
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            assert md.n_groups() == 8
+            fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+            res[strategy] = jax.device_get(fn(x, jnp.asarray(wr), ks))
+    (_, outs0), g0 = res["dense"]
+    assert int(outs0[0][1]["dropped"]) == 0 and int(outs0[1][1]["dropped"]) > 0
+    for strategy in ("all_to_all", "implicit"):
+        (_, outs), g = res[strategy]
+        for (y, st), (y0, st0) in zip(outs, outs0):
+            np.testing.assert_allclose(y, y0, atol=1e-5, rtol=1e-5, err_msg=strategy)
+            assert int(st["dropped"]) == int(st0["dropped"]), strategy
+            for key in ("aux_loss", "z_loss", "load", "router_entropy"):
+                np.testing.assert_allclose(st[key], st0[key], rtol=1e-5, err_msg=key)
+        for a, r in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+            np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-4, err_msg=strategy)
+    y0 = outs0[1][0]
+    # the dense reference of one group per token shard equals numpy group by group
+    g = 8
+    xs = np.asarray(x).reshape(g, -1, D)
+    cap = moe_lib.expert_capacity(xs.shape[1], n_experts, top_k, 0.5)
+    ref = np.stack([_np_moe(xs[i], wr.astype(np.float64), ks, top_k, cap)[0] for i in range(g)])
+    np.testing.assert_allclose(y0.reshape(g, -1, D), ref, atol=3e-5, rtol=1e-4)
+
+
+def _moe_cfg(*extra):
+    return load_config(None, ["model.n_layers=4", "model.d_model=32", "model.n_heads=2",
+                              "model.n_kv_heads=1", "model.ffn_hidden=48", "moe.n_experts=4",
+                              "moe.top_k=2", "moe.every=2", "moe.shared_expert=true",
+                              "moe.expert_hidden=40", "moe.dispatch=dense", *extra])
+
+
+def test_param_counts_and_flops_active_vs_total():
+    cfg = _moe_cfg()
+    model = TransformerLM(cfg.model, moe=cfg.moe)
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                          jnp.zeros((1, 8), jnp.int32)))["params"]
+    n_real = sum(x.size for x in jax.tree.leaves(params))
+    counts = count_params(cfg.model, cfg.moe)
+    assert counts["total"] == n_real
+    assert "ffn" in params["layers_0"] and "router" not in params["layers_0"]["ffn"]  # dense
+    assert set(params["layers_1"]["ffn"]) == {"router", "experts_wi_0", "experts_wi_1",
+                                              "experts_wo", "shared"}
+    # by hand: 2 MoE layers replace a 3*32*48 FFN with router 32*4, 4 experts / top-2 of
+    # 3*32*40 and a shared 3*32*40
+    dense = param_counts(cfg.model)
+    per_e = 3 * 32 * 40
+    assert counts["total"] - dense["total"] == 2 * (32 * 4 + 4 * per_e + per_e - 3 * 32 * 48)
+    assert counts["active"] - dense["total"] == 2 * (32 * 4 + 2 * per_e + per_e - 3 * 32 * 48)
+    flops = train_flops_per_token(cfg.model, 64, cfg.moe)
+    assert flops - train_flops_per_token(cfg.model, 64) == 3 * 2 * (
+        counts["active"] - dense["total"])
+    # scan_layers (every=1): stacked blocks carry the experts with a leading layers axis
+    cfg_s = _moe_cfg("moe.every=1", "model.scan_layers=true")
+    ps = jax.eval_shape(TransformerLM(cfg_s.model, moe=cfg_s.moe).init, jax.random.key(0),
+                        jnp.zeros((1, 8), jnp.int32))["params"]
+    assert ps["layers"]["ffn"]["experts_wo"]["kernel"].value.shape == (4, 4, 40, 32)
+    assert sum(x.size for x in jax.tree.leaves(ps)) == count_params(cfg_s.model,
+                                                                     cfg_s.moe)["total"]
+
+
+def test_moe_config_validation():
+    with pytest.raises(ConfigError, match="moe.dispatch=ragged.*all_to_all.*implicit.*dense"):
+        load_config(None, ["moe.n_experts=4", "moe.dispatch=ragged", "backend.platform=cpu"])
+    with pytest.raises(ConfigError, match="mesh.expert=2.*only used by MoE"):
+        load_config(None, ["mesh.expert=2", "mesh.data=1"])
+    with pytest.raises(ConfigError, match="moe.n_experts=6 is not divisible by mesh.expert=4"):
+        load_config(None, ["moe.n_experts=6", "mesh.expert=4", "mesh.data=2"])
+    with pytest.raises(ConfigError, match="moe.top_k=3 exceeds moe.n_experts=2"):
+        load_config(None, ["moe.n_experts=2", "moe.top_k=3"])
+    with pytest.raises(ConfigError, match="scan_layers.*moe.every=2"):
+        load_config(None, ["moe.n_experts=4", "moe.every=2", "model.scan_layers=true"])
+    cfg = load_config("moe-tiny")
+    assert cfg.mesh.expert == 4 and cfg.moe.n_experts == 8 and cfg.moe.dispatch == "all_to_all"
+
+
+def test_moe_training_loss_falls(devices, tmp_path):
+    """A few all_to_all steps on one batch (data 2 x expert 4): expert-sharded parameters, the
+    aux losses in the loss and the telemetry, the loss falls."""
+    from tfm_jax import train as train_lib
+
+    cfg = load_config("moe-tiny", [
+        "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+        "model.ffn_hidden=32", "data.seq_len=16", "train.batch_size=8", "train.steps=8",
+        "train.warmup_steps=0", "train.lr=1e-2", f"run.dir={tmp_path}"])
+    setup = train_lib.build(cfg, devices)
+    state = setup.init_state()
+    wo = state.params["layers_0"]["ffn"]["experts_wo"]["kernel"]
+    assert wo.sharding.spec[0] == "expert"
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, 259, (8, 17))
+    batch = setup.shard_batch({"inputs": toks[:, :-1].astype(np.int32),
+                               "targets": toks[:, 1:].astype(np.int32),
+                               "mask": np.ones((8, 16), np.float32)})
+    losses = []
+    with setup.context():
+        for _ in range(8):
+            state, m = setup.train_step(state, batch)
+            losses.append(float(m["loss"]))
+    tel = telemetry.flatten(jax.device_get(m["telemetry"]))
+    assert {"layers_0/ffn/load_balance_loss", "layers_0/ffn/router_z_loss",
+            "layers_0/ffn/moe/drop_fraction"} <= set(tel)
+    assert tel["layers_0/ffn/load_balance_loss"] == pytest.approx(
+        cfg.moe.aux_loss_coef * 1.0, rel=0.5)
+    assert losses[-1] < losses[0] - 0.5, losses
