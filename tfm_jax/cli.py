@@ -413,6 +413,23 @@ def run_ablate(args) -> int:
     return 1 if res.failed else 0
 
 
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--json", action="store_true",
+                   help='print the report as JSON: {"collectives": {"all-to-all": {"count": n, '
+                        '"bytes": b, ...}, ...}, "params": ..., "memory": ...}')
+
+
+def run_inspect(args) -> int:
+    """Compile the train step of a config; parameters, FLOPs, memory, HLO collectives."""
+    from tfm_jax.inspect import format_report, inspect_train_step
+
+    cfg = load_config(args.config, args.overrides)
+    rep = inspect_train_step(cfg)
+    print(json.dumps(rep, indent=1) if args.json else format_report(rep))
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(("train",), "train a model (default: tiny config, built-in corpus)", _train_args,
             run_train),
@@ -430,6 +447,8 @@ COMMANDS: tuple[Command, ...] = (
             _quantize_args, run_quantize),
     Command(("ablate",), "run an experiment: variants x seeds, results table, plots, claims",
             _ablate_args, run_ablate),
+    Command(("inspect",), "compile a config's train step: params, FLOPs/token, memory, and "
+            "every collective XLA emits (count, bytes)", _inspect_args, run_inspect),
 )
 _GROUP_HELP = {"config": "config utilities"}
 
