@@ -87,7 +87,7 @@ def source(tmp_path_factory, text_corpus):
                   "multiple_of": 32},
         "data": {"seq_len": 32, "path": str(text_corpus)},
         "train": {"batch_size": 8, "steps": 40, "warmup_steps": 5, "log_every": 20,
-                  "eval_every": 40, "checkpoint_every": 40, "eval_batches": 4,
+                  "eval_every": 40, "checkpoint_every": 40, "eval_batches": 2,
                   "sample_tokens": 0},
         "run": {"dir": str(tmp / "fp"), "tensorboard": False, "progress": False}}])
     res = train(cfg, devices=jax.devices()[:1])
@@ -153,10 +153,9 @@ def test_stats_match_the_fp32_model(source, text_corpus):
 def test_calibrate_cli_eval_fp8_inference(source, tmp_path, capsys):
     cfg, trained = source
     run = str(cfg.run_dir)
-    out = tmp_path / "scales.json"
+    out = cfg.run_dir / "calibration-max.json"               # the default path
     # 8 devices (conftest): the sharded statistics equal the single-device ones
-    assert cli.main(["calibrate", "--run-dir", run, "--batches", "3", "--method", "max",
-                     "--out", str(out)]) == 0
+    assert cli.main(["calibrate", "--run-dir", run, "--batches", "3", "--method", "max"]) == 0
     printed = capsys.readouterr().out
     assert f"calibration file: {out}" in printed and "quant.recipe=fp8_static" in printed
     loaded = fp8.load_calibration(out)
@@ -166,29 +165,28 @@ def test_calibrate_cli_eval_fp8_inference(source, tmp_path, capsys):
     for proj, e in single.scales.items():
         for name, v in e.items():
             np.testing.assert_allclose(loaded["scales"][proj][name], v, rtol=1e-6)
-    # default path inside the run dir
-    assert cli.main(["calibrate", "--run-dir", run, "--batches", "2", "--method", "ema"]) == 0
-    assert (cfg.run_dir / "calibration-ema.json").is_file()
-    capsys.readouterr()
 
     def ev(*extra):
         assert cli.main(["eval", "--run-dir", run, *extra]) == 0
         return json.loads(capsys.readouterr().out)
 
-    base = ev()
-    assert base["val_loss"] == pytest.approx(trained.eval["val_loss"], rel=1e-5)
+    base = trained.eval                                     # fp32, same validation batches
     static = ev("quant.recipe=fp8_static", f"quant.calibration={out}")
     delayed = ev("quant.recipe=fp8_delayed", "--calib-batches", "3")
     dynamic = ev("quant.recipe=fp8_dynamic")
     for r in (static, delayed, dynamic):
-        assert r["val_loss"] != base["val_loss"]                 # FP8 did something
+        assert r["val_loss"] != pytest.approx(base["val_loss"], rel=1e-7)  # FP8 did something
         assert abs(r["val_ppl"] / base["val_ppl"] - 1) < 0.02, (r, base)
-    assert static["quant_recipe"] == "fp8_static" and "quant_recipe" not in base
+    assert static["quant_recipe"] == "fp8_static"
     # delayed with histories of the same 3 batches == static with their max calibration
     assert delayed["val_loss"] == pytest.approx(static["val_loss"], rel=1e-6)
-    # generate works on the FP8 inference path too
-    assert cli.main(["generate", "--run-dir", run, "--tokens", "4", "--prompt", "def ",
-                     "--temperature", "0", "quant.recipe=fp8_dynamic"]) == 0
+
+
+@pytest.mark.slow
+def test_generate_fp8_inference(source, capsys):
+    cfg, _ = source
+    assert cli.main(["generate", "--run-dir", str(cfg.run_dir), "--tokens", "4", "--prompt",
+                     "def ", "--temperature", "0", "quant.recipe=fp8_dynamic"]) == 0
     assert capsys.readouterr().out.startswith("def ")
 
 
@@ -207,6 +205,7 @@ def test_delayed_state_holds_the_history(source, tmp_path):
     assert not st["output_grad_amax_history"].any()
 
 
+@pytest.mark.slow
 def test_fp8_trained_run(source, tmp_path, capsys):
     """A run trained with fp8_delayed: calibrate says what happens and eval under fp8_static
     replaces its delayed state by the file's scales."""

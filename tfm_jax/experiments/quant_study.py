@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import pathlib
+import shutil
 import sys
 import time
 from typing import Any, Optional
@@ -102,11 +103,12 @@ def capture(cfg: Any, state: Any, batches: list[dict]) -> list[dict[str, dict[st
             new["perturbations"])
         return new["captures"], grads
 
-    params = strip_quant_state(state.params)
+    params = jax.device_put(strip_quant_state(state.params), setup.state_shardings.params)
+    model_state = jax.device_put(state.model_state, setup.state_shardings.model_state)
     out = []
     with setup.context():
         for batch in batches:
-            caps, grads = jax.device_get(run(params, state.model_state, setup.shard_batch(batch)))
+            caps, grads = jax.device_get(run(params, model_state, setup.shard_batch(batch)))
             rows: dict[str, dict[str, np.ndarray]] = {}
             for tree, names in ((caps, ("input", "kernel")), (grads, ("output",))):
                 for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -143,8 +145,9 @@ def amax_of(x: np.ndarray, gran: str) -> np.ndarray:
 
 
 def quant_error(x: np.ndarray, fmt: str, gran: str, scale: Optional[np.ndarray] = None) -> dict:
-    """Relative error, SNR (dB) and saturated fraction of ``dequantize(quantize(x))`` with the
-    given multiplicative scale (None: dynamic exact)."""
+    """Relative error, SNR (dB) and saturated fraction (``|x| * scale > fmt_max`` beyond float32
+    rounding) of ``dequantize(quantize(x))`` with the given multiplicative scale (None: dynamic
+    exact)."""
     from tfm_jax.quant import dequantize, fmt_max, quantize
     from tfm_jax.quant.scaling import broadcast_scale
 
@@ -152,10 +155,11 @@ def quant_error(x: np.ndarray, fmt: str, gran: str, scale: Optional[np.ndarray] 
     err = np.asarray(dequantize(q, s), np.float64) - x.astype(np.float64)
     sig = float(np.sum(np.square(x, dtype=np.float64)))
     noise = float(np.sum(err * err))
-    xs = x.astype(np.float32) * np.asarray(broadcast_scale(s, x.shape))
+    xs = x.astype(np.float64) * np.asarray(broadcast_scale(s, x.shape), np.float64)
+    # saturated: clipped by more than float32 rounding (the amax itself lands on fmt_max)
     return {"rel_err": math.sqrt(noise / sig) if sig else 0.0,
             "snr_db": 10 * math.log10(sig / noise) if noise and sig else float("inf"),
-            "saturated": float(np.mean(np.abs(xs) > fmt_max(fmt)))}
+            "saturated": float(np.mean(np.abs(xs) > fmt_max(fmt) * (1 + 1e-6)))}
 
 
 def strategy_scale(strategy: str, x: np.ndarray, history: list[np.ndarray], fmt: str,
@@ -334,6 +338,7 @@ def study_ppl(run_dir: pathlib.Path, out: pathlib.Path, calib_batches: int,
     del state
     rows = {"fp32": base}
     for recipe in PPL_ROWS[:3]:
+        shutil.rmtree(out / "ptq" / recipe, ignore_errors=True)     # this study's own output
         res = quantize_run(run_dir, recipe, out / "ptq" / recipe, corpus=corpus)
         rows[recipe] = res.eval["quantized"]
     for recipe in ("fp8_dynamic", "fp8_delayed"):
