@@ -213,6 +213,7 @@ def test_fp8_trained_run(source, tmp_path, capsys):
 
     cfg, _ = source
     fcfg = cfg.replace(**{"quant.recipe": "fp8_delayed", "train.steps": 4,
+                          "train.warmup_steps": 2,
                           "train.checkpoint_every": 4, "train.eval_every": 4,
                           "run.dir": str(tmp_path / "f8")})
     train(fcfg, devices=jax.devices()[:1])

@@ -86,12 +86,12 @@ def test_capture_gives_the_kernel_gradient(run, text_corpus):
 def test_study_smoke(run, tmp_path, capsys):
     cfg, _ = run
     out = tmp_path / "study"
-    res = qs.main(["--run-dir", str(cfg.run_dir), "--out", str(out), "--batches", "3",
-                   "--ema-steps", "12", "--no-ppl"])
+    res = qs.main(["--run-dir", str(cfg.run_dir), "--out", str(out), "--batches", "2",
+                   "--ema-steps", "6", "--no-ppl"])
     printed = capsys.readouterr().out
     assert str(out / "results.md") in printed
     saved = json.loads((out / "results.json").read_text())
-    assert saved["batches"] == 3 and len(saved["projections"]) == 14
+    assert saved["batches"] == 2 and len(saved["projections"]) == 14
     for name in ("snr_format_granularity", "snr_strategy", "per_channel_gain", "ema_beta",
                  "static_vs_dynamic_shift"):
         assert (out / f"{name}.png").stat().st_size > 1000
