@@ -74,7 +74,7 @@ def test_help_console_script(env, tmp_path):
     if exe is None:
         pytest.skip("tfm-jax console script not on PATH (package not installed)")
     out = _check(run(env, tmp_path, "--help", exe=exe), 0).stdout
-    assert re.search(r"\{train,eval,generate,config,kv-cache,convert,ablate\}", out), out
+    assert re.search(r"\{train,eval,generate,config,kv-cache,convert,quantize,calibrate,ablate\}", out), out
 
 
 def test_config_show(env, tmp_path):

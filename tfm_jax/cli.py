@@ -54,14 +54,17 @@ def _run_config(args) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def _restore(cfg: Config):
+def _restore(cfg: Config, calib_batches: int = 16):
     from tfm_jax import backends
     from tfm_jax.checkpoint import Checkpointer
+    from tfm_jax.quant import calibrate
     from tfm_jax.quant_run import is_quantized_run, restore_quantized
     from tfm_jax.train import build
 
     if is_quantized_run(cfg):      # written by `tfm-jax quantize`: int8/int4 kernels, dequantized
         return restore_quantized(cfg)
+    if calibrate.needs_recipe_change(cfg):   # e.g. FP8 inference of an fp32-trained run
+        return calibrate.restore_with_recipe(cfg, calib_batches=calib_batches)
     backends.configure(cfg.backend)
     setup = build(cfg)
     ckpt = Checkpointer(cfg.run_dir / "checkpoints")
@@ -151,19 +154,27 @@ def run_train(args) -> int:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
+    p.add_argument("--calib-batches", type=int, default=16,
+                   help="quant.recipe=fp8_delayed on a run trained without it: the training "
+                   "batches whose amaxes fill the delayed-scaling histories (default 16)")
 
 
 def run_eval(args) -> int:
     cfg = _run_config(args)
+    if args.calib_batches < 1:
+        raise ConfigError(f"--calib-batches {args.calib_batches}: fill the fp8_delayed "
+                          "histories from at least 1 batch")
     from tfm_jax import data as data_lib
     from tfm_jax.train import eval_span, evaluate
 
-    setup, state = _restore(cfg)
+    setup, state = _restore(cfg, args.calib_batches)
     corpus = data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.data.cache_dir,
                                   include=cfg.data.include)
     row = evaluate(setup, state, corpus.val)
     row["step"] = int(state.step)
     row["unigram_baseline"] = data_lib.unigram_entropy(corpus.train, eval_span(cfg, corpus.val))
+    if cfg.quant.recipe != "none":
+        row["quant_recipe"] = cfg.quant.recipe
     print(json.dumps(row, indent=2))
     return 0
 
@@ -387,6 +398,46 @@ def run_quantize(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- calibrate
+
+
+_CALIB_METHODS = ("max", "percentile", "ema")   # == tfm_jax.quant.calibrate.METHODS
+
+
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="trained run to calibrate")
+    p.add_argument("--batches", type=int, required=True,
+                   help="training batches to run (steps 0..N-1 of the run's data stream)")
+    p.add_argument("--method", required=True, help="max | percentile | ema: how the per-batch "
+                   "input amaxes become one static scale")
+    p.add_argument("--percentile", type=float, default=99.99,
+                   help="--method percentile: the percentile of |x| per batch (default 99.99)")
+    p.add_argument("--ema-beta", type=float, default=0.999,
+                   help="--method ema: beta of the scale EMA (default 0.999, as the seed)")
+    p.add_argument("--out", default=None,
+                   help="calibration file (default <run-dir>/calibration-<method>.json)")
+    p.add_argument("overrides", nargs="*", metavar="quant.key=value",
+                   help="quant.fwd_format / quant.margin / quant.kernel_granularity of the "
+                   "scales (default: the run's)")
+
+
+def run_calibrate(args) -> int:
+    """Static FP8 scales of a trained run (tfm_jax.quant.calibrate)."""
+    if args.method not in _CALIB_METHODS:
+        raise ConfigError(f"calibrate: --method {args.method!r}; valid: "
+                          f"{', '.join(_CALIB_METHODS)}")
+    if args.batches < 1:
+        raise ConfigError(f"calibrate: --batches {args.batches}; calibrate over at least 1 "
+                          "batch")
+    from tfm_jax.quant.calibrate import calibrate_run, summary
+
+    res = calibrate_run(args.run_dir, args.batches, args.method, percentile=args.percentile,
+                        ema_beta=args.ema_beta, out=args.out, overrides=list(args.overrides))
+    note = "".join(f" {o}" for o in args.overrides if not o.startswith("quant.margin"))
+    print(summary(res, args.run_dir, note))
+    return 0
+
+
 # ----------------------------------------------------------------------------- ablate
 
 
@@ -445,6 +496,8 @@ COMMANDS: tuple[Command, ...] = (
             _convert_args, run_convert),
     Command(("quantize",), "weight-only INT8/INT4 post-training quantization of a trained run",
             _quantize_args, run_quantize),
+    Command(("calibrate",), "static FP8 scales of a trained run (for quant.recipe=fp8_static)",
+            _calibrate_args, run_calibrate),
     Command(("ablate",), "run an experiment: variants x seeds, results table, plots, claims",
             _ablate_args, run_ablate),
     Command(("inspect",), "compile a config's train step: params, FLOPs/token, memory, and "
