@@ -162,8 +162,10 @@ def state_leaves_by_kind(opt_state: Any) -> dict[str, list]:
     out: dict[str, list] = {"moments": [], "moment_scales": [], "other": []}
     for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
         names = path_names(path)
-        if "mu" in names or "nu" in names:
-            out["moment_scales" if names[-1] == "scale" else "moments"].append(leaf)
+        if "mu" in names or "nu" in names:   # (a norm's "scale" param is a dict key, not this)
+            block_scale = (isinstance(path[-1], jax.tree_util.GetAttrKey)
+                           and path[-1].name == "scale")
+            out["moment_scales" if block_scale else "moments"].append(leaf)
         else:
             out["other"].append(leaf)
     return out
