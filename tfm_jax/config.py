@@ -497,6 +497,11 @@ class Config(_Section):
         if self.data.tokenizer == "byte" and self.model.vocab_size < BYTE_VOCAB_SIZE:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the byte "
                              f"tokenizer's {BYTE_VOCAB_SIZE} ids; use >= {BYTE_VOCAB_SIZE}")
+        if self.train.on_nonfinite == "reload" and not self.quant.fp8:
+            raise ValueError(f"train.on_nonfinite=reload raises quant.margin after a reload, "
+                             f"which only an fp8 recipe uses (quant.recipe={self.quant.recipe}): "
+                             "a reload would replay the same steps into the same NaN. Use "
+                             "train.on_nonfinite=stop or skip, or an fp8_* recipe")
         return self
 
     @property
