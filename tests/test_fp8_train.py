@@ -245,6 +245,7 @@ def test_reload_on_injected_inf_raises_the_margin_and_finishes(tmp_path, corpus,
                                 jax.device_get(res_b.state.params))
 
 
+@pytest.mark.slow
 def test_reload_limit_stops(tmp_path, corpus, devices, monkeypatch):
     import tfm_jax.train as train_mod
 
