@@ -43,13 +43,17 @@ def configure(cfg: BackendConfig) -> None:
 def resolve_ops(cfg: Config, devices: list) -> Ops:
     """The ops set (:mod:`tfm_jax.layers.ops`) a run uses on these devices, resolved once:
     :func:`_resolve_set`; an fp8 ``quant.recipe`` sets its quantized projection dot
-    (:func:`tfm_jax.quant.fp8.dot_general_factory`, over the set's GEMM); then
+    (:func:`tfm_jax.quant.fp8.dot_general_factory`, over the set's GEMM) and
+    ``quant.fp8_weight_storage`` its FP8 kernels (:mod:`tfm_jax.quant.storage`); then
     ``backend.attention`` (unless ``auto``) replaces its causal core (``cudnn`` on a non-GPU
     platform raises ConfigError)."""
     ops = _resolve_set(cfg, devices)
     if cfg.quant.fp8:
         from tfm_jax.quant import fp8
         ops = ops.with_quant_dot(fp8.dot_general_factory(cfg.quant, ops.matmul))
+    if cfg.quant.fp8_weight_storage:
+        from tfm_jax.quant import storage
+        ops = ops.with_weight_storage(storage.spec_from_config(cfg.quant))
     choice = cfg.backend.attention
     if choice == "auto":
         return ops

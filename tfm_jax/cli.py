@@ -279,7 +279,22 @@ def run_config_show(args) -> int:
     print(cfg.to_yaml(), end="")
     print(f"# derived: model.head_dim={m.resolved_head_dim}, model.ffn_hidden="
           f"{m.resolved_ffn_hidden}, parameters={param_counts(m)['total']:,}")
+    if getattr(args, "memory", False):   # only then import jax (builds and compiles the step)
+        from tfm_jax import backends, memory
+
+        backends.configure(cfg.backend)
+        print(memory.format_report(memory.report(cfg, peak=not args.no_peak)))
     return 0
+
+
+def _config_show_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--memory", action="store_true", help="also print the train state's bytes "
+                   "(params by dtype, fp8 state, optimizer moments; from the abstract pytree) "
+                   "and the compiled train step's peak memory per device (imports jax and "
+                   "compiles the step)")
+    p.add_argument("--no-peak", action="store_true", help="with --memory: skip compiling the "
+                   "step (state bytes only)")
 
 
 # ----------------------------------------------------------------------------- kv-cache
@@ -488,8 +503,8 @@ COMMANDS: tuple[Command, ...] = (
             run_eval),
     Command(("generate",), "sample text from a run's latest checkpoint", _generate_args,
             run_generate),
-    Command(("config", "show"), "print the resolved config as YAML", _add_common,
-            run_config_show),
+    Command(("config", "show"), "print the resolved config as YAML (--memory: train-state "
+            "bytes and the step's peak memory)", _config_show_args, run_config_show),
     Command(("kv-cache",), "KV-cache bytes for MHA / GQA / MQA at a length, batch and dtype",
             _kv_cache_args, run_kv_cache),
     Command(("convert",), "mean-pool a trained run's K/V heads into a new GQA/MQA run",

@@ -239,7 +239,17 @@ class TrainConfig(_Section):
     b2: Float = Field(0.95, ge=0, lt=1)
     eps: Float = Field(1e-8, gt=0)
     grad_clip: Float = Field(1.0, ge=0, description="global-norm clip; 0 disables")
-    on_nonfinite: Literal["stop", "skip"] = "stop"
+    on_nonfinite: Literal["stop", "skip", "reload"] = Field(
+        "stop", description="a step with NaN/inf loss or gradients (never applied): stop = "
+        "raise naming the layer and tensor; skip = drop the update and go on; reload = (fp8 "
+        "recipes) restore the last checkpoint, raise quant.margin by 1 and go on (logged)")
+    max_reloads: Int = Field(3, ge=0, description="on_nonfinite=reload: reloads allowed in a "
+                             "run before it stops")
+    opt_moments: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32", description="AdamW moment storage: fp32 (optax.adamw), bf16, or int8 = "
+        "blockwise 8-bit with a float32 scale per block (tfm_jax.quant.optim)")
+    opt_block: Int = Field(128, gt=0, description="opt_moments=int8: block length along each "
+                           "tensor's last axis (a divisor of it; else the whole row)")
     log_every: Int = Field(10, gt=0)
     eval_every: Int = Field(400, gt=0)
     eval_batches: Int = Field(32, gt=0)
@@ -347,6 +357,22 @@ class QuantConfig(_Section):
         None, description="fp8_static: calibration file of scales (tfm_jax.quant.fp8)")
     telemetry: bool = Field(True, description="fp8 recipes: per-projection amax, scale, "
                             "saturated / flushed-to-zero fractions, staleness in metrics.jsonl")
+    fp8_weight_storage: bool = Field(
+        False, description="keep the attention/FFN kernels as FP8 bytes + a float32 scale "
+        "(EMA-updated, tfm_jax.quant.storage); optimizer updates apply to the dequantized "
+        "weight, which is re-quantized")
+    weight_storage_format: Literal[FP8_FORMATS] = Field(  # type: ignore[valid-type]
+        "float8_e4m3fn", description="fp8_weight_storage: the kernels' format")
+    weight_storage_granularity: Literal["per_tensor", "per_channel"] = Field(
+        "per_tensor", description="fp8_weight_storage: one scale per kernel, or per output "
+        "channel")
+    weight_scale_beta: Float = Field(0.999, ge=0, le=1, description="fp8_weight_storage: EMA "
+                                     "of the scale, beta*scale + (1-beta)*fmt_max/amax (seed)")
+    weight_storage_margin: Int = Field(1, ge=0, description="fp8_weight_storage: headroom, "
+                                       "scale target fmt_max / amax / 2**margin")
+    stochastic_rounding: bool = Field(False, description="fp8_weight_storage: re-quantize "
+                                      "with stochastic rounding (unbiased) instead of "
+                                      "nearest-even")
     kv_cache: Literal["none", "int8", "fp8"] = Field(
         "none", description="KV-cache storage for generation (tfm_jax.layers.kv_cache): none = "
         "the compute dtype; int8 / fp8 (e4m3) = symmetric, saturating, with float32 scales")
@@ -364,6 +390,13 @@ class QuantConfig(_Section):
             raise ValueError(f"quant.calibration is only read by quant.recipe=fp8_static (got "
                              f"quant.recipe={self.recipe}); drop quant.calibration or set "
                              "quant.recipe=fp8_static")
+        if self.fp8_weight_storage and self.recipe not in ("none",) + FP8_RECIPES:
+            raise ValueError(f"quant.fp8_weight_storage=true is a training option; "
+                             f"quant.recipe={self.recipe} is post-training quantization. Use "
+                             "recipe none or an fp8_* recipe with it")
+        if self.stochastic_rounding and not self.fp8_weight_storage:
+            raise ValueError("quant.stochastic_rounding=true rounds the FP8-stored weights; it "
+                             "needs quant.fp8_weight_storage=true")
         return self
 
     @property
@@ -375,6 +408,12 @@ class QuantConfig(_Section):
     def has_param_state(self) -> bool:
         """Whether the recipe keeps state (scales, amax histories) in the params tree."""
         return self.recipe in ("fp8_delayed", "fp8_static")
+
+    @property
+    def frozen_leaves(self) -> bool:
+        """Whether some params leaves are not optimized (recipe state, storage scales): the
+        optimizer is then a ``multi_transform`` (:func:`tfm_jax.train.make_optimizer`)."""
+        return self.has_param_state or self.fp8_weight_storage
 
 
 MOE_DISPATCH = ("dense", "all_to_all", "implicit", "ragged")
@@ -526,6 +565,11 @@ class Config(_Section):
         if self.data.tokenizer == "byte" and self.model.vocab_size < BYTE_VOCAB_SIZE:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the byte "
                              f"tokenizer's {BYTE_VOCAB_SIZE} ids; use >= {BYTE_VOCAB_SIZE}")
+        if self.train.on_nonfinite == "reload" and not self.quant.fp8:
+            raise ValueError(f"train.on_nonfinite=reload raises quant.margin after a reload, "
+                             f"which only an fp8 recipe uses (quant.recipe={self.quant.recipe}): "
+                             "a reload would replay the same steps into the same NaN. Use "
+                             "train.on_nonfinite=stop or skip, or an fp8_* recipe")
         return self
 
     @property

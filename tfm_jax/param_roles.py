@@ -15,8 +15,13 @@ role           names                                               decayed
                everything under an ``fp8`` sub-module (the FP8 dot's
                state, :mod:`tfm_jax.quant.fp8`) or a path component
                containing ``overwrite_with_gradient`` (Flax's fp8 ops)
+``storage``    ``storage_scale``: the float32 scale of a kernel kept   no
+               in FP8 (:mod:`tfm_jax.quant.storage`)
 ``other``      anything else                                       no
 =============  ==================================================  ==========
+
+A kernel kept in FP8 (``quant.fp8_weight_storage``) is still a ``weight``: its storage is a
+dtype of the leaf, not another role.
 
 How the train step treats each role (:func:`tfm_jax.train.make_train_step`):
 
@@ -28,6 +33,10 @@ How the train step treats each role (:func:`tfm_jax.train.make_train_step`):
   ``optax.multi_transform`` partition of their own, :func:`optimizer_labels`, with no moments).
   An op must therefore use each of its state leaves, every step: a leaf that no computation uses
   gets a zero cotangent and would be overwritten with zeros.
+* ``storage`` leaves are neither optimized nor overwritten by a cotangent: the step trains the
+  dequantized kernel and then sets the scale by its EMA rule and re-quantizes the kernel
+  (:func:`tfm_jax.quant.storage.requantize_tree`); in the optimizer they share the
+  ``set_to_zero`` partition (no moments).
 * every other role is trained by AdamW; decay follows :data:`DECAY_ROLES`.
 
 Embeddings are decayed, as in GPT-2/nanoGPT and in this framework from the start (the golden loss
@@ -44,7 +53,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-ROLES = ("weight", "embedding", "norm", "bias", "quant", "other")
+ROLES = ("weight", "embedding", "norm", "bias", "quant", "storage", "other")
 DECAY_ROLES = frozenset({"weight", "embedding"})
 
 # FP8 delayed scaling / INT8 recipes keep their state next to (or instead of) the kernels.
@@ -76,6 +85,8 @@ def param_role(path: Sequence[Any]) -> str:
     if not names:
         return "other"
     leaf = names[-1]
+    if leaf == "storage_scale":
+        return "storage"
     if (leaf in _QUANT_NAMES or leaf.endswith("_amax_history")
             or any(n in QUANT_MODULES or "overwrite_with_gradient" in n for n in names[:-1])):
         return "quant"
@@ -117,9 +128,10 @@ def overwrite_mask(params: Any) -> Any:
 
 
 def optimizer_labels(params: Any) -> Any:
-    """``optax.multi_transform`` labels: :data:`OVERWRITTEN` for overwritten leaves,
-    :data:`TRAINED` for the rest."""
+    """``optax.multi_transform`` labels: :data:`OVERWRITTEN` (``set_to_zero``, no moments) for
+    overwritten and ``storage`` leaves, :data:`TRAINED` for the rest."""
     import jax
 
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: OVERWRITTEN if overwritten(path) else TRAINED, params)
+        lambda path, _: OVERWRITTEN if (overwritten(path) or param_role(path) == "storage")
+        else TRAINED, params)

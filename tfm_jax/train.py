@@ -41,6 +41,10 @@ class NonFiniteError(FloatingPointError):
     """Loss or gradients became NaN/inf and ``train.on_nonfinite`` is ``stop``."""
 
 
+class _Reload(Exception):
+    """Internal: a non-finite step under ``train.on_nonfinite=reload`` (message: what failed)."""
+
+
 class Interrupted(RuntimeError):
     """SIGINT/SIGTERM received; a checkpoint was saved. ``signum`` says which."""
 
@@ -79,11 +83,22 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     ``set_to_zero`` over the quantization state, which therefore has no Adam moments (its
     optimizer state is ``MaskedNode``) and is never decayed; the train step then writes the new
     state values itself (:func:`make_train_step`). Without such state the optimizer is the plain
-    AdamW (checkpoints of fp32 runs keep their optimizer-state layout)."""
+    AdamW (checkpoints of fp32 runs keep their optimizer-state layout). FP8 weight storage
+    (``quant.fp8_weight_storage``) puts its ``storage_scale`` leaves in the ``set_to_zero``
+    partition too; the moments of an FP8-stored kernel are float arrays of its shape (the
+    optimizer sees the dequantized view, :func:`tfm_jax.quant.storage.dequantized_view`).
+    ``train.opt_moments`` bf16 / int8 store the moments in low precision
+    (:mod:`tfm_jax.quant.optim`)."""
     t = cfg.train
-    adamw = optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
-                        weight_decay=t.weight_decay, mask=param_roles.decay_mask)
-    if not cfg.quant.has_param_state:
+    if t.opt_moments == "fp32":
+        adamw = optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
+                            weight_decay=t.weight_decay, mask=param_roles.decay_mask)
+    else:   # bf16 / blockwise 8-bit moments (tfm_jax.quant.optim)
+        from tfm_jax.quant import optim
+        adamw = optim.adamw_lowp(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
+                                 weight_decay=t.weight_decay, mask=param_roles.decay_mask,
+                                 moments=t.opt_moments, block=t.opt_block)
+    if not cfg.quant.frozen_leaves:
         return adamw
     return optax.multi_transform({param_roles.TRAINED: adamw,
                                   param_roles.OVERWRITTEN: optax.set_to_zero()},
@@ -194,12 +209,18 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
+    stored = cfg.quant.fp8_weight_storage
+    if stored:
+        from tfm_jax.quant import storage
+        spec = storage.spec_from_config(cfg.quant)
+
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         over = param_roles.overwrite_mask(state.params)     # Python bools: static routing
         n_tokens = jnp.maximum(batch["mask"].sum(), 1.0)
+        # FP8-stored kernels: gradients, clip and AdamW act on their dequantized float32 view
+        params = storage.dequantized_view(state.params) if stored else state.params
         if n_micro == 1:
-            (loss_sum, (model_state, sown)), grads = grad_fn(state.params, state.model_state,
-                                                              batch)
+            (loss_sum, (model_state, sown)), grads = grad_fn(params, state.model_state, batch)
         else:
             # (B, ...) -> (A, B/A, ...), micro-batch a = rows a, a+A, ... so each device keeps
             # its own rows in every micro-batch (no resharding of the batch dimension).
@@ -209,11 +230,11 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
 
             def body(carry, mb):
                 loss_acc, grad_acc, mstate = carry
-                (loss_sum, (mstate, sown)), g = grad_fn(state.params, mstate, mb)
+                (loss_sum, (mstate, sown)), g = grad_fn(params, mstate, mb)
                 return (loss_acc + loss_sum, jax.tree.map(_accumulate, grad_acc, g, over),
                         mstate), sown
 
-            init = jax.tree.map(_acc_init, state.params, over)
+            init = jax.tree.map(_acc_init, params, over)
             (loss_sum, grads, model_state), sown = jax.lax.scan(
                 body, (jnp.zeros((), jnp.float32), init, state.model_state), micro)
             sown = telemetry.reduce_micro(sown)
@@ -229,12 +250,16 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
                                  grads, over)
 
         def apply(_):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            updates, opt_state = tx.update(grads, state.opt_state, params)
+            new_params = optax.apply_updates(params, updates)
             # the new quantization state, as computed (not p + (new - p), which rounds)
-            params = jax.tree.map(lambda p, g, o: g.astype(p.dtype) if o else p,
-                                  params, grads, over)
-            return TrainState(state.step + 1, params, model_state, opt_state)
+            new_params = jax.tree.map(lambda p, g, o: g.astype(p.dtype) if o else p,
+                                      new_params, grads, over)
+            if stored:   # EMA scales, re-quantized kernels (stochastic rounding: key of step)
+                key = (jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
+                       if spec.stochastic_rounding else None)
+                new_params = storage.requantize_tree(new_params, state.params, spec, key)
+            return TrainState(state.step + 1, new_params, model_state, opt_state)
 
         def keep(_):
             return TrainState(state.step + 1, state.params, state.model_state, state.opt_state)
@@ -318,6 +343,10 @@ def build(cfg: Config, devices: Optional[list] = None) -> Setup:
         params = variables.pop("params")
         if calibration is not None:      # fp8_static: the scales of the calibration file
             params = fp8.apply_calibration(params, calibration)
+        if cfg.quant.fp8_weight_storage:   # moments of FP8 kernels: float, as the view
+            from tfm_jax.quant import storage
+            return TrainState(jnp.zeros((), jnp.int32), params, variables,
+                              tx.init(storage.dequantized_view(params)))
         return TrainState(jnp.zeros((), jnp.int32), params, variables, tx.init(params))
 
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
@@ -325,11 +354,14 @@ def build(cfg: Config, devices: Optional[list] = None) -> Setup:
     mesh_lib.check_rules_cover(var_specs, rules)
     param_specs = var_specs.pop("params")
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
-    # (multi_transform: the overwritten leaves' moments are MaskedNode, kept as they are)
-    opt_specs = optax.tree_map_params(
-        tx, lambda x, spec: x if isinstance(x, optax.MaskedNode) else spec, abstract.opt_state,
-        param_specs, transform_non_params=lambda _: P(),
-        is_leaf=lambda x: isinstance(x, (P, optax.MaskedNode)))
+    if cfg.train.opt_moments == "fp32":
+        # (multi_transform: the overwritten leaves' moments are MaskedNode, kept as they are)
+        opt_specs = optax.tree_map_params(
+            tx, lambda x, spec: x if isinstance(x, optax.MaskedNode) else spec,
+            abstract.opt_state, param_specs, transform_non_params=lambda _: P(),
+            is_leaf=lambda x: isinstance(x, (P, optax.MaskedNode)))
+    else:
+        opt_specs = lowp_opt_specs(abstract.opt_state, param_specs)
     specs = TrainState(P(), param_specs, var_specs, opt_specs)
     state_shardings = mesh_lib.logical_to_sharding(specs, mesh, rules)
     mesh_lib.check_divisible(abstract, state_shardings)
@@ -343,6 +375,30 @@ def build(cfg: Config, devices: Optional[list] = None) -> Setup:
     jit_init = jax.jit(init_fn, out_shardings=state_shardings)
     return Setup(cfg, mesh, rules, model, tx, state_shardings, batch_sharding, train_step,
                  eval_step, jit_init, ops)
+
+
+def lowp_opt_specs(opt_state: Any, param_specs: Any) -> Any:
+    """Partition specs of a :mod:`tfm_jax.quant.optim` state from the params' specs, by path: a
+    moment leaf (under ``mu``/``nu``, then the parameter's dict path) takes its parameter's
+    spec; an 8-bit moment's block ``scale`` (same rank, last axis in blocks) the same with the
+    last axis replicated; everything else (counts) is replicated."""
+    flat_specs = {tuple(getattr(k, "key", None) for k in path): sp for path, sp in
+                  jax.tree_util.tree_flatten_with_path(
+                      param_specs, is_leaf=lambda x: isinstance(x, P))[0]}
+
+    def spec(path, leaf):
+        names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+        cut = max((i for i, n in enumerate(names) if n in ("mu", "nu")), default=None)
+        if cut is None:
+            return P()
+        dict_keys = tuple(k.key for k in path[cut + 1:] if isinstance(k, jax.tree_util.DictKey))
+        sp = flat_specs.get(dict_keys)
+        if sp is None:
+            return P()
+        if isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "scale":
+            return P(*tuple(sp)[:-1], None) if len(tuple(sp)) == leaf.ndim else P()
+        return sp
+    return jax.tree_util.tree_map_with_path(spec, opt_state)
 
 
 def fp8_dot_line(setup: Setup, state: TrainState) -> str:
@@ -570,6 +626,8 @@ def _train(cfg: Config, ckpt: Checkpointer, resume: bool, devices: Optional[list
     if corpus.skipped_files:
         logger.info(f"corpus {corpus.source}: {corpus.skipped_summary()}")
     logger.info(f"kernels: {setup.ops.describe()}")
+    from tfm_jax import memory
+    logger.info(memory.summary_line(memory.state_bytes(state)))
     if cfg.quant.fp8:
         logger.info(fp8_dot_line(setup, state))
     logger.info(f"MFU peak: {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
@@ -601,6 +659,8 @@ def _train(cfg: Config, ckpt: Checkpointer, resume: bool, devices: Optional[list
             param_flags = jax.device_get(_jit_nonfinite_flags(state.params))
             msg = f"non-finite loss/gradients at step {step_done}: " + describe_nonfinite(
                 m, param_flags, param_paths)
+            if t.on_nonfinite == "reload":
+                raise _Reload(msg)
             if t.on_nonfinite == "stop":
                 raise NonFiniteError(msg + ". Lower train.lr, enable train.grad_clip, or set "
                                      "train.on_nonfinite=skip. Last good checkpoint: "
@@ -631,42 +691,80 @@ def _train(cfg: Config, ckpt: Checkpointer, resume: bool, devices: Optional[list
             window.update(t0=time.perf_counter(), tokens=0.0, losses=[], skipped=0,
                           grad_norm=None)
 
+    reloads = 0
+
+    def reload(msg: str) -> None:
+        """on_nonfinite=reload: the last checkpoint (or a fresh init if none), quant.margin + 1,
+        config.yaml rewritten (a later --resume keeps the margin), metrics.jsonl cut back to
+        the reloaded step, one warning and a ``reload`` row."""
+        nonlocal cfg, setup, state, step, logger, reloads, pending
+        if reloads >= t.max_reloads:
+            raise NonFiniteError(f"{msg}. train.on_nonfinite=reload: {reloads} reload(s) done, "
+                                 f"train.max_reloads={t.max_reloads} reached; lower train.lr or "
+                                 "raise quant.margin")
+        reloads += 1
+        ckpt.wait()
+        margin = cfg.quant.margin + 1
+        cfg = cfg.model_copy(update={"quant": cfg.quant.model_copy(update={"margin": margin})})
+        setup = build(cfg, devices)
+        latest = ckpt.latest_step()
+        state = setup.init_state() if latest is None else ckpt.restore(setup.abstract_state())
+        step, pending = int(state.step), None
+        data_lib.atomic_write(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
+        where = (f"checkpoint {latest}" if latest is not None
+                 else "the initial state (no checkpoint yet)")
+        logger.warn(f"{msg}; reloaded {where} with quant.margin={margin} (reload {reloads} of "
+                    f"at most {t.max_reloads}, train.on_nonfinite=reload)")
+        logger.close()
+        logger = MetricsLogger(run_dir, resume_step=step, tensorboard=cfg.run.tensorboard,
+                               progress=cfg.run.progress, total_steps=t.steps, initial_step=step)
+        logger.log(step, {"reload": reloads, "margin": margin}, kind="reload")
+        window.update(t0=time.perf_counter(), tokens=0.0, losses=[], skipped=0, grad_norm=None)
+
     with _SignalFlag() as sig, setup.context():
         step = start_step
         try:
-            while step < t.steps:
-                batch = data_lib.train_batch(
-                    corpus.train, corpus.train_doc_starts, step=step, seed=t.seed,
-                    batch_size=t.batch_size, seq_len=cfg.data.seq_len,
-                    packing=cfg.data.packing, rows=rows)
-                state, metrics = setup.train_step(state, setup.shard_batch(batch))
-                step += 1
-                if pending is not None:
-                    handle(*pending)
-                pending = (step, metrics)
-                if step_hook is not None:
-                    step_hook(step)
-                stop = sig.signum    # read once: a signal may land at any point below
-                if (step % t.eval_every == 0 or step % t.checkpoint_every == 0
-                        or step == t.steps or stop is not None):
-                    handle(*pending)   # never evaluate or save a state not checked finite
-                    pending = None
-                t_pause = time.perf_counter()
-                if step % t.eval_every == 0 or step == t.steps:
-                    eval_row = evaluate(setup, state, corpus.val)
-                    logger.log(step, eval_row, kind="eval")
-                if step % t.checkpoint_every == 0 or step == t.steps:
-                    ckpt.save(step, state)
-                window["t0"] += time.perf_counter() - t_pause   # eval/save: not training time
-                if stop is not None:
-                    if ckpt.latest_step() != step:
-                        ckpt.save(step, state)
-                    ckpt.wait()
-                    name = signal.Signals(stop).name
-                    raise Interrupted(f"{name} at step {step}: checkpoint saved to "
-                                      f"{ckpt.directory}; continue with --resume", stop)
-            if pending is not None:
-                handle(*pending)
+            while True:   # one pass; again after each on_nonfinite=reload
+                try:
+                    while step < t.steps:
+                        batch = data_lib.train_batch(
+                            corpus.train, corpus.train_doc_starts, step=step, seed=t.seed,
+                            batch_size=t.batch_size, seq_len=cfg.data.seq_len,
+                            packing=cfg.data.packing, rows=rows)
+                        state, metrics = setup.train_step(state, setup.shard_batch(batch))
+                        step += 1
+                        if pending is not None:
+                            handle(*pending)
+                        pending = (step, metrics)
+                        if step_hook is not None:
+                            step_hook(step)
+                        stop = sig.signum    # read once: a signal may land at any point below
+                        if (step % t.eval_every == 0 or step % t.checkpoint_every == 0
+                                or step == t.steps or stop is not None):
+                            # never evaluate or save a state not checked finite
+                            handle(*pending)
+                            pending = None
+                        t_pause = time.perf_counter()
+                        if step % t.eval_every == 0 or step == t.steps:
+                            eval_row = evaluate(setup, state, corpus.val)
+                            logger.log(step, eval_row, kind="eval")
+                        if step % t.checkpoint_every == 0 or step == t.steps:
+                            ckpt.save(step, state)
+                        # eval/save: not training time
+                        window["t0"] += time.perf_counter() - t_pause
+                        if stop is not None:
+                            if ckpt.latest_step() != step:
+                                ckpt.save(step, state)
+                            ckpt.wait()
+                            name = signal.Signals(stop).name
+                            raise Interrupted(f"{name} at step {step}: checkpoint saved to "
+                                              f"{ckpt.directory}; continue with --resume", stop)
+                    if pending is not None:
+                        handle(*pending)
+                        pending = None
+                    break
+                except _Reload as err:
+                    reload(str(err))
             if not eval_row:          # resumed at the last step: report its evaluation
                 eval_row = evaluate(setup, state, corpus.val)
         finally:

@@ -288,3 +288,83 @@ def measure_decode(ctx: RunContext) -> dict[str, Any]:
                 rows.append({"context": c, "batch": b, "decode_tokens_per_s": r["tokens_per_s"],
                              "decode_step_ms": r["step_ms"]})
     return {"decode": Series(("context", "batch"), rows)}
+
+
+@register("memory")
+def measure_memory(ctx: RunContext) -> dict[str, Any]:
+    """Persistent train-state bytes from the (abstract) state pytree and the compiled train
+    step's peak per device (:mod:`tfm_jax.memory`): ``state_bytes`` (total), ``param_bytes``,
+    ``weight_bytes_fp8`` / ``weight_bytes_float`` (params by storage), ``fp8_state_bytes``,
+    ``opt_moment_bytes`` (moments + their block scales), ``peak_bytes`` (the step's
+    ``arguments + outputs - aliased + temporaries``; skipped with option ``peak: false``)."""
+    from tfm_jax import memory
+
+    ctx.check_options({"peak"})
+    setup = ctx.restore()[0] if ctx.train_result is not None else None
+    if setup is None:
+        from tfm_jax import backends
+        from tfm_jax.train import build
+
+        backends.configure(ctx.cfg.backend)
+        setup = build(ctx.cfg, ctx.devices)
+    abstract = setup.abstract_state()
+    b = memory.state_bytes(abstract)
+    by = b["params_by_dtype"]
+    out: dict[str, Any] = {
+        "state_bytes": b["total"], "param_bytes": b["params"],
+        "weight_bytes_fp8": sum(v for k, v in by.items() if k.startswith("float8")),
+        "weight_bytes_float": sum(v for k, v in by.items() if not k.startswith("float8")),
+        "fp8_state_bytes": b["fp8_state"],
+        "opt_moment_bytes": b["opt_moments"] + b["opt_moment_scales"]}
+    if ctx.option("peak", True):
+        out["peak_bytes"] = memory.peak_memory(setup, abstract)["peak_estimate"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+@register("divergence")
+def measure_divergence(ctx: RunContext) -> dict[str, Any]:
+    """Whether the run diverged: ``nonfinite_steps`` (steps whose loss or gradients were
+    NaN/inf -- skipped, ``train.on_nonfinite=skip``), ``reloads`` (``on_nonfinite=reload``),
+    ``diverged`` = 1 if any of those or a non-finite final validation loss, else 0 (summed over
+    seeds this is the divergence count: the mean times the number of seeds)."""
+    import math
+
+    ctx.check_options(set())
+    rows = ctx.metrics()
+    skipped = max([int(r.get("skipped") or 0) for r in rows if "loss" in r] or [0])
+    reloads = sum(1 for r in rows if "reload" in r)
+    try:
+        val = float(ctx.final_eval()["val_loss"])
+    except ValueError:
+        val = float("nan")
+    diverged = int(skipped > 0 or reloads > 0 or not math.isfinite(val))
+    return {"nonfinite_steps": skipped, "reloads": reloads, "diverged": diverged}
+
+
+@register("step_time")
+def measure_step_time(ctx: RunContext) -> dict[str, Any]:
+    """``step_ms``: median over log windows of the optimizer-step time, tokens per step /
+    ``tokens_per_s`` (compilation, evaluation and checkpoints excluded, as for
+    ``train_tokens_per_s``). Timing: compare runs of one invocation on a quiet machine."""
+    ctx.check_options(set())
+    tokens = ctx.cfg.train.batch_size * ctx.cfg.data.seq_len
+    rows = [float(r["tokens_per_s"]) for r in ctx.metrics() if r.get("tokens_per_s")]
+    if not rows:
+        raise ValueError(f"no tokens_per_s rows in {ctx.run_dir / 'metrics.jsonl'}")
+    return {"step_ms": 1e3 * tokens / statistics.median(rows)}
+
+
+@register("loss_series")
+def measure_loss_series(ctx: RunContext) -> dict[str, Any]:
+    """The train loss curve as a series (by ``step``: ``train_loss``, each the mean over its
+    log window), and the validation evaluations (by ``step``: ``val_loss_curve``), for plots
+    of loss against step per variant. Option ``every`` (default 1): keep every n-th row."""
+    ctx.check_options({"every"})
+    every = max(1, int(ctx.option("every", 1)))
+    rows = [r for r in ctx.metrics() if r.get("loss") is not None][::every]
+    evals = [r for r in ctx.metrics() if r.get("val_loss") is not None]
+    return {"loss_curve": Series(("step",), [{"step": int(r["step"]),
+                                              "train_loss": float(r["loss"])} for r in rows]),
+            "val_curve": Series(("step",), [{"step": int(r["step"]),
+                                             "val_loss_curve": float(r["val_loss"])}
+                                            for r in evals])}

@@ -66,7 +66,8 @@ class Linear(nn.Module):
     The dot (``dot_general_cls`` if given, else ``ops.quant_dot_cls`` when ``quantized``,
     else ``ops.dot_general_cls``, else ``ops.matmul``) always sees 2-D operands: (tokens, in)
     and (in, out). ``quantized=False`` keeps a projection (the LM head) out of a quantization
-    recipe.
+    recipe and out of FP8 weight storage (``ops.weight_storage``, :mod:`tfm_jax.quant.storage`:
+    then ``kernel`` is FP8 bytes with a float32 ``storage_scale`` beside it).
     """
 
     features: Union[int, Sequence[int]]
@@ -79,6 +80,28 @@ class Linear(nn.Module):
     dot_general_cls: Optional[Callable[[], nn.Module]] = None
     quantized: bool = True
 
+    def _stored_kernel(self, init, kernel_shape, n_in: int, spec) -> jax.Array:
+        """FP8 weight storage (:mod:`tfm_jax.quant.storage`): params ``kernel`` in ``spec.fmt``
+        and ``storage_scale`` (float32); returns the float32 kernel. At init both come from one
+        float32 draw (the scale is its dynamic scale); a float kernel given at apply time (the
+        train step's dequantized view) is used as it is."""
+        from tfm_jax.quant import storage
+
+        sshape = storage.scale_shape(kernel_shape, n_in, spec.granularity)
+        saxes = (None,) * n_in + tuple(self.kernel_axes[n_in:]) if sshape else ()
+        # one key for both inits (Flax re-traces them abstractly at apply to check shapes)
+        key = self.make_rng("params") if self.is_initializing() else jax.random.key(0)
+        draw = lambda: init(key, kernel_shape, jnp.float32)  # noqa: E731
+        rne = spec._replace(stochastic_rounding=False)
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            lambda *_: storage.quantize_weight(draw(), storage.initial_scale(draw(), spec, n_in),
+                                               rne), tuple(self.kernel_axes)))
+        scale = self.param(storage.STORAGE_SCALE, nn.with_logical_partitioning(
+            lambda *_: storage.initial_scale(draw(), spec, n_in), saxes))
+        if jnp.issubdtype(kernel.dtype, jnp.floating) and jnp.dtype(kernel.dtype).itemsize == 1:
+            return storage.dequantize_weight(kernel, scale)
+        return kernel
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = _canon(self.features)
@@ -88,8 +111,13 @@ class Linear(nn.Module):
             raise ValueError(f"{self.name}: kernel_axes {self.kernel_axes} do not match kernel "
                              f"shape {kernel_shape}")
         init = nn.initializers.normal(self.init_std)
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.kernel_axes)),
-                            kernel_shape, self.param_dtype)
+        ops = resolve_ops(self.ops)
+        spec = ops.weight_storage if self.quantized else None
+        if spec is not None:
+            kernel = self._stored_kernel(init, kernel_shape, len(in_shape), spec)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(
+                init, tuple(self.kernel_axes)), kernel_shape, self.param_dtype)
         # Always one 2-D GEMM (tokens, in) @ (in, out): contracting several axes, or keeping
         # (B, T) as two free axes, makes XLA:CPU emit transposes and slower batched dots
         # (benchmarks/README.md). The reshapes only merge adjacent row-major axes: free.
@@ -97,7 +125,6 @@ class Linear(nn.Module):
         k_in, k_out = math.prod(in_shape), math.prod(features)
         x2 = x.astype(self.dtype).reshape(math.prod(lead), k_in)
         kernel = jnp.asarray(kernel, self.dtype).reshape(k_in, k_out)
-        ops = resolve_ops(self.ops)
         dot_cls = (self.dot_general_cls or (ops.quant_dot_cls if self.quantized else None)
                    or ops.dot_general_cls)
         dot_general = dot_cls() if dot_cls else ops.matmul

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,7 @@ class Ops:
     cached_attention: Callable
     dot_general_cls: Optional[Callable] = None
     quant_dot_cls: Optional[Callable] = None
+    weight_storage: Optional[Any] = None   # tfm_jax.quant.storage.StorageSpec: FP8 kernels
     detail: str = ""
     attention_name: str = ""     # set when ``causal_attention`` is not the set's own core
 
@@ -81,6 +82,11 @@ class Ops:
     def with_quant_dot(self, quant_dot_cls: Optional[Callable]) -> "Ops":
         """The same ops with the quantizable projections' dot replaced by ``quant_dot_cls``."""
         return dataclasses.replace(self, quant_dot_cls=quant_dot_cls)
+
+    def with_weight_storage(self, spec: Optional[Any]) -> "Ops":
+        """The same ops with the quantizable projections' kernels stored in FP8 (``spec``: a
+        :class:`tfm_jax.quant.storage.StorageSpec`; None: the param dtype)."""
+        return dataclasses.replace(self, weight_storage=spec)
 
     def with_attention(self, fn: Callable, name: str) -> "Ops":
         """The same ops with the causal core replaced by ``fn`` (same contract as
@@ -99,6 +105,10 @@ class Ops:
         if self.quant_dot_cls is not None:
             name = getattr(self.quant_dot_cls, "__name__", repr(self.quant_dot_cls))
             text += f"; attention/FFN projections: {name} (LM head: this set's GEMM)"
+        if self.weight_storage is not None:
+            w = self.weight_storage
+            text += (f"; attention/FFN kernels stored in {w.fmt} ({w.granularity} EMA scale, "
+                     f"{'stochastic' if w.stochastic_rounding else 'nearest-even'} rounding)")
         if self.attention_name:
             text += f"; attention: {self.attention_name}"
         return text

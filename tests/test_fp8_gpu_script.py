@@ -1,0 +1,35 @@
+"""benchmarks/device_check.sh (+ benchmarks/fp8_gpu.py) on CPU: detects "no GPU", runs the tiny
+smoke of every part (GEMMs, HLO dot mode, the three train-step variants), writes JSON + text, and
+exits 0 -- so the script is ready for a device machine."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_device_check_cpu_smoke(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh")], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "no GPU (cpu" in p.stdout
+    res = json.loads((tmp_path / "fp8_gpu.json").read_text())
+    assert res["mode"] == "cpu-smoke" and res["platform"] == "cpu"
+    g = res["gemm"][0]
+    assert g["bf16"]["tflops"] > 0 and g["bf16"]["dot_mode"] == "none"
+    # on CPU an FP8 dot is never native: emulated (or an error the script records)
+    for k in ("fp8_direct", "fp8_qdq"):
+        assert g[k].get("dot_mode", "emulated") == "emulated", g[k]
+    for v in ("bf16", "fp8_delayed", "fp8_delayed_ws"):
+        assert "step_s" in res["step"][v], res["step"][v]
+    assert res["step"]["fp8_delayed"]["dot_mode"] == "emulated"
+    assert (tmp_path / "fp8_gpu.txt").read_text().startswith("no GPU")
+    assert (tmp_path / "env.txt").is_file()
