@@ -245,7 +245,7 @@ def test_state_is_overwritten_not_optimized(tmp_path, corpus, devices):
 def test_grad_accum_4_gives_the_whole_batch_scales(tmp_path, corpus, devices, scan):
     """Two steps with train.grad_accum=4 end with the same fp8 state (bit for bit) as with
     the whole batch at once -- the max over micro-batches, not the sum."""
-    extra = ["mesh.data=1", f"model.scan_layers={str(scan).lower()}"]
+    extra = ["mesh.data=1", f"model.scan_layers={str(scan).lower()}", "quant.telemetry=true"]
     one = build(cfg_of(tmp_path, *extra), devices=devices[:1])
     four = build(cfg_of(tmp_path, *extra, "train.grad_accum=4"), devices=devices[:1])
     sa, sb = one.init_state(), four.init_state()
@@ -320,7 +320,8 @@ def test_orbax_resume_equals_uninterrupted_with_state(tmp_path, corpus, devices)
 def test_fp8_delayed_training_loss_falls_and_logs_telemetry(tmp_path, corpus, devices,
                                                             capsys):
     cfg = cfg_of(tmp_path, "mesh.data=1", "train.steps=40", "train.log_every=5",
-                 "train.eval_every=40", "train.checkpoint_every=40", "train.lr=3e-3")
+                 "train.eval_every=40", "train.checkpoint_every=40", "train.lr=3e-3",
+                 "quant.telemetry=true")
     res = train(cfg, corpus=corpus, devices=devices[:1])
     rows = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, (rows[0]["loss"], rows[-1]["loss"])

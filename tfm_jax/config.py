@@ -355,8 +355,10 @@ class QuantConfig(_Section):
         "per_tensor", description="kernel scales: one per tensor, or one per output channel")
     calibration: Optional[str] = Field(
         None, description="fp8_static: calibration file of scales (tfm_jax.quant.fp8)")
-    telemetry: bool = Field(True, description="fp8 recipes: per-projection amax, scale, "
-                            "saturated / flushed-to-zero fractions, staleness in metrics.jsonl")
+    telemetry: bool = Field(False, description="fp8 recipes: per-projection amax, scale, "
+                            "saturated / flushed-to-zero fractions, staleness in metrics.jsonl "
+                            "(a study tool: extra passes over every projection's operands, "
+                            "+15-20 % of the emulated step on CPU; off by default)")
     fp8_weight_storage: bool = Field(
         False, description="keep the attention/FFN kernels as FP8 bytes + a float32 scale "
         "(EMA-updated, tfm_jax.quant.storage); optimizer updates apply to the dequantized "
