@@ -90,6 +90,21 @@ class Checkpointer:
             self._manager = None
 
 
+def restore_latest(ckpt_dir: pathlib.Path, abstract_state: Any, *, what: str,
+                   fix: str = "train the source run first") -> Any:
+    """The latest checkpoint under ``ckpt_dir`` restored into ``abstract_state``'s structure and
+    shardings; FileNotFoundError (``what``: the command, ``fix``: what to do) when there is none.
+    The one restore of a finished run by the tools that read one (convert, quantize,
+    calibrate)."""
+    ckpt = Checkpointer(ckpt_dir)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"{what}: no checkpoint under {ckpt_dir}; {fix}")
+        return ckpt.restore(abstract_state)
+    finally:
+        ckpt.close()
+
+
 def _shapes(tree: Any) -> dict[str, tuple]:
     """``{"params/embed/embedding": shape}`` for every array-like leaf (dataclass fields and dict
     keys alike, so a saved TrainState and its abstract twin give the same names)."""

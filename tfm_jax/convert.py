@@ -144,7 +144,7 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
     import jax.numpy as jnp
 
     from tfm_jax import backends, data as data_lib
-    from tfm_jax.checkpoint import Checkpointer
+    from tfm_jax.checkpoint import Checkpointer, restore_latest
     from tfm_jax.train import TrainState, build, evaluate as eval_fn
 
     run_dir = pathlib.Path(run_dir)
@@ -167,14 +167,8 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
     backends.configure(src_cfg.backend)
 
     src_setup = build(src_cfg, devices)
-    src_ckpt = Checkpointer(run_dir / "checkpoints")
-    try:
-        if src_ckpt.latest_step() is None:
-            raise FileNotFoundError(f"convert: no checkpoint under {run_dir / 'checkpoints'}; "
-                                    "train the source run first")
-        src_state = src_ckpt.restore(src_setup.abstract_state())
-    finally:
-        src_ckpt.close()
+    src_state = restore_latest(run_dir / "checkpoints", src_setup.abstract_state(),
+                               what="convert")
     source_step = int(src_state.step)
     params = convert_params(jax.device_get(src_state.params), n_kv_heads)
     model_state = jax.device_get(src_state.model_state)

@@ -98,20 +98,15 @@ def restore_quantized(cfg: Config, devices: Optional[list] = None):
     import jax
     import jax.numpy as jnp
 
-    from tfm_jax.checkpoint import Checkpointer
+    from tfm_jax.checkpoint import restore_latest
     from tfm_jax.train import TrainState, make_eval_step
 
     setup = _setup_and_sources(cfg, devices)
     recipe = cfg.quant.recipe
     info = linear_info(setup.model, cfg.data.seq_len)
-    ckpt = Checkpointer(cfg.run_dir / "checkpoints")
-    try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint under {cfg.run_dir / 'checkpoints'}; is it "
-                                    "a run written by 'tfm-jax quantize'?")
-        tree = ckpt.restore(_abstract_quantized(setup, recipe, info))
-    finally:
-        ckpt.close()
+    tree = restore_latest(cfg.run_dir / "checkpoints", _abstract_quantized(setup, recipe, info),
+                          what="quantized run",
+                          fix="is it a run written by 'tfm-jax quantize'?")
     sh = setup.state_shardings
     dtype = jnp.dtype(cfg.model.dtype)
     with setup.context():
@@ -153,7 +148,7 @@ def quantize_run(run_dir: pathlib.Path | str, recipe: str,
     import jax
 
     from tfm_jax import data as data_lib
-    from tfm_jax.checkpoint import Checkpointer
+    from tfm_jax.checkpoint import Checkpointer, restore_latest
     from tfm_jax.convert import load_run_config
     from tfm_jax.train import evaluate as eval_fn
 
@@ -179,14 +174,8 @@ def quantize_run(run_dir: pathlib.Path | str, recipe: str,
                                  "run.name": out_dir.name})
 
     setup = _setup_and_sources(src_cfg, devices)
-    src_ckpt = Checkpointer(run_dir / "checkpoints")
-    try:
-        if src_ckpt.latest_step() is None:
-            raise FileNotFoundError(f"quantize: no checkpoint under {run_dir / 'checkpoints'}; "
-                                    "train the source run first")
-        src_state = src_ckpt.restore(setup.abstract_state())
-    finally:
-        src_ckpt.close()
+    src_state = restore_latest(run_dir / "checkpoints", setup.abstract_state(),
+                               what="quantize")
     source_step = int(src_state.step)
     info = linear_info(setup.model, src_cfg.data.seq_len)
     params = jax.device_get(src_state.params)

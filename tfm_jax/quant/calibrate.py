@@ -281,19 +281,13 @@ def _load_run(run_dir: pathlib.Path, overrides: Optional[list[str]] = None) -> C
 def restore_checkpoint(cfg: Config, devices: Optional[list] = None):
     """(setup, state) of ``cfg``'s run directory, restored with its own recipe."""
     from tfm_jax import backends
-    from tfm_jax.checkpoint import Checkpointer
+    from tfm_jax.checkpoint import restore_latest
     from tfm_jax.train import build
 
     backends.configure(cfg.backend)
     setup = build(cfg, devices)
-    ckpt = Checkpointer(cfg.run_dir / "checkpoints")
-    try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint under {cfg.run_dir / 'checkpoints'}; train "
-                                    "the run first ('tfm-jax train')")
-        state = ckpt.restore(setup.abstract_state())
-    finally:
-        ckpt.close()
+    state = restore_latest(cfg.run_dir / "checkpoints", setup.abstract_state(),
+                           what="calibrate", fix="train the run first ('tfm-jax train')")
     return setup, state
 
 
