@@ -74,7 +74,12 @@ def test_help_console_script(env, tmp_path):
     if exe is None:
         pytest.skip("tfm-jax console script not on PATH (package not installed)")
     out = _check(run(env, tmp_path, "--help", exe=exe), 0).stdout
-    assert re.search(r"\{train,eval,generate,config,kv-cache,convert,quantize,calibrate,ablate\}", out), out
+    m = re.search(r"\{([a-z,-]+)\}", out)
+    assert m, out
+    listed = set(m.group(1).split(","))
+    expected = {"train", "eval", "generate", "config", "kv-cache", "convert", "quantize",
+                "calibrate", "ablate", "inspect"}
+    assert listed == expected, (sorted(listed ^ expected), out)
 
 
 def test_config_show(env, tmp_path):
