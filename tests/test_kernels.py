@@ -677,3 +677,12 @@ def test_gemm_kernels_benchmark_smoke(tmp_path):
         assert tot[kind] == pytest.approx(
             sum(c["best_us"][kind] * c["count"] for c in res["calls"]) / 1e3)
     assert "one step, attn, ms" in proc.stdout
+
+
+def test_auto_order_by_cpu_vendor():
+    # MKL first only on Intel, where it measured fastest; last elsewhere (slowest on AMD Zen 4)
+    assert cpu.auto_order("GenuineIntel") == ("mkl", "builtin", "openblas")
+    assert cpu.auto_order("AuthenticAMD") == ("builtin", "openblas", "mkl")
+    assert cpu.auto_order("") == ("builtin", "openblas", "mkl")
+    assert cpu.AUTO_ORDER == cpu.auto_order(cpu.cpu_vendor())
+    assert sorted(cpu.AUTO_ORDER) == sorted(b for b in cpu.BLAS_CHOICES if b != "auto")

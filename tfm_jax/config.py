@@ -481,7 +481,7 @@ class BackendConfig(_Section):
         "builtin = the kernel library's own AVX-512/AVX2 sgemm (nothing to install; x86-64 with "
         "AVX2+FMA or AVX-512F), openblas = the scipy-openblas32 wheel (default dependency), mkl "
         "= libmkl_rt from the optional 'mkl' extra (pip install 'tfm-jax[mkl]'), auto = the first "
-        "available of tfm_jax.kernels.cpu.AUTO_ORDER; one that is asked for by name but not "
+        "available of tfm_jax.kernels.cpu.AUTO_ORDER (MKL first on Intel CPUs, last elsewhere); one that is asked for by name but not "
         "available is reported by tfm_jax.kernels.cpu.available(cpu_blas)")
     # Under backend, not model: every choice computes the same function of the same parameters
     # (checkpoints are interchangeable, only rounding and speed differ), and whether one is

@@ -44,9 +44,15 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "events"),
                                      purge_step=resume_step or None)
-        if progress:
-            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
-                             dynamic_ncols=True, desc="train")
+        # The bar opens at start_progress() (or the first row), after the run's header lines:
+        # a line written through an open bar re-draws it, once per line in a log file.
+        self._bar_args = (dict(total=total_steps, initial=initial_step, unit="step",
+                               dynamic_ncols=True, desc="train") if progress else None)
+
+    def start_progress(self) -> None:
+        """Open the progress bar (a no-op without one, or once open)."""
+        if self.enabled and self._bar is None and self._bar_args is not None:
+            self._bar = tqdm(**self._bar_args)
 
     def log(self, step: int, row: dict[str, Any], kind: str = "train",
             nullable: tuple[str, ...] = ()) -> None:
@@ -62,6 +68,7 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(f"{kind}/{k}", v, step)
+        self.start_progress()
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             if kind == "train":

@@ -631,6 +631,7 @@ def _train(cfg: Config, ckpt: Checkpointer, resume: bool, devices: Optional[list
     if cfg.quant.fp8:
         logger.info(fp8_dot_line(setup, state))
     logger.info(f"MFU peak: {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
+    logger.start_progress()
 
     rows = data_lib.process_rows(cfg.train.batch_size)
     t = cfg.train

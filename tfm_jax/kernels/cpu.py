@@ -29,8 +29,9 @@ a call and hands its ``cblas_sgemm`` to the library (``tfm_set_sgemm(fn, ilp64)`
 * ``mkl`` -- ``libmkl_rt.so.<any version>`` from the optional ``mkl`` wheel
   (``pip install 'tfm-jax[mkl]'``, ~0.9 GB), a conda env or the user site, run with the
   sequential threading layer.
-* ``auto`` -- the first of :data:`AUTO_ORDER` that is available and opens
-  (``benchmarks/README.md`` has the measurements behind the order).
+* ``auto`` -- the first of :data:`AUTO_ORDER` that is available and opens; the order depends
+  on the CPU vendor (:func:`auto_order`: MKL first on Intel, last elsewhere;
+  ``benchmarks/README.md`` has the measurements behind it).
 
 When any of that is missing :func:`available` says why and the model keeps the XLA path
 (``backend.cpu_kernels: auto``); ``backend.cpu_kernels: native`` turns the reason into an error.
@@ -75,11 +76,33 @@ SGEMM_SOURCE = Path(__file__).with_name("builtin_sgemm.cc")
 TARGETS = ("tfm_gemm", "tfm_attn_fwd", "tfm_attn_bwd", "tfm_swiglu_fwd", "tfm_swiglu_bwd",
            "tfm_rms_fwd", "tfm_rms_bwd", "tfm_decode_attn")
 BLAS_CHOICES = ("auto", "builtin", "openblas", "mkl")
-# What ``auto`` tries, in order: MKL when it is installed (the [mkl] extra; still the fastest
-# train step on the development CPU, ~3 % ahead of the builtin in one process), else the
-# library's own sgemm (~12 % faster steps than scipy-openblas32 there, nothing to install), else
-# scipy-openblas32 (a CPU without AVX2; benchmarks/README.md, "Which BLAS", has the figures).
-AUTO_ORDER = ("mkl", "builtin", "openblas")
+# What ``auto`` tries, in order, by CPU vendor (benchmarks/README.md, "Which BLAS", has the
+# figures; `python -m benchmarks.blas_processes` measures a machine). On Intel (a Sapphire Rapids
+# VM) MKL, when installed (the [mkl] extra), gave the fastest train step, then the library's own
+# sgemm, then scipy-openblas32. On AMD (an EPYC Zen 4 VM) MKL was the slowest of the three
+# (0.95x the PyTorch peer against the builtin's 1.07x and OpenBLAS's 0.99x), so it comes last.
+_AUTO_ORDERS = {"GenuineIntel": ("mkl", "builtin", "openblas")}
+_AUTO_ORDER_OTHER = ("builtin", "openblas", "mkl")
+
+
+def cpu_vendor() -> str:
+    """The CPU's ``vendor_id`` from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...), or ""."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def auto_order(vendor: Optional[str] = None) -> tuple[str, ...]:
+    """The BLAS order ``cpu_blas=auto`` tries on a CPU of ``vendor`` (default: this one's)."""
+    return _AUTO_ORDERS.get(cpu_vendor() if vendor is None else vendor, _AUTO_ORDER_OTHER)
+
+
+AUTO_ORDER = auto_order()
 INSTALL_HINT = {
     "builtin": "needs an x86-64 CPU with AVX2+FMA or AVX-512F (the library is compiled with "
                "-march=native); choose backend.cpu_blas=openblas or mkl on this one",
