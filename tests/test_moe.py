@@ -180,8 +180,12 @@ def test_moe_config_validation():
         load_config(None, ["moe.n_experts=6", "mesh.expert=4", "mesh.data=2"])
     with pytest.raises(ConfigError, match="moe.top_k=3 exceeds moe.n_experts=2"):
         load_config(None, ["moe.n_experts=2", "moe.top_k=3"])
-    with pytest.raises(ConfigError, match="scan_layers.*moe.every=2"):
-        load_config(None, ["moe.n_experts=4", "moe.every=2", "model.scan_layers=true"])
+    with pytest.raises(ConfigError, match="scan_layers.*moe.every=2.*n_layers=3 must be a "
+                       "multiple"):
+        load_config(None, ["moe.n_experts=4", "moe.every=2", "model.scan_layers=true",
+                           "model.n_layers=3"])
+    load_config(None, ["moe.n_experts=4", "moe.every=2", "model.scan_layers=true",
+                       "model.n_layers=4"])    # groups of 2 layers (tests/test_moe_routing.py)
     cfg = load_config("moe-tiny")
     assert cfg.mesh.expert == 4 and cfg.moe.n_experts == 8 and cfg.moe.dispatch == "all_to_all"
 

@@ -430,8 +430,13 @@ class MoEConfig(_Section):
     capacity_factor: Optional[Float] = Field(
         1.25, gt=0, description="slots per expert and routing group = ceil(cf * N * top_k / E); "
         "null: dropless (N slots)")
-    router: Literal["softmax"] = Field(
-        "softmax", description="softmax top-k (fp32); weights renormalised when top_k > 1")
+    router: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="softmax top-k (fp32; weights renormalised when top_k > 1); "
+        "sigmoid = DeepSeek-V3: top-k of sigmoid scores + a balancing bias (not trained, "
+        "updated from the load), weights = the chosen scores renormalised")
+    bias_update_rate: Float = Field(
+        1e-3, ge=0, description="sigmoid router: after each optimizer step the balancing bias "
+        "moves by this much per expert, b_e += rate * sign(mean load - load_e)")
     aux_loss_coef: Float = Field(0.01, ge=0, description="load-balancing loss (Switch) weight")
     z_loss_coef: Float = Field(1e-3, ge=0, description="router z-loss (ST-MoE) weight")
     shared_expert: bool = Field(False, description="a dense FFN every token also goes through")
@@ -464,10 +469,12 @@ def moe_param_counts(m: ModelConfig, moe: MoEConfig) -> dict[str, int]:
     f = moe.expert_hidden or f_dense
     per = (3 if m.ffn_type == "swiglu" else 2) * d
     router, expert, dense_ffn = d * moe.n_experts, per * f, per * f_dense
+    bias = moe.n_experts if moe.router == "sigmoid" else 0     # balance_bias: not a matmul
     shared = expert if moe.shared_expert else 0
     total = n_moe * (router + moe.n_experts * expert + shared - dense_ffn)
     active = n_moe * (router + moe.top_k * expert + shared - dense_ffn)
-    return {"total": total, "active": active, "matmul": total, "active_matmul": active}
+    return {"total": total + n_moe * bias, "active": active + n_moe * bias, "matmul": total,
+            "active_matmul": active}
 
 
 class BackendConfig(_Section):
@@ -529,10 +536,11 @@ class Config(_Section):
             if moe.every > self.model.n_layers:
                 raise ValueError(f"moe.every={moe.every} exceeds model.n_layers="
                                  f"{self.model.n_layers}: no block would be MoE")
-            if self.model.scan_layers and moe.every != 1:
-                raise ValueError(f"model.scan_layers=true needs identical blocks, but "
-                                 f"moe.every={moe.every} interleaves dense and MoE FFNs; set "
-                                 "moe.every=1 or model.scan_layers=false")
+            if self.model.scan_layers and self.model.n_layers % moe.every:
+                raise ValueError(f"model.scan_layers=true scans groups of moe.every={moe.every} "
+                                 f"layers ({moe.every - 1} dense + 1 MoE), so model.n_layers="
+                                 f"{self.model.n_layers} must be a multiple of it; change "
+                                 "model.n_layers or moe.every, or set model.scan_layers=false")
             if moe.dispatch == "ragged" and self.backend.platform in ("cpu", "auto"):
                 raise ValueError(
                     "moe.dispatch=ragged (dropless jax.lax.ragged_all_to_all) needs a GPU/TPU "

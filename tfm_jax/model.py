@@ -73,7 +73,10 @@ class Block(nn.Module):
                          init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
                          param_dtype=pdtype, block_q=cfg.attn_block_q, ops=self.ops,
                          name="attn")
-        ffn = (self.ffn or ffn_factory(cfg, self.ops))(name="ffn")
+        ffn_mod = (self.ffn or ffn_factory(cfg, self.ops))(name="ffn")
+        # MoE: padding positions are not routed (they take no expert capacity)
+        ffn = (functools.partial(ffn_mod, token_mask=token_mask)
+               if getattr(ffn_mod, "uses_token_mask", False) else ffn_mod)
         n1, n2 = norm("attn_norm"), norm("ffn_norm")
         new_cache = None
 
@@ -92,6 +95,32 @@ class Block(nn.Module):
             h = n1(x + attend(x), token_mask, train=self.train)
             y = n2(h + ffn(h), token_mask, train=self.train)
         return nn.with_logical_constraint(y.astype(dtype), axes.ACT_BTD), new_cache
+
+
+class BlockGroup(nn.Module):
+    """``every`` consecutive blocks, the last with the MoE FFN: the unit ``nn.scan`` repeats
+    when ``scan_layers`` meets ``moe.every > 1`` (blocks ``block_0`` .. ``block_{every-1}``;
+    layer ``i`` of the unscanned model is ``block_{i % every}`` of group ``i // every``). The
+    layer cache, if any, holds the group's ``every`` layers on a leading axis."""
+
+    cfg: ModelConfig
+    train: bool = False
+    ops: Optional[Ops] = None
+    decode: bool = False
+    ffns: tuple = ()              # one FFN factory (or None: dense) per block of the group
+    block_cls: Callable[..., nn.Module] = Block
+
+    @nn.compact
+    def __call__(self, x, positions, attn_mask, token_mask, rope_sincos, layer_cache=None):
+        caches = []
+        for j, ffn in enumerate(self.ffns):
+            c = None if layer_cache is None else jax.tree.map(lambda a: a[j], layer_cache)
+            x, c = self.block_cls(self.cfg, self.train, self.ops, self.decode, ffn,
+                                  name=f"block_{j}")(
+                x, positions, attn_mask, token_mask, rope_sincos, *(() if c is None else (c,)))
+            caches.append(c)
+        new = None if layer_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
+        return x, new
 
 
 class TransformerLM(nn.Module):
@@ -161,13 +190,30 @@ class TransformerLM(nn.Module):
             in_axes = (nn.broadcast,) * 4 + (() if cache is None else (0,))
             variable_axes = {"params": 0, "batch_stats": 0,
                              **{c: 0 for c in telemetry.COLLECTIONS}}   # sown: one per layer
-            stack = nn.scan(block_cls, variable_axes=variable_axes,
+            every = self.moe.every if self.moe is not None and self.moe.n_experts else 1
+            if every == 1:   # every block alike (all MoE or all dense)
+                ffn = ffn_factory(cfg, self.ops, self.moe) if self._moe_layer(0) else None
+                unit, unit_args, cache_in = block_cls, (cfg, train, self.ops, decode, ffn), (
+                    None if cache is None else cache.layers)
+            else:            # scan over groups of `every` layers: (every-1) dense + 1 MoE
+                if cfg.n_layers % every:
+                    raise ValueError(f"scan_layers: model.n_layers={cfg.n_layers} is not a "
+                                     f"multiple of moe.every={every}")
+                ffns = tuple(ffn_factory(cfg, self.ops, self.moe) if self._moe_layer(j)
+                             else None for j in range(every))
+                unit, unit_args = BlockGroup, (cfg, train, self.ops, decode, ffns, block_cls)
+                cache_in = None if cache is None else jax.tree.map(   # (L, ...) -> (L/e, e, ...)
+                    lambda a: a.reshape(cfg.n_layers // every, every, *a.shape[1:]),
+                    cache.layers)
+            stack = nn.scan(unit, variable_axes=variable_axes,
                             split_rngs={"params": True}, in_axes=in_axes,
-                            length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-            # (every block alike: config validation refuses moe.every > 1 with scan_layers)
-            ffn = ffn_factory(cfg, self.ops, self.moe) if self._moe_layer(0) else None
-            x, new_layers = stack(cfg, train, self.ops, decode, ffn, name="layers")(
-                x, *block_args, *(() if cache is None else (cache.layers,)))
+                            length=cfg.n_layers // every,
+                            metadata_params={nn.PARTITION_NAME: axes.LAYERS})
+            x, new_layers = stack(*unit_args, name="layers")(
+                x, *block_args, *(() if cache_in is None else (cache_in,)))
+            if new_layers is not None and every > 1:
+                new_layers = jax.tree.map(lambda a: a.reshape(cfg.n_layers, *a.shape[2:]),
+                                          new_layers)
         else:
             layer_caches = []
             for i in range(cfg.n_layers):

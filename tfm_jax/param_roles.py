@@ -17,6 +17,8 @@ role           names                                               decayed
                containing ``overwrite_with_gradient`` (Flax's fp8 ops)
 ``storage``    ``storage_scale``: the float32 scale of a kernel kept   no
                in FP8 (:mod:`tfm_jax.quant.storage`)
+``balance``    ``balance_bias``: the sigmoid MoE router's balancing    no
+               bias (:mod:`tfm_jax.layers.moe`)
 ``other``      anything else                                       no
 =============  ==================================================  ==========
 
@@ -37,6 +39,12 @@ How the train step treats each role (:func:`tfm_jax.train.make_train_step`):
   dequantized kernel and then sets the scale by its EMA rule and re-quantizes the kernel
   (:func:`tfm_jax.quant.storage.requantize_tree`); in the optimizer they share the
   ``set_to_zero`` partition (no moments).
+* ``balance`` leaves (aux-loss-free MoE balancing) are neither optimized nor overwritten with
+  their cotangent: the cotangent is the layer's per-expert load (:func:`tfm_jax.layers.moe.
+  load_tap`), **summed** over micro-batches like a gradient (not divided by the token count,
+  not in the norm, the clip or the non-finite check); the step then sets ``b += rate *
+  sign(mean(load) - load)`` (:func:`tfm_jax.layers.moe.balance_bias_update`) once per optimizer
+  step. In the optimizer they share the ``set_to_zero`` partition (no moments, no decay).
 * every other role is trained by AdamW; decay follows :data:`DECAY_ROLES`.
 
 Embeddings are decayed, as in GPT-2/nanoGPT and in this framework from the start (the golden loss
@@ -53,7 +61,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-ROLES = ("weight", "embedding", "norm", "bias", "quant", "storage", "other")
+ROLES = ("weight", "embedding", "norm", "bias", "quant", "storage", "balance", "other")
 DECAY_ROLES = frozenset({"weight", "embedding"})
 
 # FP8 delayed scaling / INT8 recipes keep their state next to (or instead of) the kernels.
@@ -87,6 +95,8 @@ def param_role(path: Sequence[Any]) -> str:
     leaf = names[-1]
     if leaf == "storage_scale":
         return "storage"
+    if leaf == "balance_bias":
+        return "balance"
     if (leaf in _QUANT_NAMES or leaf.endswith("_amax_history")
             or any(n in QUANT_MODULES or "overwrite_with_gradient" in n for n in names[:-1])):
         return "quant"
@@ -127,11 +137,20 @@ def overwrite_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: overwritten(path), params)
 
 
+def balance_mask(params: Any) -> Any:
+    """Tree of Python bools: True where the role is ``balance`` (MoE balancing bias)."""
+    import jax
+
+    return jax.tree_util.tree_map_with_path(lambda path, _: param_role(path) == "balance",
+                                            params)
+
+
 def optimizer_labels(params: Any) -> Any:
     """``optax.multi_transform`` labels: :data:`OVERWRITTEN` (``set_to_zero``, no moments) for
-    overwritten and ``storage`` leaves, :data:`TRAINED` for the rest."""
+    overwritten, ``storage`` and ``balance`` leaves, :data:`TRAINED` for the rest."""
     import jax
 
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: OVERWRITTEN if (overwritten(path) or param_role(path) == "storage")
+        lambda path, _: OVERWRITTEN if (overwritten(path)
+                                        or param_role(path) in ("storage", "balance"))
         else TRAINED, params)

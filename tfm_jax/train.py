@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tfm_jax import backends, data as data_lib, interrupts, param_roles, telemetry
 from tfm_jax.checkpoint import CheckpointMismatch, Checkpointer
 from tfm_jax.config import Config, check_runtime, check_trainable
+from tfm_jax.layers.moe import balance_bias_update
 from tfm_jax.layers.ops import Ops
 from tfm_jax.metrics import MetricsLogger, read_metrics
 from tfm_jax.model import TransformerLM, count_params, train_flops_per_token
@@ -98,7 +99,7 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
         adamw = optim.adamw_lowp(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
                                  weight_decay=t.weight_decay, mask=param_roles.decay_mask,
                                  moments=t.opt_moments, block=t.opt_block)
-    if not cfg.quant.frozen_leaves:
+    if not (cfg.quant.frozen_leaves or (cfg.moe.n_experts and cfg.moe.router == "sigmoid")):
         return adamw
     return optax.multi_transform({param_roles.TRAINED: adamw,
                                   param_roles.OVERWRITTEN: optax.set_to_zero()},
@@ -186,7 +187,9 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
 
     Leaves are routed by role (:mod:`tfm_jax.param_roles`, decided from paths at trace time):
     trained leaves are summed over micro-batches, divided by the token count, clipped and
-    updated by the optimizer; overwritten leaves (quantization state, whose "gradient" is its
+    updated by the optimizer; MoE balancing biases (role ``balance``) sum their load over
+    micro-batches and take one sign step (:func:`tfm_jax.layers.moe.balance_bias_update`);
+    overwritten leaves (quantization state, whose "gradient" is its
     new value) take the max over micro-batches and are written into the parameters as they
     are -- bit for bit -- when the step is finite; they count in neither the gradient norm nor
     the non-finite check (their ``grad_nonfinite`` flag is always False). A tree without
@@ -216,6 +219,10 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         over = param_roles.overwrite_mask(state.params)     # Python bools: static routing
+        # MoE balancing bias: its "gradient" is the load, summed over micro-batches; updated by
+        # its own rule below, outside the division, the norm, the clip and AdamW
+        bal = param_roles.balance_mask(state.params)
+        held = jax.tree.map(lambda o, b: o or b, over, bal)
         n_tokens = jnp.maximum(batch["mask"].sum(), 1.0)
         # FP8-stored kernels: gradients, clip and AdamW act on their dequantized float32 view
         params = storage.dequantized_view(state.params) if stored else state.params
@@ -239,15 +246,16 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
                 body, (jnp.zeros((), jnp.float32), init, state.model_state), micro)
             sown = telemetry.reduce_micro(sown)
         loss = loss_sum / n_tokens
-        grads = jax.tree.map(lambda g, o: g if o else g / n_tokens, grads, over)
-        # overwritten leaves: zeros here, so they add nothing to the norm and are never flagged
-        sumsq = leaf_sumsq(jax.tree.map(lambda g, o: jnp.zeros_like(g) if o else g, grads, over))
+        grads = jax.tree.map(lambda g, o: g if o else g / n_tokens, grads, held)
+        # overwritten / balance leaves: zeros here, so they add nothing to the norm and are
+        # never flagged
+        sumsq = leaf_sumsq(jax.tree.map(lambda g, o: jnp.zeros_like(g) if o else g, grads, held))
         grad_norm = jnp.sqrt(sum(jnp.sum(x) for x in jax.tree.leaves(sumsq)))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if clip > 0:   # clip_by_global_norm, reusing the norm computed above
             scale = jnp.where(grad_norm < clip, 1.0, clip / grad_norm)
             grads = jax.tree.map(lambda g, o: g if o else (g * scale).astype(g.dtype),
-                                 grads, over)
+                                 grads, held)
 
         def apply(_):
             updates, opt_state = tx.update(grads, state.opt_state, params)
@@ -255,6 +263,10 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
             # the new quantization state, as computed (not p + (new - p), which rounds)
             new_params = jax.tree.map(lambda p, g, o: g.astype(p.dtype) if o else p,
                                       new_params, grads, over)
+            if any(jax.tree.leaves(bal)):   # b += rate * sign(mean load - load), once per step
+                new_params = jax.tree.map(
+                    lambda n, p, g, b: balance_bias_update(p, g, cfg.moe.bias_update_rate)
+                    if b else n, new_params, params, grads, bal)
             if stored:   # EMA scales, re-quantized kernels (stochastic rounding: key of step)
                 key = (jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
                        if spec.stochastic_rounding else None)

@@ -8,7 +8,13 @@ Semantics (one definition for every dispatch strategy, :mod:`tfm_jax.parallel.mo
   of ``p`` are chosen and their weights renormalised to sum to 1 when ``top_k > 1`` (top-1 keeps
   the raw probability, as Switch, so the router still gets a gradient). ``sigmoid``: scores
   ``s = sigmoid(logits)``; experts are chosen by ``s + b`` (``b``: the aux-loss-free balancing
-  bias, DeepSeek-V3) and weighted by the chosen ``s`` renormalised.
+  bias, DeepSeek-V3) and weighted by the chosen ``s`` renormalised (the bias never enters the
+  weights). ``b`` is the ``balance_bias`` leaf (E,) of the params tree, not trained: after each
+  optimizer step ``b_e += moe.bias_update_rate * sign(mean(load) - load_e)`` with the step's
+  load (summed over micro-batches), applied by the train step (:func:`balance_bias_update`,
+  :func:`load_tap`). The auxiliary loss of a sigmoid router uses the scores normalised per token.
+* Padding tokens (``token_mask`` False) are not routed: they take no capacity slot, their output
+  is 0, and they count in none of the statistics (load, drops, losses, entropy).
 * Capacity per (group, expert): ``C = ceil(capacity_factor * N * top_k / E)`` (``None``:
   dropless, ``C = N``). Slots fill in priority order: all first choices (token order), then all
   second choices, ... (GShard); an assignment past ``C`` is **dropped** (it contributes 0; the
@@ -21,7 +27,8 @@ Semantics (one definition for every dispatch strategy, :mod:`tfm_jax.parallel.mo
 
 The module (:class:`MoEFeedForward`) holds the parameters: ``router/kernel`` (d, E) float32,
 ``experts/{wi_0,wi_1,wo}/kernel`` stacked (E, d, F) / (E, F, d) with the logical ``expert`` axis
-first, and with ``moe.shared_expert`` a dense ``shared`` FFN every token goes through.
+first, with ``moe.router: sigmoid`` the ``balance_bias`` (E,), and with ``moe.shared_expert`` a
+dense ``shared`` FFN every token goes through.
 """
 
 from __future__ import annotations
@@ -76,29 +83,90 @@ def expert_capacity(n_tokens: int, n_experts: int, top_k: int,
     return max(1, min(n_tokens, math.ceil(capacity_factor * n_tokens * top_k / n_experts)))
 
 
-def assign_slots(experts: jax.Array, n_experts: int, capacity: int
-                 ) -> tuple[jax.Array, jax.Array]:
+def assign_slots(experts: jax.Array, n_experts: int, capacity: int,
+                 valid: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """Position of each assignment in its expert's buffer and whether it fits.
 
     experts (N, k) -> (position (N, k) int32, keep (N, k) bool). Priority: choice rank first,
-    then token order (all first choices before any second choice)."""
+    then token order (all first choices before any second choice). ``valid`` (N,) bool: padding
+    tokens (False) take no slot and are never kept."""
     n, k = experts.shape
     onehot = jax.nn.one_hot(experts.T.reshape(k * n), n_experts, dtype=jnp.int32)  # (kN, E)
+    if valid is not None:
+        onehot = onehot * jnp.tile(valid.astype(jnp.int32), k)[:, None]
     pos = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)              # (kN,)
     pos = pos.reshape(k, n).T
-    return pos, pos < capacity
+    keep = pos < capacity
+    return pos, keep if valid is None else keep & valid[:, None]
 
 
-def load_balance_loss(probs: jax.Array, experts: jax.Array) -> jax.Array:
-    """``E * sum_e f_e * P_e`` for one group; probs (N, E), experts (N, k). 1 when uniform."""
+def _masked_mean(x: jax.Array, valid: Optional[jax.Array], axis=0) -> jax.Array:
+    """Mean over the real tokens (``valid`` (N,)) along ``axis`` 0; 0 when there are none."""
+    if valid is None:
+        return jnp.mean(x, axis=axis)
+    w = valid.astype(jnp.float32).reshape(valid.shape + (1,) * (x.ndim - 1))
+    return jnp.sum(x * w, axis=axis) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def expert_counts(experts: jax.Array, n_experts: int,
+                  valid: Optional[jax.Array] = None) -> jax.Array:
+    """(E,) float32: how many of the real tokens' top-k choices picked each expert (the load,
+    before capacity drops); experts (N, k)."""
+    onehot = jax.nn.one_hot(experts, n_experts, dtype=jnp.float32)               # (N, k, E)
+    if valid is not None:
+        onehot = onehot * valid.astype(jnp.float32)[:, None, None]
+    return jnp.sum(onehot, axis=(0, 1))
+
+
+def load_balance_loss(probs: jax.Array, experts: jax.Array,
+                      valid: Optional[jax.Array] = None) -> jax.Array:
+    """``E * sum_e f_e * P_e`` for one group; probs (N, E), experts (N, k). 1 when uniform.
+    ``valid`` (N,): only real tokens count in ``f`` and ``P``."""
     n_experts = probs.shape[-1]
-    f = jnp.mean(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32), axis=(0, 1))   # (E,)
-    return n_experts * jnp.sum(f * jnp.mean(probs, axis=0))
+    f = _masked_mean(jnp.mean(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32), axis=1),
+                     valid)                                                        # (E,)
+    return n_experts * jnp.sum(f * _masked_mean(probs, valid))
 
 
-def router_z_loss(logits: jax.Array) -> jax.Array:
-    """``mean_n logsumexp(logits_n)^2`` for one group (ST-MoE), logits (N, E) float32."""
-    return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+def router_z_loss(logits: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """``mean_n logsumexp(logits_n)^2`` for one group (ST-MoE), logits (N, E) float32, over the
+    real tokens (``valid`` (N,))."""
+    return _masked_mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)),
+                        valid)
+
+
+def balance_bias_update(bias: jax.Array, counts: jax.Array, rate: float) -> jax.Array:
+    """Aux-loss-free balancing (DeepSeek-V3): ``b_e += rate * sign(mean_e(load) - load_e)``.
+
+    bias, counts (..., E) float32 (a leading ``layers`` axis under ``scan_layers``); ``counts``
+    is the per-expert load of the whole optimizer step (summed over micro-batches). Overloaded
+    experts get a lower bias (chosen less), underloaded ones a higher."""
+    mean = jnp.mean(counts, axis=-1, keepdims=True)
+    return (bias + rate * jnp.sign(mean - counts)).astype(bias.dtype)
+
+
+@jax.custom_vjp
+def load_tap(bias: jax.Array, counts: jax.Array, y: jax.Array) -> jax.Array:
+    """Identity on ``y`` whose VJP returns ``counts`` as the cotangent of ``bias``.
+
+    This is how the balancing bias learns its layer's load inside the ordinary gradient
+    computation: the train step finds the counts in the bias's "gradient" (summed over micro-
+    batches, data shards and -- under ``nn.scan`` -- kept per layer, like any gradient) and
+    applies :func:`balance_bias_update` instead of AdamW (role ``balance``,
+    :mod:`tfm_jax.param_roles`). ``y`` (the layer output) keeps the tap on the loss path."""
+    del bias, counts
+    return y
+
+
+def _load_tap_fwd(bias, counts, y):
+    return y, counts
+
+
+def _load_tap_bwd(counts, g):
+    return counts, jnp.zeros_like(counts), g
+
+
+load_tap.defvjp(_load_tap_fwd, _load_tap_bwd)
 
 
 def expert_ffn(x: jax.Array, kernels: dict[str, jax.Array], kind: str) -> jax.Array:
@@ -147,7 +215,7 @@ class MoEFeedForward(nn.Module):
     is laid out over devices, never the parameters or (in float32, to rounding) the result.
     Sows per layer: the weighted losses ``load_balance_loss`` / ``router_z_loss`` (losses
     collection) and telemetry ``moe/drop_fraction``, ``moe/load_max`` (max expert load over the
-    mean: 1 = balanced), ``moe/router_entropy``.
+    mean: 1 = balanced), ``moe/router_entropy``, ``moe/load`` (E,) assignment fractions.
     """
 
     moe: Any
@@ -159,8 +227,11 @@ class MoEFeedForward(nn.Module):
     param_dtype: Any = jnp.float32
     ops: Any = None
 
+    # Block passes its token_mask (padding positions are not routed, :func:`assign_slots`)
+    uses_token_mask = True
+
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, token_mask: Optional[jax.Array] = None) -> jax.Array:
         from tfm_jax.parallel import moe_dispatch
 
         cfg = self.moe
@@ -168,6 +239,10 @@ class MoEFeedForward(nn.Module):
         e, f = cfg.n_experts, self.hidden
         router_kernel = _StackedKernel((d, e), (axes.EMBED, None), self.init_std, jnp.float32,
                                        name="router")()
+        bias = None
+        if cfg.router == "sigmoid":   # not trained: role "balance" (tfm_jax.param_roles)
+            bias = self.param("balance_bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, (None,)), (e,), jnp.float32)
         shapes = {"wi_0": (e, d, f), "wi_1": (e, d, f), "wi": (e, d, f), "wo": (e, f, d)}
         kaxes = {"wo": (axes.EXPERT, axes.MLP, axes.EMBED)}
         kernels = {
@@ -181,12 +256,16 @@ class MoEFeedForward(nn.Module):
         init = self.is_initializing()     # (init: any batch, e.g. 1 row; same parameters)
         y, stats = moe_dispatch.moe_layer(x, router_kernel, kernels, spec,
                                           strategy="dense" if init else cfg.dispatch,
-                                          groups=1 if init else None)
+                                          groups=1 if init else None, token_mask=token_mask,
+                                          router_bias=bias)
+        if bias is not None:
+            y = load_tap(bias, jax.lax.stop_gradient(stats["counts"]), y)
         telemetry.sow_loss(self, "load_balance_loss", cfg.aux_loss_coef * stats["aux_loss"])
         telemetry.sow_loss(self, "router_z_loss", cfg.z_loss_coef * stats["z_loss"])
         telemetry.sow(self, "moe/drop_fraction", stats["drop_fraction"])
         telemetry.sow(self, "moe/load_max", stats["load_max"], reduce="max")
         telemetry.sow(self, "moe/router_entropy", stats["router_entropy"])
+        telemetry.sow(self, "moe/load", stats["load"])
         if cfg.shared_expert:
             y = y + FeedForward(self.hidden, self.kind, init_std=self.init_std,
                                 out_init_std=self.out_init_std, dtype=self.dtype,

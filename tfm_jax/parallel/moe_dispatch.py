@@ -76,20 +76,26 @@ def n_groups(mesh=None) -> int:
 # One group: route, pack, unpack.
 
 
-def _route_group(x, router_kernel, spec: MoESpec, capacity: int):
-    """x (N, d) -> (routing, position, keep, stats of this group)."""
+def _route_group(x, router_kernel, spec: MoESpec, capacity: int, valid=None, bias=None):
+    """x (N, d), valid (N,) bool or None, bias (E,) or None -> (routing, position, keep, stats
+    of this group). Padding tokens (``valid`` False) are not routed and count nowhere."""
     logits = jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST)                       # (N, E)
-    r = moe_lib.route(logits, spec.top_k, router=spec.router)
-    pos, keep = moe_lib.assign_slots(r.experts, spec.n_experts, capacity)
+    r = moe_lib.route(logits, spec.top_k, router=spec.router, bias=bias)
+    pos, keep = moe_lib.assign_slots(r.experts, spec.n_experts, capacity, valid)
     p = r.probs if spec.router == "softmax" else r.probs / jnp.sum(r.probs, -1, keepdims=True)
+    counts = moe_lib.expert_counts(r.experts, spec.n_experts, valid)          # (E,)
+    n_real = x.shape[0] if valid is None else jnp.sum(valid.astype(jnp.float32))
+    real = None if valid is None else valid[:, None]
     stats = {
-        "aux_loss": moe_lib.load_balance_loss(r.probs, r.experts),
-        "z_loss": moe_lib.router_z_loss(logits),
-        "dropped": jnp.sum(~keep).astype(jnp.int32),
-        "load": jnp.mean(jax.nn.one_hot(r.experts, spec.n_experts, dtype=jnp.float32),
-                         axis=(0, 1)),                                          # (E,)
-        "router_entropy": jnp.mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1)),
+        "aux_loss": moe_lib.load_balance_loss(p, r.experts, valid),
+        "z_loss": moe_lib.router_z_loss(logits, valid),
+        "dropped": jnp.sum(~keep if real is None else real & ~keep).astype(jnp.int32),
+        "assigned": (n_real * spec.top_k) if valid is not None else jnp.asarray(
+            x.shape[0] * spec.top_k, jnp.float32),
+        "counts": counts,
+        "router_entropy": moe_lib._masked_mean(
+            -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1), valid),
     }
     return r, pos, keep, stats
 
@@ -114,15 +120,21 @@ def _unpack(ybuf, slot, weights, keep):
     return jnp.einsum("nk,nkd->nd", w, yflat[slot].astype(jnp.float32))
 
 
-def _finish_stats(stats, total_assignments: int, n_experts: int):
+def _finish_stats(stats, n_experts: int):
     out = dict(stats)
-    out["drop_fraction"] = stats["dropped"].astype(jnp.float32) / total_assignments
-    out["load_max"] = n_experts * jnp.max(stats["load"])
+    out["drop_fraction"] = stats["dropped"].astype(jnp.float32) / jnp.maximum(
+        stats.pop("assigned"), 1.0)
+    out["load"] = stats["counts"] / jnp.maximum(jnp.sum(stats["counts"]), 1.0)
+    out["load_max"] = n_experts * jnp.max(out["load"])
     return out
 
 
+# statistics summed over groups (counts); the rest are per-group means, averaged over groups
+_SUMMED = ("dropped", "assigned", "counts")
+
+
 def _mean_groups(stats):
-    return {k: (jnp.sum(v, axis=0) if k == "dropped" else jnp.mean(v, axis=0))
+    return {k: (jnp.sum(v, axis=0) if k in _SUMMED else jnp.mean(v, axis=0))
             for k, v in stats.items()}
 
 
@@ -130,10 +142,11 @@ def _mean_groups(stats):
 # Strategies. Each: xg (G, N, d) -> (y (G, N, d) float32, stats).
 
 
-def dense(xg, router_kernel, kernels, spec: MoESpec, capacity: int):
+def dense(xg, router_kernel, kernels, spec: MoESpec, capacity: int, valid=None, bias=None):
     """Reference: all experts on all tokens, then each token's kept top-k combined."""
     g, n, d = xg.shape
-    r, pos, keep, stats = jax.vmap(lambda x: _route_group(x, router_kernel, spec, capacity))(xg)
+    r, pos, keep, stats = jax.vmap(
+        lambda x, v: _route_group(x, router_kernel, spec, capacity, v, bias))(xg, valid)
     xa = jnp.broadcast_to(xg.astype(spec.dtype).reshape(1, g * n, d), (spec.n_experts, g * n, d))
     ya = moe_lib.expert_ffn(xa, kernels, spec.kind).reshape(spec.n_experts, g, n, d)
     picked = jnp.take_along_axis(ya.transpose(1, 2, 0, 3), r.experts[..., None], axis=2)
@@ -142,7 +155,8 @@ def dense(xg, router_kernel, kernels, spec: MoESpec, capacity: int):
     return y, _mean_groups(stats)
 
 
-def implicit(xg, router_kernel, kernels, spec: MoESpec, capacity: int, tok: tuple[str, ...]):
+def implicit(xg, router_kernel, kernels, spec: MoESpec, capacity: int, tok: tuple[str, ...],
+             valid=None, bias=None):
     """Buffers in the global view; only sharding constraints (XLA inserts the collectives)."""
     e = spec.n_experts
     rest = tuple(a for a in tok if a != EXPERT_AXIS)
@@ -150,12 +164,12 @@ def implicit(xg, router_kernel, kernels, spec: MoESpec, capacity: int, tok: tupl
     by_expert = P(rest or None, EXPERT_AXIS)
     xg = jax.lax.with_sharding_constraint(xg, by_group)
 
-    def pack(x):
-        r, pos, keep, stats = _route_group(x, router_kernel, spec, capacity)
+    def pack(x, v):
+        r, pos, keep, stats = _route_group(x, router_kernel, spec, capacity, v, bias)
         buf, slot = _pack(x.astype(spec.dtype), r.experts, pos, keep, e, capacity)
         return buf, slot, r.weights, keep, stats
 
-    buf, slot, w, keep, stats = jax.vmap(pack)(xg)                              # (G, E, C, d)
+    buf, slot, w, keep, stats = jax.vmap(pack)(xg, valid)                             # (G, E, C, d)
     buf = jax.lax.with_sharding_constraint(buf, by_group)
     buf = jax.lax.with_sharding_constraint(buf, by_expert)        # XLA: all-to-all (dispatch)
     ybuf = moe_lib.expert_ffn(buf, kernels, spec.kind)
@@ -166,7 +180,7 @@ def implicit(xg, router_kernel, kernels, spec: MoESpec, capacity: int, tok: tupl
 
 
 def all_to_all(xg, router_kernel, kernels, spec: MoESpec, capacity: int, tok: tuple[str, ...],
-               mesh):
+               mesh, valid=None, bias=None):
     """Explicit expert parallelism: ``jax.shard_map`` + two ``jax.lax.all_to_all`` per layer."""
     e = spec.n_experts
     ep = mesh.shape[EXPERT_AXIS] if EXPERT_AXIS in mesh.axis_names else 1
@@ -175,10 +189,10 @@ def all_to_all(xg, router_kernel, kernels, spec: MoESpec, capacity: int, tok: tu
     e_local = e // ep
     kspecs = {k: P(EXPERT_AXIS) for k in kernels}
 
-    def local(x, wr, ks):                       # x (1, N, d): this device's group
+    def local(x, v, wr, b, ks):                 # x (1, N, d): this device's group
         x = x[0]
         n, d = x.shape
-        r, pos, keep, stats = _route_group(x, wr, spec, capacity)
+        r, pos, keep, stats = _route_group(x, wr, spec, capacity, v[0], b)
         buf, slot = _pack(x.astype(spec.dtype), r.experts, pos, keep, e, capacity)  # (E, C, d)
         # send expert block j to expert-rank j; receive (ep sources x E_local, C, d)
         buf = jax.lax.all_to_all(buf, EXPERT_AXIS, 0, 0, tiled=True)
@@ -189,21 +203,26 @@ def all_to_all(xg, router_kernel, kernels, spec: MoESpec, capacity: int, tok: tu
             e, capacity, d)
         ybuf = jax.lax.all_to_all(ybuf, EXPERT_AXIS, 0, 0, tiled=True)        # back home
         y = _unpack(ybuf, slot, r.weights, keep)
-        stats = {k: (jax.lax.psum(v, tok) if k == "dropped" else jax.lax.pmean(v, tok))
-                 for k, v in stats.items()}
+        stats = {k: (jax.lax.psum(s, tok) if k in _SUMMED else jax.lax.pmean(s, tok))
+                 for k, s in stats.items()}
         return y[None], stats
 
-    stat_specs = {k: P() for k in ("aux_loss", "z_loss", "dropped", "load", "router_entropy")}
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(P(tok), P(), kspecs),
+    stat_specs = {k: P() for k in ("aux_loss", "z_loss", "dropped", "assigned", "counts",
+                                   "router_entropy")}
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(P(tok), P(tok), P(), P(), kspecs),
                        out_specs=(P(tok), stat_specs))
-    return fn(xg, router_kernel, kernels)
+    return fn(xg, valid, router_kernel, bias, kernels)
 
 
 def moe_layer(x, router_kernel, kernels, spec: MoESpec, *, strategy: str = "dense",
-              groups: Optional[int] = None):
+              groups: Optional[int] = None, token_mask=None, router_bias=None):
     """x (B, T, d) -> (y (B, T, d) in ``spec.dtype``, stats). ``stats``: ``aux_loss``,
     ``z_loss`` (unweighted, mean over groups), ``dropped`` (int32 count of dropped assignments),
-    ``drop_fraction``, ``load`` (E,) assignment fractions, ``load_max``, ``router_entropy``.
+    ``drop_fraction``, ``counts`` (E,) float32 assignments per expert (the load, before drops),
+    ``load`` (E,) assignment fractions, ``load_max``, ``router_entropy``.
+
+    ``token_mask`` (B, T) bool/0-1: padding (False) is not routed (no slot, output 0) and counts
+    in no statistic. ``router_bias`` (E,): the sigmoid router's balancing bias (selection only).
 
     ``groups``: routing groups for ``dense`` (default: the mesh's token shards, as the other
     strategies use; tests pass it to compare with a layout-free reference)."""
@@ -227,12 +246,20 @@ def moe_layer(x, router_kernel, kernels, spec: MoESpec, *, strategy: str = "dens
                          f"{tok}); make the batch a multiple of {g}")
     n = (b // g) * t
     capacity = moe_lib.expert_capacity(n, spec.n_experts, spec.top_k, spec.capacity_factor)
+    if (router_bias is not None) != (spec.router == "sigmoid"):
+        raise ValueError(f"router={spec.router!r}: the balancing bias is for (and required by) "
+                         "the sigmoid router")
     xg = x.reshape(g, n, d)
+    valid = (jnp.ones((g, n), bool) if token_mask is None
+             else token_mask.astype(bool).reshape(g, n))
+    if router_bias is None:   # (shard_map needs an array; route() ignores it for softmax)
+        router_bias = jnp.zeros((spec.n_experts,), jnp.float32)
     if strategy == "dense":
-        y, stats = dense(xg, router_kernel, kernels, spec, capacity)
+        y, stats = dense(xg, router_kernel, kernels, spec, capacity, valid, router_bias)
     elif strategy == "implicit":
-        y, stats = implicit(xg, router_kernel, kernels, spec, capacity, tok)
+        y, stats = implicit(xg, router_kernel, kernels, spec, capacity, tok, valid, router_bias)
     else:
-        y, stats = all_to_all(xg, router_kernel, kernels, spec, capacity, tok, mesh)
-    stats = _finish_stats(stats, b * t * spec.top_k, spec.n_experts)
+        y, stats = all_to_all(xg, router_kernel, kernels, spec, capacity, tok, mesh, valid,
+                              router_bias)
+    stats = _finish_stats(stats, spec.n_experts)
     return y.reshape(b, t, d).astype(spec.dtype), stats

@@ -1,0 +1,278 @@
+"""MoE routing details (tfm_jax.layers.moe): the sigmoid router and its aux-loss-free balancing
+bias (numpy reference, the role-aware train step), padding tokens (not routed, not counted),
+scan_layers over groups of moe.every layers (== unscanned), the aux/z losses under grad_accum."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import linen as nn
+
+from tfm_jax import param_roles, telemetry
+from tfm_jax.config import load_config
+from tfm_jax.layers import moe as moe_lib
+from tfm_jax.model import TransformerLM
+from tfm_jax.parallel import mesh as mesh_lib
+from tfm_jax.parallel import moe_dispatch as md
+
+D, F = 16, 24
+
+
+def _np_moe(x, wr, ks, top_k, cap, *, router="softmax", bias=None, valid=None):
+    """float64 reference of one group: x (N, d) -> (y, keep, aux, z, counts). Padding
+    (``valid`` False) takes no slot, has output 0 and counts in no statistic."""
+    x = x.astype(np.float64)
+    n = x.shape[0]
+    valid = np.ones(n, bool) if valid is None else valid
+    logits = x @ wr
+    if router == "softmax":
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p = p / p.sum(1, keepdims=True)
+        sel = p
+    else:
+        s = 1 / (1 + np.exp(-logits))
+        sel = s + (0 if bias is None else bias)
+        p = s / s.sum(1, keepdims=True)            # normalised scores (aux loss)
+    e = p.shape[1]
+    experts = np.argsort(-sel, axis=1, kind="stable")[:, :top_k]
+    w = np.take_along_axis(p, experts, 1)
+    if top_k > 1 or router == "sigmoid":
+        w = w / w.sum(1, keepdims=True)
+    keep, count = np.zeros((n, top_k), bool), np.zeros(e, int)
+    for j in range(top_k):
+        for i in range(n):
+            if valid[i]:
+                keep[i, j] = count[experts[i, j]] < cap
+                count[experts[i, j]] += 1
+    y = np.zeros_like(x)
+    for i in range(n):
+        for j in range(top_k):
+            if keep[i, j]:
+                ex = experts[i, j]
+                g, u = x[i] @ ks["wi_0"][ex], x[i] @ ks["wi_1"][ex]
+                y[i] += w[i, j] * ((g / (1 + np.exp(-g))) * u) @ ks["wo"][ex]
+    counts = np.bincount(experts[valid].ravel(), minlength=e).astype(float)
+    f = counts / (valid.sum() * top_k)
+    aux = e * np.sum(f * p[valid].mean(0))
+    lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    return y, keep, aux, np.mean(lse[valid] ** 2), counts
+
+
+def _weights(n_experts, seed=0):
+    r = np.random.default_rng(seed)
+    wr = r.normal(0, 0.5, (D, n_experts)).astype(np.float32)
+    ks = {k: r.normal(0, 0.3, s).astype(np.float32) for k, s in
+          (("wi_0", (n_experts, D, F)), ("wi_1", (n_experts, D, F)), ("wo", (n_experts, F, D)))}
+    return wr, ks
+
+
+def test_sigmoid_router_with_bias_matches_numpy():
+    """Selection on s + b, weights from the un-biased s renormalised over the chosen k."""
+    e, k, n = 6, 2, 30
+    wr, ks = _weights(e, seed=4)
+    x = np.random.default_rng(5).normal(size=(1, n, D)).astype(np.float32)
+    bias = np.array([0.3, -0.2, 0.0, 0.15, -0.4, 0.1], np.float32)
+    cap = moe_lib.expert_capacity(n, e, k, 0.75)
+    spec = md.MoESpec(e, k, 0.75, router="sigmoid")
+    y, st = md.moe_layer(x, jnp.asarray(wr), ks, spec, strategy="dense",
+                         router_bias=jnp.asarray(bias))
+    y_ref, keep, aux, z, counts = _np_moe(x[0], wr.astype(np.float64), ks, k, cap,
+                                          router="sigmoid", bias=bias.astype(np.float64))
+    # the bias changes the choice (the probe can fail): without it the experts differ
+    _, _, _, _, counts0 = _np_moe(x[0], wr.astype(np.float64), ks, k, cap, router="sigmoid")
+    assert not np.array_equal(counts, counts0)
+    assert (~keep).sum() > 0
+    np.testing.assert_allclose(np.asarray(y[0]), y_ref, atol=2e-5, rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(st["counts"]), counts)
+    assert int(st["dropped"]) == (~keep).sum()
+    np.testing.assert_allclose(float(st["aux_loss"]), aux, rtol=1e-5)
+    np.testing.assert_allclose(float(st["z_loss"]), z, rtol=1e-5)
+    # the bias gets no gradient through the routing (selection only)
+    g = jax.grad(lambda b: jnp.sum(md.moe_layer(x, jnp.asarray(wr), ks, spec,
+                                                router_bias=b)[0]))(jnp.asarray(bias))
+    assert not np.any(np.asarray(g))
+    # the update rule: b += rate * sign(mean - load)
+    np.testing.assert_allclose(
+        np.asarray(moe_lib.balance_bias_update(jnp.asarray(bias), jnp.asarray(counts), 1e-2)),
+        bias + np.float32(1e-2) * np.sign(counts.mean() - counts).astype(np.float32),
+        rtol=0, atol=0)
+    with pytest.raises(ValueError, match="balancing bias"):
+        md.moe_layer(x, jnp.asarray(wr), ks, md.MoESpec(e, k, 0.75), router_bias=bias)
+
+
+def test_padding_is_not_routed_nor_counted():
+    """Padding takes no capacity and counts in no statistic: real tokens' outputs and every
+    statistic equal the numpy reference that skips padding, whatever the padding holds."""
+    e, k, n = 4, 2, 24
+    wr, ks = _weights(e, seed=6)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(1, n, D)).astype(np.float32)
+    valid = np.ones(n, bool)
+    valid[::3] = False                                   # 8 padding positions, interleaved
+    cap = moe_lib.expert_capacity(n, e, k, 0.5)
+    spec = md.MoESpec(e, k, 0.5)
+    x2 = x.copy()
+    x2[0, ~valid] = 5 * wr[:, 0] / np.linalg.norm(wr[:, 0])   # padding that loves expert 0
+    outs = [md.moe_layer(xx, jnp.asarray(wr), ks, spec, token_mask=jnp.asarray(valid[None]))
+            for xx in (x, x2)]
+    y_ref, keep, aux, z, counts = _np_moe(x[0], wr.astype(np.float64), ks, k, cap, valid=valid)
+    assert (~keep[valid]).sum() > 0                       # some real drops remain
+    for y, st in outs:
+        np.testing.assert_allclose(np.asarray(y[0]), y_ref, atol=2e-5, rtol=1e-4)
+        assert not np.any(np.asarray(y[0])[~valid])
+        assert int(st["dropped"]) == (~keep[valid]).sum()
+        np.testing.assert_allclose(float(st["drop_fraction"]), (~keep[valid]).mean(), rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(st["counts"]), counts)
+        np.testing.assert_allclose(float(st["aux_loss"]), aux, rtol=1e-5)
+        np.testing.assert_allclose(float(st["z_loss"]), z, rtol=1e-5)
+    # without the mask the loud padding would take expert 0's slots (the probe can fail)
+    y_nomask, _ = md.moe_layer(x2, jnp.asarray(wr), ks, spec)
+    assert not np.allclose(np.asarray(y_nomask[0])[valid], y_ref[valid], atol=1e-3)
+
+
+def _mesh(shape):
+    cfg = load_config(None, ["moe.n_experts=8", f"mesh.data={shape[0]}",
+                             f"mesh.expert={shape[1]}"])
+    return mesh_lib.make_mesh(cfg.mesh), mesh_lib.rules_tuple(cfg.mesh.rules)
+
+
+def test_sigmoid_and_padding_sharded_equal_dense(devices):
+    """all_to_all and implicit == dense with the sigmoid router, a bias and padding (data 2 x
+    expert 4): outputs, gradients, counts, drops."""
+    mesh, rules = _mesh((2, 4))
+    e, k = 8, 2
+    wr, ks = _weights(e, seed=8)
+    b, t = 16, 4
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.normal(size=(b, t, D)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(b, t, D)), jnp.float32)
+    mask = jnp.asarray(rng.random((b, t)) > 0.3)
+    bias = jnp.asarray(rng.normal(0, 0.2, e), jnp.float32)
+    spec = md.MoESpec(e, k, 0.5, router="sigmoid")
+    res = {}
+    for strategy in ("dense", "all_to_all", "implicit"):
+        def loss(x, wr, ks):
+            y, st = md.moe_layer(x, wr, ks, spec, strategy=strategy, token_mask=mask,
+                                 router_bias=bias)
+            return jnp.sum(y * cot) + st["aux_loss"] + st["z_loss"], (y, st)
+
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+            res[strategy] = jax.device_get(fn(x, jnp.asarray(wr), ks))
+    (_, (y0, st0)), g0 = res["dense"]
+    assert int(st0["dropped"]) > 0
+    for strategy in ("all_to_all", "implicit"):
+        (_, (y, st)), g = res[strategy]
+        np.testing.assert_allclose(y, y0, atol=1e-5, rtol=1e-5, err_msg=strategy)
+        np.testing.assert_array_equal(st["counts"], st0["counts"])
+        assert int(st["dropped"]) == int(st0["dropped"])
+        for a, r in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+            np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-4, err_msg=strategy)
+    # numpy, group by group (8 groups: data 2 x expert 4)
+    xs, ms = np.asarray(x).reshape(8, -1, D), np.asarray(mask).reshape(8, -1)
+    cap = moe_lib.expert_capacity(xs.shape[1], e, k, 0.5)
+    refs = [_np_moe(xs[i], wr.astype(np.float64), ks, k, cap, router="sigmoid",
+                    bias=np.asarray(bias, np.float64), valid=ms[i]) for i in range(8)]
+    np.testing.assert_allclose(y0.reshape(8, -1, D), np.stack([r[0] for r in refs]),
+                               atol=3e-5, rtol=1e-4)
+    np.testing.assert_array_equal(st0["counts"], sum(r[4] for r in refs))
+
+
+# --------------------------------------------------------------------------------------------
+# Through the train step.
+
+_TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+         "model.ffn_hidden=32", "data.seq_len=16", "train.batch_size=16",
+         "train.warmup_steps=0", "moe.n_experts=4", "moe.top_k=2", "moe.every=1",
+         "mesh.data=2", "mesh.expert=4"]
+
+
+def _batch(setup, b=16, t=16, seed=0, pad_rows=0):
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, 259, (b, t + 1))
+    mask = np.ones((b, t), np.float32)
+    if pad_rows:
+        mask[:pad_rows, t // 2:] = 0
+    return setup.shard_batch({"inputs": toks[:, :-1].astype(np.int32),
+                              "targets": toks[:, 1:].astype(np.int32), "mask": mask})
+
+
+def _setup(devices, tmp_path, *extra):
+    from tfm_jax import train as train_lib
+
+    cfg = load_config(None, [*_TINY, f"run.dir={tmp_path}", *extra])
+    return train_lib.build(cfg, devices)
+
+
+def _bias_paths(params):
+    return [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+            if param_roles.param_role(p) == "balance"]
+
+
+def test_balance_bias_evens_a_skewed_load():
+    """Skewed input (every token leans towards expert 0): the bias rule alone (router fixed)
+    brings the max load down towards the mean within a few updates."""
+    e, k, n, rate = 4, 1, 64, 0.05
+    wr, ks = _weights(e, seed=10)
+    u = np.random.default_rng(11).normal(size=D)
+    u /= np.linalg.norm(u)
+    wr[:, 0] += 2.0 * u
+    x = jnp.asarray(np.random.default_rng(12).normal(0, 0.3, (1, n, D)) + u, jnp.float32)
+    spec = md.MoESpec(e, k, None, router="sigmoid")
+    step = jax.jit(lambda b: md.moe_layer(x, jnp.asarray(wr), ks, spec, router_bias=b)[1])
+    b, loads = jnp.zeros(e, jnp.float32), []
+    for _ in range(30):
+        st = step(b)
+        loads.append(float(st["load_max"]))
+        b = moe_lib.balance_bias_update(b, st["counts"], rate)
+    assert loads[0] > 2.0, loads                         # skewed: 1 = balanced, 4 = one expert
+    # (a fixed-size sign step then oscillates around balance: DeepSeek-V3's rule, not a bug)
+    assert max(loads[-10:]) <= 2.0 and np.mean(loads[-10:]) < loads[0] / 2, loads
+    assert float(b[0]) < 0 and float(b[0]) == min(np.asarray(b))
+
+
+def test_balance_bias_train_step(devices, tmp_path):
+    """The bias is a 'balance' leaf: no optimizer moments; one step sets exactly b + rate *
+    sign(mean load - load) whatever lr / decay / clip do (the load read back from the model's
+    own telemetry, padding excluded); grad_accum=2 (load summed over micro-batches) gives the
+    same bias."""
+    from tfm_jax.train import input_mask
+
+    rate = 0.05
+    common = ["moe.router=sigmoid", f"moe.bias_update_rate={rate}", "moe.dispatch=all_to_all",
+              "moe.capacity_factor=null"]
+    setup = _setup(devices, tmp_path, *common, "train.lr=1e-1", "train.weight_decay=10",
+                   "train.grad_clip=1e-3")
+    state = setup.init_state()
+    biases = _bias_paths(state.params)
+    assert len(biases) == 2 and all(x.shape == (4,) for _, x in biases)
+    # no AdamW moments for the bias (set_to_zero partition)
+    assert not any(getattr(x, "shape", None) == (4,) for x in jax.tree.leaves(state.opt_state))
+    batch = _batch(setup, pad_rows=4)
+    tmask = input_mask(batch["mask"])
+    kernel0 = np.asarray(state.params["layers_0"]["ffn"]["router"]["kernel"])  # (state donated)
+    with setup.context():
+        sown = jax.jit(lambda p, b: setup.model.apply(
+            {"params": p}, b["inputs"], token_mask=tmask, train=True,
+            mutable=list(telemetry.COLLECTIONS))[1])(state.params, batch)
+        new, m = setup.train_step(state, batch)
+    tel = telemetry.flatten(jax.device_get(sown))
+    n_assign = float(np.sum(np.asarray(tmask))) * 2
+    assert n_assign < 16 * 16 * 2                        # padding present
+    for i in range(2):
+        load = np.array([tel[f"layers_{i}/ffn/moe/load/{j}"] for j in range(4)])
+        counts = np.rint(load * n_assign)
+        assert counts.sum() == n_assign
+        want = rate * np.sign(counts.mean() - counts)
+        assert np.any(want != 0)
+        np.testing.assert_array_equal(
+            np.asarray(new.params[f"layers_{i}"]["ffn"]["balance_bias"]), want.astype(np.float32))
+    # the other parameters did move (lr > 0): the step is not a no-op
+    assert not np.allclose(np.asarray(new.params["layers_0"]["ffn"]["router"]["kernel"]),
+                           kernel0)
+    # grad_accum=2: same load, same bias
+    setup2 = _setup(devices, tmp_path / "acc", *common, "train.lr=1e-1", "train.grad_accum=2")
+    with setup2.context():
+        new2, _ = setup2.train_step(setup2.init_state(), _batch(setup2, pad_rows=4))
+    for (_, a), (_, b) in zip(_bias_paths(new.params), _bias_paths(new2.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
