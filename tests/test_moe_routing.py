@@ -276,3 +276,120 @@ def test_balance_bias_train_step(devices, tmp_path):
         new2, _ = setup2.train_step(setup2.init_state(), _batch(setup2, pad_rows=4))
     for (_, a), (_, b) in zip(_bias_paths(new.params), _bias_paths(new2.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --------------------------------------------------------------------------------------------
+# scan_layers over groups of moe.every layers.
+
+
+def _to_groups(params, n_layers, every):
+    """Unscanned params (layers_i) -> scanned over groups (layers/block_j, leading group axis)."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = {f"block_{j}": jax.tree.map(
+        lambda *a: jnp.stack(a), *[params[f"layers_{g * every + j}"]
+                                   for g in range(n_layers // every)]) for j in range(every)}
+    return out
+
+
+def test_scan_layers_groups_equal_unscanned():
+    """moe.every=2 with scan_layers (groups of dense + MoE block) == the unscanned model with
+    the same parameters: logits, aux losses, gradients (balance-bias load included), and a KV
+    cache prefill + decode."""
+    over = ["model.n_layers=4", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+            "model.ffn_hidden=48", "moe.n_experts=4", "moe.top_k=2", "moe.every=2",
+            "moe.dispatch=dense", "moe.router=sigmoid", "moe.capacity_factor=1.0",
+            "moe.aux_loss_coef=0.1"]
+    cfg_u = load_config(None, [*over, "model.scan_layers=false"])
+    cfg_s = load_config(None, [*over, "model.scan_layers=true"])
+    mu, ms = TransformerLM(cfg_u.model, moe=cfg_u.moe), TransformerLM(cfg_s.model, moe=cfg_s.moe)
+    rng = np.random.default_rng(0)
+    toks = jnp.asarray(rng.integers(0, 259, (2, 12)), jnp.int32)
+    mask = jnp.asarray(np.arange(12)[None, :] < np.array([[12], [7]]))
+    pu = nn.meta.unbox(mu.init(jax.random.key(0), toks)["params"])
+    pu = jax.tree_util.tree_map_with_path(   # a non-zero bias, so that it matters
+        lambda p, x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype)
+        if param_roles.param_role(p) == "balance" else x, pu)
+    ps = _to_groups(pu, 4, 2)
+    shapes = nn.meta.unbox(jax.eval_shape(ms.init, jax.random.key(0), toks)["params"])
+    assert jax.tree.structure(shapes) == jax.tree.structure(ps)
+    assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(ps)))
+
+    def loss(model, p):
+        logits, sown = model.apply({"params": p}, toks, token_mask=mask, train=True,
+                                   mutable=list(telemetry.COLLECTIONS))
+        aux = telemetry.aux_loss(sown)
+        return jnp.sum(logits * mask[..., None]) * 1e-2 + aux, (logits, aux)
+
+    (lu, (logit_u, aux_u)), gu = jax.value_and_grad(lambda p: loss(mu, p), has_aux=True)(pu)
+    (ls, (logit_s, aux_s)), gs = jax.value_and_grad(lambda p: loss(ms, p), has_aux=True)(ps)
+    np.testing.assert_allclose(logit_s, logit_u, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(float(aux_s), float(aux_u), rtol=1e-6)
+    assert float(aux_u) > 0
+    gu_g = _to_groups(gu, 4, 2)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(gs)[0], jax.tree.leaves(gu_g)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4,
+                                   err_msg=jax.tree_util.keystr(path))
+    # the balance-bias cotangent is the per-layer load: non-zero, real tokens x top_k
+    load = np.asarray(gs["layers"]["block_1"]["ffn"]["balance_bias"])
+    assert load.shape == (2, 4) and np.all(load.sum(1) == 2 * int(mask.sum()))
+    # KV cache: prefill 8 tokens, then decode 1, scanned == unscanned
+    outs = []
+    for model, p in ((mu, pu), (ms, ps)):
+        cache = model.init_cache(2, 16)
+        lp, cache = model.apply({"params": p}, toks[:, :8], cache=cache)
+        ld, cache = model.apply({"params": p}, toks[:, 8:9], cache=cache, decode=True)
+        outs.append((lp, ld))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Auxiliary losses under gradient accumulation.
+
+
+def test_aux_losses_under_grad_accum(devices, tmp_path):
+    """The z-loss is a mean over tokens: grad_accum=2 == the whole batch (loss, gradient norm).
+    The load-balancing loss is a per-micro-batch statistic (Switch: f_e P_e of each routing
+    group, and a micro-batch's groups hold half the tokens): grad_accum=2 gives exactly the
+    token-weighted mean of the micro-batches' own losses, which differs from the whole batch's."""
+    from tfm_jax import train as train_lib
+
+    def run(extra, accum):
+        setup = _setup(devices, tmp_path / f"{accum}{len(extra)}", "moe.dispatch=all_to_all",
+                       "moe.capacity_factor=null", "train.lr=1e-3", "train.grad_clip=0",
+                       f"train.grad_accum={accum}", *extra)
+        state = setup.init_state()
+        batch = _batch(setup, seed=3)
+        params = jax.tree.map(lambda x: x.copy(), state.params)
+        with setup.context():
+            _, m = setup.train_step(state, batch)
+        return setup, params, batch, jax.device_get(m)
+
+    z_only = ["moe.aux_loss_coef=0", "moe.z_loss_coef=0.1"]
+    (_, _, _, m1), (_, _, _, m2) = run(z_only, 1), run(z_only, 2)
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
+
+    aux_only = ["moe.aux_loss_coef=1.0", "moe.z_loss_coef=0"]
+    _, _, _, m1 = run(aux_only, 1)
+    setup, params, batch, m2 = run(aux_only, 2)
+    # reference: each micro-batch (rows a, a+2, ...) on its own, token-weighted
+    def micro_loss(p, mb):
+        logits, _, sown = train_lib._forward(setup.model, p, {}, mb, train=True)
+        ce = train_lib.masked_ce_sum(logits, mb["targets"], mb["mask"])
+        return ce + telemetry.aux_loss(sown) * jnp.sum(mb["mask"])
+
+    with setup.context():
+        fn = jax.jit(jax.value_and_grad(micro_loss))
+        tot, grads = 0.0, None
+        for a in range(2):
+            mb = jax.tree.map(lambda x: x[a::2], batch)
+            v, g = fn(params, mb)
+            tot += float(v)
+            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    n = float(np.sum(np.asarray(batch["mask"])))
+    gnorm = np.sqrt(sum(float(jnp.sum(jnp.square(x))) for x in jax.tree.leaves(grads))) / n
+    np.testing.assert_allclose(m2["loss"], tot / n, rtol=1e-6)
+    np.testing.assert_allclose(m2["grad_norm"], gnorm, rtol=1e-5)
+    # ... and differs from the whole batch at once (the probe can tell them apart)
+    assert abs(float(m2["loss"]) - float(m1["loss"])) > 1e-6
