@@ -132,3 +132,25 @@ def test_decode_smoke(tmp_path, capsys):
     assert res["tfm_jax"]["bound_ms"]["dram"] == pytest.approx(1e3 * tr["total"] / bw["dram"])
     # the decoder's cache holds context + new_tokens positions: 2*L*B*max_len*Hkv*Dh*4
     assert res["tfm_jax"]["cache_bytes"] == 2 * 2 * 2 * (16 + 6) * 2 * 8 * 4
+
+
+def test_moe_dispatch_smoke(devices, tmp_path, capsys):
+    """benchmarks/moe_dispatch.py at a tiny shape: the three strategies agree on the loss, the
+    all_to_all bytes in the HLO equal the capacity formula, the table prints (no timing
+    assertions)."""
+    from benchmarks import moe_dispatch
+
+    out = tmp_path / "moe.json"
+    assert moe_dispatch.main(["--tokens", "128", "--seq", "16", "--d-model", "16", "--hidden",
+                              "32", "--steps", "1", "--repeats", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "target all_to_all >= 0.8x dense" in text
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert set(rows) == {"dense", "all_to_all", "implicit", "ffn_k_x_F"}
+    for s in ("all_to_all", "implicit"):
+        assert rows[s]["loss_rel_diff"] < 1e-5
+    cap = res["config"]["capacity"]                      # ceil(1.25 * 16 * 2 / 8) = 5
+    assert cap == 5 and res["capacity_formula_bytes"] == 4 * 8 * cap * 16 * 4
+    assert rows["all_to_all"]["all_to_all_bytes"] == res["capacity_formula_bytes"]
+    assert rows["all_to_all"]["all_to_all_count"] == 4 and res["all_to_all_bytes_ok"]
