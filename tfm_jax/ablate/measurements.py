@@ -166,11 +166,15 @@ MEASUREMENTS["perplexity"] = measure_val_loss
 @register("params")
 def measure_params(ctx: RunContext) -> dict[str, Any]:
     """Parameter counts from the config (:func:`tfm_jax.config.param_counts`): ``params``
-    (total), ``params_embedding``, ``params_non_embedding``, ``params_matmul``."""
+    (total), ``params_embedding``, ``params_non_embedding``, ``params_matmul``; with MoE
+    layers also ``params_active`` (what one token uses: top_k experts, router, shared)."""
     ctx.check_options(set())
-    c = param_counts(ctx.cfg.model)
-    return {"params": c["total"], "params_embedding": c["embedding"],
-            "params_non_embedding": c["total"] - c["embedding"], "params_matmul": c["matmul"]}
+    c = param_counts(ctx.cfg.model, ctx.cfg.moe)
+    out = {"params": c["total"], "params_embedding": c["embedding"],
+           "params_non_embedding": c["total"] - c["embedding"], "params_matmul": c["matmul"]}
+    if "active" in c:
+        out["params_active"] = c["active"]
+    return out
 
 
 @register("kv_bytes")
@@ -221,11 +225,12 @@ def measure_train_speed(ctx: RunContext) -> dict[str, Any]:
 def measure_flops(ctx: RunContext) -> dict[str, Any]:
     """``train_flops_per_token`` at the run's sequence length
     (:func:`tfm_jax.model.train_flops_per_token`: PaLM convention, 6 x matmul parameters + the
-    attention score/value products over the full T x T square)."""
+    attention score/value products over the full T x T square; MoE: the active experts)."""
     from tfm_jax.model import train_flops_per_token
 
     ctx.check_options(set())
-    return {"train_flops_per_token": train_flops_per_token(ctx.cfg.model, ctx.cfg.data.seq_len)}
+    return {"train_flops_per_token": train_flops_per_token(ctx.cfg.model, ctx.cfg.data.seq_len,
+                                                           ctx.cfg.moe)}
 
 
 @register("loss_curve")
@@ -368,3 +373,86 @@ def measure_loss_series(ctx: RunContext) -> dict[str, Any]:
             "val_curve": Series(("step",), [{"step": int(r["step"]),
                                              "val_loss_curve": float(r["val_loss"])}
                                             for r in evals])}
+
+
+@register("collectives")
+def measure_collectives(ctx: RunContext) -> dict[str, Any]:
+    """What the compiler emits for the run's train step (:func:`tfm_jax.inspect.
+    inspect_train_step`, compiled again, abstract state): per collective kind ``<kind>_count``
+    and ``<kind>_bytes`` per step (``all_to_all``, ``all_reduce``, ``all_gather``,
+    ``reduce_scatter``, ``collective_permute``; 0 when absent) and ``collective_bytes`` (all
+    kinds). Independent of the seed: use ``once: true``."""
+    from tfm_jax.inspect import inspect_train_step
+
+    ctx.check_options(set())
+    rep = inspect_train_step(ctx.cfg, ctx.devices)
+    out: dict[str, Any] = {}
+    total = 0
+    for kind in ("all-to-all", "all-reduce", "all-gather", "reduce-scatter",
+                 "collective-permute"):
+        c = rep["collectives"].get(kind, {})
+        key = kind.replace("-", "_")
+        out[f"{key}_count"] = int(c.get("count", 0))
+        out[f"{key}_bytes"] = int(c.get("bytes", 0))
+        total += out[f"{key}_bytes"]
+    out["collective_bytes"] = total
+    return out
+
+
+@register("moe_routing")
+def measure_moe_routing(ctx: RunContext) -> dict[str, Any]:
+    """MoE routing telemetry from ``metrics.jsonl`` (sown by :class:`tfm_jax.layers.moe.
+    MoEFeedForward` at every log step, means over each log window): over the last ``last``
+    train rows (option, default 5) and the MoE layers: ``moe_drop_fraction`` (dropped / routed
+    assignments), ``moe_load_max`` (busiest expert's load / mean: 1 = balanced),
+    ``moe_router_entropy`` (nats; log E = uniform), ``moe_aux_loss`` (weighted load-balancing
+    loss, summed over layers); the series ``moe_layers`` (by layer: ``drop_fraction``,
+    ``load_max``, ``router_entropy``) and ``moe_steps`` (by step: the layer means of
+    ``drop_fraction_t``, ``load_max_t``)."""
+    import re
+
+    ctx.check_options({"last"})
+    if not ctx.cfg.moe.n_experts:      # a dense variant beside MoE ones: nothing to measure
+        return {}
+    last = int(ctx.option("last", 5))
+    rows = [r for r in ctx.metrics() if r.get("loss") is not None]
+    pat = re.compile(r"^layers_(\d+)/(?:block_\d+/)?ffn/(moe/(drop_fraction|load_max|"
+                     r"router_entropy)|load_balance_loss)$")
+
+    def per_layer(row):
+        out: dict[tuple[int, str], float] = {}
+        for k, v in row.items():
+            m = pat.match(k)
+            if m and v is not None:
+                out[(int(m.group(1)), m.group(3) or "aux_loss")] = float(v)
+        return out
+
+    parsed = [(int(r["step"]), per_layer(r)) for r in rows]
+    parsed = [(s, p) for s, p in parsed if p]
+    if not parsed:
+        raise ValueError(f"no MoE telemetry in {ctx.run_dir / 'metrics.jsonl'} (moe.n_experts "
+                         "= 0?)")
+    tail = [p for _, p in parsed[-last:]]
+    layers = sorted({layer for p in tail for layer, _ in p})
+    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+
+    def stat(name, layer=None):
+        return mean([v for p in tail for (ly, n), v in p.items()
+                     if n == name and (layer is None or ly == layer)])
+
+    out: dict[str, Any] = {
+        "moe_drop_fraction": stat("drop_fraction"), "moe_load_max": stat("load_max"),
+        "moe_router_entropy": stat("router_entropy"),
+        "moe_aux_loss": mean([sum(v for (_, n), v in p.items() if n == "aux_loss")
+                              for p in tail]),
+        "moe_layers": Series(("layer",), [
+            {"layer": ly, "drop_fraction": stat("drop_fraction", ly),
+             "load_max": stat("load_max", ly), "router_entropy": stat("router_entropy", ly)}
+            for ly in layers]),
+        "moe_steps": Series(("step",), [
+            {"step": s, "drop_fraction_t": mean([v for (_, n), v in p.items()
+                                                  if n == "drop_fraction"]),
+             "load_max_t": mean([v for (_, n), v in p.items() if n == "load_max"])}
+            for s, p in parsed]),
+    }
+    return out
