@@ -393,3 +393,22 @@ def test_aux_losses_under_grad_accum(devices, tmp_path):
     np.testing.assert_allclose(m2["grad_norm"], gnorm, rtol=1e-5)
     # ... and differs from the whole batch at once (the probe can tell them apart)
     assert abs(float(m2["loss"]) - float(m1["loss"])) > 1e-6
+
+
+def test_batch_not_divisible_by_token_shards(devices):
+    """Generation-sized batches (3 rows on 8 token shards): completed with unrouted padding
+    rows. Dropless, each token's output depends on itself only, so it equals the one-group
+    dense reference (all_to_all and implicit on data 2 x expert 4)."""
+    mesh, rules = _mesh((2, 4))
+    wr, ks = _weights(8, seed=13)
+    x = jnp.asarray(np.random.default_rng(14).normal(size=(3, 5, D)), jnp.float32)
+    spec = md.MoESpec(8, 2, None)
+    ref, st_ref = md.moe_layer(x, jnp.asarray(wr), ks, spec, strategy="dense", groups=1)
+    for strategy in ("all_to_all", "implicit"):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            y, st = jax.jit(lambda x: md.moe_layer(x, jnp.asarray(wr), ks, spec,
+                                                   strategy=strategy))(x)
+        assert y.shape == (3, 5, D)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(st["counts"]), np.asarray(st_ref["counts"]))
+        assert float(np.sum(st["counts"])) == 3 * 5 * 2           # padding rows not counted

@@ -222,7 +222,9 @@ def moe_layer(x, router_kernel, kernels, spec: MoESpec, *, strategy: str = "dens
     ``load`` (E,) assignment fractions, ``load_max``, ``router_entropy``.
 
     ``token_mask`` (B, T) bool/0-1: padding (False) is not routed (no slot, output 0) and counts
-    in no statistic. ``router_bias`` (E,): the sigmoid router's balancing bias (selection only).
+    in no statistic. A batch that does not split into the ``G`` token shards (generation with
+    batch 1, say) is completed with such padding rows (the training batch rule makes the batch a
+    multiple of ``G``, :func:`tfm_jax.config.check_runtime`). ``router_bias`` (E,): the sigmoid router's balancing bias (selection only).
 
     ``groups``: routing groups for ``dense`` (default: the mesh's token shards, as the other
     strategies use; tests pass it to compare with a layout-free reference)."""
@@ -241,10 +243,12 @@ def moe_layer(x, router_kernel, kernels, spec: MoESpec, *, strategy: str = "dens
                          "moe.dispatch=dense without one")
     if strategy != "dense" and g != n_groups(mesh):
         raise ValueError("groups= is only for the dense reference")
-    if b % g:
-        raise ValueError(f"MoE: batch {b} is not divisible by the {g} token shards (mesh axes "
-                         f"{tok}); make the batch a multiple of {g}")
-    n = (b // g) * t
+    pad = (-b) % g
+    if pad:   # e.g. generation with batch 1 on 8 token shards: rows that are not routed
+        mask = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
+        token_mask = jnp.concatenate([mask, jnp.zeros((pad, t), bool)], axis=0)
+        x = jnp.concatenate([x, jnp.zeros((pad, t, d), x.dtype)], axis=0)
+    n = ((b + pad) // g) * t
     capacity = moe_lib.expert_capacity(n, spec.n_experts, spec.top_k, spec.capacity_factor)
     if (router_bias is not None) != (spec.router == "sigmoid"):
         raise ValueError(f"router={spec.router!r}: the balancing bias is for (and required by) "
@@ -262,4 +266,4 @@ def moe_layer(x, router_kernel, kernels, spec: MoESpec, *, strategy: str = "dens
         y, stats = all_to_all(xg, router_kernel, kernels, spec, capacity, tok, mesh, valid,
                               router_bias)
     stats = _finish_stats(stats, spec.n_experts)
-    return y.reshape(b, t, d).astype(spec.dtype), stats
+    return y.reshape(b + pad, t, d)[:b].astype(spec.dtype), stats
