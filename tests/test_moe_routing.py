@@ -313,6 +313,13 @@ def test_scan_layers_groups_equal_unscanned():
     shapes = nn.meta.unbox(jax.eval_shape(ms.init, jax.random.key(0), toks)["params"])
     assert jax.tree.structure(shapes) == jax.tree.structure(ps)
     assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(ps)))
+    # every parameter has a known role (the bias: 'balance'); counts by formula == the tree
+    roles = {jax.tree_util.keystr(p): param_roles.param_role(p)
+             for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    assert "other" not in roles.values() and list(roles.values()).count("balance") == 1
+    from tfm_jax.model import count_params
+    assert count_params(cfg_s.model, cfg_s.moe)["total"] == sum(
+        x.size for x in jax.tree.leaves(shapes))
 
     def loss(model, p):
         logits, sown = model.apply({"params": p}, toks, token_mask=mask, train=True,
