@@ -327,8 +327,10 @@ def test_scan_layers_groups_equal_unscanned():
         aux = telemetry.aux_loss(sown)
         return jnp.sum(logits * mask[..., None]) * 1e-2 + aux, (logits, aux)
 
-    (lu, (logit_u, aux_u)), gu = jax.value_and_grad(lambda p: loss(mu, p), has_aux=True)(pu)
-    (ls, (logit_s, aux_s)), gs = jax.value_and_grad(lambda p: loss(ms, p), has_aux=True)(ps)
+    (lu, (logit_u, aux_u)), gu = jax.jit(jax.value_and_grad(lambda p: loss(mu, p),
+                                                             has_aux=True))(pu)
+    (ls, (logit_s, aux_s)), gs = jax.jit(jax.value_and_grad(lambda p: loss(ms, p),
+                                                             has_aux=True))(ps)
     np.testing.assert_allclose(logit_s, logit_u, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(float(aux_s), float(aux_u), rtol=1e-6)
     assert float(aux_u) > 0
@@ -342,10 +344,13 @@ def test_scan_layers_groups_equal_unscanned():
     # KV cache: prefill 8 tokens, then decode 1, scanned == unscanned
     outs = []
     for model, p in ((mu, pu), (ms, ps)):
-        cache = model.init_cache(2, 16)
-        lp, cache = model.apply({"params": p}, toks[:, :8], cache=cache)
-        ld, cache = model.apply({"params": p}, toks[:, 8:9], cache=cache, decode=True)
-        outs.append((lp, ld))
+        @jax.jit
+        def prefill_decode(p, model=model):
+            cache = model.init_cache(2, 16)
+            lp, cache = model.apply({"params": p}, toks[:, :8], cache=cache)
+            ld, cache = model.apply({"params": p}, toks[:, 8:9], cache=cache, decode=True)
+            return lp, ld
+        outs.append(prefill_decode(p))
     for a, b in zip(*outs):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
 
@@ -354,6 +359,7 @@ def test_scan_layers_groups_equal_unscanned():
 # Auxiliary losses under gradient accumulation.
 
 
+@pytest.mark.slow      # 4 train-step compilations (~45 s quiet, 5 min under load)
 def test_aux_losses_under_grad_accum(devices, tmp_path):
     """The z-loss is a mean over tokens: grad_accum=2 == the whole batch (loss, gradient norm).
     The load-balancing loss is a per-micro-batch statistic (Switch: f_e P_e of each routing
