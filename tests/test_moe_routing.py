@@ -425,3 +425,35 @@ def test_batch_not_divisible_by_token_shards(devices):
         np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5, rtol=1e-5)
         np.testing.assert_array_equal(np.asarray(st["counts"]), np.asarray(st_ref["counts"]))
         assert float(np.sum(st["counts"])) == 3 * 5 * 2           # padding rows not counted
+
+
+def test_moe_routing_measurement(tmp_path):
+    """The ablation runner's moe_routing measurement averages the sown per-layer telemetry of
+    the last log windows (synthetic metrics.jsonl), per layer and over layers; dense: {}."""
+    import json
+    import pathlib
+
+    from tfm_jax.ablate.measurements import MEASUREMENTS, RunContext
+
+    rows = []
+    for step in (10, 20, 30):
+        r = {"step": step, "loss": 3.0}
+        for ly in range(2):
+            r[f"layers_{ly}/ffn/moe/drop_fraction"] = 0.1 * (ly + 1) + step / 1000
+            r[f"layers_{ly}/ffn/moe/load_max"] = 1.5 + ly
+            r[f"layers_{ly}/ffn/moe/router_entropy"] = 2.0
+            r[f"layers_{ly}/ffn/load_balance_loss"] = 0.01
+        rows.append(r)
+    rows.append({"step": 30, "val_loss": 2.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, ["moe.n_experts=4"])
+    ctx = RunContext(cfg, pathlib.Path(tmp_path), "v", 0, options={"last": 2})
+    out = MEASUREMENTS["moe_routing"](ctx)
+    assert out["moe_drop_fraction"] == pytest.approx(np.mean([0.12, 0.13, 0.22, 0.23]))
+    assert out["moe_load_max"] == pytest.approx(2.0)
+    assert out["moe_aux_loss"] == pytest.approx(0.02)
+    assert [r["layer"] for r in out["moe_layers"].rows] == [0, 1]
+    assert out["moe_layers"].rows[1]["drop_fraction"] == pytest.approx(0.225)
+    assert [r["step"] for r in out["moe_steps"].rows] == [10, 20, 30]
+    dense = RunContext(load_config(None, []), pathlib.Path(tmp_path), "d", 0)
+    assert MEASUREMENTS["moe_routing"](dense) == {}
