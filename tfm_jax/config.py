@@ -223,7 +223,18 @@ class DataConfig(_Section):
     seq_len: Int = Field(128, gt=1)
     val_fraction: Float = Field(0.05, gt=0, le=0.5)
     packing: bool = Field(True, description="False: one document per row, padded (masked)")
+    random_truncate: Float = Field(
+        0.0, ge=0, lt=1, description="packed rows only: cut each row at a uniform random length "
+        "in [(1-f)*seq_len, seq_len] and pad the rest (masked): variable-length batches")
     cache_dir: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _truncate_needs_packing(self) -> "DataConfig":
+        if self.random_truncate and not self.packing:
+            raise ValueError(f"data.random_truncate={self.random_truncate} applies to packed rows; "
+                             "with data.packing=false rows are already padded documents: set "
+                             "data.random_truncate=0 or data.packing=true")
+        return self
 
 
 class TrainConfig(_Section):

@@ -731,7 +731,8 @@ def _train(cfg: Config, ckpt: Checkpointer, resume: bool, devices: Optional[list
                         batch = data_lib.train_batch(
                             corpus.train, corpus.train_doc_starts, step=step, seed=t.seed,
                             batch_size=t.batch_size, seq_len=cfg.data.seq_len,
-                            packing=cfg.data.packing, rows=rows)
+                            packing=cfg.data.packing, rows=rows,
+                            random_truncate=cfg.data.random_truncate)
                         state, metrics = setup.train_step(state, setup.shard_batch(batch))
                         step += 1
                         if pending is not None:
