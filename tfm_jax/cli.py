@@ -496,6 +496,32 @@ def run_inspect(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- claims
+
+
+def _claims_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=".", help="repository root holding benchmarks/ (default: "
+                   "the current directory)")
+    p.add_argument("--out", default=None, help="output file (default <root>/CLAIMS.md)")
+
+
+def run_claims(args) -> int:
+    """The claims ledger (tfm_jax.claims): every claim of the seed with a verdict."""
+    from tfm_jax import claims
+
+    root = pathlib.Path(args.root)
+    if not (root / "benchmarks").is_dir():
+        raise FileNotFoundError(f"{root.resolve()} has no benchmarks/ folder: run from the "
+                                "repository root or pass --root")
+    rows = claims.ledger(root)
+    path = pathlib.Path(args.out) if args.out else root / "CLAIMS.md"
+    path.write_text(claims.markdown(rows))
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in claims.VERDICTS}
+    print(f"{len(rows)} claims: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n))
+    print(f"  ledger  {path}")
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(("train",), "train a model (default: tiny config, built-in corpus)", _train_args,
             run_train),
@@ -517,6 +543,9 @@ COMMANDS: tuple[Command, ...] = (
             _ablate_args, run_ablate),
     Command(("inspect",), "compile a config's train step: params, FLOPs/token, memory, and "
             "every collective XLA emits (count, bytes)", _inspect_args, run_inspect),
+    Command(("claims",), "write CLAIMS.md: every claim of the seed document with the measured "
+            "figure and a verdict (from benchmarks/*/results.json + arithmetic)",
+            _claims_args, run_claims),
 )
 _GROUP_HELP = {"config": "config utilities"}
 
