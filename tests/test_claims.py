@@ -125,7 +125,7 @@ def test_metric_extractors(tmp_path):
 def test_norm_speed_verdict(tmp_path):
     def speed(r):
         _write(tmp_path, "norm_speed", {"where": "cpu", "rows": [
-            {"d": 128, "rms_over_ln_fwd": r, "rms_over_ln_fwd_bwd": r}]})
+            {"d": 128, "rms_over_ln_fwd": r, "rms_over_ln_fwd_bwd": 0.5}]})
         return claims.norm_speed(Sources(tmp_path)).verdict
     assert speed(0.85) == CONFIRMED
     assert speed(0.97) == REFUTED
