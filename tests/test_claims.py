@@ -142,3 +142,27 @@ def test_markdown_table_and_cli(tmp_path, capsys):
     assert all(ln.count(" | ") == 7 for ln in table)      # '|' inside cells is escaped
     assert f"{len(CLAIMS)} claims:" in capsys.readouterr().out
     assert cli.main(["claims", "--root", str(tmp_path / "nowhere")]) == 2
+
+
+def test_depth_gradients(tmp_path):
+    def rows(spreads):
+        out = []
+        for v, (a, b) in spreads.items():
+            for layer, g in enumerate((1.0, a)):
+                out.append({"variant": v, "layer": layer, "grad_norm_init": {"mean": g},
+                            "grad_norm_final": {"mean": g * b}})
+        return out
+
+    def verdict(spreads):
+        _write(tmp_path, "norm_depth", {"where": "cpu", "aggregates": {"series": {
+            "grad_norms": {"by": ["layer"], "rows": rows(spreads)}}}})
+        return claims.depth_gradients(Sources(tmp_path))
+    even = {"pre24_w": (1.1, 1), "pre24_nw": (1.2, 1), "post24_w": (3.0, 1),
+            "post24_nw": (2.0, 1)}
+    f = verdict(even)
+    assert f.verdict == CONFIRMED and "post24_w: max/min over blocks 3 at init" in f.measured
+    assert verdict({**even, "pre24_nw": (2.5, 1)}).verdict == REFUTED
+    _write(tmp_path, "norm_depth", {"aggregates": {"series": {"g": {"rows": rows(
+        {"pre24_w": (1, 1)})}}}})
+    with pytest.raises(claims.Missing, match="pre24_nw"):
+        claims.depth_gradients(Sources(tmp_path))

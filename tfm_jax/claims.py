@@ -340,6 +340,33 @@ def depth_divergence(src: Sources) -> Finding:
                    "w = 20 warmup steps, nw = none; no gradient clipping")
 
 
+def depth_gradients(src: Sources) -> Finding:
+    """Per-layer gradient norms of the 24-layer runs: top / bottom block at init and after
+    training, and the smallest / largest block norm after training. Confirmed when every
+    Pre-Norm run's spread (max / min over blocks) is smaller than every Post-Norm run's, at
+    init and after training."""
+    res = src.results("norm_depth")
+    series = res["aggregates"]["series"]
+    rows = next(v["rows"] for v in series.values() if v["rows"] and "grad_norm_init" in
+                v["rows"][0])
+    spread: dict[str, dict[str, float]] = {}
+    for v in ("pre24_w", "pre24_nw", "post24_w", "post24_nw"):
+        for when in ("init", "final"):
+            vals = [r[f"grad_norm_{when}"]["mean"] for r in rows
+                    if r["variant"] == v and f"grad_norm_{when}" in r]
+            if not vals:
+                raise Missing(f"grad_norm_{when} of {v} not in {STUDIES['norm_depth'][0]}",
+                              STUDIES["norm_depth"][1])
+            spread.setdefault(v, {})[when] = max(vals) / max(min(vals), 1e-30)
+    ok = all(max(spread[p][w] for p in ("pre24_w", "pre24_nw"))
+             < min(spread[q][w] for q in ("post24_w", "post24_nw")) for w in ("init", "final"))
+    text = "; ".join(f"{v}: max/min over blocks {spread[v]['init']:.3g} at init, "
+                     f"{spread[v]['final']:.3g} after" for v in spread)
+    return Finding(text, CONFIRMED if ok else REFUTED, where_of(src, "norm_depth"),
+                   "gradient L2 norm per block on one training batch; a large max/min is an "
+                   "uneven (exploding or vanishing) gradient across depth")
+
+
 def moe_row(keyword: str, fallback_reason: str) -> Callable[[Sources], Finding]:
     """A row of the MoE study (another helper's): its claims-table row mentioning
     ``keyword``, else the reason it cannot be measured."""
@@ -386,9 +413,8 @@ CLAIMS: list[Claim] = [
     Claim("Ch1.1.3", "Post-Norm depends on warmup (loss without vs with warmup, 24 layers)",
           "qualitative", from_study("norm_depth", "depends on warmup"),
           "tfm-jax ablate norm_depth", "norm_depth"),
-    Claim("Ch1.1.3", "Pre-Norm: gradients flow more smoothly (per-layer gradient norms at init)",
-          "qualitative", from_study("norm_depth", "Pre-Norm at init"),
-          "tfm-jax ablate norm_depth", "norm_depth"),
+    Claim("Ch1.1.3", "Pre-Norm: gradients flow more smoothly (per-layer gradient norms, 24 "
+          "layers)", "qualitative", depth_gradients, "tfm-jax ablate norm_depth", "norm_depth"),
     Claim("Ch1.1.4", "RMSNorm drops the mean subtraction: ~15 % less compute (the op)", "-15 %",
           norm_speed, STUDIES["norm_speed"][1], "norm_speed"),
     Claim("Ch1.1.4", "... end to end (training step time, RMSNorm vs LayerNorm)", "-15 %",
