@@ -423,7 +423,9 @@ CLAIMS: list[Claim] = [
           from_study("norm", "RMSNorm loses no accuracy"), "tfm-jax ablate norm", "norm"),
     # ---------------------------------------------------------------- Ch1.2 FFN
     Claim("Ch1.2.2", "ReLU zeroes ≈50 % of the FFN neurons", "≈50 %",
-          from_study("ffn", "ReLU zeroes", measured=lambda m: f"{float(m):.1%}"),
+          from_study("ffn", "ReLU zeroes", measured=lambda m: f"{float(m):.1%}", note=(
+              "trained ReLU FFN, mean over layers; ~50 % holds only at initialisation "
+              "(symmetric pre-activations); the trained layers are sparser")),
           "tfm-jax ablate ffn", "ffn"),
     Claim("Ch1.2.2", "4d conserves information: (1/2)·(1/2)·4d = d effective dimensions",
           "hidden 2d, output d", ffn_hidden_rank, "tfm-jax ablate ffn", "ffn"),
@@ -431,7 +433,8 @@ CLAIMS: list[Claim] = [
           ffn_width, "tfm-jax ablate ffn", "ffn"),
     Claim("Ch1.2.3", "FFN is a key-value memory (values promote keys' next tokens)",
           "qualitative (Geva et al.)", from_study("ffn", "key-value memory"),
-          "tfm-jax ablate ffn  (tables: runs/ablate/ffn/<variant>/seed0/ffn_memory.md)", "ffn"),
+          "tfm-jax ablate ffn  (tables: benchmarks/ffn_study/ffn_memory_<variant>.md)",
+          "ffn"),
     Claim("Ch1.2.4", "SwiGLU: gating improves expressiveness, converges faster (vs ReLU, equal "
           "parameters)", "qualitative", from_study("ffn", "SwiGLU at (2/3)*4d beats"),
           "tfm-jax ablate ffn", "ffn"),
