@@ -174,6 +174,7 @@ def test_bn_eval_layernorm_is_batch_independent(tmp_path, devices):
     assert 0 < out["pad_fraction"] < 0.5
 
 
+@pytest.mark.slow
 def test_bn_eval_batchnorm_modes_differ(tmp_path, devices):
     ctx = _ctx(tmp_path, devices, norm="batchnorm", init_std=0.5)
     ctx.options = {"batches": 1, "batch_size": 3, "truncate": 0.5}
@@ -184,27 +185,27 @@ def test_bn_eval_batchnorm_modes_differ(tmp_path, devices):
     assert abs(out["bn_loss_b1"] - out["bn_loss_batch_masked"]) > 1e-5
 
 
-def test_ffn_parts_consistent_with_params(tmp_path, devices):
+@pytest.mark.parametrize("kind", ["relu", pytest.param("swiglu", marks=pytest.mark.slow)])
+def test_ffn_parts_consistent_with_params(tmp_path, devices, kind):
     """The captured hidden activation times wo is the captured FFN output, for ReLU and SwiGLU,
     and the ReLU zero share equals the share of non-positive pre-activations."""
     from flax import linen as nn
     from flax import traverse_util
-    for kind in ("relu", "swiglu"):
-        ctx = _ctx(tmp_path, devices, ffn_type=kind, ffn_hidden=24, init_std=0.2)
-        batches = probes.probe_batches(ctx, 1, 2)
-        parts = probes._ffn_parts(ctx, batches)
-        params = traverse_util.flatten_dict(nn.meta.unbox(ctx.restore()[1].params), sep="/")
-        for i, p in enumerate(parts):
-            wo = np.asarray(params[f"layers_{i}/ffn/wo/kernel"])
-            np.testing.assert_allclose(p["act"] @ wo, p["out"], rtol=1e-4, atol=1e-5)
-            assert p["act"].shape == (32, 24) and p["inp"].shape == (32, 32)
-        ctx.options = {"batches": 1, "batch_size": 2}
-        out = MEASUREMENTS["ffn_activity"](ctx)
-        if kind == "relu":
-            assert out["ffn_zero_fraction"] == pytest.approx(out["ffn_nonpositive_fraction"])
-        else:
-            assert out["ffn_zero_fraction"] < 0.01
-        assert 1 <= out["ffn_erank_hidden"] <= 24 and 1 <= out["ffn_erank_out"] <= 32
+    ctx = _ctx(tmp_path, devices, ffn_type=kind, ffn_hidden=24, init_std=0.2)
+    batches = probes.probe_batches(ctx, 1, 2)
+    parts = probes._ffn_parts(ctx, batches)
+    params = traverse_util.flatten_dict(nn.meta.unbox(ctx.restore()[1].params), sep="/")
+    for i, p in enumerate(parts):
+        wo = np.asarray(params[f"layers_{i}/ffn/wo/kernel"])
+        np.testing.assert_allclose(p["act"] @ wo, p["out"], rtol=1e-4, atol=1e-5)
+        assert p["act"].shape == (32, 24) and p["inp"].shape == (32, 32)
+    ctx.options = {"batches": 1, "batch_size": 2}
+    out = MEASUREMENTS["ffn_activity"](ctx)
+    if kind == "relu":
+        assert out["ffn_zero_fraction"] == pytest.approx(out["ffn_nonpositive_fraction"])
+    else:
+        assert out["ffn_zero_fraction"] < 0.01
+    assert 1 <= out["ffn_erank_hidden"] <= 24 and 1 <= out["ffn_erank_out"] <= 32
 
 
 def test_head_diversity_and_memory_run(tmp_path, devices):
@@ -222,9 +223,10 @@ def test_head_diversity_and_memory_run(tmp_path, devices):
     assert text.count("\n| ") >= 3 and "->" in text
 
 
-def test_probe_refuses_scanned_layers(tmp_path, devices):
-    ctx = _ctx(tmp_path, devices, scan_layers="true")
-    ctx.options = {}
+def test_probe_refuses_scanned_layers(tmp_path):
+    # the checks come before any model is built
+    cfg = load_config(None, ["model.scan_layers=true"])
+    ctx = RunContext(cfg=cfg, run_dir=pathlib.Path(tmp_path), variant="v", seed=0)
     with pytest.raises(ValueError, match="needs model.scan_layers=false"):
         MEASUREMENTS["head_diversity"](ctx)
     ctx.options = {"bogus": 1}
@@ -232,16 +234,16 @@ def test_probe_refuses_scanned_layers(tmp_path, devices):
         MEASUREMENTS["ffn_activity"](ctx)
 
 
-def test_grad_norms_scanned_matches_unscanned_shape(tmp_path, devices):
-    for scan in ("false", "true"):
-        ctx = _ctx(tmp_path, devices, scan_layers=scan)
-        ctx.options = {"batches": 1, "batch_size": 2}
-        out = MEASUREMENTS["grad_norms"](ctx)
-        rows = out["grad_norms"].rows
-        assert [r["layer"] for r in rows] == [0, 1]
-        assert all(r["grad_norm_init"] > 0 for r in rows)
-        # untrained: the "final" state is the initial one
-        assert rows[0]["grad_norm_final"] == pytest.approx(rows[0]["grad_norm_init"], rel=1e-5)
+@pytest.mark.parametrize("scan", ["true", pytest.param("false", marks=pytest.mark.slow)])
+def test_grad_norms_per_layer(tmp_path, devices, scan):
+    ctx = _ctx(tmp_path, devices, scan_layers=scan)
+    ctx.options = {"batches": 1, "batch_size": 2}
+    out = MEASUREMENTS["grad_norms"](ctx)
+    rows = out["grad_norms"].rows
+    assert [r["layer"] for r in rows] == [0, 1]
+    assert all(r["grad_norm_init"] > 0 for r in rows)
+    # untrained: the "final" state is the initial one
+    assert rows[0]["grad_norm_final"] == pytest.approx(rows[0]["grad_norm_init"], rel=1e-5)
 
 
 @pytest.mark.slow
