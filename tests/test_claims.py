@@ -166,3 +166,16 @@ def test_depth_gradients(tmp_path):
         {"pre24_w": (1, 1)})}}}})
     with pytest.raises(claims.Missing, match="pre24_nw"):
         claims.depth_gradients(Sources(tmp_path))
+
+
+def test_moe_rows(tmp_path):
+    f = claims.moe_row("cuts communication by 40", "needs Gaudi")
+    with pytest.raises(claims.Missing, match="moe_study/results.json not found"):
+        f(Sources(tmp_path))
+    _write(tmp_path, "moe", {"where": "cpu", "claims": [
+        {"claim": "the fused path cuts communication by 40 %", "measured": 0.0,
+         "verdict": "does not hold", "where": "CPU x8"}]})
+    r = f(Sources(tmp_path))
+    assert (r.measured, r.verdict, r.where) == ("0", REFUTED, "CPU x8")
+    r = claims.moe_row("sends all_to_all twice", "checked as code")(Sources(tmp_path))
+    assert r.verdict == NOT_MEASURABLE and r.note == "checked as code"
