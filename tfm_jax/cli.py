@@ -2,9 +2,10 @@
 
 Every command takes ``--config FILE`` (default ``configs/tiny.yaml``; a bare name such as
 ``small`` is looked up in the shipped configs) and trailing ``section.key=value`` overrides.
-Exit codes: 0 ok, 2 invalid config or input, 1 training diverged, 130/143 interrupted by
-SIGINT/SIGTERM at any moment (one line says what was saved: in the training loop a checkpoint,
-continue with ``--resume``; see :mod:`tfm_jax.interrupts`).
+Exit codes: 0 ok, 2 invalid config or input, 1 training diverged, 3 a multi-process run's peer
+never connected (:mod:`tfm_jax.distributed`), 130/143 interrupted by SIGINT/SIGTERM at any
+moment (one line says what was saved: in the training loop a checkpoint, continue with
+``--resume``; see :mod:`tfm_jax.interrupts`).
 
 Each command is a small :class:`Command` unit (name, arguments, run). Its run function imports
 what it needs, so light commands stay light: ``tfm-jax config show`` imports neither jax nor
@@ -92,8 +93,11 @@ def _sample(setup, state, prompt: str, tokens: int, temperature: float, top_k: i
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
+    from tfm_jax import distributed
+
     _add_common(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    distributed.add_args(p)
 
 
 def run_train(args) -> int:
@@ -104,6 +108,10 @@ def run_train(args) -> int:
             "quantized run cannot be trained or resumed (quantization-aware training is not "
             "supported). Train the full-precision run (quant.recipe=none) and quantize it "
             "afterwards with 'tfm-jax quantize'")
+    from tfm_jax import distributed
+
+    dist = distributed.from_args(args)      # before any jax backend starts
+    distributed.initialize(dist)
     interrupts.note("before training resumed; the run's checkpoints are unchanged" if args.resume
                     else "before step 1, nothing saved")
     from tfm_jax import train as train_lib
@@ -135,7 +143,10 @@ def run_train(args) -> int:
                  else ""))
     interrupts.note(f"after training finished at step {result.final_step} (checkpoint saved)"
                     + ("; no sample written" if cfg.train.sample_tokens else ""))
-    if cfg.train.sample_tokens:
+    if cfg.train.sample_tokens and dist is not None and dist.num_processes > 1:
+        print(f"\nno sample: a multi-process run ({dist.describe()}); sample with "
+              f"'tfm-jax generate --run-dir {run_dir}' in one process")
+    elif cfg.train.sample_tokens:
         text = _sample(result.setup, result.state, cfg.train.sample_prompt, cfg.train.sample_tokens,
                        0.8, 40, cfg.train.seed)
         (run_dir / "samples.txt").write_text(text)
@@ -145,6 +156,7 @@ def run_train(args) -> int:
           + (f"\n  tensorboard {run_dir / 'events'}  (tensorboard --logdir {run_dir / 'events'})"
              if cfg.run.tensorboard else "")
           + (f"\n  sample      {run_dir / 'samples.txt'}" if cfg.train.sample_tokens else ""))
+    distributed.shutdown(dist)
     return 0
 
 
@@ -152,7 +164,10 @@ def run_train(args) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
+    from tfm_jax import distributed
+
     _add_common(p)
+    distributed.add_args(p)
     p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
     p.add_argument("--calib-batches", type=int, default=16,
                    help="quant.recipe=fp8_delayed on a run trained without it: the training "
@@ -164,6 +179,10 @@ def run_eval(args) -> int:
     if args.calib_batches < 1:
         raise ConfigError(f"--calib-batches {args.calib_batches}: fill the fp8_delayed "
                           "histories from at least 1 batch")
+    from tfm_jax import distributed
+
+    dist = distributed.from_args(args)      # before any jax backend starts
+    distributed.initialize(dist)
     from tfm_jax import data as data_lib
     from tfm_jax.train import eval_span, evaluate
 
@@ -176,6 +195,7 @@ def run_eval(args) -> int:
     if cfg.quant.recipe != "none":
         row["quant_recipe"] = cfg.quant.recipe
     print(json.dumps(row, indent=2))
+    distributed.shutdown(dist)
     return 0
 
 
