@@ -24,8 +24,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
   date -u
-  "$PY" -c 'import sys; print("python", sys.version.split()[0])'
-  "$PY" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)' 2>&1
+  "$PY" -c 'import sys, jax, flax, optax; print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)' 2>&1
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 if command -v nvidia-smi > /dev/null; then nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1; fi
@@ -33,7 +32,7 @@ if ! "$PY" -c 'import jax, flax, optax, pydantic, orbax.checkpoint, yaml' 2>> "$
   echo "missing python packages (see $OUT/env.txt): pip install -e . first, or carry wheels in .whl/"
   exit 1
 fi
-timeout 470 "$PY" benchmarks/device_check.py --out "$OUT" "$@"
+timeout 460 "$PY" benchmarks/device_check.py --out "$OUT" "$@"
 rc=$?
-if [ $rc -eq 124 ]; then echo "device_check.py hit the 470 s cap: partial results in $OUT"; fi
+if [ $rc -eq 124 ]; then echo "device_check.py hit the 460 s cap: partial results in $OUT"; fi
 exit $rc
