@@ -88,9 +88,8 @@ def test_unknown_part_is_refused(capsys):
 @pytest.mark.slow
 def test_dry_every_part_through_the_shell_script(tmp_path):
     env = {**_env(), "OUT": str(tmp_path), "PYTHON": sys.executable}
-    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--dry",
-                        "--budget", "1500"], env=env, capture_output=True, text=True,
-                       timeout=1700, cwd=ROOT)
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--dry"],
+                       env=env, capture_output=True, text=True, timeout=2400, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((tmp_path / "device_check.json").read_text())
     parts = res["parts"]

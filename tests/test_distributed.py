@@ -3,8 +3,10 @@ detection, the errors of each bad setting, a missing peer ending with exit 3 and
 instead of hanging, and (slow) checkpoints moving between 2-process and 1-process runs with the
 uninterrupted run's loss trajectory."""
 
+import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -161,16 +163,17 @@ ARGS = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_h
         "mesh.tensor=2"]
 
 
-def _two_processes(tmp_path, run_dir, overrides, *, via_env: bool, resume: bool) -> None:
-    """`tfm-jax train` as 2 processes x 4 fake CPU devices on localhost (settings as flags, or
-    as TFM_JAX_* variables)."""
+def _two_processes(tmp_path, run_dir, overrides, *, via_env: bool, resume: bool,
+                   command: str = "train") -> list[str]:
+    """`tfm-jax train` (or `eval`) as 2 processes x 4 fake CPU devices on localhost (settings
+    as flags, or as TFM_JAX_* variables); their outputs."""
     coord = f"127.0.0.1:{_free_port()}"
     base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     base.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                 XLA_FLAGS="--xla_force_host_platform_device_count=4")
     procs = []
     for i in range(2):
-        cmd = [sys.executable, "-m", "tfm_jax", "train", *(["--resume"] if resume else [])]
+        cmd = [sys.executable, "-m", "tfm_jax", command, *(["--resume"] if resume else [])]
         env = dict(base)
         if via_env:
             env.update(TFM_JAX_COORDINATOR=coord, TFM_JAX_NUM_PROCESSES="2",
@@ -178,12 +181,19 @@ def _two_processes(tmp_path, run_dir, overrides, *, via_env: bool, resume: bool)
         else:
             cmd += ["--coordinator", coord, "--num-processes", "2", "--process-id", str(i),
                     "--dist-timeout", "120"]
-        procs.append(subprocess.Popen(cmd + overrides + [f"run.dir={run_dir}"], env=env,
+        target = [f"run.dir={run_dir}"] if command == "train" else ["--run-dir", str(run_dir)]
+        procs.append(subprocess.Popen(cmd + overrides + target, env=env,
                                       cwd=tmp_path, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=400)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
+    return outs
+
+
+def _last_json(text: str) -> dict:
+    """The last top-level JSON object printed (``json.dumps(indent=2)``) in ``text``."""
+    return json.loads(re.findall(r"^\{$.*?^\}$", text, re.M | re.S)[-1])
 
 
 def _losses(run_dir) -> list[tuple[int, float]]:
@@ -192,9 +202,10 @@ def _losses(run_dir) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-def test_checkpoints_move_between_2_and_1_processes(tmp_path, devices):
+def test_checkpoints_move_between_2_and_1_processes(tmp_path, devices, capsys):
     """2 processes train 2 steps -> 1 process resumes to 4; 1 process trains 2 -> 2 processes
-    resume to 4. Both follow the uninterrupted 1-process losses and end at its parameters."""
+    resume to 4. Both follow the uninterrupted 1-process losses and end at its parameters; then
+    `tfm-jax eval` on 2 processes gives the 1-process validation loss."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"class C{i}:\n    value = {i * 7 % 13}\n\n" for i in range(3000)))
     common = ARGS + [f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
@@ -234,3 +245,15 @@ def test_checkpoints_move_between_2_and_1_processes(tmp_path, devices):
     assert ck.latest_step() == 4
     same_params(ck.restore(setup.abstract_state()).params)
     ck.close()
+
+    # `tfm-jax eval` of that run on 2 processes = on 1 process (8 devices, in-process)
+    from tfm_jax import cli
+
+    outs = _two_processes(tmp_path, b, [], via_env=False, resume=False, command="eval")
+    two = [_last_json(o) for o in outs]
+    capsys.readouterr()
+    assert cli.main(["eval", "--run-dir", str(b)]) == 0
+    one = _last_json(capsys.readouterr().out)
+    for r in two:
+        assert r["step"] == 4
+        np.testing.assert_allclose(r["val_loss"], one["val_loss"], rtol=1e-6)
