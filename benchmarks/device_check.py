@@ -141,7 +141,8 @@ def _cuda_plugin_library(plugins: dict[str, Any]) -> Optional[str]:
 
 _DEVICES_SNIPPET = ("import json, jax; d = jax.devices(); print('DEVICES ' + json.dumps("
                     "{'platform': d[0].platform, 'kind': d[0].device_kind, "
-                    "'devices': [str(x) for x in d]}))")
+                    "'devices': [str(x) for x in d]}), flush=True); "
+                    "print('COMPUTE', float(jax.numpy.arange(4.0).sum()))")
 
 
 def _run_python(code_or_args: list[str], env: dict[str, str], timeout: int) -> dict[str, Any]:
@@ -155,6 +156,9 @@ def _run_python(code_or_args: list[str], env: dict[str, str], timeout: int) -> d
     m = re.search(r"^DEVICES (.*)$", p.stdout, re.M)
     if m:
         out.update(json.loads(m.group(1)))
+    m = re.search(r"^COMPUTE (\S+)$", p.stdout, re.M)
+    if m:                          # a tiny computation ran there: arange(4).sum() == 6
+        out["compute_ok"] = float(m.group(1)) == 6.0
     out["status"] = "ok" if p.returncode == 0 else "error"
     if p.returncode != 0:
         out["output_tail"] = (p.stdout + p.stderr)[-1500:]

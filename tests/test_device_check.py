@@ -68,6 +68,16 @@ def test_budget_left_too_small_skips_parts(tmp_path):
     assert res["parts"]["mfu"]["part_status"].startswith("not run")
 
 
+def test_plugin_probe_reports_devices_and_a_computation():
+    """The fresh-process probe the plugin part runs (here on the CPU platform; on the GPU with
+    the CUDA plugin registered by path), and its error record for an unknown platform."""
+    ok = device_check._run_python(["-c", device_check._DEVICES_SNIPPET], _env(), 120)
+    assert ok["status"] == "ok" and ok["platform"] == "cpu" and ok["compute_ok"] is True, ok
+    bad = device_check._run_python(["-c", device_check._DEVICES_SNIPPET],
+                                   {**_env(), "JAX_PLATFORMS": "no_such_plugin"}, 120)
+    assert bad["status"] == "error" and "no_such_plugin" in bad["output_tail"], bad
+
+
 def test_pytest_output_parsing_counts_a_cut_short_run():
     text = ("tests/test_a.py::test_x PASSED   [ 10%]\n"
             "tests/test_a.py::test_y[e4m3] FAILED   [ 20%]\n"

@@ -265,6 +265,8 @@ def initialize(s: Optional[DistSettings]) -> None:
         jax.distributed.initialize(
             s.coordinator, num_processes=s.num_processes, process_id=s.process_id,
             local_device_ids=list(s.local_device_ids) if s.local_device_ids else None,
+            # resolve() already ran the detection that was asked for (none without --cluster)
+            cluster_detection_method="deactivate",
             initialization_timeout=s.timeout_s + GRACE_S)
     except RuntimeError as err:      # e.g. a jax backend was already initialized
         raise ConfigError(f"multi-process start failed ({s.describe()}): {err}") from err
