@@ -24,8 +24,8 @@ decode     ``benchmarks/decode.py`` decode throughput (tokens/s, KV cache, no to
 Each part runs in its own process (so no parent holds the GPU's memory) under its own time cap;
 a part that crashes or runs past its cap is recorded as such (with what it wrote so far) and the
 next one starts. The whole run stays under ``--budget`` seconds (default 450: the issue's 8
-minutes less start-up and the wheel install). ``--dry`` runs every part at tiny size on CPU (tested by
-``tests/test_device_check.py``); without a GPU the full mode says so and runs dry.
+minutes less start-up and the wheel install). ``--dry`` runs every part at tiny size on CPU
+(tested by ``tests/test_device_check.py``); without a GPU the full mode says so and runs dry.
 
     OUT=/tmp/dc bash benchmarks/device_check.sh            # the device machine
     python benchmarks/device_check.py --out /tmp/dc --dry  # CPU, tiny
