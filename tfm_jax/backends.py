@@ -305,6 +305,17 @@ def _write_peak_cache(path: pathlib.Path, entries: dict) -> None:
         pass
 
 
+def read_cached_peak(dtype: str = "float32") -> Optional[dict]:
+    """The cached peak entry (``flops``, ``measured``, ``method``) for this machine and
+    ``dtype`` as :func:`cached_matmul_peak` keeps it, or None; measures nothing."""
+    entry = _read_peak_cache(peak_cache_path()).get(peak_cache_key(dtype))
+    if isinstance(entry, dict):
+        flops = entry.get("flops")
+        if isinstance(flops, (int, float)) and math.isfinite(flops) and flops > 0:
+            return entry
+    return None
+
+
 def cached_matmul_peak(dtype: str = "float32") -> tuple[float, str]:
     """(FLOP/s, where it came from): the machine's matmul peak, measured once per machine
     (:func:`peak_cache_key`) and kept in :func:`peak_cache_path`, so MFU does not swing with

@@ -496,6 +496,25 @@ def run_inspect(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- env
+
+
+def run_env(args) -> int:
+    from tfm_jax import environment
+
+    cfg = load_config(args.config, args.overrides)
+    rep = environment.report(cfg.backend, measure=not args.no_measure)
+    print(json.dumps(rep, indent=1) if args.json else environment.format_report(rep))
+    return 2 if rep["plugins"]["error"] else 0
+
+
+def _env_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-measure", action="store_true", help="do not measure the matmul peak "
+                   "when none is cached")
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(("train",), "train a model (default: tiny config, built-in corpus)", _train_args,
             run_train),
@@ -517,6 +536,8 @@ COMMANDS: tuple[Command, ...] = (
             _ablate_args, run_ablate),
     Command(("inspect",), "compile a config's train step: params, FLOPs/token, memory, and "
             "every collective XLA emits (count, bytes)", _inspect_args, run_inspect),
+    Command(("env",), "platforms, devices, PJRT plugins, versions, CPU kernels, FP8 native or "
+            "emulated, matmul peak, recommended FP8 scaling", _env_args, run_env),
 )
 _GROUP_HELP = {"config": "config utilities"}
 
