@@ -279,6 +279,9 @@ def run_config_show(args) -> int:
     print(cfg.to_yaml(), end="")
     print(f"# derived: model.head_dim={m.resolved_head_dim}, model.ffn_hidden="
           f"{m.resolved_ffn_hidden}, parameters={param_counts(m)['total']:,}")
+    from tfm_jax import profiles
+    for line in profiles.describe(cfg):      # backend.profile / emulate: what it resolved
+        print(f"# {line}")
     if getattr(args, "memory", False):   # only then import jax (builds and compiles the step)
         from tfm_jax import backends, memory
 
