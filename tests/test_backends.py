@@ -96,10 +96,12 @@ print("DEVICES", jax.devices())
 """
 
 
-def _configure_fresh(*overrides: str, timeout: int = 180) -> subprocess.CompletedProcess:
+def _configure_fresh(*overrides: str, timeout: int = 180,
+                     extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """configure() in a fresh interpreter (nothing initialised yet), as a run does."""
     env = {k: v for k, v in os.environ.items()
            if k not in (backends.PLUGIN_ENV, "PJRT_NAMES_AND_LIBRARY_PATHS", "XLA_FLAGS")}
+    env.update(extra_env or {})
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-c", _CONFIGURE, *overrides], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -140,21 +142,30 @@ def _cuda_plugin(tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("platform", ["gpu", "hpu"])
-def test_real_pjrt_plugin_loads_then_no_devices(platform, tmp_path_factory):
-    """A real PJRT plugin library (CUDA) registered by path: it loads through jax's
-    register_plugin; on a machine without an NVIDIA GPU it reports no device (on a GPU machine
-    it starts and lists the GPUs)."""
+@pytest.mark.parametrize("platform, how", [("gpu", "config"), ("hpu", "config"),
+                                           ("hpu", "jax_env")])
+def test_real_pjrt_plugin_loads_then_no_devices(platform, how, tmp_path_factory):
+    """A real PJRT plugin library (CUDA) registered by path -- by backend.pjrt_plugin (our
+    register_plugin call) or by jax's own PJRT_NAMES_AND_LIBRARY_PATHS --: it loads; on a
+    machine without an NVIDIA GPU it reports no device (on a GPU machine it starts and lists
+    the GPUs)."""
     so = _cuda_plugin(tmp_path_factory)
-    r = _configure_fresh(f"backend.platform={platform}", f"backend.pjrt_plugin={so}")
+    if how == "config":
+        r = _configure_fresh(f"backend.platform={platform}", f"backend.pjrt_plugin={so}")
+    else:
+        r = _configure_fresh(f"backend.platform={platform}",
+                             extra_env={"PJRT_NAMES_AND_LIBRARY_PATHS": f"hpu{os.pathsep}{so}"})
     if r.returncode == 0:                # a GPU is visible: the plugin really runs
         assert "DEVICES" in r.stdout and ("cuda" in r.stdout.lower()
                                           or "gpu" in r.stdout.lower()), r.stdout
         return
     assert r.returncode == 3, (r.stdout, r.stderr[-2000:])
     msg = r.stdout
-    assert f"PJRT plugin {so} loaded but brings up no device" in msg, msg
-    assert "did not load" not in msg
+    if how == "config":
+        assert f"PJRT plugin {so} loaded but brings up no device" in msg, msg
+    else:
+        assert "hpu (PJRT_NAMES_AND_LIBRARY_PATHS)" in msg and "no device" in msg, msg
+    assert "did not load" not in msg and "GetPjrtApi not found" not in msg
     if platform == "hpu":                # registered as 'hpu': the CUDA plugin's own words
         assert "No visible GPU devices" in msg, msg
 

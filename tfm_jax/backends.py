@@ -82,6 +82,12 @@ def installed_plugins() -> list[str]:
     return sorted(found)
 
 
+def env_plugin_names() -> list[str]:
+    """The plugin names ``PJRT_NAMES_AND_LIBRARY_PATHS`` gives jax (``name:path,...``)."""
+    raw = os.environ.get("PJRT_NAMES_AND_LIBRARY_PATHS", "")
+    return [item.split(os.pathsep, 1)[0] for item in raw.split(",") if os.pathsep in item]
+
+
 def register_pjrt_plugin(name: str, path: str, source: str = "backend.pjrt_plugin") -> None:
     """Register the PJRT plugin library ``path`` as jax platform ``name`` (before the backends
     start). ConfigError, with the fix, for a missing file, a library that is not a PJRT plugin
@@ -152,7 +158,8 @@ def configure(cfg: BackendConfig) -> None:
         _check_devices(cfg.platform, name, f"the PJRT plugin {path} loaded")
         return
     if cfg.platform == "hpu":
-        installed = installed_plugins()
+        installed = installed_plugins() + [f"{n} (PJRT_NAMES_AND_LIBRARY_PATHS)"
+                                           for n in env_plugin_names()]
         if not installed:
             raise ConfigError(
                 "backend.platform=hpu needs a PJRT plugin for Intel Gaudi, and none is "
