@@ -132,11 +132,11 @@ def _check_devices(platform: str, name: str, what: str) -> None:
             raise
         msg = str(err) or (f"{type(err).__name__}: jax started no backend (it skips the CUDA "
                            "plugin when no NVIDIA GPU is visible)")
-        raise ConfigError(f"backend.platform={platform}: {what} but brings up no device: {msg}. "
+        raise ConfigError(f"backend.platform={platform}: {what}, but no device came up: {msg}. "
                           "Check that the hardware is visible on this machine and its driver "
                           "loaded, or run elsewhere with backend.platform=auto") from None
     if not devices:
-        raise ConfigError(f"backend.platform={platform}: {what} but reports no devices")
+        raise ConfigError(f"backend.platform={platform}: {what}, but it reports no devices")
 
 
 def configure(cfg: BackendConfig) -> None:

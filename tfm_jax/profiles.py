@@ -95,9 +95,9 @@ def apply_defaults(raw: Any) -> Any:
     """A copy of a raw config mapping with the active profile's defaults filled where the
     mapping leaves a key unset (module doc). Anything that is not a mapping is returned as is
     (validation then reports it)."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("backend"), dict):
+    if not isinstance(raw, dict) or raw.get("backend") is None:
         return raw
-    name = active_name(raw["backend"])
+    name = active_name(raw["backend"])      # a mapping, or a BackendConfig given as such
     profile = PROFILES.get(name) if isinstance(name, str) else None
     if profile is None:
         return raw                      # "none", or an invalid name validation reports
@@ -108,7 +108,7 @@ def apply_defaults(raw: Any) -> Any:
         if sec is None:
             sec = {}
         if not isinstance(sec, dict):
-            continue                    # validation reports the malformed section
+            continue                    # a section object is explicit; anything else invalid
         if field not in sec:
             out[section] = {**sec, field: value}
     return out
