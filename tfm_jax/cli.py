@@ -424,8 +424,9 @@ _CALIB_METHODS = ("max", "percentile", "ema")   # == tfm_jax.quant.calibrate.MET
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="trained run to calibrate")
-    p.add_argument("--batches", type=int, required=True,
-                   help="training batches to run (steps 0..N-1 of the run's data stream)")
+    p.add_argument("--batches", type=int, default=16,
+                   help="training batches to run (steps 0..N-1 of the run's data stream; "
+                   "default 16)")
     p.add_argument("--method", default="max", help="max | percentile | ema: how the per-batch "
                    "input amaxes become one static scale (default max)")
     p.add_argument("--percentile", type=float, default=99.99,
