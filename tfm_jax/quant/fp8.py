@@ -59,7 +59,7 @@ from flax import linen as nn
 
 from tfm_jax.quant.formats import fmt_max, saturating_cast
 from tfm_jax.quant.scaling import (amax_from_history, compute_amax, compute_scale,
-                                   update_amax_history)
+                                   round_scale_for, update_amax_history)
 
 ROLES = ("input", "kernel", "output_grad")
 CALIBRATION_FORMAT = "tfm-jax-fp8-calibration"
@@ -68,23 +68,29 @@ CALIBRATION_VERSION = 1
 
 class QSpec(NamedTuple):
     """Static description of one tensor's quantization (hashable: a custom-VJP static arg).
-    ``mode``: dynamic | delayed | static; ``axis``: None (per tensor) or the kept axes."""
+    ``mode``: dynamic | delayed | static; ``axis``: None (per tensor) or the kept axes;
+    ``scale_set``: the hardware scales the scale is rounded down to (``quant.scale_set``)."""
 
     mode: str
     fmt: str
     method: str = "max"
     margin: int = 0
     axis: Optional[tuple] = None
+    scale_set: str = "any"
 
 
 def _scale(x: jax.Array, state: dict, spec: QSpec) -> jax.Array:
-    """The multiplicative scale used for ``x`` this step (float32, amax's shape)."""
+    """The multiplicative scale used for ``x`` this step (float32, amax's shape), rounded down
+    to ``spec.scale_set`` (:func:`~tfm_jax.quant.scaling.round_scale_for`; a static scale from
+    calibration is normally in the set already: rounding is idempotent)."""
     if spec.mode == "dynamic":
-        return compute_scale(compute_amax(x, axis=spec.axis), spec.fmt, margin=spec.margin)
-    if spec.mode == "static":
-        return state["scale"]
-    return compute_scale(amax_from_history(state["amax_history"], spec.method), spec.fmt,
-                         margin=spec.margin, prev_scale=state["scale"])
+        s = compute_scale(compute_amax(x, axis=spec.axis), spec.fmt, margin=spec.margin)
+    elif spec.mode == "static":
+        s = state["scale"]
+    else:
+        s = compute_scale(amax_from_history(state["amax_history"], spec.method), spec.fmt,
+                          margin=spec.margin, prev_scale=state["scale"])
+    return round_scale_for(s, spec.scale_set)
 
 
 def _new_state(x: jax.Array, state: dict, scale: jax.Array, spec: QSpec) -> dict:
@@ -177,6 +183,7 @@ class Fp8DotGeneral(nn.Module):
     fwd_format: str = "float8_e4m3fn"
     bwd_format: str = "float8_e5m2"
     kernel_granularity: str = "per_tensor"  # or per_channel: one scale per output column
+    scale_set: str = "any"                  # any | pow2 | gaudi2 (quant.scale_set)
     telemetry: bool = True
     matmul: Optional[Callable] = None
 
@@ -187,7 +194,7 @@ class Fp8DotGeneral(nn.Module):
             mode = "dynamic"
         axis = (1,) if role == "kernel" and self.kernel_granularity == "per_channel" else None
         fmt = self.bwd_format if role == "output_grad" else self.fwd_format
-        return QSpec(mode, fmt, self.amax_compute, self.margin, axis)
+        return QSpec(mode, fmt, self.amax_compute, self.margin, axis, self.scale_set)
 
     def _state_vars(self, role: str, spec: QSpec, scale_shape: tuple) -> dict:
         if spec.mode == "dynamic":
@@ -278,9 +285,10 @@ def dot_general_factory(quant_cfg: Any, matmul: Optional[Callable] = None) -> Ca
         Fp8DotGeneral, recipe=q.recipe, amax_history=q.amax_history,
         amax_compute=q.amax_compute, margin=q.margin, fwd_format=q.fwd_format,
         bwd_format=q.bwd_format, kernel_granularity=q.kernel_granularity,
-        telemetry=q.telemetry, matmul=matmul, name="fp8")
+        scale_set=q.scale_set, telemetry=q.telemetry, matmul=matmul, name="fp8")
     factory.__name__ = (f"Fp8DotGeneral ({q.recipe}, {q.fwd_format} forward / {q.bwd_format} "
-                        "gradients)")
+                        "gradients" + ("" if q.scale_set == "any" else
+                                       f", {q.scale_set} scales") + ")")
     return factory
 
 
@@ -417,11 +425,12 @@ def apply_calibration(params: Any, calibration: dict) -> Any:
 
 
 def write_calibration(path: str | pathlib.Path, scales: dict[str, dict[str, Any]],
-                      fwd_format: str = "float8_e4m3fn") -> None:
-    """Write a calibration file (the format :func:`load_calibration` reads)."""
+                      fwd_format: str = "float8_e4m3fn", scale_set: str = "any") -> None:
+    """Write a calibration file (the format :func:`load_calibration` reads; ``scale_set``, the
+    hardware scale set the scales were rounded to, is recorded for the reader only)."""
     def plain(v):
         return np.asarray(v, np.float64).tolist()
     doc = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
-           "convention": "multiplicative", "fwd_format": fwd_format,
+           "convention": "multiplicative", "fwd_format": fwd_format, "scale_set": scale_set,
            "scales": {p: {n: plain(v) for n, v in e.items()} for p, e in scales.items()}}
     pathlib.Path(path).write_text(json.dumps(doc, indent=1))
