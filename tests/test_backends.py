@@ -380,7 +380,7 @@ def test_env_report_and_cli(capsys):
     assert got["recommended_scaling"]["inference"]["recipe"] == "fp8_static"
     assert cli.main(["env", "--no-measure"]) == 0
     text = capsys.readouterr().out
-    for head in ("versions", "platform", "devices", "plugins", "cpu kern.", "fp8", "peak",
+    for head in ("versions", "platform", "devices", "plugins", "kernels", "fp8", "peak",
                  "profile", "scaling"):
         assert re.search(rf"^{re.escape(head)}\s", text, re.M), (head, text)
 

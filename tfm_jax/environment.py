@@ -179,7 +179,7 @@ def format_report(rep: dict[str, Any]) -> str:
     if p["error"]:
         lines.append(f"  ERROR    {p['error']}")
     k = rep["cpu_kernels"]
-    lines.append(f"cpu kern.  {'available' if k['available'] else 'not available'}: "
+    lines.append(f"kernels    {'available' if k['available'] else 'not available'}: "
                  f"{k['detail']}" + (f" ({k['note']})" if k.get("note") else ""))
     lines.append(f"fp8        {rep['fp8']['mode']}: {rep['fp8']['reason']}")
     m = rep["matmul_peak"]
