@@ -70,6 +70,13 @@ def test_shipped_experiments_valid():
     assert exp.order() == list(exp.variants)
 
 
+def test_val_loss_measured_without_measurements_key():
+    raw = _raw()
+    del raw["measurements"]
+    exp = load_experiment("x.yaml", raw)
+    assert [m.name for m in exp.measurements] == ["val_loss"]
+
+
 def test_base_and_variant_config_errors(tmp_path):
     exp = load_experiment("x.yaml", _raw(overrides={"model.n_hedas": 2}))
     with pytest.raises(ExperimentError, match=r"(?s)base \+ overrides: .*model.n_hedas: unknown "
