@@ -145,6 +145,19 @@ def test_stats_against_numpy():
     assert report.fmt_stats(report.stats([33376, 33376])) == "33,376"
 
 
+def test_results_and_claims_tables():
+    runs = [{"variant": v, "seed": k, "status": "ok", "metrics": {"val_loss": x}, "series": {}}
+            for v, k, x in [("a", 0, 1.0), ("a", 1, 1.5), ("b", 0, 2.0)]]
+    results = {"experiment": {"variants": ["a", "b"]},
+               "aggregates": report.aggregate(runs, ["a", "b"]),
+               "claims": [{"claim": "b | worse", "source": "s", "claimed": 1, "measured": 0.75,
+                           "verdict": "holds", "where": "here"}]}
+    assert report.scalars_table(results) == (
+        "| metric | a | b |\n|---|---|---|\n| val_loss | 1.250 ± 0.354 | 2.000 |")
+    assert report.claims_table(results).splitlines()[2] == (
+        "| 1 | b \\| worse | s | 1 | 0.7500 | holds | here |")
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
