@@ -279,6 +279,9 @@ def run_config_show(args) -> int:
     print(cfg.to_yaml(), end="")
     print(f"# derived: model.head_dim={m.resolved_head_dim}, model.ffn_hidden="
           f"{m.resolved_ffn_hidden}, parameters={param_counts(m)['total']:,}")
+    from tfm_jax import profiles
+    for line in profiles.describe(cfg):      # backend.profile / emulate: what it resolved
+        print(f"# {line}")
     if getattr(args, "memory", False):   # only then import jax (builds and compiles the step)
         from tfm_jax import backends, memory
 
@@ -421,8 +424,9 @@ _CALIB_METHODS = ("max", "percentile", "ema")   # == tfm_jax.quant.calibrate.MET
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="trained run to calibrate")
-    p.add_argument("--batches", type=int, required=True,
-                   help="training batches to run (steps 0..N-1 of the run's data stream)")
+    p.add_argument("--batches", type=int, default=16,
+                   help="training batches to run (steps 0..N-1 of the run's data stream; "
+                   "default 16)")
     p.add_argument("--method", default="max", help="max | percentile | ema: how the per-batch "
                    "input amaxes become one static scale (default max)")
     p.add_argument("--percentile", type=float, default=99.99,
@@ -496,6 +500,25 @@ def run_inspect(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- env
+
+
+def run_env(args) -> int:
+    from tfm_jax import environment
+
+    cfg = load_config(args.config, args.overrides)
+    rep = environment.report(cfg.backend, measure=not args.no_measure)
+    print(json.dumps(rep, indent=1) if args.json else environment.format_report(rep))
+    return 2 if rep["plugins"]["error"] else 0
+
+
+def _env_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-measure", action="store_true", help="do not measure the matmul peak "
+                   "when none is cached")
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(("train",), "train a model (default: tiny config, built-in corpus)", _train_args,
             run_train),
@@ -517,6 +540,8 @@ COMMANDS: tuple[Command, ...] = (
             _ablate_args, run_ablate),
     Command(("inspect",), "compile a config's train step: params, FLOPs/token, memory, and "
             "every collective XLA emits (count, bytes)", _inspect_args, run_inspect),
+    Command(("env",), "platforms, devices, PJRT plugins, versions, CPU kernels, FP8 native or "
+            "emulated, matmul peak, recommended FP8 scaling", _env_args, run_env),
 )
 _GROUP_HELP = {"config": "config utilities"}
 

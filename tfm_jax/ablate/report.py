@@ -81,7 +81,37 @@ def aggregate(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]
             row.update({f: stats(vals) for f, vals in g.items()})
             rows.append(row)
         out_series[name] = {"by": entry["by"], "rows": rows}
-    return {"scalars": scalars, "series": out_series}
+    return {"scalars": scalars, "series": out_series,
+            "paired": paired_deltas(runs, variants) if variants else {}}
+
+
+PAIRED_METRICS = ("val_loss", "final_train_loss")
+
+
+def paired_deltas(runs: list[dict[str, Any]], variants: list[str],
+                  metrics: tuple[str, ...] = PAIRED_METRICS) -> dict[str, Any]:
+    """Each variant against the first (the baseline), paired by seed: for every seed where both
+    runs finished, ``100 * (variant - baseline) / baseline``. Runs at the same seed share the
+    data order and (where shapes allow) the initialization, so the paired difference is far
+    tighter than the difference of the two means when the seed spread is large.
+    ``{"baseline": v0, "metrics": {metric: {variant: stats of the % differences}}}``."""
+    base = variants[0]
+
+    def by_seed(v: str, m: str) -> dict[Any, float]:
+        return {r["seed"]: r["metrics"][m] for r in runs
+                if r["variant"] == v and r["status"] == "ok"
+                and _num(r.get("metrics", {}).get(m))}
+
+    out: dict[str, dict[str, Any]] = {}
+    for m in metrics:
+        b = by_seed(base, m)
+        for v in variants[1:]:
+            o = by_seed(v, m)
+            diffs = [100.0 * (o[s] - b[s]) / b[s] for s in sorted(b, key=str)
+                     if s in o and b[s] != 0]
+            if diffs:
+                out.setdefault(m, {})[v] = stats(diffs)
+    return {"baseline": base, "metrics": out}
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,6 +359,25 @@ def markdown(results: dict[str, Any]) -> str:
             f"Seeds: {', '.join(map(str, exp['seeds']))} (mean ± sample std over the seeds that "
             "finished; n in the runs table)", ""]
     out += ["## Results", "", scalars_table(results), ""]
+    paired = agg.get("paired", {})
+    if paired.get("metrics"):
+        base = paired["baseline"]
+        others = [v for v in variants if v != base]
+        out += [f"Paired by seed against **{base}**: mean ± standard error of "
+                f"100 · (variant − {base}) / {base} over the seeds where both finished (n).", ""]
+        rows = []
+        for m, per in paired["metrics"].items():
+            cells = []
+            for v in others:
+                st = per.get(v)
+                if st is None:
+                    cells.append("–")
+                    continue
+                sem = st["std"] / math.sqrt(st["n"]) if st["std"] is not None else None
+                cells.append(f"{st['mean']:+.2f} %" + (f" ± {sem:.2f}" if sem is not None
+                                                      else "") + f" (n {st['n']})")
+            rows.append([f"Δ% {m}"] + cells)
+        out += [_table(["paired"] + others, rows), ""]
     descr = [(v, d) for v, d in ((v, exp["variant_descriptions"].get(v)) for v in variants) if d]
     if descr:
         out += ["Variants: " + "; ".join(f"**{v}**: {d}" for v, d in descr), ""]
