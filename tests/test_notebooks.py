@@ -3,8 +3,8 @@
 The kernel is a subprocess of this test and inherits its environment, including the 8 fake CPU
 devices that ``conftest.py`` puts in ``XLA_FLAGS`` -- the notebooks must work with 1 or 8 devices
 -- and ``TFM_JAX_NB_QUICK=1``, which the notebooks read to shrink their training runs and sweeps
-(fewer steps, fewer variants). All five together took 241 s of CPU time on the 2-core
-development VM (10 min wall clock under heavy load from other jobs; notebooks/README.md), the
+(fewer steps, fewer variants). All five together took 206-241 s of CPU time on the 2-core
+development VM (5-10 min wall clock under load from other jobs; notebooks/README.md), the
 issue's budget being 5 min, so the test is not marked slow.
 
 The notebooks are stored without outputs (readable diffs, small repository) and are thin: they
