@@ -70,6 +70,13 @@ def test_shipped_experiments_valid():
     assert exp.order() == list(exp.variants)
 
 
+def test_val_loss_measured_without_measurements_key():
+    raw = _raw()
+    del raw["measurements"]
+    exp = load_experiment("x.yaml", raw)
+    assert [m.name for m in exp.measurements] == ["val_loss"]
+
+
 def test_base_and_variant_config_errors(tmp_path):
     exp = load_experiment("x.yaml", _raw(overrides={"model.n_hedas": 2}))
     with pytest.raises(ExperimentError, match=r"(?s)base \+ overrides: .*model.n_hedas: unknown "
@@ -136,6 +143,19 @@ def test_stats_against_numpy():
     assert report.stats([3.0])["std"] is None
     assert report.fmt_stats(report.stats([1.0, 1.5])) == "1.250 ± 0.354"
     assert report.fmt_stats(report.stats([33376, 33376])) == "33,376"
+
+
+def test_results_and_claims_tables():
+    runs = [{"variant": v, "seed": k, "status": "ok", "metrics": {"val_loss": x}, "series": {}}
+            for v, k, x in [("a", 0, 1.0), ("a", 1, 1.5), ("b", 0, 2.0)]]
+    results = {"experiment": {"variants": ["a", "b"]},
+               "aggregates": report.aggregate(runs, ["a", "b"]),
+               "claims": [{"claim": "b | worse", "source": "s", "claimed": 1, "measured": 0.75,
+                           "verdict": "holds", "where": "here"}]}
+    assert report.scalars_table(results) == (
+        "| metric | a | b |\n|---|---|---|\n| val_loss | 1.250 ± 0.354 | 2.000 |")
+    assert report.claims_table(results).splitlines()[2] == (
+        "| 1 | b \\| worse | s | 1 | 0.7500 | holds | here |")
 
 
 # ----------------------------------------------------------------------------- end to end

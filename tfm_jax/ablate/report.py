@@ -326,6 +326,26 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def scalars_table(results: dict[str, Any]) -> str:
+    """The Markdown table of every scalar metric (rows) per variant (columns), mean ± std over
+    seeds -- the "Results" table of ``results.md`` (also shown by the notebooks)."""
+    variants = results["experiment"]["variants"]
+    scalars = results["aggregates"]["scalars"]
+    metrics: list[str] = []
+    for v in variants:
+        metrics += [m for m in scalars.get(v, {}) if m not in metrics]
+    rows = [[m] + [fmt_stats(scalars.get(v, {}).get(m)) for v in variants] for m in metrics]
+    return _table(["metric"] + variants, rows)
+
+
+def claims_table(results: dict[str, Any]) -> str:
+    """The Markdown table of the judged claims (the "Claims" table of ``results.md``)."""
+    rows = [[str(i + 1), c["claim"], c["source"], fmt(c["claimed"]), fmt(c["measured"]),
+             c["verdict"], c["where"]] for i, c in enumerate(results["claims"])]
+    return _table(["#", "claim", "source", "claimed", "measured", "verdict", "where measured"],
+                  rows)
+
+
 def markdown(results: dict[str, Any]) -> str:
     """``results.md``: per-variant mean ± std, series tables, claims, runs, plots."""
     exp = results["experiment"]
@@ -338,13 +358,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"Where: {results['where']}  ",
             f"Seeds: {', '.join(map(str, exp['seeds']))} (mean ± sample std over the seeds that "
             "finished; n in the runs table)", ""]
-    out += ["## Results", ""]
-    metrics: list[str] = []
-    for v in variants:
-        metrics += [m for m in agg["scalars"].get(v, {}) if m not in metrics]
-    rows = [[m] + [fmt_stats(agg["scalars"].get(v, {}).get(m)) for v in variants]
-            for m in metrics]
-    out += [_table(["metric"] + variants, rows), ""]
+    out += ["## Results", "", scalars_table(results), ""]
     paired = agg.get("paired", {})
     if paired.get("metrics"):
         base = paired["baseline"]
@@ -385,11 +399,7 @@ def markdown(results: dict[str, Any]) -> str:
                 body.append([fmt(x) for x in k] + cells)
             out += [_table(list(s["by"]) + variants, body), ""]
     if results["claims"]:
-        out += ["## Claims", ""]
-        rows = [[str(i + 1), c["claim"], c["source"], fmt(c["claimed"]), fmt(c["measured"]),
-                 c["verdict"], c["where"]] for i, c in enumerate(results["claims"])]
-        out += [_table(["#", "claim", "source", "claimed", "measured", "verdict",
-                        "where measured"], rows), ""]
+        out += ["## Claims", "", claims_table(results), ""]
         notes = [(i + 1, c["note"]) for i, c in enumerate(results["claims"]) if c.get("note")]
         if notes:
             out += ["Notes: " + " ".join(f"({i}) {n}" for i, n in notes), ""]
