@@ -111,28 +111,34 @@ def gemm_bench(n: int, reps: int, inner: int) -> dict[str, Any]:
     return out
 
 
-def step_bench(shape: dict, variant: str, steps: int) -> dict[str, Any]:
-    """Median step time of the tfm-jax train step for one variant at ``shape``."""
+def step_bench(shape: dict, variant: str, steps: int, *, extra: Optional[dict] = None,
+               devices: Optional[list] = None) -> dict[str, Any]:
+    """Median step time of the tfm-jax train step for one variant at ``shape`` (``extra``:
+    more overrides, e.g. MoE or mesh settings; ``devices``: default the first device), its
+    model FLOPs/token and MFU against :func:`tfm_jax.backends.peak_flops_info`."""
     import jax
     import numpy as np
 
-    from tfm_jax import memory
+    from tfm_jax import backends, memory
     from tfm_jax.config import load_config
-    from tfm_jax.model import count_params
+    from tfm_jax.model import count_params, train_flops_per_token
     from tfm_jax.quant import fp8
     from tfm_jax.train import build
 
-    overrides = {**shape, **VARIANTS[variant], "train.steps": 1000, "train.warmup_steps": 10,
-                 "run.progress": False, "run.tensorboard": False, "mesh.data": 1}
+    devices = jax.devices()[:1] if devices is None else devices
+    overrides = {**shape, **VARIANTS.get(variant, {}), "train.steps": 1000,
+                 "train.warmup_steps": 10, "run.progress": False, "run.tensorboard": False,
+                 "mesh.data": 1, **(extra or {})}
     cfg = load_config(None, [f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
                              for k, v in overrides.items()])
-    setup = build(cfg, jax.devices()[:1])
+    setup = build(cfg, devices)
     rng = np.random.default_rng(0)
     b, t = cfg.train.batch_size, cfg.data.seq_len
     tokens = rng.integers(0, cfg.model.vocab_size, (b, t + 1)).astype(np.int32)
     batch = setup.shard_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                                "mask": np.ones((b, t), np.float32)})
-    out: dict[str, Any] = {"params": count_params(cfg.model)["total"]}
+    out: dict[str, Any] = {"params": count_params(cfg.model, cfg.moe)["total"],
+                           "flops_per_token": train_flops_per_token(cfg.model, t, cfg.moe)}
     with setup.context():
         state = setup.init_state()
         out["state_bytes"] = memory.state_bytes(state)["total"]
@@ -141,17 +147,20 @@ def step_bench(shape: dict, variant: str, steps: int) -> dict[str, Any]:
         stats = compiled.memory_analysis()
         if stats is not None:
             out["temp_bytes"] = getattr(stats, "temp_size_in_bytes", None)
-        state, m = setup.train_step(state, batch)           # compile + first step
+        state, m = compiled(state, batch)        # first step (the jit cache would compile again)
         jax.block_until_ready(m["loss"])
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            state, m = setup.train_step(state, batch)
+            state, m = compiled(state, batch)
             jax.block_until_ready(m["loss"])
             times.append(time.perf_counter() - t0)
     out["step_s"] = statistics.median(times)
     out["tokens_per_s"] = b * t / out["step_s"]
     out["loss"] = float(m["loss"])
+    peak, out["peak_source"] = backends.peak_flops_info(cfg, n_devices=len(devices))
+    out["peak_flops"] = peak
+    out["mfu"] = out["flops_per_token"] * out["tokens_per_s"] / peak
     return out
 
 

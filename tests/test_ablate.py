@@ -70,6 +70,13 @@ def test_shipped_experiments_valid():
     assert exp.order() == list(exp.variants)
 
 
+def test_val_loss_measured_without_measurements_key():
+    raw = _raw()
+    del raw["measurements"]
+    exp = load_experiment("x.yaml", raw)
+    assert [m.name for m in exp.measurements] == ["val_loss"]
+
+
 def test_base_and_variant_config_errors(tmp_path):
     exp = load_experiment("x.yaml", _raw(overrides={"model.n_hedas": 2}))
     with pytest.raises(ExperimentError, match=r"(?s)base \+ overrides: .*model.n_hedas: unknown "
@@ -136,6 +143,19 @@ def test_stats_against_numpy():
     assert report.stats([3.0])["std"] is None
     assert report.fmt_stats(report.stats([1.0, 1.5])) == "1.250 ± 0.354"
     assert report.fmt_stats(report.stats([33376, 33376])) == "33,376"
+
+
+def test_results_and_claims_tables():
+    runs = [{"variant": v, "seed": k, "status": "ok", "metrics": {"val_loss": x}, "series": {}}
+            for v, k, x in [("a", 0, 1.0), ("a", 1, 1.5), ("b", 0, 2.0)]]
+    results = {"experiment": {"variants": ["a", "b"]},
+               "aggregates": report.aggregate(runs, ["a", "b"]),
+               "claims": [{"claim": "b | worse", "source": "s", "claimed": 1, "measured": 0.75,
+                           "verdict": "holds", "where": "here"}]}
+    assert report.scalars_table(results) == (
+        "| metric | a | b |\n|---|---|---|\n| val_loss | 1.250 ± 0.354 | 2.000 |")
+    assert report.claims_table(results).splitlines()[2] == (
+        "| 1 | b \\| worse | s | 1 | 0.7500 | holds | here |")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -355,3 +375,31 @@ def test_rerun_skips_resumes_and_refuses_changes(ablation, corpus, monkeypatch):
     assert calls == []
     err = {(r["variant"], r["seed"]): r.get("error", "") for r in res.results["runs"]}
     assert "holds a run of a different config (train.lr: 0.003 -> 0.01)" in err[("mha", 0)]
+
+
+def test_paired_deltas_against_numpy():
+    """Each variant vs the first, paired by seed; unfinished runs and missing seeds left out."""
+    from tfm_jax.ablate.report import markdown, paired_deltas
+
+    base = {0: 2.0, 1: 2.5, 2: 3.0}
+    other = {0: 2.1, 1: 2.4, 3: 9.0}        # seed 3 has no baseline run
+    runs = ([{"variant": "a", "seed": s, "status": "ok", "metrics": {"val_loss": v}}
+             for s, v in base.items()]
+            + [{"variant": "b", "seed": s, "status": "ok", "metrics": {"val_loss": v}}
+               for s, v in other.items()]
+            + [{"variant": "b", "seed": 2, "status": "failed", "metrics": {"val_loss": 1.0}}])
+    got = paired_deltas(runs, ["a", "b"])
+    want = 100 * (np.array([2.1, 2.4]) - np.array([2.0, 2.5])) / np.array([2.0, 2.5])
+    st = got["metrics"]["val_loss"]["b"]
+    assert got["baseline"] == "a" and st["n"] == 2
+    assert st["mean"] == pytest.approx(want.mean(), rel=1e-12)
+    assert st["std"] == pytest.approx(np.std(want, ddof=1), rel=1e-12)
+    assert "final_train_loss" not in got["metrics"]
+    from tfm_jax.ablate.report import aggregate
+    res = {"experiment": {"name": "x", "variants": ["a", "b"], "seeds": [0, 1, 2, 3],
+                          "variant_descriptions": {}},
+           "command": "c", "written": "w", "where": "cpu", "claims": [], "runs": runs,
+           "aggregates": aggregate(runs, ["a", "b"])}
+    md = markdown(res)
+    sem = np.std(want, ddof=1) / np.sqrt(2)
+    assert f"| Δ% val_loss | {want.mean():+.2f} % ± {sem:.2f} (n 2) |" in md

@@ -7,7 +7,7 @@ import pydantic
 import pytest
 
 from tfm_jax.config import (CONFIG_DIR, Config, ConfigError, check_runtime, load_config,
-                            parse_overrides, resolve_config_path)
+                            parse_overrides, resolve_config_path, validate)
 
 
 def _err(overrides=(), path=None) -> str:
@@ -293,10 +293,47 @@ def test_mesh_expert_refused_until_moe(value):
     assert load_config(None, ["mesh.expert=1"]).mesh.expert == 1
 
 
-def test_platform_hpu_refused_at_validation():
-    line = _one_problem(["backend.platform=hpu"])
-    assert "backend.platform=hpu" in line and "not available" in line and "cpu" in line
+def test_platform_hpu_validates_plugin_checked_at_configure():
+    # hpu is a valid platform; whether a PJRT plugin exists is a runtime question
+    # (tfm_jax.backends.configure, tests/test_backends.py)
+    assert load_config(None, ["backend.platform=hpu"]).backend.platform == "hpu"
     assert load_config(None, ["backend.platform=cpu"]).backend.platform == "cpu"
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["backend.pjrt_plugin=/x.so"], ["backend.pjrt_plugin", "backend.platform=auto",
+                                     "backend.platform=hpu"]),
+    (["backend.pjrt_plugin=/x.so", "backend.platform=cpu"], ["backend.platform=cpu"]),
+    (["backend.profile=gaudi2"], ["backend.profile=gaudi2", "backend.platform=hpu",
+                                  "backend.emulate=gaudi2"]),
+    (["backend.profile=nvidia-hopper", "backend.platform=cpu"],
+     ["backend.profile=nvidia-hopper", "backend.platform=gpu", "backend.emulate"]),
+    (["backend.emulate=gaudi2", "backend.platform=hpu"],
+     ["backend.emulate=gaudi2", "backend.platform=cpu", "backend.profile=gaudi2"]),
+    (["backend.emulate=gaudi2", "backend.profile=gaudi3", "backend.platform=hpu"],
+     ["backend.emulate=gaudi2"]),
+])
+def test_backend_profile_platform_refusals(overrides, words):
+    line = _one_problem(overrides)
+    for w in words:
+        assert w in line, (w, line)
+
+
+def test_profile_fills_unset_keys_explicit_wins():
+    cfg = load_config(None, ["backend.emulate=gaudi2"])
+    assert cfg.quant.fwd_format == "float8_e4m3fnuz" and cfg.quant.scale_set == "gaudi2"
+    assert cfg.quant.weight_storage_format == "float8_e4m3fnuz"
+    assert cfg.moe.dispatch == "implicit" and cfg.quant.recipe == "none"   # never turns FP8 on
+    cfg = load_config(None, ["backend.emulate=gaudi2", "quant.fwd_format=float8_e4m3fn",
+                             "moe.dispatch=dense"])
+    assert cfg.quant.fwd_format == "float8_e4m3fn" and cfg.moe.dispatch == "dense"
+    assert cfg.quant.scale_set == "gaudi2"
+    cfg = load_config(None, ["backend.profile=gaudi3", "backend.platform=hpu"])
+    assert cfg.quant.fwd_format == "float8_e4m3fn" and cfg.quant.scale_set == "pow2"
+    plain = load_config(None, [])
+    assert plain.quant.scale_set == "any" and plain.moe.dispatch == "all_to_all"
+    # the resolved values are saved: reloading the dump gives the same config
+    assert validate(cfg.to_dict()) == cfg
 
 
 # ----------------------------------------------------------------------------- runtime checks

@@ -167,3 +167,17 @@ def test_convert_errors(source, tmp_path, capsys):
     assert "must divide the source run's model.n_kv_heads=4" in capsys.readouterr().err
     assert cli.main(["convert", "--run-dir", str(tmp_path), "--kv-heads", "2"]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_convert_refuses_quantized_runs(source, tmp_path, capsys):
+    # an FP8-trained (and FP8-stored) run: refused before anything is built, naming the recipe
+    cfg, _ = source
+    fp8 = cfg.replace(**{"quant.recipe": "fp8_delayed", "quant.fp8_weight_storage": True,
+                         "run.dir": str(tmp_path / "fp8")})
+    fp8.run_dir.mkdir()
+    (fp8.run_dir / "config.yaml").write_text(fp8.to_yaml())
+    assert cli.main(["convert", "--run-dir", str(fp8.run_dir), "--kv-heads", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "quant.recipe=fp8_delayed with FP8 weight storage" in err
+    assert "Convert a run trained with quant.recipe=none" in err and "Traceback" not in err
+    assert not (tmp_path / "fp8-kv2").exists()

@@ -130,6 +130,51 @@ def test_fp8_dot_forward_backward_vs_numpy(recipe):
         assert "fp8" not in dp
 
 
+def ref_stats(x, scale, dtype, fmax):
+    """[saturated, flushed] fractions from the formulas (numpy + ml_dtypes)."""
+    x = np.asarray(x, np.float32)
+    xs = (x * np.float32(scale)).astype(np.float32)
+    q = np.clip(xs, -fmax, fmax).astype(dtype).astype(np.float32)
+    nz = x != 0
+    return [np.mean(np.abs(xs) > fmax), np.sum((q == 0) & nz) / max(np.sum(nz), 1)]
+
+
+@pytest.mark.parametrize("recipe", ["fp8_dynamic", "fp8_delayed"])
+def test_output_grad_saturation_and_flush_recorded_by_backward(recipe):
+    """Telemetry on: the backward writes the output gradient's [saturated, flushed] fractions
+    into the overwritten leaf output_grad_stats; the next forward sows them."""
+    dot = functools.partial(fp8.Fp8DotGeneral, recipe=recipe, amax_history=4, telemetry=True,
+                            name="fp8")
+    model = Proj(dot)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((16, 32)).astype(np.float32)
+    g = (rng.standard_normal((16, 24)) * 1e-3).astype(np.float32)
+    g[0, :6] = 1e-14          # flushed at both scales below
+    g[1, 0] = 1.0             # the dynamic amax
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.asarray(x))["params"])
+    assert params["fp8"]["output_grad_stats"].shape == (2,)
+    if recipe == "fp8_delayed":   # a stale history: scale made for amax 1e-3, most saturate
+        params["fp8"]["output_grad_amax_history"] = jnp.asarray([1e-3, 0, 0, 0], jnp.float32)
+        sg = np.float32(E5M2_MAX) / np.float32(1e-3)
+    else:
+        sg = dyn_scale(g, E5M2_MAX)
+    _, pull = jax.vjp(lambda p: model.apply({"params": p}, jnp.asarray(x)), params)
+    (dp,) = pull(jnp.asarray(g))
+    got = np.asarray(dp["fp8"]["output_grad_stats"])
+    want = ref_stats(g, sg, E5M2, E5M2_MAX)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[1] >= 6 / g.size                      # the planted tiny values flushed
+    if recipe == "fp8_delayed":
+        assert got[0] > 0.05                         # the stale scale saturates
+    # the next forward sows what the backward recorded
+    _, sown = model.apply({"params": {**params, "fp8": {**params["fp8"],
+                                                         "output_grad_stats": got}}},
+                          jnp.asarray(x), mutable=["telemetry_max"])
+    tel = sown["telemetry_max"]["fp8"]
+    assert float(tel["output_grad_saturated"]) == got[0]
+    assert float(tel["output_grad_flushed"]) == got[1]
+
+
 @pytest.mark.parametrize("recipe", ["fp8_dynamic", "fp8_delayed"])
 def test_per_channel_kernel_scales_vs_numpy(recipe):
     """kernel_granularity=per_channel: one scale per output column, 448 / max|column|."""
@@ -241,11 +286,16 @@ def test_state_is_overwritten_not_optimized(tmp_path, corpus, devices):
     assert p0["layers_0"]["attn"]["q_proj"]["fp8"]["input_scale"] == 1.0
 
 
-@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_grad_accum_4_gives_the_whole_batch_scales(tmp_path, corpus, devices, scan):
+@pytest.mark.parametrize("scan,granularity", [
+    (False, "per_tensor"), (False, "per_channel"),
+    pytest.param(True, "per_tensor", marks=pytest.mark.slow)])
+def test_grad_accum_4_gives_the_whole_batch_scales(tmp_path, corpus, devices, scan,
+                                                    granularity):
     """Two steps with train.grad_accum=4 end with the same fp8 state (bit for bit) as with
-    the whole batch at once -- the max over micro-batches, not the sum."""
-    extra = ["mesh.data=1", f"model.scan_layers={str(scan).lower()}", "quant.telemetry=true"]
+    the whole batch at once -- the max over micro-batches, not the sum; per-channel kernel
+    scales (one per output column) as well."""
+    extra = ["mesh.data=1", f"model.scan_layers={str(scan).lower()}", "quant.telemetry=true",
+             f"quant.kernel_granularity={granularity}"]
     one = build(cfg_of(tmp_path, *extra), devices=devices[:1])
     four = build(cfg_of(tmp_path, *extra, "train.grad_accum=4"), devices=devices[:1])
     sa, sb = one.init_state(), four.init_state()
@@ -259,10 +309,24 @@ def test_grad_accum_4_gives_the_whole_batch_scales(tmp_path, corpus, devices, sc
     qa, qb = quant_leaves(sa.params), quant_leaves(sb.params)
     assert qa and qa.keys() == qb.keys()
     for k in qa:
+        if k.endswith("output_grad_stats"):
+            # telemetry fractions: the max over the micro-batches, which bounds the whole
+            # batch's fraction (a weighted mean of the micro-batches' at the same scale)
+            assert np.all(qb[k] >= qa[k] - 1e-7), (k, qa[k], qb[k])
+            continue
         np.testing.assert_array_equal(qa[k], qb[k], err_msg=k)
+    assert any(k.endswith("output_grad_stats") for k in qa)
     # a sum over the 4 micro-batches would have given 4x the amaxes
     hist = [v for k, v in qa.items() if k.endswith("input_amax_history")][0]
     assert np.max(hist) > 0
+    if not scan:
+        ks = qa["layers_0/ffn/wo/fp8/kernel_scale"]
+        n_out = sa.params["layers_0"]["ffn"]["wo"]["kernel"].shape[1]
+        if granularity == "per_channel":     # one scale per output column, distinct values
+            assert ks.shape == (1, n_out) and np.unique(ks).size > 1
+            assert qa["layers_0/ffn/wo/fp8/kernel_amax_history"].shape == (4, 1, n_out)
+        else:
+            assert ks.shape == ()
     # telemetry came back reduced over micro-batches, same keys as the whole batch
     assert jax.tree.structure(ma["telemetry"]) == jax.tree.structure(mb["telemetry"])
 
@@ -331,7 +395,7 @@ def test_fp8_delayed_training_loss_falls_and_logs_telemetry(tmp_path, corpus, de
     key = "layers_1/ffn/wo/fp8/input_amax"
     for suffix in ("input_amax", "input_scale", "input_saturated", "input_flushed",
                    "input_staleness", "kernel_amax", "output_grad_amax",
-                   "output_grad_staleness"):
+                   "output_grad_staleness", "output_grad_saturated", "output_grad_flushed"):
         assert f"layers_0/attn/q_proj/fp8/{suffix}" in last, suffix
     assert not any(k.startswith("lm_head") for k in last)
     # the logged amax is the one the step recorded in the state

@@ -1,7 +1,19 @@
-"""Backend selection and per-device peak FLOP/s for MFU.
+"""Backend selection, PJRT plugins, and per-device peak FLOP/s for MFU.
 
-``backend.platform``: ``auto`` keeps jax's default; ``cpu``/``gpu``/``tpu`` pin ``jax_platforms``
-(must happen before the first jax computation). ``hpu`` is reserved for the PJRT-plugin path.
+``backend.platform`` (:func:`configure`, before the first jax computation): ``auto`` keeps jax's
+default; ``cpu``/``gpu``/``tpu``/``hpu`` pin ``jax_platforms``. ``backend.emulate`` pins ``cpu``.
+
+**PJRT plugins.** ``backend.pjrt_plugin: PATH`` (or ``$TFM_JAX_PJRT_PLUGIN``; the config key
+wins) is a PJRT C-API plugin library (a ``.so`` exporting ``GetPjrtApi``). :func:`configure`
+registers it with jax's own ``xla_bridge.register_plugin`` -- the call a ``jax_plugins``
+package's ``initialize()`` makes, and what ``PJRT_NAMES_AND_LIBRARY_PATHS`` does at start-up --
+under the platform's plugin name (:data:`PLUGIN_NAMES`: ``hpu``, ``cuda`` for gpu, ``tpu``), then
+starts that backend and checks it has devices. Plugins installed as ``jax_plugins`` packages or
+named in ``PJRT_NAMES_AND_LIBRARY_PATHS`` are discovered by jax itself and need no setting.
+Each failure is a ConfigError with its fix: ``hpu`` with no plugin configured or installed; a
+path that does not exist; a file that is not a PJRT plugin or fails to load (the loader's
+message is kept); a plugin that loads but brings up no device. No public JAX PJRT plugin for
+Intel Gaudi exists today (README "Backends").
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ import pathlib
 import platform
 import tempfile
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +44,133 @@ _PEAKS = {
 }
 
 
+PLUGIN_ENV = "TFM_JAX_PJRT_PLUGIN"
+# backend.platform -> the name a PJRT plugin for it is registered under (jax's own names: its
+# CUDA plugin registers "cuda", an alias of "gpu"; "hpu" is this project's name for Gaudi).
+PLUGIN_NAMES = {"gpu": "cuda", "tpu": "tpu", "hpu": "hpu"}
+_registered: dict[str, str] = {}          # plugin name -> library path, this process
+
+
+def plugin_path(cfg: BackendConfig) -> tuple[Optional[str], str]:
+    """(the PJRT plugin library to register, where the setting came from): ``backend.pjrt_plugin``,
+    else ``$TFM_JAX_PJRT_PLUGIN`` for a platform that takes a plugin (gpu/tpu/hpu), else None."""
+    if cfg.pjrt_plugin:
+        return cfg.pjrt_plugin, "backend.pjrt_plugin"
+    env = os.environ.get(PLUGIN_ENV)
+    if env and cfg.platform in PLUGIN_NAMES:
+        return env, f"${PLUGIN_ENV}"
+    return None, ""
+
+
+def installed_plugins() -> list[str]:
+    """The plugin modules jax will discover (``jax_plugins`` namespace packages and entry
+    points), listed without importing them."""
+    import importlib.metadata
+    import pkgutil
+
+    found = set()
+    try:
+        import jax_plugins  # type: ignore[import-not-found]
+        found |= {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
+    except ImportError:
+        pass
+    try:
+        found |= {ep.value.removeprefix("jax_plugins.")
+                  for ep in importlib.metadata.entry_points(group="jax_plugins")}
+    except Exception:                     # a broken distribution's metadata: nothing listed
+        pass
+    return sorted(found)
+
+
+def env_plugin_names() -> list[str]:
+    """The plugin names ``PJRT_NAMES_AND_LIBRARY_PATHS`` gives jax (``name:path,...``)."""
+    raw = os.environ.get("PJRT_NAMES_AND_LIBRARY_PATHS", "")
+    return [item.split(os.pathsep, 1)[0] for item in raw.split(",") if os.pathsep in item]
+
+
+def register_pjrt_plugin(name: str, path: str, source: str = "backend.pjrt_plugin") -> None:
+    """Register the PJRT plugin library ``path`` as jax platform ``name`` (before the backends
+    start). ConfigError, with the fix, for a missing file, a library that is not a PJRT plugin
+    or fails to load (the loader's message kept), or backends that already started."""
+    from jax._src import xla_bridge
+
+    if _registered.get(name) == path:
+        return                            # configure() called again in this process
+    p = pathlib.Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{source}={path}: no such file. Give the path of the PJRT plugin "
+                          f"library (a .so exporting GetPjrtApi) for backend.platform, or unset "
+                          f"{source}")
+    if xla_bridge.backends_are_initialized():
+        raise ConfigError(f"{source}={path}: jax's backends already started in this process, "
+                          "so a plugin can no longer be registered; configure the backend "
+                          "(tfm_jax.backends.configure) before the first jax computation")
+    try:
+        xla_bridge.register_plugin(name, library_path=str(p))
+    except Exception as err:              # jaxlib's loader error (JaxRuntimeError/XlaRuntimeError)
+        raise ConfigError(f"{source}={path}: the library did not load as a PJRT plugin: "
+                          f"{err}. A PJRT plugin exports GetPjrtApi (PJRT C API); check the "
+                          f"path, and that the plugin was built for jaxlib "
+                          f"{_jaxlib_version()}") from None
+    _registered[name] = path
+
+
+def _jaxlib_version() -> str:
+    try:
+        import jaxlib
+        return jaxlib.__version__
+    except (ImportError, AttributeError):
+        return "?"
+
+
+def _check_devices(platform: str, name: str, what: str) -> None:
+    """The backend ``name`` starts and has devices, else ConfigError saying what failed."""
+    try:
+        devices = jax.devices(name)
+    except BaseException as err:          # jax raises RuntimeError, or asserts (no backend up)
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        msg = str(err) or (f"{type(err).__name__}: jax started no backend (it skips the CUDA "
+                           "plugin when no NVIDIA GPU is visible)")
+        raise ConfigError(f"backend.platform={platform}: {what}, but no device came up: {msg}. "
+                          "Check that the hardware is visible on this machine and its driver "
+                          "loaded, or run elsewhere with backend.platform=auto") from None
+    if not devices:
+        raise ConfigError(f"backend.platform={platform}: {what}, but it reports no devices")
+
+
 def configure(cfg: BackendConfig) -> None:
+    """Pin the platform (``jax_platforms``), registering a PJRT plugin first when one is
+    configured (module doc). Must run before the first jax computation of the process."""
+    if cfg.emulate != "none":
+        jax.config.update("jax_platforms", "cpu")     # a profile's numerics, emulated on CPU
+        return
     if cfg.platform == "auto":
         return
+    if cfg.platform == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+        return
+    name = PLUGIN_NAMES[cfg.platform]
+    path, source = plugin_path(cfg)
+    if path is not None:
+        register_pjrt_plugin(name, path, source)
+        jax.config.update("jax_platforms", name)   # that plugin only ("gpu" would also try rocm)
+        _check_devices(cfg.platform, name, f"the PJRT plugin {path} loaded")
+        return
     if cfg.platform == "hpu":
-        raise ConfigError("backend.platform=hpu: the HPU PJRT plugin path is not available in "
-                          "this version; use cpu, gpu, tpu or auto")
+        installed = installed_plugins() + [f"{n} (PJRT_NAMES_AND_LIBRARY_PATHS)"
+                                           for n in env_plugin_names()]
+        if not installed:
+            raise ConfigError(
+                "backend.platform=hpu needs a PJRT plugin for Intel Gaudi, and none is "
+                f"configured or installed: set backend.pjrt_plugin=/path/to/plugin.so (or "
+                f"${PLUGIN_ENV}), or install a jax_plugins package that registers platform "
+                "'hpu'. No public JAX PJRT plugin for Gaudi exists today (README 'Backends'); "
+                "to run Gaudi2 numerics on CPU use backend.emulate=gaudi2")
+        jax.config.update("jax_platforms", name)
+        _check_devices(cfg.platform, name, f"no plugin path is set; the installed jax "
+                       f"plugins ({', '.join(installed)}) were tried")
+        return
     jax.config.update("jax_platforms", cfg.platform)
 
 
@@ -176,6 +310,17 @@ def _write_peak_cache(path: pathlib.Path, entries: dict) -> None:
             raise
     except OSError:
         pass
+
+
+def read_cached_peak(dtype: str = "float32") -> Optional[dict]:
+    """The cached peak entry (``flops``, ``measured``, ``method``) for this machine and
+    ``dtype`` as :func:`cached_matmul_peak` keeps it, or None; measures nothing."""
+    entry = _read_peak_cache(peak_cache_path()).get(peak_cache_key(dtype))
+    if isinstance(entry, dict):
+        flops = entry.get("flops")
+        if isinstance(flops, (int, float)) and math.isfinite(flops) and flops > 0:
+            return entry
+    return None
 
 
 def cached_matmul_peak(dtype: str = "float32") -> tuple[float, str]:

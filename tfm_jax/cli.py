@@ -2,9 +2,10 @@
 
 Every command takes ``--config FILE`` (default ``configs/tiny.yaml``; a bare name such as
 ``small`` is looked up in the shipped configs) and trailing ``section.key=value`` overrides.
-Exit codes: 0 ok, 2 invalid config or input, 1 training diverged, 130/143 interrupted by
-SIGINT/SIGTERM at any moment (one line says what was saved: in the training loop a checkpoint,
-continue with ``--resume``; see :mod:`tfm_jax.interrupts`).
+Exit codes: 0 ok, 2 invalid config or input, 1 training diverged, 3 a multi-process run's peer
+never connected (:mod:`tfm_jax.distributed`), 130/143 interrupted by SIGINT/SIGTERM at any
+moment (one line says what was saved: in the training loop a checkpoint, continue with
+``--resume``; see :mod:`tfm_jax.interrupts`).
 
 Each command is a small :class:`Command` unit (name, arguments, run). Its run function imports
 what it needs, so light commands stay light: ``tfm-jax config show`` imports neither jax nor
@@ -92,8 +93,11 @@ def _sample(setup, state, prompt: str, tokens: int, temperature: float, top_k: i
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
+    from tfm_jax import distributed
+
     _add_common(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    distributed.add_args(p)
 
 
 def run_train(args) -> int:
@@ -104,6 +108,10 @@ def run_train(args) -> int:
             "quantized run cannot be trained or resumed (quantization-aware training is not "
             "supported). Train the full-precision run (quant.recipe=none) and quantize it "
             "afterwards with 'tfm-jax quantize'")
+    from tfm_jax import distributed
+
+    dist = distributed.from_args(args)      # before any jax backend starts
+    distributed.initialize(dist)
     interrupts.note("before training resumed; the run's checkpoints are unchanged" if args.resume
                     else "before step 1, nothing saved")
     from tfm_jax import train as train_lib
@@ -135,7 +143,10 @@ def run_train(args) -> int:
                  else ""))
     interrupts.note(f"after training finished at step {result.final_step} (checkpoint saved)"
                     + ("; no sample written" if cfg.train.sample_tokens else ""))
-    if cfg.train.sample_tokens:
+    if cfg.train.sample_tokens and dist is not None and dist.num_processes > 1:
+        print(f"\nno sample: a multi-process run ({dist.describe()}); sample with "
+              f"'tfm-jax generate --run-dir {run_dir}' in one process")
+    elif cfg.train.sample_tokens:
         text = _sample(result.setup, result.state, cfg.train.sample_prompt, cfg.train.sample_tokens,
                        0.8, 40, cfg.train.seed)
         (run_dir / "samples.txt").write_text(text)
@@ -145,6 +156,7 @@ def run_train(args) -> int:
           + (f"\n  tensorboard {run_dir / 'events'}  (tensorboard --logdir {run_dir / 'events'})"
              if cfg.run.tensorboard else "")
           + (f"\n  sample      {run_dir / 'samples.txt'}" if cfg.train.sample_tokens else ""))
+    distributed.shutdown(dist)
     return 0
 
 
@@ -152,7 +164,10 @@ def run_train(args) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
+    from tfm_jax import distributed
+
     _add_common(p)
+    distributed.add_args(p)
     p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
     p.add_argument("--calib-batches", type=int, default=16,
                    help="quant.recipe=fp8_delayed on a run trained without it: the training "
@@ -164,6 +179,10 @@ def run_eval(args) -> int:
     if args.calib_batches < 1:
         raise ConfigError(f"--calib-batches {args.calib_batches}: fill the fp8_delayed "
                           "histories from at least 1 batch")
+    from tfm_jax import distributed
+
+    dist = distributed.from_args(args)      # before any jax backend starts
+    distributed.initialize(dist)
     from tfm_jax import data as data_lib
     from tfm_jax.train import eval_span, evaluate
 
@@ -176,6 +195,7 @@ def run_eval(args) -> int:
     if cfg.quant.recipe != "none":
         row["quant_recipe"] = cfg.quant.recipe
     print(json.dumps(row, indent=2))
+    distributed.shutdown(dist)
     return 0
 
 
@@ -279,6 +299,9 @@ def run_config_show(args) -> int:
     print(cfg.to_yaml(), end="")
     print(f"# derived: model.head_dim={m.resolved_head_dim}, model.ffn_hidden="
           f"{m.resolved_ffn_hidden}, parameters={param_counts(m)['total']:,}")
+    from tfm_jax import profiles
+    for line in profiles.describe(cfg):      # backend.profile / emulate: what it resolved
+        print(f"# {line}")
     if getattr(args, "memory", False):   # only then import jax (builds and compiles the step)
         from tfm_jax import backends, memory
 
@@ -421,8 +444,9 @@ _CALIB_METHODS = ("max", "percentile", "ema")   # == tfm_jax.quant.calibrate.MET
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="trained run to calibrate")
-    p.add_argument("--batches", type=int, required=True,
-                   help="training batches to run (steps 0..N-1 of the run's data stream)")
+    p.add_argument("--batches", type=int, default=16,
+                   help="training batches to run (steps 0..N-1 of the run's data stream; "
+                   "default 16)")
     p.add_argument("--method", default="max", help="max | percentile | ema: how the per-batch "
                    "input amaxes become one static scale (default max)")
     p.add_argument("--percentile", type=float, default=99.99,
@@ -496,6 +520,51 @@ def run_inspect(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- claims
+
+
+def _claims_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=".", help="repository root holding benchmarks/ (default: "
+                   "the current directory)")
+    p.add_argument("--out", default=None, help="output file (default <root>/CLAIMS.md)")
+
+
+def run_claims(args) -> int:
+    """The claims ledger (tfm_jax.claims): every claim of the seed with a verdict."""
+    from tfm_jax import claims
+
+    root = pathlib.Path(args.root)
+    if not (root / "benchmarks").is_dir():
+        raise FileNotFoundError(f"{root.resolve()} has no benchmarks/ folder: run from the "
+                                "repository root or pass --root")
+    rows = claims.ledger(root)
+    path = pathlib.Path(args.out) if args.out else root / "CLAIMS.md"
+    path.write_text(claims.markdown(rows))
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in claims.VERDICTS}
+    print(f"{len(rows)} claims: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n))
+    print(f"  ledger  {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- env
+
+
+def run_env(args) -> int:
+    from tfm_jax import environment
+
+    cfg = load_config(args.config, args.overrides)
+    rep = environment.report(cfg.backend, measure=not args.no_measure)
+    print(json.dumps(rep, indent=1) if args.json else environment.format_report(rep))
+    return 2 if rep["plugins"]["error"] else 0
+
+
+def _env_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-measure", action="store_true", help="do not measure the matmul peak "
+                   "when none is cached")
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(("train",), "train a model (default: tiny config, built-in corpus)", _train_args,
             run_train),
@@ -517,6 +586,11 @@ COMMANDS: tuple[Command, ...] = (
             _ablate_args, run_ablate),
     Command(("inspect",), "compile a config's train step: params, FLOPs/token, memory, and "
             "every collective XLA emits (count, bytes)", _inspect_args, run_inspect),
+    Command(("claims",), "write CLAIMS.md: every claim of the seed document with the measured "
+            "figure and a verdict (from benchmarks/*/results.json + arithmetic)",
+            _claims_args, run_claims),
+    Command(("env",), "platforms, devices, PJRT plugins, versions, CPU kernels, FP8 native or "
+            "emulated, matmul peak, recommended FP8 scaling", _env_args, run_env),
 )
 _GROUP_HELP = {"config": "config utilities"}
 

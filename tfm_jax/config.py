@@ -28,6 +28,8 @@ from typing import Annotated
 from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, Strict,
                       model_validator)
 
+from tfm_jax import profiles
+
 
 
 def _yaml_float(v: Any) -> Any:
@@ -223,7 +225,18 @@ class DataConfig(_Section):
     seq_len: Int = Field(128, gt=1)
     val_fraction: Float = Field(0.05, gt=0, le=0.5)
     packing: bool = Field(True, description="False: one document per row, padded (masked)")
+    random_truncate: Float = Field(
+        0.0, ge=0, lt=1, description="packed rows only: cut each row at a uniform random length "
+        "in [(1-f)*seq_len, seq_len] and pad the rest (masked): variable-length batches")
     cache_dir: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _truncate_needs_packing(self) -> "DataConfig":
+        if self.random_truncate and not self.packing:
+            raise ValueError(f"data.random_truncate={self.random_truncate} applies to packed rows; "
+                             "with data.packing=false rows are already padded documents: set "
+                             "data.random_truncate=0 or data.packing=true")
+        return self
 
 
 class TrainConfig(_Section):
@@ -355,6 +368,10 @@ class QuantConfig(_Section):
         "per_tensor", description="kernel scales: one per tensor, or one per output channel")
     calibration: Optional[str] = Field(
         None, description="fp8_static: calibration file of scales (tfm_jax.quant.fp8)")
+    scale_set: Literal["any", "pow2", "gaudi2"] = Field(
+        "any", description="FP8 dot scales rounded down to what the hardware applies: any = "
+        "no rounding; pow2 = a power of two (Gaudi3); gaudi2 = {2^-4, 1, 2^4, 2^8}, Gaudi2's "
+        "exponent-bias set (tfm_jax.quant.scaling.GAUDI2_E4M3_SCALES); set by backend.profile")
     telemetry: bool = Field(False, description="fp8 recipes: per-projection amax, scale, "
                             "saturated / flushed-to-zero fractions, staleness in metrics.jsonl "
                             "(a study tool: extra passes over every projection's operands, "
@@ -478,7 +495,18 @@ def moe_param_counts(m: ModelConfig, moe: MoEConfig) -> dict[str, int]:
 
 
 class BackendConfig(_Section):
-    platform: Literal["auto", "cpu", "gpu", "tpu", "hpu"] = "auto"
+    platform: Literal["auto", "cpu", "gpu", "tpu", "hpu"] = Field(
+        "auto", description="auto = jax's default; cpu/gpu/tpu/hpu pin it (tfm_jax.backends."
+        "configure); hpu needs a PJRT plugin (pjrt_plugin)")
+    pjrt_plugin: Optional[str] = Field(
+        None, description="PJRT plugin library (.so) registered through jax's plugin mechanism "
+        "for backend.platform gpu/tpu/hpu before jax starts (default: $TFM_JAX_PJRT_PLUGIN)")
+    profile: Literal["none", "nvidia-hopper", "gaudi2", "gaudi3"] = Field(
+        "none", description="hardware numeric profile: fills quant formats, quant.scale_set and "
+        "moe.dispatch where they are not set (tfm_jax.profiles); needs its hardware's platform")
+    emulate: Literal["none", "nvidia-hopper", "gaudi2", "gaudi3"] = Field(
+        "none", description="run a profile's numerics on CPU (FP8 emulated): as profile, on "
+        "backend.platform cpu or auto")
     cpu_kernels: Literal["auto", "native", "xla"] = Field(
         "auto", description="fp32 GEMMs, causal attention, SwiGLU, RMSNorm as native custom calls "
         "(tfm_jax.kernels.cpu) on a single CPU device: auto = when they build, native = "
@@ -502,6 +530,27 @@ class BackendConfig(_Section):
         "bfloat16/float16, head_dim a multiple of 8, right-padded rows)")
 
 
+def _check_backend(b: BackendConfig) -> None:
+    """Platform, plugin, profile and emulation fit together (tfm_jax.profiles)."""
+    if b.pjrt_plugin is not None and b.platform in ("auto", "cpu"):
+        raise ValueError(f"backend.pjrt_plugin is set but backend.platform={b.platform}: name the "
+                         "platform the plugin provides (backend.platform=hpu, gpu or tpu)")
+    if b.emulate != "none":
+        if b.platform not in ("auto", "cpu"):
+            raise ValueError(f"backend.emulate={b.emulate} runs that profile's numerics on CPU, "
+                             f"but backend.platform={b.platform}; set backend.platform=cpu (or "
+                             f"auto), or use backend.profile={b.emulate} on the hardware")
+        if b.profile not in ("none", b.emulate):
+            raise ValueError(f"backend.profile={b.profile} and backend.emulate={b.emulate} "
+                             "disagree; set one of them")
+    elif b.profile != "none":
+        want = profiles.PROFILES[b.profile].platform
+        if b.platform not in (want, "auto") or (want == "hpu" and b.platform != "hpu"):
+            raise ValueError(f"backend.profile={b.profile} describes {want} hardware, but "
+                             f"backend.platform={b.platform}; set backend.platform={want}, or "
+                             f"backend.emulate={b.profile} to run its numerics on CPU")
+
+
 class RunConfig(_Section):
     name: Optional[str] = Field(None, description="default: config file stem + overrides")
     dir: Optional[str] = Field(None, description="run directory; default runs/<name>")
@@ -518,6 +567,12 @@ class Config(_Section):
     moe: MoEConfig = MoEConfig()
     backend: BackendConfig = BackendConfig()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_defaults(cls, raw: Any) -> Any:
+        # backend.profile / backend.emulate fill the keys the config leaves unset
+        return profiles.apply_defaults(raw)
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
@@ -550,9 +605,7 @@ class Config(_Section):
             if moe.n_experts and self.quant.recipe != "none":
                 raise ValueError(f"quant.recipe={self.quant.recipe} does not cover the MoE "
                                  "experts yet; use quant.recipe=none with moe.n_experts > 0")
-        if self.backend.platform == "hpu":
-            raise ValueError("backend.platform=hpu: the HPU PJRT plugin path is not available "
-                             "in this version; use backend.platform=auto, cpu, gpu or tpu")
+        _check_backend(self.backend)
         attn = self.backend.attention
         if attn != "auto" and self.model.attn_block_q == 0:
             raise ValueError(f"backend.attention={attn} never runs with model.attn_block_q=0 "

@@ -149,6 +149,13 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
 
     run_dir = pathlib.Path(run_dir)
     src_cfg = load_run_config(run_dir)
+    if src_cfg.quant.recipe != "none":
+        storage = " with FP8 weight storage" if src_cfg.quant.fp8_weight_storage else ""
+        raise ConfigError(
+            f"convert: {run_dir} was trained with quant.recipe={src_cfg.quant.recipe}{storage}; "
+            "K/V-head pooling converts full-precision kernels only (the FP8 scaling state of the "
+            "pooled projections has no pooled equivalent). Convert a run trained with "
+            "quant.recipe=none, then train the converted run with the recipe")
     if config is not None:
         _check_target(src_cfg, config)
         new_cfg, n_kv_heads, out_dir = config, config.model.n_kv_heads, config.run_dir

@@ -485,7 +485,8 @@ def _as_batch(windows: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def train_batch(tokens: np.ndarray, doc_starts: np.ndarray, *, step: int, seed: int, batch_size: int,
-                seq_len: int, packing: bool = True, rows: slice | None = None) -> dict[str, np.ndarray]:
+                seq_len: int, packing: bool = True, rows: slice | None = None,
+                random_truncate: float = 0.0) -> dict[str, np.ndarray]:
     """Global training batch number ``step``: a pure function of (seed, step) via
     ``np.random.default_rng([seed, step])``.
 
@@ -498,17 +499,37 @@ def train_batch(tokens: np.ndarray, doc_starts: np.ndarray, *, step: int, seed: 
     full batch; every row's start is drawn first, so per-process loading matches
     single-process loading.
 
+    ``random_truncate`` = f in (0, 1) (packing only): each row keeps a uniform random number
+    of targets in [ceil((1 - f) * T), T] and is PAD (masked) after it -- variable-length,
+    right-padded rows from a corpus whose documents are longer than T (the normalization
+    study's padded batches). The lengths come from their own stream, so the windows are the
+    same as without truncation.
+
     Returns ``{"inputs": int32 (R, T), "targets": int32 (R, T), "mask": float32 (R, T)}``
     with ``targets[:, t] == inputs[:, t + 1]``, T = seq_len, R = rows selected (default B).
     """
     n = _check_sizes(tokens, batch_size, seq_len, "train")
     if step < 0 or seed < 0:
         raise DataError(f"step and seed must be non-negative, got step={step}, seed={seed}")
+    if not 0.0 <= random_truncate < 1.0:
+        raise DataError(f"random_truncate={random_truncate} must be in [0, 1)")
+    if random_truncate and not packing:
+        raise DataError("random_truncate applies to packed rows; with packing=False rows are "
+                        "already documents padded to seq_len (set one of the two)")
     rng = np.random.default_rng([seed, step])
     if packing:
         starts = _select(rng.integers(0, n - seq_len, size=batch_size), rows, batch_size)
         windows = tokens[starts[:, None] + np.arange(seq_len + 1)]
-        return _as_batch(windows, np.ones((starts.size, seq_len), np.float32))
+        if not random_truncate:
+            return _as_batch(windows, np.ones((starts.size, seq_len), np.float32))
+        low = int(np.ceil((1.0 - random_truncate) * seq_len))
+        lengths = _select(np.random.default_rng([seed, step, 1]).integers(
+            max(low, 1), seq_len + 1, size=batch_size), rows, batch_size)       # (R,)
+        real = np.arange(seq_len) < lengths[:, None]                           # (R, T)
+        # target t = window[t + 1]: PAD from target `length` on (inputs > length are PAD)
+        windows = np.where(np.concatenate([np.ones_like(real[:, :1]), real], axis=1),
+                           windows, PAD_ID)
+        return _as_batch(windows, real)
     doc_starts = np.asarray(doc_starts, np.int64)
     if doc_starts.size == 0:
         raise DataError("packing=False needs document starts, but doc_starts is empty")

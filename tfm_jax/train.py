@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tfm_jax import backends, data as data_lib, interrupts, param_roles, telemetry
 from tfm_jax.checkpoint import CheckpointMismatch, Checkpointer
-from tfm_jax.config import Config, check_runtime, check_trainable
+from tfm_jax.config import Config, ConfigError, check_runtime, check_trainable
 from tfm_jax.layers.moe import balance_bias_update
 from tfm_jax.layers.ops import Ops
 from tfm_jax.metrics import MetricsLogger, read_metrics
@@ -346,6 +346,12 @@ def build(cfg: Config, devices: Optional[list] = None) -> Setup:
     if cfg.quant.recipe == "fp8_static":
         from tfm_jax.quant import fp8
         calibration = fp8.load_calibration(cfg.quant.calibration)   # a bad file: fail now
+        fmt = calibration.get("fwd_format")
+        if fmt is not None and fmt != cfg.quant.fwd_format:
+            raise ConfigError(f"quant.calibration={cfg.quant.calibration} holds scales for "
+                              f"{fmt} (max |x| of that format), but quant.fwd_format="
+                              f"{cfg.quant.fwd_format} (e.g. from backend.profile/emulate); "
+                              f"recalibrate with quant.fwd_format={cfg.quant.fwd_format}")
 
     def init_boxed(rng):   # (what modules sow at init is not state)
         return telemetry.split(model.init(rng, dummy, train=False))[0]
@@ -743,7 +749,8 @@ def _train(cfg: Config, ckpt: Checkpointer, resume: bool, devices: Optional[list
                         batch = data_lib.train_batch(
                             corpus.train, corpus.train_doc_starts, step=step, seed=t.seed,
                             batch_size=t.batch_size, seq_len=cfg.data.seq_len,
-                            packing=cfg.data.packing, rows=rows)
+                            packing=cfg.data.packing, rows=rows,
+                            random_truncate=cfg.data.random_truncate)
                         state, metrics = setup.train_step(state, setup.shard_batch(batch))
                         step += 1
                         if pending is not None:

@@ -331,10 +331,15 @@ def measure_divergence(ctx: RunContext) -> dict[str, Any]:
     """Whether the run diverged: ``nonfinite_steps`` (steps whose loss or gradients were
     NaN/inf -- skipped, ``train.on_nonfinite=skip``), ``reloads`` (``on_nonfinite=reload``),
     ``diverged`` = 1 if any of those or a non-finite final validation loss, else 0 (summed over
-    seeds this is the divergence count: the mean times the number of seeds)."""
+    seeds this is the divergence count: the mean times the number of seeds).
+
+    Option ``max_val_loss``: also count a run as diverged when its final validation loss is
+    above this number, or above the data's unigram cross-entropy with ``unigram`` (a model
+    worse than byte counts has failed to train; the threshold is reported as
+    ``divergence_threshold``)."""
     import math
 
-    ctx.check_options(set())
+    ctx.check_options({"max_val_loss"})
     rows = ctx.metrics()
     skipped = max([int(r.get("skipped") or 0) for r in rows if "loss" in r] or [0])
     reloads = sum(1 for r in rows if "reload" in r)
@@ -342,8 +347,20 @@ def measure_divergence(ctx: RunContext) -> dict[str, Any]:
         val = float(ctx.final_eval()["val_loss"])
     except ValueError:
         val = float("nan")
-    diverged = int(skipped > 0 or reloads > 0 or not math.isfinite(val))
-    return {"nonfinite_steps": skipped, "reloads": reloads, "diverged": diverged}
+    limit = ctx.option("max_val_loss")
+    out: dict[str, Any] = {"nonfinite_steps": skipped, "reloads": reloads}
+    if limit == "unigram":
+        from tfm_jax import data as data_lib
+        d = ctx.cfg.data
+        corpus = data_lib.load_corpus(d.path, d.val_fraction, d.cache_dir, include=d.include)
+        limit = data_lib.unigram_entropy(corpus.train, corpus.val)
+    elif limit is not None and not isinstance(limit, (int, float)):
+        raise ValueError(f"max_val_loss={limit!r}: give a number (nats/token) or 'unigram'")
+    too_high = limit is not None and math.isfinite(val) and val > float(limit)
+    if limit is not None:
+        out["divergence_threshold"] = float(limit)
+    out["diverged"] = int(skipped > 0 or reloads > 0 or not math.isfinite(val) or too_high)
+    return out
 
 
 @register("step_time")
@@ -456,3 +473,7 @@ def measure_moe_routing(ctx: RunContext) -> dict[str, Any]:
             for s, p in parsed]),
     }
     return out
+
+
+# The component probes (normalization, FFN, heads) register themselves on import.
+from tfm_jax.ablate import probes as _probes  # noqa: E402,F401

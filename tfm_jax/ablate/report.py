@@ -81,7 +81,37 @@ def aggregate(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]
             row.update({f: stats(vals) for f, vals in g.items()})
             rows.append(row)
         out_series[name] = {"by": entry["by"], "rows": rows}
-    return {"scalars": scalars, "series": out_series}
+    return {"scalars": scalars, "series": out_series,
+            "paired": paired_deltas(runs, variants) if variants else {}}
+
+
+PAIRED_METRICS = ("val_loss", "final_train_loss")
+
+
+def paired_deltas(runs: list[dict[str, Any]], variants: list[str],
+                  metrics: tuple[str, ...] = PAIRED_METRICS) -> dict[str, Any]:
+    """Each variant against the first (the baseline), paired by seed: for every seed where both
+    runs finished, ``100 * (variant - baseline) / baseline``. Runs at the same seed share the
+    data order and (where shapes allow) the initialization, so the paired difference is far
+    tighter than the difference of the two means when the seed spread is large.
+    ``{"baseline": v0, "metrics": {metric: {variant: stats of the % differences}}}``."""
+    base = variants[0]
+
+    def by_seed(v: str, m: str) -> dict[Any, float]:
+        return {r["seed"]: r["metrics"][m] for r in runs
+                if r["variant"] == v and r["status"] == "ok"
+                and _num(r.get("metrics", {}).get(m))}
+
+    out: dict[str, dict[str, Any]] = {}
+    for m in metrics:
+        b = by_seed(base, m)
+        for v in variants[1:]:
+            o = by_seed(v, m)
+            diffs = [100.0 * (o[s] - b[s]) / b[s] for s in sorted(b, key=str)
+                     if s in o and b[s] != 0]
+            if diffs:
+                out.setdefault(m, {})[v] = stats(diffs)
+    return {"baseline": base, "metrics": out}
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,6 +326,26 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def scalars_table(results: dict[str, Any]) -> str:
+    """The Markdown table of every scalar metric (rows) per variant (columns), mean ± std over
+    seeds -- the "Results" table of ``results.md`` (also shown by the notebooks)."""
+    variants = results["experiment"]["variants"]
+    scalars = results["aggregates"]["scalars"]
+    metrics: list[str] = []
+    for v in variants:
+        metrics += [m for m in scalars.get(v, {}) if m not in metrics]
+    rows = [[m] + [fmt_stats(scalars.get(v, {}).get(m)) for v in variants] for m in metrics]
+    return _table(["metric"] + variants, rows)
+
+
+def claims_table(results: dict[str, Any]) -> str:
+    """The Markdown table of the judged claims (the "Claims" table of ``results.md``)."""
+    rows = [[str(i + 1), c["claim"], c["source"], fmt(c["claimed"]), fmt(c["measured"]),
+             c["verdict"], c["where"]] for i, c in enumerate(results["claims"])]
+    return _table(["#", "claim", "source", "claimed", "measured", "verdict", "where measured"],
+                  rows)
+
+
 def markdown(results: dict[str, Any]) -> str:
     """``results.md``: per-variant mean ± std, series tables, claims, runs, plots."""
     exp = results["experiment"]
@@ -308,13 +358,26 @@ def markdown(results: dict[str, Any]) -> str:
             f"Where: {results['where']}  ",
             f"Seeds: {', '.join(map(str, exp['seeds']))} (mean ± sample std over the seeds that "
             "finished; n in the runs table)", ""]
-    out += ["## Results", ""]
-    metrics: list[str] = []
-    for v in variants:
-        metrics += [m for m in agg["scalars"].get(v, {}) if m not in metrics]
-    rows = [[m] + [fmt_stats(agg["scalars"].get(v, {}).get(m)) for v in variants]
-            for m in metrics]
-    out += [_table(["metric"] + variants, rows), ""]
+    out += ["## Results", "", scalars_table(results), ""]
+    paired = agg.get("paired", {})
+    if paired.get("metrics"):
+        base = paired["baseline"]
+        others = [v for v in variants if v != base]
+        out += [f"Paired by seed against **{base}**: mean ± standard error of "
+                f"100 · (variant − {base}) / {base} over the seeds where both finished (n).", ""]
+        rows = []
+        for m, per in paired["metrics"].items():
+            cells = []
+            for v in others:
+                st = per.get(v)
+                if st is None:
+                    cells.append("–")
+                    continue
+                sem = st["std"] / math.sqrt(st["n"]) if st["std"] is not None else None
+                cells.append(f"{st['mean']:+.2f} %" + (f" ± {sem:.2f}" if sem is not None
+                                                      else "") + f" (n {st['n']})")
+            rows.append([f"Δ% {m}"] + cells)
+        out += [_table(["paired"] + others, rows), ""]
     descr = [(v, d) for v, d in ((v, exp["variant_descriptions"].get(v)) for v in variants) if d]
     if descr:
         out += ["Variants: " + "; ".join(f"**{v}**: {d}" for v, d in descr), ""]
@@ -336,11 +399,7 @@ def markdown(results: dict[str, Any]) -> str:
                 body.append([fmt(x) for x in k] + cells)
             out += [_table(list(s["by"]) + variants, body), ""]
     if results["claims"]:
-        out += ["## Claims", ""]
-        rows = [[str(i + 1), c["claim"], c["source"], fmt(c["claimed"]), fmt(c["measured"]),
-                 c["verdict"], c["where"]] for i, c in enumerate(results["claims"])]
-        out += [_table(["#", "claim", "source", "claimed", "measured", "verdict",
-                        "where measured"], rows), ""]
+        out += ["## Claims", "", claims_table(results), ""]
         notes = [(i + 1, c["note"]) for i, c in enumerate(results["claims"]) if c.get("note")]
         if notes:
             out += ["Notes: " + " ".join(f"({i}) {n}" for i, n in notes), ""]

@@ -156,7 +156,8 @@ class Experiment(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
     variants: dict[str, Variant] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    measurements: list[MeasurementSpec] = Field(default_factory=list)
+    # validate_default: the validator adds val_loss also when the key is left out
+    measurements: list[MeasurementSpec] = Field(default_factory=list, validate_default=True)
     plots: list[PlotSpec] = Field(default_factory=list)
     claims: list[ClaimSpec] = Field(default_factory=list)
     out_dir: Optional[str] = Field(None, description="default runs/ablate/<name>")

@@ -177,12 +177,14 @@ def reduce_amax(per_batch: np.ndarray, method: str) -> np.ndarray:
 
 
 def reduce_scales(stats: CalibrationStats, method: str, *, fmt: str = "float8_e4m3fn",
-                  margin: int = 0, ema_beta: float = 0.999) -> dict[str, dict[str, np.ndarray]]:
+                  margin: int = 0, ema_beta: float = 0.999,
+                  scale_set: str = "any") -> dict[str, dict[str, np.ndarray]]:
     """``{projection: {"input_scale", "kernel_scale"}}`` (float32 arrays, multiplicative)
-    from the statistics by ``method`` (module doc)."""
+    from the statistics by ``method`` (module doc), rounded down to ``scale_set``
+    (``quant.scale_set``: the hardware's scales, e.g. Gaudi2's powers of 16)."""
     import jax.numpy as jnp
 
-    from tfm_jax.quant.scaling import compute_scale, ema_scale
+    from tfm_jax.quant.scaling import compute_scale, ema_scale, round_scale_for
 
     if method not in METHODS:
         raise ConfigError(f"calibrate: --method {method!r}; valid: {', '.join(METHODS)}")
@@ -200,9 +202,9 @@ def reduce_scales(stats: CalibrationStats, method: str, *, fmt: str = "float8_e4
             s = compute_scale(amaxes[0], fmt, margin=margin)
             for a in amaxes[1:]:
                 s = ema_scale(s, jnp.asarray(a, jnp.float32), fmt, ema_beta, margin=margin)
-        out[proj] = {"input_scale": np.asarray(s, np.float32),
-                     "kernel_scale": np.asarray(compute_scale(stats.kernel_amax[proj], fmt,
-                                                              margin=margin), np.float32)}
+        k = compute_scale(stats.kernel_amax[proj], fmt, margin=margin)
+        out[proj] = {"input_scale": np.asarray(round_scale_for(s, scale_set), np.float32),
+                     "kernel_scale": np.asarray(round_scale_for(k, scale_set), np.float32)}
     return out
 
 
@@ -348,7 +350,8 @@ def calibrate_run(run_dir: pathlib.Path | str, batches: int, method: str = "max"
                   devices: Optional[list] = None) -> CalibrationResult:
     """Calibrate the latest checkpoint of ``run_dir`` over its first ``batches`` training
     batches and write the ``fp8_static`` scales (module doc). ``overrides``: ``quant.*`` keys
-    only (``fwd_format``, ``margin``, ``kernel_granularity``): they shape the scales."""
+    only (``fwd_format``, ``margin``, ``kernel_granularity``, ``scale_set``): they shape the
+    scales (a run trained under ``backend.emulate=gaudi2`` has Gaudi2's already)."""
     from tfm_jax.quant.fp8 import write_calibration
 
     run_dir = pathlib.Path(run_dir)
@@ -366,7 +369,8 @@ def calibrate_run(run_dir: pathlib.Path | str, batches: int, method: str = "max"
            or o.split("=")[0] in ("quant.recipe", "quant.calibration")]
     if bad:
         raise ConfigError(f"calibrate: overrides {bad}: only quant.* keys (fwd_format, margin, "
-                          "kernel_granularity) shape a calibration; the model is the run's")
+                          "kernel_granularity, scale_set) shape a calibration; the model is the "
+                          "run's")
     trained = _load_run(run_dir)
     _check_source(trained, "calibrate")
     wanted = _load_run(run_dir, overrides) if overrides else trained
@@ -374,10 +378,11 @@ def calibrate_run(run_dir: pathlib.Path | str, batches: int, method: str = "max"
     _, src_state = restore_checkpoint(trained, devices)
     stats = run_stats(wanted, src_state, batches, percentile=percentile, corpus=corpus,
                       devices=devices)
-    scales = reduce_scales(stats, method, fmt=q.fwd_format, margin=q.margin, ema_beta=ema_beta)
+    scales = reduce_scales(stats, method, fmt=q.fwd_format, margin=q.margin, ema_beta=ema_beta,
+                           scale_set=q.scale_set)
     path = pathlib.Path(out) if out is not None else default_out(run_dir, method)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_calibration(path, scales, fwd_format=q.fwd_format)
+    write_calibration(path, scales, fwd_format=q.fwd_format, scale_set=q.scale_set)
     return CalibrationResult(path, method, stats, scales, trained.quant.recipe, q.fwd_format)
 
 

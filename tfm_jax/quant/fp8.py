@@ -37,8 +37,11 @@ Telemetry (``quant.telemetry``, :mod:`tfm_jax.telemetry`): per projection ``inpu
 non-zeros that quantize to 0), the same for the kernel, and ``*_staleness`` = current amax /
 the amax the scale assumes (``fmt_max / scale / 2**margin``; > 1 means saturation). For output
 gradients (computed in backward, where nothing can be sown) the forward of the next step sows
-the previous step's ``output_grad_amax`` and ``output_grad_staleness`` from the state
-(fp8_delayed).
+the previous step's ``output_grad_saturated`` / ``output_grad_flushed`` (every recipe: the
+backward pass writes them into the overwritten state leaf ``output_grad_stats``, present only
+with telemetry on; under gradient accumulation the max over micro-batches, as for every quant
+leaf) and, under fp8_delayed, ``output_grad_amax`` and ``output_grad_staleness`` from the
+state.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from flax import linen as nn
 
 from tfm_jax.quant.formats import fmt_max, saturating_cast
 from tfm_jax.quant.scaling import (amax_from_history, compute_amax, compute_scale,
-                                   update_amax_history)
+                                   round_scale_for, update_amax_history)
 
 ROLES = ("input", "kernel", "output_grad")
 CALIBRATION_FORMAT = "tfm-jax-fp8-calibration"
@@ -65,23 +68,29 @@ CALIBRATION_VERSION = 1
 
 class QSpec(NamedTuple):
     """Static description of one tensor's quantization (hashable: a custom-VJP static arg).
-    ``mode``: dynamic | delayed | static; ``axis``: None (per tensor) or the kept axes."""
+    ``mode``: dynamic | delayed | static; ``axis``: None (per tensor) or the kept axes;
+    ``scale_set``: the hardware scales the scale is rounded down to (``quant.scale_set``)."""
 
     mode: str
     fmt: str
     method: str = "max"
     margin: int = 0
     axis: Optional[tuple] = None
+    scale_set: str = "any"
 
 
 def _scale(x: jax.Array, state: dict, spec: QSpec) -> jax.Array:
-    """The multiplicative scale used for ``x`` this step (float32, amax's shape)."""
+    """The multiplicative scale used for ``x`` this step (float32, amax's shape), rounded down
+    to ``spec.scale_set`` (:func:`~tfm_jax.quant.scaling.round_scale_for`; a static scale from
+    calibration is normally in the set already: rounding is idempotent)."""
     if spec.mode == "dynamic":
-        return compute_scale(compute_amax(x, axis=spec.axis), spec.fmt, margin=spec.margin)
-    if spec.mode == "static":
-        return state["scale"]
-    return compute_scale(amax_from_history(state["amax_history"], spec.method), spec.fmt,
-                         margin=spec.margin, prev_scale=state["scale"])
+        s = compute_scale(compute_amax(x, axis=spec.axis), spec.fmt, margin=spec.margin)
+    elif spec.mode == "static":
+        s = state["scale"]
+    else:
+        s = compute_scale(amax_from_history(state["amax_history"], spec.method), spec.fmt,
+                          margin=spec.margin, prev_scale=state["scale"])
+    return round_scale_for(s, spec.scale_set)
 
 
 def _new_state(x: jax.Array, state: dict, scale: jax.Array, spec: QSpec) -> dict:
@@ -131,8 +140,24 @@ def _qdq_grad_fwd(y, state, spec):
 
 
 def _qdq_grad_bwd(spec, state, g):
-    scale = _scale(g, state, spec)
-    return qdq(g, scale, spec.fmt), _new_state(g, state, scale, spec)
+    scaling = {k: v for k, v in state.items() if k != "stats"}
+    scale = _scale(g, scaling, spec)
+    new = _new_state(g, scaling, scale, spec)
+    if "stats" in state:     # telemetry: recorded here, sown by the next forward
+        new["stats"] = quantization_stats(g, scale, spec.fmt)
+    return qdq(g, scale, spec.fmt), new
+
+
+def quantization_stats(x: jax.Array, scale: jax.Array, fmt: str) -> jax.Array:
+    """``[saturated, flushed]`` of ``x`` quantized to ``fmt`` with multiplicative ``scale``:
+    the fraction of all values beyond ``fmt_max`` after scaling (clipped by the saturating
+    cast), and the fraction of non-zero values that quantize to 0 (float32, shape (2,))."""
+    x = x.astype(jnp.float32)
+    xs = x * scale
+    nonzero = x != 0
+    flushed = (saturating_cast(xs, fmt) == 0) & nonzero
+    return jnp.stack([jnp.mean(jnp.abs(xs) > fmt_max(fmt)),
+                      jnp.sum(flushed) / jnp.maximum(jnp.sum(nonzero), 1)]).astype(jnp.float32)
 
 
 qdq_grad.defvjp(_qdq_grad_fwd, _qdq_grad_bwd)
@@ -158,6 +183,7 @@ class Fp8DotGeneral(nn.Module):
     fwd_format: str = "float8_e4m3fn"
     bwd_format: str = "float8_e5m2"
     kernel_granularity: str = "per_tensor"  # or per_channel: one scale per output column
+    scale_set: str = "any"                  # any | pow2 | gaudi2 (quant.scale_set)
     telemetry: bool = True
     matmul: Optional[Callable] = None
 
@@ -168,7 +194,7 @@ class Fp8DotGeneral(nn.Module):
             mode = "dynamic"
         axis = (1,) if role == "kernel" and self.kernel_granularity == "per_channel" else None
         fmt = self.bwd_format if role == "output_grad" else self.fwd_format
-        return QSpec(mode, fmt, self.amax_compute, self.margin, axis)
+        return QSpec(mode, fmt, self.amax_compute, self.margin, axis, self.scale_set)
 
     def _state_vars(self, role: str, spec: QSpec, scale_shape: tuple) -> dict:
         if spec.mode == "dynamic":
@@ -199,13 +225,18 @@ class Fp8DotGeneral(nn.Module):
         states = {"input": self._state_vars("input", specs["input"], ()),
                   "kernel": self._state_vars("kernel", specs["kernel"], k_scale_shape),
                   "output_grad": self._state_vars("output_grad", specs["output_grad"], ())}
+        if self.telemetry:
+            # [saturated, flushed] of the output gradient, written by the backward pass as an
+            # overwritten state leaf (nothing can be sown there) and sown by the next forward
+            states["output_grad"]["stats"] = self.param(
+                "output_grad_stats", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                  (None,)), (2,), jnp.float32)
         xq, x_scale = qdq_operand(x, states["input"], specs["input"])
         kq, k_scale = qdq_operand(kernel, states["kernel"], specs["kernel"])
         if self.telemetry:
             self._sow_operand("input", x, x_scale, specs["input"])
             self._sow_operand("kernel", kernel, k_scale, specs["kernel"])
-            if specs["output_grad"].mode == "delayed":
-                self._sow_grad_state(states["output_grad"], specs["output_grad"])
+            self._sow_grad_state(states["output_grad"], specs["output_grad"])
         mm = self.matmul or _plain_dot
         y = mm(xq, kq, dimension_numbers, precision=precision)
         return qdq_grad(y, states["output_grad"], specs["output_grad"])
@@ -217,23 +248,27 @@ class Fp8DotGeneral(nn.Module):
         scale = jax.lax.stop_gradient(scale)
         m = fmt_max(spec.fmt)
         amax = jnp.max(jnp.abs(x))
-        xs = x * scale
-        nonzero = x != 0
-        flushed = (saturating_cast(xs, spec.fmt) == 0) & nonzero
+        stats = quantization_stats(x, scale, spec.fmt)
         telemetry.sow(self, f"{role}_amax", amax, "max")
         telemetry.sow(self, f"{role}_scale", jnp.min(scale), "mean")
-        telemetry.sow(self, f"{role}_saturated", jnp.mean(jnp.abs(xs) > m), "mean")
-        telemetry.sow(self, f"{role}_flushed", jnp.sum(flushed) / jnp.maximum(
-            jnp.sum(nonzero), 1), "mean")
+        telemetry.sow(self, f"{role}_saturated", stats[0], "mean")
+        telemetry.sow(self, f"{role}_flushed", stats[1], "mean")
         # the amax the scale was made for: fmt_max / scale / 2**margin (per channel: its max)
         assumed = m / scale / 2.0 ** spec.margin
         telemetry.sow(self, f"{role}_staleness",
                       jnp.max(compute_amax(x, axis=spec.axis) / assumed), "max")
 
     def _sow_grad_state(self, state: dict, spec: QSpec) -> None:
-        """The previous step's output-gradient amax and its staleness, read from the state."""
+        """The previous step's output-gradient statistics, read from the state: saturated and
+        flushed fractions (every recipe) and, under fp8_delayed, its amax, scale and
+        staleness."""
         from tfm_jax import telemetry
 
+        stats = jax.lax.stop_gradient(state["stats"])
+        telemetry.sow(self, "output_grad_saturated", stats[0], "max")
+        telemetry.sow(self, "output_grad_flushed", stats[1], "max")
+        if spec.mode != "delayed":
+            return
         hist = jax.lax.stop_gradient(state["amax_history"])
         scale = jax.lax.stop_gradient(state["scale"])
         telemetry.sow(self, "output_grad_amax", hist[0], "max")
@@ -250,9 +285,10 @@ def dot_general_factory(quant_cfg: Any, matmul: Optional[Callable] = None) -> Ca
         Fp8DotGeneral, recipe=q.recipe, amax_history=q.amax_history,
         amax_compute=q.amax_compute, margin=q.margin, fwd_format=q.fwd_format,
         bwd_format=q.bwd_format, kernel_granularity=q.kernel_granularity,
-        telemetry=q.telemetry, matmul=matmul, name="fp8")
+        scale_set=q.scale_set, telemetry=q.telemetry, matmul=matmul, name="fp8")
     factory.__name__ = (f"Fp8DotGeneral ({q.recipe}, {q.fwd_format} forward / {q.bwd_format} "
-                        "gradients)")
+                        "gradients" + ("" if q.scale_set == "any" else
+                                       f", {q.scale_set} scales") + ")")
     return factory
 
 
@@ -389,11 +425,12 @@ def apply_calibration(params: Any, calibration: dict) -> Any:
 
 
 def write_calibration(path: str | pathlib.Path, scales: dict[str, dict[str, Any]],
-                      fwd_format: str = "float8_e4m3fn") -> None:
-    """Write a calibration file (the format :func:`load_calibration` reads)."""
+                      fwd_format: str = "float8_e4m3fn", scale_set: str = "any") -> None:
+    """Write a calibration file (the format :func:`load_calibration` reads; ``scale_set``, the
+    hardware scale set the scales were rounded to, is recorded for the reader only)."""
     def plain(v):
         return np.asarray(v, np.float64).tolist()
     doc = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
-           "convention": "multiplicative", "fwd_format": fwd_format,
+           "convention": "multiplicative", "fwd_format": fwd_format, "scale_set": scale_set,
            "scales": {p: {n: plain(v) for n, v in e.items()} for p, e in scales.items()}}
     pathlib.Path(path).write_text(json.dumps(doc, indent=1))

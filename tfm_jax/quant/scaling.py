@@ -247,3 +247,19 @@ def round_scale_to_set(scale: jax.Array, allowed: Sequence[float]) -> jax.Array:
     a = jnp.asarray(allowed_np)
     below = jnp.where(a <= scale[..., None], a, -jnp.inf).max(axis=-1)
     return jnp.where(jnp.isfinite(below), below, a[0])
+
+
+SCALE_SETS = ("any", "pow2", "gaudi2")
+
+
+def round_scale_for(scale: jax.Array, scale_set: str) -> jax.Array:
+    """``scale`` rounded down to a hardware's scale set (``quant.scale_set``): ``any`` leaves it,
+    ``pow2`` :func:`round_scale_pow2` (Gaudi3), ``gaudi2`` :func:`round_scale_to_set` with
+    :data:`GAUDI2_E4M3_SCALES` (powers of 16). Idempotent."""
+    if scale_set == "any":
+        return jnp.asarray(scale, jnp.float32)
+    if scale_set == "pow2":
+        return round_scale_pow2(scale)
+    if scale_set == "gaudi2":
+        return round_scale_to_set(scale, GAUDI2_E4M3_SCALES)
+    raise ValueError(f"scale set {scale_set!r}; valid: {', '.join(SCALE_SETS)}")
