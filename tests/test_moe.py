@@ -15,6 +15,8 @@ from tfm_jax.model import TransformerLM, count_params, train_flops_per_token
 from tfm_jax.parallel import mesh as mesh_lib
 from tfm_jax.parallel import moe_dispatch as md
 
+from test_moe_routing import _np_moe as _np_moe_general, _weights  # shared references
+
 D, F = 16, 24
 
 
@@ -25,39 +27,9 @@ def _np_softmax(z):
 
 
 def _np_moe(x, wr, ks, top_k, cap):
-    """float64 reference of one group: x (N, d) -> (y, keep, aux, z)."""
-    x = x.astype(np.float64)
-    logits = x @ wr
-    p = _np_softmax(logits)
-    n, e = p.shape
-    experts = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
-    w = np.take_along_axis(p, experts, 1)
-    if top_k > 1:
-        w = w / w.sum(1, keepdims=True)
-    keep, count = np.zeros((n, top_k), bool), np.zeros(e, int)
-    for j in range(top_k):                      # all first choices, then all second choices
-        for i in range(n):
-            keep[i, j] = count[experts[i, j]] < cap
-            count[experts[i, j]] += 1
-    y = np.zeros_like(x)
-    for i in range(n):
-        for j in range(top_k):
-            if keep[i, j]:
-                ex = experts[i, j]
-                g, u = x[i] @ ks["wi_0"][ex], x[i] @ ks["wi_1"][ex]
-                y[i] += w[i, j] * ((g / (1 + np.exp(-g))) * u) @ ks["wo"][ex]
-    f = np.bincount(experts.ravel(), minlength=e) / (n * top_k)
-    aux = e * np.sum(f * p.mean(0))
-    lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
-    return y, keep, aux, np.mean(lse ** 2)
-
-
-def _weights(n_experts, seed=0):
-    r = np.random.default_rng(seed)
-    wr = r.normal(0, 0.5, (D, n_experts)).astype(np.float32)
-    ks = {"wi_0": r.normal(0, 0.3, (n_experts, D, F)), "wi_1": r.normal(0, 0.3, (n_experts, D, F)),
-          "wo": r.normal(0, 0.3, (n_experts, F, D))}
-    return wr, {k: v.astype(np.float32) for k, v in ks.items()}
+    """float64 reference of one group (softmax router, no padding): x (N, d) -> (y, keep, aux,
+    z); the general reference (sigmoid router, bias, padding) is in test_moe_routing.py."""
+    return _np_moe_general(x, wr, ks, top_k, cap)[:4]
 
 
 def test_routing_capacity_and_losses_match_numpy():

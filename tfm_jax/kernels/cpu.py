@@ -85,16 +85,21 @@ _AUTO_ORDERS = {"GenuineIntel": ("mkl", "builtin", "openblas")}
 _AUTO_ORDER_OTHER = ("builtin", "openblas", "mkl")
 
 
-def cpu_vendor() -> str:
-    """The CPU's ``vendor_id`` from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...), or ""."""
+def cpuinfo_field(name: str) -> str:
+    """The first ``name`` field of /proc/cpuinfo ("vendor_id", "model name", ...), or ""."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's ``vendor_id`` ("GenuineIntel", "AuthenticAMD", ...), or ""."""
+    return cpuinfo_field("vendor_id")
 
 
 def auto_order(vendor: Optional[str] = None) -> tuple[str, ...]:
