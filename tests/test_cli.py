@@ -344,7 +344,7 @@ def test_resume_finished_run_says_so(env, trained, corpus, tmp_path):
 # ----------------------------------------------------------------------------- signals
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [pytest.param("SIGTERM", marks=pytest.mark.slow), "SIGINT"])
 def test_signal_saves_checkpoint_and_resume_finishes(env, tmp_path, corpus, sig):
     """A real signal to a running `tfm-jax train`: checkpoint saved, exit 128+signum, and
     `--resume` continues to the configured last step."""
@@ -379,7 +379,7 @@ def test_signal_saves_checkpoint_and_resume_finishes(env, tmp_path, corpus, sig)
     assert steps == list(range(1, 401)), steps[:10]
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow)])
 def test_signal_at_any_moment_exits_cleanly(env, tmp_path, corpus, sig):
     """Ctrl-C/SIGTERM at several moments of a real `python -m tfm_jax train` (imports, config,
     data, model build, compile, possibly the first steps): always exit 128 + signum, no

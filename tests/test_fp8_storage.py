@@ -251,6 +251,7 @@ def test_grad_accum_4_matches_whole_batch(tmp_path, corpus, devices):
     _close_fp8(_stored(sa.params), _stored(sb.params))
 
 
+@pytest.mark.slow   # 23 s; sharded FP8 state equality stays in test_fp8.py
 def test_sharded_with_stochastic_rounding_equals_single_device(tmp_path, corpus, devices):
     """8 fake devices (data-sharded batch) vs 1: same loss, same kernel bytes up to a few
     float-order ties (the rounding noise is keyed by (seed, step, kernel), not by device:

@@ -150,6 +150,7 @@ def test_stats_match_the_fp32_model(source, text_corpus):
                                rtol=0)
 
 
+@pytest.mark.slow   # 26 s: the CLI end to end; the stats and scale rules stay in the default suite
 def test_calibrate_cli_eval_fp8_inference(source, tmp_path, capsys):
     cfg, trained = source
     run = str(cfg.run_dir)

@@ -83,6 +83,7 @@ def test_capture_gives_the_kernel_gradient(run, text_corpus):
                                    rtol=2e-3, atol=1e-6 * np.abs(g).max())
 
 
+@pytest.mark.slow   # 18 s: a study script end to end
 def test_study_smoke(run, tmp_path, capsys):
     cfg, _ = run
     out = tmp_path / "study"

@@ -5,11 +5,14 @@ import json
 import pathlib
 import sys
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import sweep  # noqa: E402
 
 
+@pytest.mark.slow   # benchmark script smoke
 def test_quick_sweep_writes_outputs(tmp_path):
     rows = sweep.run_sweep(tmp_path, quick=True, no_torch=True)
     assert [r["case"] for r in rows] == ["tiny", "seq 16", "seq 32"]
@@ -20,6 +23,7 @@ def test_quick_sweep_writes_outputs(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+@pytest.mark.slow   # 12 s: benchmark script smoke
 def test_profile_step_phases_and_ablations_run():
     from benchmarks import profile_step
     shape = dict(vocab_size=256, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
