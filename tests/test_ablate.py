@@ -369,6 +369,16 @@ def test_rerun_skips_resumes_and_refuses_changes(ablation, corpus, monkeypatch):
     assert again[("mqa", 1)]["outcome"].startswith("resumed at step 2")
     assert again[("mqa", 1)]["metrics"]["val_loss"] == before[("mqa", 1)]["val_loss"]
 
+    # a run saved before a config key existed reads that key as its default: still finished
+    saved = run_dir / "config.yaml"
+    raw = yaml.safe_load(saved.read_text())
+    del raw["quant"]["fp8_operands"]
+    saved.write_text(yaml.safe_dump(raw))
+    res, calls = _run(exp, monkeypatch)
+    assert calls == []
+    again = {(r["variant"], r["seed"]): r for r in res.results["runs"]}
+    assert again[("mqa", 1)]["outcome"].startswith("finished earlier")
+
     # a changed experiment does not reuse runs of another config
     changed = _experiment(exp.out.parent, corpus, overrides={**exp.overrides, "train.lr": 1e-2})
     res, calls = _run(changed, monkeypatch)

@@ -130,6 +130,53 @@ def test_fp8_dot_forward_backward_vs_numpy(recipe):
         assert "fp8" not in dp
 
 
+@pytest.mark.parametrize("operands", [("input",), ("kernel",), ("output_grad",),
+                                      ("input", "kernel")])
+def test_fp8_operands_quantize_only_the_named_tensors(operands):
+    """quant.fp8_operands: the named tensors go through FP8 (numpy + ml_dtypes reference), the
+    others stay exact float32; a tensor left out keeps no state."""
+    dot = functools.partial(fp8.Fp8DotGeneral, recipe="fp8_dynamic", operands=operands,
+                            telemetry=True, name="fp8")
+    model = Proj(dot)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((16, 32)) * 3).astype(np.float32)
+    g = (rng.standard_normal((16, 24)) * 1e-3).astype(np.float32)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.asarray(x))["params"])
+    assert ("output_grad_stats" in params.get("fp8", {})) == ("output_grad" in operands)
+    y, dp, dx = _vjp(model, params, x, g)
+    k = np.asarray(params["kernel"], np.float64)
+    xq = ref_qdq(x, dyn_scale(x, E4M3_MAX), E4M3, E4M3_MAX) if "input" in operands else x
+    kq = ref_qdq(k, dyn_scale(k, E4M3_MAX), E4M3, E4M3_MAX) if "kernel" in operands else k
+    gq = (ref_qdq(g, dyn_scale(g, E5M2_MAX), E5M2, E5M2_MAX) if "output_grad" in operands
+          else g.astype(np.float64))
+    np.testing.assert_allclose(y, xq @ kq, rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, gq @ kq.T, rtol=2e-5, atol=1e-9)
+    np.testing.assert_allclose(dp["kernel"], xq.T @ gq, rtol=2e-5, atol=1e-9)
+    # each path differs from float32 exactly where it was quantized
+    assert (np.max(np.abs(y - x.astype(np.float64) @ k)) > 1e-3) == (
+        "input" in operands or "kernel" in operands)
+    assert (np.max(np.abs(dx - g.astype(np.float64) @ k.T)) > 1e-7) == (
+        "output_grad" in operands or "kernel" in operands)
+    # delayed: state only for the named tensors
+    dot_d = functools.partial(fp8.Fp8DotGeneral, recipe="fp8_delayed", operands=operands,
+                              amax_history=4, telemetry=False, name="fp8")
+    pd = nn.meta.unbox(Proj(dot_d).init(jax.random.key(0), jnp.asarray(x))["params"])
+    assert {n.split("_amax_history")[0] for n in pd["fp8"] if n.endswith("_amax_history")} \
+        == set(operands)
+
+
+def test_fp8_operands_config_checks(tmp_path):
+    cfg = cfg_of(tmp_path, "quant.fp8_operands=[output_grad]")
+    assert cfg.quant.fp8_operands == ["output_grad"]
+    assert cfg_of(tmp_path).quant.fp8_operands == ["input", "kernel", "output_grad"]
+    with pytest.raises(ConfigError, match="names a tensor twice"):
+        cfg_of(tmp_path, "quant.fp8_operands=[input,input]")
+    with pytest.raises(ConfigError, match="fp8_operands"):
+        cfg_of(tmp_path, "quant.fp8_operands=[]")
+    with pytest.raises(ConfigError, match="fp8_operands"):
+        cfg_of(tmp_path, "quant.fp8_operands=[weights]")
+
+
 def ref_stats(x, scale, dtype, fmax):
     """[saturated, flushed] fractions from the formulas (numpy + ml_dtypes)."""
     x = np.asarray(x, np.float32)

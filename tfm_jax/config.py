@@ -366,6 +366,11 @@ class QuantConfig(_Section):
         "float8_e5m2", description="format of the output gradients")
     kernel_granularity: Literal["per_tensor", "per_channel"] = Field(
         "per_tensor", description="kernel scales: one per tensor, or one per output channel")
+    fp8_operands: list[Literal["input", "kernel", "output_grad"]] = Field(
+        ["input", "kernel", "output_grad"], min_length=1, description="the FP8 dot's tensors "
+        "that are quantized; the others stay in the compute dtype. All three is FP8 training; a "
+        "subset attributes the recipe's loss to one tensor (experiments/fp8_error_sources.yaml); "
+        "native FP8 GEMMs need at least both forward operands")
     calibration: Optional[str] = Field(
         None, description="fp8_static: calibration file of scales (tfm_jax.quant.fp8)")
     scale_set: Literal["any", "pow2", "gaudi2"] = Field(
@@ -421,6 +426,12 @@ class QuantConfig(_Section):
             raise ValueError(f"quant.calibration is only read by quant.recipe=fp8_static (got "
                              f"quant.recipe={self.recipe}); drop quant.calibration or set "
                              "quant.recipe=fp8_static")
+        if len(set(self.fp8_operands)) != len(self.fp8_operands):
+            raise ValueError(f"quant.fp8_operands={self.fp8_operands} names a tensor twice")
+        if self.recipe == "fp8_static" and not {"input", "kernel"} <= set(self.fp8_operands):
+            raise ValueError("quant.recipe=fp8_static calibrates the input and the kernel; "
+                             "quant.fp8_operands must name both (the output gradient is "
+                             "optional)")
         if self.fp8_weight_storage and self.recipe not in ("none",) + FP8_RECIPES:
             raise ValueError(f"quant.fp8_weight_storage=true is a training option; "
                              f"quant.recipe={self.recipe} is post-training quantization. Use "

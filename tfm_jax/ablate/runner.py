@@ -39,7 +39,7 @@ from tfm_jax.ablate import plots as plots_lib
 from tfm_jax.ablate.measurements import MEASUREMENTS, RunContext, Series
 from tfm_jax.ablate.report import aggregate, judge_claim, markdown
 from tfm_jax.ablate.spec import Experiment, MeasurementSpec, load_experiment
-from tfm_jax.config import Config, ConfigError
+from tfm_jax.config import Config, ConfigError, validate
 
 IGNORED_KEYS = ("run.progress", "run.tensorboard")   # may differ between invocations
 MEASUREMENT_CACHE = "measurements.json"
@@ -104,7 +104,12 @@ def config_differences(cfg: Config) -> list[str]:
     path = cfg.run_dir / "config.yaml"
     if not path.is_file():
         return []
-    saved = _flat(yaml.safe_load(path.read_text()) or {})
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:     # through the schema, so a key added since the run compares as its default
+        raw = validate(raw).to_dict()
+    except ConfigError:
+        pass
+    saved = _flat(raw)
     now = _flat(cfg.to_dict())
     keys = [k for k in {**saved, **now} if k not in IGNORED_KEYS]
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys

@@ -68,7 +68,7 @@ CALIBRATION_VERSION = 1
 
 class QSpec(NamedTuple):
     """Static description of one tensor's quantization (hashable: a custom-VJP static arg).
-    ``mode``: dynamic | delayed | static; ``axis``: None (per tensor) or the kept axes;
+    ``mode``: dynamic | delayed | static | off (not quantized); ``axis``: None (per tensor) or the kept axes;
     ``scale_set``: the hardware scales the scale is rounded down to (``quant.scale_set``)."""
 
     mode: str
@@ -184,10 +184,13 @@ class Fp8DotGeneral(nn.Module):
     bwd_format: str = "float8_e5m2"
     kernel_granularity: str = "per_tensor"  # or per_channel: one scale per output column
     scale_set: str = "any"                  # any | pow2 | gaudi2 (quant.scale_set)
+    operands: tuple = ROLES                 # the tensors quantized (quant.fp8_operands)
     telemetry: bool = True
     matmul: Optional[Callable] = None
 
     def _qspec(self, role: str) -> QSpec:
+        if role not in self.operands:
+            return QSpec("off", "")
         mode = {"fp8_dynamic": "dynamic", "fp8_delayed": "delayed",
                 "fp8_static": "static"}[self.recipe]
         if role == "output_grad" and mode == "static":
@@ -197,7 +200,7 @@ class Fp8DotGeneral(nn.Module):
         return QSpec(mode, fmt, self.amax_compute, self.margin, axis, self.scale_set)
 
     def _state_vars(self, role: str, spec: QSpec, scale_shape: tuple) -> dict:
-        if spec.mode == "dynamic":
+        if spec.mode in ("dynamic", "off"):
             return {}
         replicated = lambda init, ndim: nn.with_logical_partitioning(  # noqa: E731
             init, (None,) * ndim)
@@ -225,20 +228,27 @@ class Fp8DotGeneral(nn.Module):
         states = {"input": self._state_vars("input", specs["input"], ()),
                   "kernel": self._state_vars("kernel", specs["kernel"], k_scale_shape),
                   "output_grad": self._state_vars("output_grad", specs["output_grad"], ())}
-        if self.telemetry:
+        if self.telemetry and specs["output_grad"].mode != "off":
             # [saturated, flushed] of the output gradient, written by the backward pass as an
             # overwritten state leaf (nothing can be sown there) and sown by the next forward
             states["output_grad"]["stats"] = self.param(
                 "output_grad_stats", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                   (None,)), (2,), jnp.float32)
-        xq, x_scale = qdq_operand(x, states["input"], specs["input"])
-        kq, k_scale = qdq_operand(kernel, states["kernel"], specs["kernel"])
-        if self.telemetry:
-            self._sow_operand("input", x, x_scale, specs["input"])
-            self._sow_operand("kernel", kernel, k_scale, specs["kernel"])
-            self._sow_grad_state(states["output_grad"], specs["output_grad"])
+        xq, kq = x, kernel
+        if specs["input"].mode != "off":
+            xq, x_scale = qdq_operand(x, states["input"], specs["input"])
+            if self.telemetry:
+                self._sow_operand("input", x, x_scale, specs["input"])
+        if specs["kernel"].mode != "off":
+            kq, k_scale = qdq_operand(kernel, states["kernel"], specs["kernel"])
+            if self.telemetry:
+                self._sow_operand("kernel", kernel, k_scale, specs["kernel"])
         mm = self.matmul or _plain_dot
         y = mm(xq, kq, dimension_numbers, precision=precision)
+        if specs["output_grad"].mode == "off":
+            return y
+        if self.telemetry:
+            self._sow_grad_state(states["output_grad"], specs["output_grad"])
         return qdq_grad(y, states["output_grad"], specs["output_grad"])
 
     def _sow_operand(self, role: str, x: jax.Array, scale: jax.Array, spec: QSpec) -> None:
@@ -285,10 +295,13 @@ def dot_general_factory(quant_cfg: Any, matmul: Optional[Callable] = None) -> Ca
         Fp8DotGeneral, recipe=q.recipe, amax_history=q.amax_history,
         amax_compute=q.amax_compute, margin=q.margin, fwd_format=q.fwd_format,
         bwd_format=q.bwd_format, kernel_granularity=q.kernel_granularity,
-        scale_set=q.scale_set, telemetry=q.telemetry, matmul=matmul, name="fp8")
+        scale_set=q.scale_set, operands=tuple(q.fp8_operands), telemetry=q.telemetry,
+        matmul=matmul, name="fp8")
+    only = [r for r in ROLES if r not in q.fp8_operands]
     factory.__name__ = (f"Fp8DotGeneral ({q.recipe}, {q.fwd_format} forward / {q.bwd_format} "
                         "gradients" + ("" if q.scale_set == "any" else
-                                       f", {q.scale_set} scales") + ")")
+                                       f", {q.scale_set} scales")
+                        + (f"; {', '.join(only)} not quantized" if only else "") + ")")
     return factory
 
 
