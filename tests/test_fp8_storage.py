@@ -312,6 +312,14 @@ def test_stochastic_rounding_is_the_default_with_fp8_storage():
                                "quant.stochastic_rounding=false"]).to_dict()
     from tfm_jax.config import validate
     assert validate(saved).quant.stochastic_rounding is False
+    # Config.replace: a rounding at its default follows the storage switch; an explicit one stays
+    base = load_config(None, ["quant.recipe=fp8_delayed"])
+    on = base.replace(**{"quant.fp8_weight_storage": True})
+    assert on.quant.stochastic_rounding is True
+    assert on.replace(**{"quant.fp8_weight_storage": False}).quant.stochastic_rounding is False
+    rne = base.replace(**{"quant.fp8_weight_storage": True, "quant.stochastic_rounding": False})
+    assert rne.quant.stochastic_rounding is False
+    assert rne.replace(**{"train.lr": 1e-3}).quant.stochastic_rounding is False
 
 
 def test_config_refusals():

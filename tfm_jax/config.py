@@ -671,6 +671,12 @@ class Config(_Section):
     def replace(self, **overrides: Any) -> "Config":
         """Dotted-key replacement with full re-validation: ``cfg.replace(**{"model.n_layers": 2})``."""
         raw = self.to_dict()
+        q = self.quant
+        if ("quant.fp8_weight_storage" in overrides and "quant.stochastic_rounding" not in
+                overrides and q.stochastic_rounding == q.fp8_weight_storage):
+            # the rounding was at its default: it follows the new storage setting, as in a
+            # config written with that setting (QuantConfig._rounding_default)
+            del raw["quant"]["stochastic_rounding"]
         for key, value in overrides.items():
             _set_dotted(raw, key, value)
         return validate(raw)
