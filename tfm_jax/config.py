@@ -367,10 +367,11 @@ class QuantConfig(_Section):
     kernel_granularity: Literal["per_tensor", "per_channel"] = Field(
         "per_tensor", description="kernel scales: one per tensor, or one per output channel")
     fp8_operands: list[Literal["input", "kernel", "output_grad"]] = Field(
-        ["input", "kernel", "output_grad"], min_length=1, description="the FP8 dot's tensors "
+        ["input", "kernel", "output_grad"], description="the FP8 dot's tensors "
         "that are quantized; the others stay in the compute dtype. All three is FP8 training; a "
-        "subset attributes the recipe's loss to one tensor (experiments/fp8_error_sources.yaml); "
-        "native FP8 GEMMs need at least both forward operands")
+        "subset attributes the recipe's loss to one tensor (experiments/fp8_error_sources.yaml), "
+        "[] is the control (trains exactly as recipe none); native FP8 GEMMs need both forward "
+        "operands")
     calibration: Optional[str] = Field(
         None, description="fp8_static: calibration file of scales (tfm_jax.quant.fp8)")
     scale_set: Literal["any", "pow2", "gaudi2"] = Field(
