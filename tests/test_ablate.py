@@ -88,6 +88,44 @@ def test_base_and_variant_config_errors(tmp_path):
     assert cli.main(["ablate", str(bad)]) == 2
 
 
+def test_derived_experiment_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """tfm-jax ablate --set/--variants/--seeds/--name: Experiment.derive."""
+    exp = load_experiment("fp8_training_long")
+    with pytest.raises(ExperimentError, match="--set changes every run's config.*--name"):
+        exp.derive(sets={"train.steps": 1200})
+    d = exp.derive(sets={"train.steps": 1200, "quant.amax_history": 1024},
+                   variants=["fp8_delayed", "fp32"], seeds=[3, 4], name="fp8_1200")
+    assert list(d.variants) == ["fp8_delayed", "fp32"] and d.seeds == [3, 4]
+    assert d.out == pathlib.Path("runs/ablate/fp8_1200")
+    cfg = d.config("fp8_delayed", 3)
+    # the set value wins over the file's common overrides (train: {steps: 600} and
+    # quant.amax_history: 16), the file's other common overrides stay
+    assert (cfg.train.steps, cfg.quant.amax_history, cfg.train.warmup_steps) == (1200, 1024, 30)
+    assert cfg.train.seed == 3 and cfg.run.dir == "runs/ablate/fp8_1200/fp8_delayed/seed3"
+    # a variant's own value still wins over --set
+    assert exp.derive(sets={"quant.recipe": "fp8_dynamic"}, name="x").config(
+        "fp32", 0).quant.recipe == "none"
+    # claims naming a dropped variant are dropped, the others kept
+    assert [c.metric for c in d.claims] == [exp.claims[0].metric]
+    assert exp.derive(seeds=[0]).claims == exp.claims and exp.derive(seeds=[0]).name == exp.name
+    assert exp.seeds == [0, 1, 2] and len(exp.variants) == 4      # the original is unchanged
+    for bad, match in [(dict(variants=["fp32", "nope"]), "nope: not a variant"),
+                       (dict(variants=["fp32", "fp32"]), "twice"),
+                       (dict(seeds=[1, 1]), "repeat"),
+                       (dict(name="a/b"), "names a folder"),
+                       (dict(sets={"model.n_hedas": 2}, name="y"), "n_hedas")]:
+        with pytest.raises(ExperimentError, match=match):
+            exp.derive(**bad)
+    # the CLI: a dry run of the derived experiment; the recorded command carries the flags
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["ablate", "fp8_training_long", "--set", "train.steps=1200", "--variants",
+                     "fp32", "--seeds", "0", "--name", "long1200", "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == \
+        "fp32/seed0: new -> runs/ablate/long1200/fp32/seed0"
+    assert cli.main(["ablate", "fp8_training_long", "--seeds", "0,x"]) == 2
+    assert "--seeds '0,x': integers" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- expressions
 
 

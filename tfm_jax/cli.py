@@ -485,17 +485,43 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
                    "name of a shipped one (attention, smoke)")
     p.add_argument("--dry-run", action="store_true", help="validate every run's config and "
                    "show what would be trained, skipped or resumed; train nothing")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run, after the experiment's own (a "
+                   "variant's value still wins); repeatable; needs --name")
+    p.add_argument("--variants", metavar="A,B", help="run only these variants (in this order)")
+    p.add_argument("--seeds", metavar="0,1,2", help="these seeds instead of the file's")
+    p.add_argument("--name", help="the derived experiment's name: its output goes to "
+                   "runs/ablate/NAME")
 
 
 def run_ablate(args) -> int:
     """Variants x seeds of an experiment file (tfm_jax.ablate); exit 1 if a run failed."""
+    import shlex
+
     from tfm_jax import train as train_lib
     from tfm_jax.ablate.runner import run_experiment
+    from tfm_jax.ablate.spec import ExperimentError, load_experiment
+    from tfm_jax.config import parse_overrides
 
+    experiment = args.experiment
+    flags = []
+    if args.sets or args.variants or args.seeds or args.name:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+        except ValueError:
+            raise ExperimentError(f"--seeds {args.seeds!r}: integers separated by commas, "
+                                  "e.g. --seeds 0,1,2") from None
+        experiment = load_experiment(args.experiment).derive(
+            sets=parse_overrides(args.sets), seeds=seeds, name=args.name,
+            variants=[v.strip() for v in args.variants.split(",")] if args.variants else None)
+        flags = ([f"--set {shlex.quote(x)}" for x in args.sets]
+                 + [f"--{k} {getattr(args, k)}" for k in ("variants", "seeds", "name")
+                    if getattr(args, k)])
     interrupts.note("before the first run of the experiment; nothing trained")
     try:
-        res = run_experiment(args.experiment, dry_run=args.dry_run,
-                             command=f"tfm-jax ablate {args.experiment}")
+        res = run_experiment(experiment, dry_run=args.dry_run,
+                             command=shlex.join(["tfm-jax", "ablate", args.experiment])
+                             + "".join(f" {f}" for f in flags))
     except train_lib.Interrupted as err:
         print(f"\ntfm-jax: ablation interrupted by {err}; the same command continues the "
               "experiment", file=sys.stderr)

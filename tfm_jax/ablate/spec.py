@@ -252,6 +252,64 @@ class Experiment(_Strict):
             visit(name, ())
         return done
 
+    def derive(self, *, sets: Optional[dict[str, Any]] = None,
+               variants: Optional[list[str]] = None, seeds: Optional[list[int]] = None,
+               name: Optional[str] = None) -> "Experiment":
+        """This experiment changed from the command line (``tfm-jax ablate --set/--variants/
+        --seeds/--name``): ``sets`` (dotted keys) go after the common overrides (a variant's own
+        value still wins); ``variants`` keeps those, in that order (claims naming a dropped
+        variant are dropped); ``seeds`` replaces the seeds; ``name`` renames it, and with it the
+        output folder (``runs/ablate/<name>``). Changing the runs' config (``sets``) needs a new
+        name, so the file's own runs are never mixed with the derived ones."""
+        if sets and not name:
+            raise ExperimentError(
+                f"--set changes every run's config; give the derived experiment a name with "
+                f"--name (e.g. --name {self.name}-{_slug(sets)}): its runs then go to "
+                f"runs/ablate/<name>, apart from {self.name}'s")
+        update: dict[str, Any] = {}
+        notes = []
+        if sets:
+            overrides = dict(self.overrides)
+            for key, value in sets.items():
+                overrides.pop(key, None)       # re-inserted last: applied after the sections
+                overrides[key] = value
+            update["overrides"] = overrides
+            notes.append("--set " + " ".join(f"{k}={v}" for k, v in sets.items()))
+        if variants:
+            unknown = [v for v in variants if v not in self.variants]
+            if unknown:
+                raise ExperimentError(f"--variants {', '.join(unknown)}: not a variant of "
+                                      f"{self.name} ({', '.join(self.variants)})")
+            if len(set(variants)) != len(variants):
+                raise ExperimentError(f"--variants {','.join(variants)} names a variant twice")
+            for v in variants:
+                src = self.variants[v].init_from
+                if src is not None and src.run not in variants:
+                    raise ExperimentError(f"--variants: {v} starts from {src.run}'s run "
+                                          f"(init_from); keep {src.run} in --variants")
+            update["variants"] = {v: self.variants[v] for v in variants}
+            dropped = set(self.variants) - set(variants)
+            update["claims"] = [c for c in self.claims
+                                if not dropped & set(re.findall(r"\w+", c.metric or ""))]
+            notes.append("--variants " + ",".join(variants))
+        if seeds:
+            if len(set(seeds)) != len(seeds):
+                raise ExperimentError(f"--seeds {seeds} repeat a value")
+            update["seeds"] = list(seeds)
+            notes.append("--seeds " + ",".join(map(str, seeds)))
+        if name:
+            if not re.fullmatch(NAME, name):
+                raise ExperimentError(f"--name {name!r}: use letters, digits, '_', '-', '.', "
+                                      "'+', '=' (it names a folder)")
+            update.update(name=name, out_dir=None)
+            notes.append(f"derived from {self.name}")
+        if notes:
+            update["description"] = (self.description.strip()
+                                     + f" ({'; '.join(notes)})").strip()
+        derived = self.model_copy(update=update)
+        derived.common_config()    # base + overrides must still validate (ExperimentError)
+        return derived
+
     @property
     def out(self) -> pathlib.Path:
         return pathlib.Path(self.out_dir or pathlib.Path("runs") / "ablate" / self.name)
@@ -337,6 +395,10 @@ def _valid_keys(loc: tuple) -> list[str]:
                     nxt = sub
         cls = nxt
     return [k for k in cls.model_fields if k != "source"] if cls is not None else []
+
+
+def _slug(sets: dict[str, Any]) -> str:
+    return "-".join(f"{k.split('.')[-1]}{v}" for k, v in sets.items())
 
 
 def resolve_experiment_path(path: str) -> pathlib.Path:
