@@ -380,7 +380,7 @@ def markdown(results: dict[str, Any]) -> str:
         out += [_table(["paired"] + others, rows), ""]
     descr = [(v, d) for v, d in ((v, exp["variant_descriptions"].get(v)) for v in variants) if d]
     if descr:
-        out += ["Variants: " + "; ".join(f"**{v}**: {d}" for v, d in descr), ""]
+        out += ["Variants: " + "; ".join(f"**{v}**: {' '.join(d.split())}" for v, d in descr), ""]
     for name, s in agg["series"].items():
         fields: list[str] = []
         for r in s["rows"]:
