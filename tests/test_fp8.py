@@ -76,9 +76,9 @@ class Proj(nn.Module):
         return self.dot()(x, k, (((1,), (0,)), ((), ())))
 
 
-def _setup(recipe, hist=4):
+def _setup(recipe, hist=4, **dot_kw):
     dot = functools.partial(fp8.Fp8DotGeneral, recipe=recipe, amax_history=hist,
-                            telemetry=False, name="fp8")
+                            **{"telemetry": False, **dot_kw}, name="fp8")
     model = Proj(dot)
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((16, 32)) * 3).astype(np.float32)
@@ -135,13 +135,7 @@ def test_fp8_dot_forward_backward_vs_numpy(recipe):
 def test_fp8_operands_quantize_only_the_named_tensors(operands):
     """quant.fp8_operands: the named tensors go through FP8 (numpy + ml_dtypes reference), the
     others stay exact float32; a tensor left out keeps no state."""
-    dot = functools.partial(fp8.Fp8DotGeneral, recipe="fp8_dynamic", operands=operands,
-                            telemetry=True, name="fp8")
-    model = Proj(dot)
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal((16, 32)) * 3).astype(np.float32)
-    g = (rng.standard_normal((16, 24)) * 1e-3).astype(np.float32)
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.asarray(x))["params"])
+    model, params, x, g = _setup("fp8_dynamic", operands=operands, telemetry=True)
     assert ("output_grad_stats" in params.get("fp8", {})) == ("output_grad" in operands)
     y, dp, dx = _vjp(model, params, x, g)
     k = np.asarray(params["kernel"], np.float64)
@@ -158,9 +152,7 @@ def test_fp8_operands_quantize_only_the_named_tensors(operands):
     assert (np.max(np.abs(dx - g.astype(np.float64) @ k.T)) > 1e-7) == (
         "output_grad" in operands or "kernel" in operands)
     # delayed: state only for the named tensors
-    dot_d = functools.partial(fp8.Fp8DotGeneral, recipe="fp8_delayed", operands=operands,
-                              amax_history=4, telemetry=False, name="fp8")
-    pd = nn.meta.unbox(Proj(dot_d).init(jax.random.key(0), jnp.asarray(x))["params"])
+    pd = _setup("fp8_delayed", operands=operands)[1]
     assert {n.split("_amax_history")[0] for n in pd["fp8"] if n.endswith("_amax_history")} \
         == set(operands)
 
