@@ -532,3 +532,28 @@ def test_fp8_step_benchmark_smoke():
                          "--seq", "16", "--batch", "2", "--steps", "1", "--repeats", "1",
                          "--warmup", "1"])
     assert res["ratio_median"] > 0 and set(res["median_s"]) == {"fp32", "fp8_delayed"}
+
+
+@pytest.mark.slow
+def test_fp8_grad_error_probe(tmp_path, corpus, devices, capsys):
+    """benchmarks/fp8_grad_error.py on a 2-step float32 run: the summation-order control is
+    (almost) the fp32 gradient, every FP8 variant differs from it, and an FP8 run is refused."""
+    from benchmarks import fp8_grad_error
+
+    cfg = cfg_of(tmp_path / "run", "mesh.data=1", "train.steps=2", "train.eval_every=2",
+                 "train.checkpoint_every=2", recipe="none")
+    train(cfg, devices=devices[:1])
+    out = tmp_path / "g.json"
+    assert fp8_grad_error.main(["--run-dir", str(cfg.run_dir), "--batches", "2",
+                                "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["variants"]
+    assert set(rows) == set(fp8_grad_error.VARIANTS)
+    assert rows["fp32, OpenBLAS sgemm (summation order)"]["rel_err"] < 1e-4
+    for name in ("input e4m3", "kernel e4m3", "output gradient e5m2", "all three (e4m3, e4m3, "
+                 "e5m2)"):
+        assert 1e-4 < rows[name]["rel_err"] < 0.5 and rows[name]["cos"] < 1.0
+    fp8_run = cfg_of(tmp_path / "fp8", "mesh.data=1", "train.steps=2", "train.eval_every=2",
+                     "train.checkpoint_every=2")
+    train(fp8_run, devices=devices[:1])
+    assert fp8_grad_error.main(["--run-dir", str(fp8_run.run_dir)]) == 2
+    assert "give a float32 run" in capsys.readouterr().err
