@@ -29,6 +29,7 @@ class Checkpointer:
                 max_to_keep=self._keep, enable_async_checkpointing=self._async,
                 cleanup_tmp_directories=True, create=True)
             self._manager = ocp.CheckpointManager(self.directory, options=options)
+            _await_tmp_cleanup(self._manager)
         return self._manager
 
     def latest_step(self) -> Optional[int]:
@@ -88,6 +89,18 @@ class Checkpointer:
         if self._manager is not None:
             self._manager.close()
             self._manager = None
+
+
+def _await_tmp_cleanup(manager: ocp.CheckpointManager) -> None:
+    """Wait until the manager has removed the ``*.orbax-checkpoint-tmp*`` folders of an
+    interrupted save. orbax (0.11+) does it in a background thread and waits only before its
+    own next save; a second manager on the same directory (a probe, then the run's own) would
+    then remove the same folders concurrently and one ``rmtree`` fails (FileNotFoundError) --
+    seen in CI after a crash mid-save. Older orbax versions clean up in the constructor: then
+    there is nothing to wait for."""
+    wait = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+    if callable(wait):
+        wait()
 
 
 def restore_latest(ckpt_dir: pathlib.Path, abstract_state: Any, *, what: str,
