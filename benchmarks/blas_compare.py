@@ -1,16 +1,16 @@
 """The native CPU kernels with each installed BLAS, side by side: sgemm rates and the train step.
 
-``tfm_jax/kernels/cpu_kernels.cc`` links no BLAS; :mod:`tfm_jax.kernels.cpu` hands it a
+``tfm_jax/platform/kernels/cpu_kernels.cc`` links no BLAS; :mod:`tfm_jax.platform.kernels.cpu` hands it a
 ``cblas_sgemm`` at load time. This benchmark opens every candidate found on this machine
 
-* ``builtin``         -- the kernel library's own sgemm (``tfm_jax/kernels/builtin_sgemm.cc``),
+* ``builtin``         -- the kernel library's own sgemm (``tfm_jax/platform/kernels/builtin_sgemm.cc``),
 * ``openblas``        -- the ``scipy-openblas32`` wheel (its own library instance),
 * ``numpy-openblas``  -- the ILP64 OpenBLAS numpy bundles (``numpy.libs``); opening it sets
   *numpy's* OpenBLAS to one thread for the rest of this process (fine here, which is why it is a
   benchmark-only candidate and not a ``backend.cpu_blas`` choice),
 * ``mkl``             -- ``libmkl_rt.so.*`` (sequential threading layer),
 
-and switches the one loaded kernel library between them (:func:`tfm_jax.kernels.cpu.use_blas`),
+and switches the one loaded kernel library between them (:func:`tfm_jax.platform.kernels.cpu.use_blas`),
 so every candidate runs the *same* compiled executables. The machine is noisy, so everything is
 interleaved (blas 1, blas 2, ..., torch; repeated ``--repeats`` times) and medians are reported.
 
@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import gemm_rates  # noqa: E402
 from benchmarks import train_throughput as tt  # noqa: E402
-from tfm_jax.kernels import cpu  # noqa: E402
+from tfm_jax.platform.kernels import cpu  # noqa: E402
 
 KINDS = ("builtin", "openblas", "numpy-openblas", "mkl")
 

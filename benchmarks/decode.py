@@ -1,7 +1,7 @@
 """Decode throughput: tfm_jax's KV-cache decoder vs a PyTorch KV-cache peer, side by side.
 
 Both decode the *same* model (same weights: tfm_jax's random init exported through
-:mod:`tfm_jax.export` into :class:`benchmarks.torch_peer.TorchLM`) greedily from the same prompt
+:mod:`tfm_jax.tools.export` into :class:`benchmarks.torch_peer.TorchLM`) greedily from the same prompt
 of ``--context`` tokens per row, ``--batch`` rows. Only decoding is timed (prefill excluded,
 reported apart): tokens/s = batch x new tokens / decode seconds. tfm_jax is timed twice: its
 compiled decode loop (:func:`tfm_jax.generate.generate`, what ``tfm-jax generate`` runs; the
@@ -42,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.train_throughput import machine_info, make_jax_config  # noqa: E402
-from tfm_jax import backends  # noqa: E402
+from tfm_jax.platform import backends  # noqa: E402
 from tfm_jax.config import param_counts  # noqa: E402
 from tfm_jax.model import TransformerLM  # noqa: E402
 
@@ -167,7 +167,7 @@ def _bench_torch(cfg, variables, prompt: np.ndarray, new_tokens: int) -> dict[st
     import torch
 
     from benchmarks.torch_peer import TorchLM, bench_torch_decode, load_numpy_weights
-    from tfm_jax.export import export_canonical
+    from tfm_jax.tools.export import export_canonical
 
     m = cfg.model
     model = TorchLM(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads,

@@ -11,7 +11,7 @@ plugin     the CUDA PJRT plugin's library registered *by path* through jax's own
 tests      a GPU-relevant pytest subset (FP8 numerics, attention cores incl. cuDNN, quant
            formats, ops, layers) on the GPU; tests that need the 8 fake CPU devices skip
 mfu        bf16 train step of a ~1.07B-parameter shape (``fp8_gpu.SHAPE_1B``): step time,
-           tokens/s, MFU against the card's bf16 dense peak (:func:`tfm_jax.backends.
+           tokens/s, MFU against the card's bf16 dense peak (:func:`tfm_jax.platform.backends.
            peak_flops_info`: H100/H200 989 TFLOP/s); default attention, then cuDNN attention,
            then the ``fp8_delayed`` step (its speed-up over bf16, issue #11's step check)
 fp8        ``benchmarks/fp8_gpu.py --skip-step``: FP8 vs bf16 GEMM TFLOP/s and the FP8 dots'
@@ -181,7 +181,7 @@ def part_plugin(dry: bool, save: Callable[[dict], None]) -> dict[str, Any]:
     res["jax_variable"] = _run_python(["-c", _DEVICES_SNIPPET], env, 20)
     save(res)
     try:
-        from tfm_jax import backends
+        from tfm_jax.platform import backends
         has_tfm = hasattr(backends, "register_pjrt_plugin")
     except Exception:  # noqa: BLE001 -- recorded below as "not available"
         has_tfm = False
@@ -192,7 +192,7 @@ def part_plugin(dry: bool, save: Callable[[dict], None]) -> dict[str, Any]:
         res["tfm_jax_env_var"] = r
     else:
         res["tfm_jax_env_var"] = {"status": "skipped",
-                                  "reason": "tfm_jax.backends has no register_pjrt_plugin"}
+                                  "reason": "tfm_jax.platform.backends has no register_pjrt_plugin"}
     res["status"] = res["jax_variable"]["status"]
     return res
 

@@ -115,11 +115,12 @@ def step_bench(shape: dict, variant: str, steps: int, *, extra: Optional[dict] =
                devices: Optional[list] = None) -> dict[str, Any]:
     """Median step time of the tfm-jax train step for one variant at ``shape`` (``extra``:
     more overrides, e.g. MoE or mesh settings; ``devices``: default the first device), its
-    model FLOPs/token and MFU against :func:`tfm_jax.backends.peak_flops_info`."""
+    model FLOPs/token and MFU against :func:`tfm_jax.platform.backends.peak_flops_info`."""
     import jax
     import numpy as np
 
-    from tfm_jax import backends, memory
+    from tfm_jax.platform import backends
+    from tfm_jax.train import memory
     from tfm_jax.config import load_config
     from tfm_jax.model import count_params, train_flops_per_token
     from tfm_jax.quant import fp8

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from tfm_jax import data as data_lib
-    from tfm_jax.checkpoint import restore_latest
-    from tfm_jax.convert import load_run_config
+    from tfm_jax.train.checkpoint import restore_latest
+    from tfm_jax.tools.convert import load_run_config
     from tfm_jax.train import build, masked_ce_sum
 
     run = pathlib.Path(args.run_dir)

@@ -1,5 +1,5 @@
 """Single-thread sgemm rates of the native kernels' candidates on the calls one train step makes:
-the builtin sgemm (``tfm_jax/kernels/builtin_sgemm.cc``) vs OpenBLAS (scipy-openblas32) vs MKL.
+the builtin sgemm (``tfm_jax/platform/kernels/builtin_sgemm.cc``) vs OpenBLAS (scipy-openblas32) vs MKL.
 
 Every candidate is called through ``ctypes`` with cblas_sgemm's arguments exactly as the kernels
 pass them (row-major, one thread, the same leading dimensions, beta = 1 where they accumulate):
@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import blas_compare  # noqa: E402
 from benchmarks import train_throughput as tt  # noqa: E402
-from tfm_jax.kernels import cpu  # noqa: E402
+from tfm_jax.platform.kernels import cpu  # noqa: E402
 
 KINDS = ("builtin", "openblas", "mkl")
 ROW, N_, T_ = 101, 111, 112

@@ -45,14 +45,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.train_throughput import _loadavg, machine_info  # noqa: E402
-from tfm_jax.layers import attention, flash  # noqa: E402
+from tfm_jax.layers.attention_ops import block, dense  # noqa: E402
+from tfm_jax.layers.attention_ops import flash
 
 IMPLS = ("dense", "block", "native", "flash", "xla_sdpa")
 DESCRIPTIONS = {
     "dense": "dense masked reference (grouped_attention over the full T x T scores)",
     "block": "block-causal XLA core (cpu-xla set; unrolled over query blocks)",
     "native": "native CPU custom call (cpu-native set; block-causal, one call each way)",
-    "flash": "flash: key-tiled online softmax, lax loops (tfm_jax.layers.flash)",
+    "flash": "flash: key-tiled online softmax, lax loops (tfm_jax.layers.attention_ops.flash)",
     "xla_sdpa": "jax.nn.dot_product_attention(implementation='xla', is_causal=True)",
 }
 SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -99,9 +100,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def make_core(name: str, args: argparse.Namespace) -> tuple[Optional[Callable], str]:
     """(core(q, k, v) -> out, note); core None when unavailable here, the note says why."""
     if name == "dense":
-        return attention.dense_causal_attention, ""
+        return dense.dense_causal_attention, ""
     if name == "block":
-        return functools.partial(attention.causal_attention, block_q=args.block_q), ""
+        return functools.partial(block.causal_attention, block_q=args.block_q), ""
     if name == "flash":
         return functools.partial(flash.flash_attention, block_q=args.flash_block_q,
                                  block_k=args.flash_block_k), ""
@@ -111,9 +112,10 @@ def make_core(name: str, args: argparse.Namespace) -> tuple[Optional[Callable], 
         if args.dtype != "float32":
             return None, "native core is float32 only"
         from tfm_jax.layers import ops as ops_lib
-        from tfm_jax.kernels import cpu
+        from tfm_jax.platform.kernels import cpu
+        cpu_kernels = cpu
         try:
-            ops = ops_lib.native_cpu_ops()
+            ops = cpu_kernels.native_ops()
         except RuntimeError as err:
             return None, f"native kernels unavailable: {err}"
         return functools.partial(ops.causal_attention, block_q=args.block_q), cpu.available()[1]

@@ -1,6 +1,6 @@
 """MoE-layer throughput (forward + backward) of the three dispatch strategies, side by side.
 
-One MoE layer (:func:`tfm_jax.parallel.moe_dispatch.moe_layer`, SwiGLU experts) on 8 fake CPU
+One MoE layer (:func:`tfm_jax.layers.moe.dispatch.moe_layer`, SwiGLU experts) on 8 fake CPU
 devices (``--mesh DATA,EXPERT``, default 2,4): the same tokens, parameters and cotangent for
 ``dense`` (every expert on every token, the single-device reference laid over the mesh by
 XLA), ``all_to_all`` (explicit ``shard_map`` + two ``jax.lax.all_to_all``) and ``implicit``
@@ -68,10 +68,10 @@ def run(args: argparse.Namespace) -> dict:
     from flax import linen as nn
 
     from tfm_jax.config import load_config
-    from tfm_jax.inspect import collectives
+    from tfm_jax.tools.inspect import collectives
     from tfm_jax.layers import moe as moe_lib
     from tfm_jax.parallel import mesh as mesh_lib
-    from tfm_jax.parallel import moe_dispatch as md
+    from tfm_jax.layers.moe import dispatch as md
 
     data, expert = (int(v) for v in args.mesh.split(","))
     if data * expert != len(jax.devices()):

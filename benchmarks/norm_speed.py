@@ -5,7 +5,7 @@ For each width d, the jitted pure functions of :mod:`tfm_jax.layers.norms` (``la
 ``rms_norm``; float32 statistics) run on (tokens, d) float32 inputs, forward alone and forward +
 backward (the gradient of ``sum(y * g)`` w.r.t. x, scale and bias), interleaved over
 ``--repeats`` rounds; the median of each and the ratio RMSNorm / LayerNorm are reported. The
-backend's own RMSNorm (``tfm_jax.backends.resolve_ops``: the native CPU kernel where it is
+backend's own RMSNorm (``tfm_jax.platform.backends.resolve_ops``: the native CPU kernel where it is
 enabled) is timed beside them, forward only (``rms_ops_over_ln_fwd``).
 
 Both ops are memory-bound (a few flops per element read): counting operations, RMSNorm saves
@@ -14,7 +14,7 @@ by the passes over memory, which XLA fuses either way. Timing is wall-clock on a
 machine: indicative only, and the end-to-end effect is in ``tfm-jax ablate norm``.
 
     python benchmarks/norm_speed.py                        # d = 128, 1024, 4096; 8192 tokens
-    python benchmarks/norm_speed.py --out benchmarks/norm_study/norm_speed.json
+    python benchmarks/norm_speed.py --out studies/norm_study/norm_speed.json
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def bench_dim(d: int, tokens: int, iters: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from tfm_jax.backends import resolve_ops
+    from tfm_jax.platform.backends import resolve_ops
     from tfm_jax.config import Config
     from tfm_jax.layers.norms import layer_norm, rms_norm
 

@@ -39,7 +39,7 @@ if _ROOT not in sys.path:          # `python benchmarks/train_throughput.py` fin
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tfm_jax import backends  # noqa: E402
+from tfm_jax.platform import backends  # noqa: E402
 from tfm_jax.config import (BYTE_VOCAB_SIZE, CONFIG_DIR, Config, ConfigError,  # noqa: E402
                             load_config)
 from tfm_jax.model import count_params, train_flops_per_token  # noqa: E402

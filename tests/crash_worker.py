@@ -13,7 +13,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def main():
-    from tfm_jax.checkpoint import Checkpointer
+    from tfm_jax.train.checkpoint import Checkpointer
     from tfm_jax.config import load_config
     from tfm_jax.train import train
 

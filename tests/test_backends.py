@@ -1,4 +1,4 @@
-"""Backend selection and numeric profiles (tfm_jax.backends, tfm_jax.profiles, tfm-jax env):
+"""Backend selection and numeric profiles (tfm_jax.platform.backends, tfm_jax.config.profiles, tfm-jax env):
 the PJRT plugin path's errors (no plugin for hpu, missing file, a library that is not a PJRT
 plugin -- in a fresh process, since jax's backends are already up here --, backends already
 started); a real PJRT plugin (the CUDA plugin of the jax-cuda12-pjrt wheel) loading and
@@ -23,7 +23,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from tfm_jax import backends, cli, environment, profiles
+from tfm_jax.platform import backends, environment
+from tfm_jax import cli
+from tfm_jax.config import profiles
 from tfm_jax.config import BackendConfig, ConfigError, compose_config, load_config
 from tfm_jax.quant import fp8
 from tfm_jax.quant.formats import fmt_max
@@ -83,7 +85,7 @@ def _libm() -> str:
 
 _CONFIGURE = """
 import sys
-from tfm_jax import backends
+from tfm_jax.platform import backends
 from tfm_jax.config import load_config, ConfigError
 cfg = load_config(None, sys.argv[1:])
 try:

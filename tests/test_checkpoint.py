@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tfm_jax.checkpoint import CheckpointMismatch, Checkpointer
+from tfm_jax.train.checkpoint import CheckpointMismatch, Checkpointer
 
 
 def test_mismatch_named_from_metadata_without_reading(tmp_path, monkeypatch):

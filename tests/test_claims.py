@@ -1,4 +1,4 @@
-"""The claims ledger (tfm_jax.claims): extraction from the studies' results files (JSON, and
+"""The claims ledger (tfm_jax.ablate.claims): extraction from the studies' results files (JSON, and
 the Markdown fallback), missing results, the arithmetic checks against hand-computed values,
 the table, and `tfm-jax claims`."""
 
@@ -7,8 +7,8 @@ import pathlib
 
 import pytest
 
-from tfm_jax import claims
-from tfm_jax.claims import (ARITHMETIC, CLAIMS, CONFIRMED, MISSING, NOT_MEASURABLE, REFUTED,
+from tfm_jax.ablate import claims
+from tfm_jax.ablate.claims import (ARITHMETIC, CLAIMS, CONFIRMED, MISSING, NOT_MEASURABLE, REFUTED,
                             STUDIES, VERDICTS, Sources)
 
 
@@ -89,7 +89,7 @@ def test_from_study_maps_verdicts_and_formats(tmp_path):
 
 
 def test_markdown_fallback(tmp_path):
-    md = tmp_path / "benchmarks/ablate_attention/results.md"
+    md = tmp_path / "studies/ablate_attention/results.md"
     md.parent.mkdir(parents=True)
     md.write_text("# Ablation\n\nWhere: cpu (X), 1 device(s)\n\n## Claims\n\n"
                   "| # | claim | source | claimed | measured | verdict | where measured |\n"

@@ -1,4 +1,4 @@
-"""MHA -> GQA/MQA conversion (tfm_jax.convert, ``tfm-jax convert``): mean-pooling against a
+"""MHA -> GQA/MQA conversion (tfm_jax.tools.convert, ``tfm-jax convert``): mean-pooling against a
 numpy loop, identity at N = n_heads, a real converted checkpoint (scanned layers: leading layers
 axis) that evaluates and resumes training."""
 
@@ -9,7 +9,7 @@ import pytest
 
 from tfm_jax import cli
 from tfm_jax.config import compose_config
-from tfm_jax.convert import convert_params, convert_run, mean_pool_kv_heads
+from tfm_jax.tools.convert import convert_params, convert_run, mean_pool_kv_heads
 
 
 def _pool_loop(kernel, n):
@@ -97,8 +97,8 @@ def source(tmp_path_factory):
 def _params(run_dir):
     import jax
 
-    from tfm_jax.checkpoint import Checkpointer
-    from tfm_jax.convert import load_run_config
+    from tfm_jax.train.checkpoint import Checkpointer
+    from tfm_jax.tools.convert import load_run_config
     from tfm_jax.train import build
 
     cfg = load_run_config(run_dir)

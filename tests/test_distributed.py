@@ -1,4 +1,4 @@
-"""Multi-process settings (tfm_jax.distributed): flags > TFM_JAX_* variables > jax's cluster
+"""Multi-process settings (tfm_jax.parallel.distributed): flags > TFM_JAX_* variables > jax's cluster
 detection, the errors of each bad setting, a missing peer ending with exit 3 and a clear message
 instead of hanging, and (slow) checkpoints moving between 2-process and 1-process runs with the
 uninterrupted run's loss trajectory."""
@@ -16,10 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from tfm_jax import distributed
-from tfm_jax.checkpoint import Checkpointer
+from tfm_jax.parallel import distributed
+from tfm_jax.train.checkpoint import Checkpointer
 from tfm_jax.config import ConfigError, load_config
-from tfm_jax.metrics import read_metrics
+from tfm_jax.train.metrics import read_metrics
 from tfm_jax.train import build, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Long-context attention cores (tfm_jax.layers.flash) and their ``backend.attention`` seam.
+"""Long-context attention cores (tfm_jax.layers.attention_ops.flash) and their ``backend.attention`` seam.
 
 Every core is checked against the masked reference ``grouped_attention`` +
 ``make_attention_mask`` (values and gradients, fp32); the flash core also for what makes it a
@@ -16,13 +16,15 @@ import pytest
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tfm_jax import backends
+from tfm_jax.platform import backends
 from tfm_jax.config import ConfigError, ModelConfig, load_config
 from tfm_jax.layers import ops as ops_lib
-from tfm_jax.layers.attention import (causal_attention, dense_causal_attention,
-                                      grouped_attention, make_attention_mask)
-from tfm_jax.layers.flash import (flash_attention, flash_blocks, sdpa_seq_lengths_attention,
-                                  xla_sdpa_attention)
+from tfm_jax.layers.attention_ops.block import causal_attention
+from tfm_jax.layers.attention_ops.dense import (dense_causal_attention, grouped_attention,
+                                                make_attention_mask)
+from tfm_jax.platform.xla_cpu import cpu_xla_ops
+from tfm_jax.layers.attention_ops.flash import (flash_attention, flash_blocks,
+                                                sdpa_seq_lengths_attention, xla_sdpa_attention)
 from tfm_jax.model import TransformerLM
 
 TOL = 1e-5
@@ -237,7 +239,7 @@ def test_sdpa_seq_lengths_mapping():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
 def test_cudnn_equals_masked_reference_on_gpu():
-    from tfm_jax.layers.flash import cudnn_attention
+    from tfm_jax.layers.attention_ops.flash import cudnn_attention
     q, k, v, w = _inputs(2, 64, 8, 2, 32, seed=19)
     kv = _valid(2, 64, ("right",))
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
@@ -278,7 +280,7 @@ def test_choice_replaces_the_core_and_is_named(devices, choice, fn, word):
 
 
 def test_cudnn_only_on_gpu(devices):
-    from tfm_jax.layers.flash import cudnn_attention
+    from tfm_jax.layers.attention_ops.flash import cudnn_attention
     ok = ["backend.attention=cudnn", "model.dtype=bfloat16"]
     with pytest.raises(ConfigError, match="attention=cudnn needs a GPU.*cpu.*flash"):
         backends.resolve_ops(load_config(overrides=ok), devices[:1])
@@ -317,11 +319,11 @@ def test_lm_with_flash_equals_default(scan):
     r = np.random.default_rng(1)
     tokens = jnp.asarray(r.integers(0, 64, (2, 40)), jnp.int32)
     mask = jnp.asarray(np.arange(40)[None] < np.array([[40], [29]]), jnp.float32)
-    flash_ops = ops_lib.cpu_xla_ops().with_attention(*ops_lib.attention_core("flash"))
+    flash_ops = cpu_xla_ops().with_attention(*ops_lib.attention_core("flash"))
     assert flash_ops.causal_attention is flash_attention
     params = _random_params(TransformerLM(cfg), tokens)     # the same for every op set
     results = []
-    for ops in (ops_lib.cpu_xla_ops(), flash_ops):
+    for ops in (cpu_xla_ops(), flash_ops):
         model = TransformerLM(cfg, ops=ops)
 
         def loss(p, model=model):

@@ -14,9 +14,10 @@ import optax
 import pytest
 from flax import linen as nn
 
-from tfm_jax import data as data_lib, param_roles
+from tfm_jax import data as data_lib
+from tfm_jax.core import roles as param_roles
 from tfm_jax.config import ConfigError, load_config
-from tfm_jax.metrics import read_metrics
+from tfm_jax.train.metrics import read_metrics
 from tfm_jax.quant import fp8
 from tfm_jax.train import build, train
 
@@ -395,7 +396,7 @@ def test_orbax_resume_equals_uninterrupted_with_state(tmp_path, corpus, devices)
     """Three steps straight vs one step, an orbax save/restore (of the whole state, fp8
     leaves and the multi_transform optimizer state included), two more steps: bitwise equal.
     (The train loop's --resume path is the generic one of tests/test_train.py.)"""
-    from tfm_jax.checkpoint import Checkpointer
+    from tfm_jax.train.checkpoint import Checkpointer
 
     setup = build(cfg_of(tmp_path, "mesh.data=1"), devices=devices[:1])
     batches = [setup.shard_batch(batch_at(setup.cfg, corpus, i)) for i in range(3)]

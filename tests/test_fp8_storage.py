@@ -9,7 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from tfm_jax import data as data_lib, param_roles
+from tfm_jax import data as data_lib
+from tfm_jax.core import roles as param_roles
 from tfm_jax.config import ConfigError, load_config
 from tfm_jax.quant import storage
 from tfm_jax.train import build
@@ -143,7 +144,7 @@ def test_quantize_dequantize_and_ema_scale_vs_numpy():
 def test_params_and_checkpoint_hold_fp8_bytes_and_a_scale(tmp_path, devices):
     import orbax.checkpoint as ocp
 
-    from tfm_jax.checkpoint import Checkpointer
+    from tfm_jax.train.checkpoint import Checkpointer
 
     setup = build(cfg_of(tmp_path, "mesh.data=1"), devices=devices[:1])
     state = setup.init_state()
@@ -277,7 +278,7 @@ def test_sharded_with_stochastic_rounding_equals_single_device(tmp_path, corpus,
 
 
 def test_resume_is_bitwise_with_sr_and_int8_moments(tmp_path, corpus, devices):
-    from tfm_jax.checkpoint import Checkpointer
+    from tfm_jax.train.checkpoint import Checkpointer
 
     setup = build(cfg_of(tmp_path, "mesh.data=1", "quant.stochastic_rounding=true",
                          "train.opt_moments=int8"), devices=devices[:1])
@@ -301,7 +302,7 @@ def test_resume_is_bitwise_with_sr_and_int8_moments(tmp_path, corpus, devices):
 
 def test_stochastic_rounding_is_the_default_with_fp8_storage():
     """On exactly when the weights are stored in FP8 (nearest-even lost the late, small updates:
-    benchmarks/fp8_training_long); an explicit value wins; a saved config keeps its value."""
+    studies/fp8_training_long); an explicit value wins; a saved config keeps its value."""
     q = lambda *o: load_config(None, list(o)).quant   # noqa: E731
     assert q().stochastic_rounding is False
     stored = q("quant.recipe=fp8_delayed", "quant.fp8_weight_storage=true")

@@ -1,5 +1,5 @@
 """FP8 training end to end: low-precision optimizer moments (tfm_jax.quant.optim) vs optax's
-fp32 AdamW, memory accounting (tfm_jax.memory) vs a hand formula, and the on_nonfinite=reload
+fp32 AdamW, memory accounting (tfm_jax.train.memory) vs a hand formula, and the on_nonfinite=reload
 fallback with an injected inf."""
 
 import shutil
@@ -11,9 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from tfm_jax import data as data_lib, memory
+from tfm_jax import data as data_lib
+from tfm_jax.train import memory
 from tfm_jax.config import load_config, param_counts
-from tfm_jax.metrics import read_metrics
+from tfm_jax.train.metrics import read_metrics
 from tfm_jax.quant import optim
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
@@ -185,7 +186,7 @@ def test_config_show_memory_cli(tmp_path, capsys):
     rc = cli.main(["config", "show", "--memory", "--no-peak", "quant.fp8_weight_storage=true"]
                   + SMALL)
     out = capsys.readouterr().out
-    assert rc == 0 and "# memory (tfm_jax.memory)" in out and "float8_e4m3fn" in out
+    assert rc == 0 and "# memory (tfm_jax.train.memory)" in out and "float8_e4m3fn" in out
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""tfm-jax inspect (tfm_jax.inspect): collectives parsed from optimized HLO, with count and bytes;
+"""tfm-jax inspect (tfm_jax.tools.inspect): collectives parsed from optimized HLO, with count and bytes;
 data parallelism shows all-reduces, the all_to_all MoE shows all-to-alls of the capacity
 formula's bytes."""
 
@@ -7,7 +7,7 @@ import math
 
 from tfm_jax import cli
 from tfm_jax.config import load_config
-from tfm_jax.inspect import COLLECTIVES, collectives, inspect_train_step
+from tfm_jax.tools.inspect import COLLECTIVES, collectives, inspect_train_step
 
 _HLO = """
 %body.1 (p: (s32[], f32[4])) -> (s32[], f32[4]) {

@@ -1,4 +1,4 @@
-"""Native fp32 CPU kernels (tfm_jax/kernels): that they load where they can, the BLAS finder and
+"""Native fp32 CPU kernels (tfm_jax/platform/kernels): that they load where they can, the BLAS finder and
 every installed BLAS, numerics against numpy and against the XLA path, the model with
 the cpu-native vs cpu-xla op sets, the BLAS choice, the build cache (the backend.cpu_kernels
 resolution is in tests/test_ops.py)."""
@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 
 from tfm_jax.config import ConfigError, ModelConfig, load_config
-from tfm_jax.layers import attention as attn_lib
+from tfm_jax.layers.attention_ops import block as attn_lib, dense as attn_dense
 from tfm_jax.layers import ops as ops_lib
+from tfm_jax.platform.kernels import cpu as cpu_kernels
+from tfm_jax.platform.xla_cpu import cpu_xla_ops
 from tfm_jax.model import TransformerLM
 
-cpu = pytest.importorskip("tfm_jax.kernels.cpu")
+cpu = pytest.importorskip("tfm_jax.platform.kernels.cpu")
 OK, WHY = cpu.available()           # the default BLAS (auto): what every numeric test below runs
 DEFAULT_BLAS = cpu.active_blas()
 needs_kernels = pytest.mark.skipif(not OK, reason=f"native kernels unavailable: {WHY}")
@@ -299,7 +301,7 @@ def test_decode_attention_matches_numpy_and_xla_path(b, t, h, hkv, d, s, last, b
     k, v = np.array(rand(rng, b, s, hkv, d)), np.array(rand(rng, b, s, hkv, d))
     pos = np.stack([np.arange(n - t + 1, n + 1) for n in last]).astype(np.int32)   # (B, T)
     want = numpy_decode_attention(q, k, v, pos)
-    np.testing.assert_allclose(attn_lib.cached_attention(q, jnp.asarray(k), jnp.asarray(v),
+    np.testing.assert_allclose(attn_dense.cached_attention(q, jnp.asarray(k), jnp.asarray(v),
                                                          jnp.asarray(pos)),
                                want, rtol=1e-5, atol=2e-6)
     for bi, n in enumerate(last):
@@ -333,8 +335,8 @@ def _model_native_matches_xla(scan):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                       attn_block_q=8, scan_layers=scan, remat="full" if scan else "none")
     toks = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 24)), jnp.int32)
-    xla_m = TransformerLM(cfg, ops=ops_lib.cpu_xla_ops())
-    nat_m = TransformerLM(cfg, ops=ops_lib.native_cpu_ops())
+    xla_m = TransformerLM(cfg, ops=cpu_xla_ops())
+    nat_m = TransformerLM(cfg, ops=cpu_kernels.native_ops())
     params = xla_m.init(jax.random.key(0), toks)["params"]
     assert jax.tree.structure(params) == jax.tree.structure(
         nat_m.init(jax.random.key(0), toks)["params"])           # same parameters
@@ -355,7 +357,7 @@ def test_kernel_library_builds_into_a_fresh_cache_once_for_every_blas(tmp_path):
         pytest.skip(f"native kernels unavailable: {WHY}")
     kinds = [k for k in ("openblas", "mkl") if cpu.find_blas()[k]]
     kinds += ["builtin"] if cpu.builtin_isa() else []
-    code = ("from tfm_jax.kernels import cpu; ok, d = cpu.available(); print(ok); "
+    code = ("from tfm_jax.platform.kernels import cpu; ok, d = cpu.available(); print(ok); "
             "print(cpu.library_path()); print(cpu.active_blas().kind); print(d)")
     libs = set()
     for kind in kinds:

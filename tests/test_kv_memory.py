@@ -1,4 +1,4 @@
-"""KV-cache memory arithmetic (tfm_jax.kv_memory) and ``tfm-jax kv-cache``, against hand
+"""KV-cache memory arithmetic (tfm_jax.config.sizing) and ``tfm-jax kv-cache``, against hand
 computations: Llama-3-8B (32 layers, 8 K/V heads, head_dim 128) caches 131,072 bytes per token
 in bf16."""
 
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tfm_jax import kv_memory as kvm
+from tfm_jax.config import sizing as kvm
 from tfm_jax.config import load_config, param_counts
 
 ROOT = str(pathlib.Path(__file__).resolve().parents[1])

@@ -19,8 +19,10 @@ from jax.sharding import NamedSharding
 from tfm_jax.config import DEFAULT_RULES, ConfigError, MeshConfig, ModelConfig, load_config
 from tfm_jax.generate import (bytes_of_cache, eval_through_cache, generate, make_decoder)
 from tfm_jax.layers import kv_cache as kv
+from tfm_jax.platform.kernels import cpu as cpu_kernels
 from tfm_jax.layers import ops as ops_lib
-from tfm_jax.layers.attention import cached_attention, grouped_attention, make_attention_mask
+from tfm_jax.layers.attention_ops.dense import cached_attention, grouped_attention, make_attention_mask
+from tfm_jax.platform.xla_cpu import cpu_xla_ops
 from tfm_jax.model import TransformerLM
 from tfm_jax.parallel import mesh as mesh_lib
 
@@ -161,9 +163,9 @@ def test_decode_several_tokens_per_call():
 
 
 def _op_sets():
-    sets = [ops_lib.xla_ops(), ops_lib.cpu_xla_ops()]
+    sets = [ops_lib.xla_ops(), cpu_xla_ops()]
     try:
-        sets.append(ops_lib.native_cpu_ops())
+        sets.append(cpu_kernels.native_ops())
     except RuntimeError:
         pass                       # tests/test_kernels.py fails loudly where they should build
     return sets
@@ -182,7 +184,7 @@ def test_every_ops_set_decodes_the_same():
         default = ops_lib.resolve(None) is ops
         model, variables = model_and_vars(cfg, None if default else ops)
         if ops.name == "cpu-native":
-            from tfm_jax.kernels import cpu
+            from tfm_jax.platform.kernels import cpu
             assert ops.cached_attention is cpu.cached_attention
         else:
             assert ops.cached_attention is cached_attention

@@ -10,13 +10,15 @@ import pytest
 from flax import linen as nn
 
 from tfm_jax.config import ffn_hidden_size
-from tfm_jax.layers.attention import (Attention, causal_attention, grouped_attention,
-                                      make_attention_mask, rope)
+from tfm_jax.layers.attention import Attention
+from tfm_jax.layers.attention_ops.block import causal_attention
+from tfm_jax.layers.attention_ops.dense import grouped_attention, make_attention_mask
+from tfm_jax.layers.rope import rope
 from tfm_jax.layers.embed import Embed
 from tfm_jax.layers.ffn import FeedForward
 from tfm_jax.layers.linear import Linear
 from tfm_jax.layers.norms import BatchNorm, LayerNorm, RMSNorm
-from tfm_jax.layers.ops import cpu_xla_ops
+from tfm_jax.platform.xla_cpu import cpu_xla_ops
 from tfm_jax.layers.norms import layer_norm as _layer_norm
 from tfm_jax.layers.norms import rms_norm as _rms_norm
 
@@ -623,7 +625,7 @@ def test_swiglu_custom_vjp_matches_autodiff():
 
 
 def test_rope_custom_vjp_matches_autodiff():
-    from tfm_jax.layers.attention import _rotate, apply_rope, rope_tables
+    from tfm_jax.layers.rope import _rotate, apply_rope, rope_tables
     r = rng(10)
     x = jnp.asarray(f32(r.normal(size=(2, 6, 3, 8))))
     w = jnp.asarray(f32(r.normal(size=(2, 6, 3, 8))))
@@ -634,7 +636,7 @@ def test_rope_custom_vjp_matches_autodiff():
 
 
 def test_linear_matmul_custom_vjp_matches_autodiff():
-    from tfm_jax.layers.linear import matmul
+    from tfm_jax.platform.xla_cpu import matmul
     r = rng(11)
     x, w, c = (jnp.asarray(f32(r.normal(size=s))) for s in ((6, 5), (5, 7), (6, 7)))
     g = jax.jit(jax.grad(lambda x, w: jnp.sum(matmul(x, w) * c), (0, 1)))(x, w)

@@ -1,7 +1,7 @@
 """The loss curve must not move when the implementation is optimised.
 
 Training starts from seeded *canonical* weights (independent of this package's parameter layout,
-see tfm_jax.export) on a fixed synthetic byte corpus, so the same curve can be recomputed after
+see tfm_jax.tools.export) on a fixed synthetic byte corpus, so the same curve can be recomputed after
 any layout or kernel change and compared with:
 
 * the golden losses in tests/data/golden_losses.json, recorded from the first (unoptimised)
@@ -20,7 +20,7 @@ import pytest
 
 from tfm_jax import data as data_lib
 from tfm_jax.config import load_config
-from tfm_jax.export import import_canonical, random_canonical
+from tfm_jax.tools.export import import_canonical, random_canonical
 from tfm_jax.train import build
 
 GOLDEN = pathlib.Path(__file__).with_name("data") / "golden_losses.json"
@@ -74,7 +74,7 @@ def _restore_blas():
     """The BLAS the native kernels use now, and a function that puts it back (a run with
     backend.cpu_blas=<name> switches it process-wide)."""
     try:
-        from tfm_jax.kernels import cpu
+        from tfm_jax.platform.kernels import cpu
     except ImportError:
         return lambda: None
     prev = cpu.active_blas()
@@ -85,7 +85,7 @@ def _restore_blas():
 def test_losses_match_golden(variant, devices):
     golden = json.loads(GOLDEN.read_text())["losses"]
     if "backend.cpu_blas=builtin" in VARIANTS[variant]:
-        from tfm_jax.kernels import cpu
+        from tfm_jax.platform.kernels import cpu
         ok, why = cpu.available()
         if not ok or not cpu.builtin_isa():
             pytest.skip(f"no builtin sgemm here: {why if not ok else cpu.INSTALL_HINT['builtin']}")

@@ -13,7 +13,7 @@ import pytest
 from flax import linen as nn
 
 from tfm_jax.config import DEFAULT_RULES, ConfigError, ModelConfig
-from tfm_jax.export import export_canonical
+from tfm_jax.tools.export import export_canonical
 from tfm_jax.model import TransformerLM, count_params
 from tfm_jax.parallel.mesh import check_rules_cover, used_logical_names
 

@@ -1,4 +1,4 @@
-"""MoE (tfm_jax.layers.moe, tfm_jax.parallel.moe_dispatch): routing, capacity and losses vs numpy;
+"""MoE (tfm_jax.layers.moe, tfm_jax.layers.moe.dispatch): routing, capacity and losses vs numpy;
 all_to_all and implicit dispatch == the dense reference (outputs, gradients, drops) on 8 fake
 CPU devices; parameter/FLOP counts; a tiny training run whose loss falls."""
 
@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import pytest
 from flax import linen as nn
 
-from tfm_jax import telemetry
+from tfm_jax.core import telemetry
 from tfm_jax.config import ConfigError, load_config, param_counts
 from tfm_jax.layers import moe as moe_lib
 from tfm_jax.model import TransformerLM, count_params, train_flops_per_token
 from tfm_jax.parallel import mesh as mesh_lib
-from tfm_jax.parallel import moe_dispatch as md
+from tfm_jax.layers.moe import dispatch as md
 
 from test_moe_routing import _np_moe as _np_moe_general, _weights  # shared references
 

@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import pytest
 from flax import linen as nn
 
-from tfm_jax import param_roles, telemetry
+from tfm_jax.core import roles as param_roles, telemetry
 from tfm_jax.config import load_config
 from tfm_jax.layers import moe as moe_lib
 from tfm_jax.model import TransformerLM
 from tfm_jax.parallel import mesh as mesh_lib
-from tfm_jax.parallel import moe_dispatch as md
+from tfm_jax.layers.moe import dispatch as md
 
 D, F = 16, 24
 

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from tfm_jax.checkpoint import Checkpointer
+from tfm_jax.train.checkpoint import Checkpointer
 from tfm_jax.config import load_config
-from tfm_jax.metrics import read_metrics
+from tfm_jax.train.metrics import read_metrics
 from tfm_jax.train import build, train
 
 ARGS = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",

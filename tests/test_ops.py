@@ -10,23 +10,26 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from tfm_jax import backends
+from tfm_jax.platform import backends
 from tfm_jax.config import ConfigError, ModelConfig, load_config
 from tfm_jax.layers import ops as ops_lib
-from tfm_jax.layers.attention import (causal_attention, dense_causal_attention,
-                                      grouped_attention, make_attention_mask)
+from tfm_jax.layers.attention_ops.block import causal_attention
+from tfm_jax.layers.attention_ops.dense import (dense_causal_attention, grouped_attention,
+                                                make_attention_mask)
+from tfm_jax.platform.kernels import cpu as cpu_kernels
+from tfm_jax.platform.xla_cpu import cpu_xla_ops
 from tfm_jax.model import TransformerLM
 
 
 def _native_ops():
     try:
-        return ops_lib.native_cpu_ops()
+        return cpu_kernels.native_ops()
     except RuntimeError:
         return None   # tests/test_kernels.py fails loudly where the kernels should build
 
 
 def op_sets():
-    sets = [ops_lib.xla_ops(), ops_lib.cpu_xla_ops()]
+    sets = [ops_lib.xla_ops(), cpu_xla_ops()]
     native = _native_ops()
     return sets + ([native] if native is not None else [])
 
@@ -131,7 +134,7 @@ def test_cpu_tricks_stay_out_of_the_xla_set():
                     count += n_exp(inner)
         return count
 
-    xla, cpu = grad_jaxpr(ops_lib.xla_ops()), grad_jaxpr(ops_lib.cpu_xla_ops())
+    xla, cpu = grad_jaxpr(ops_lib.xla_ops()), grad_jaxpr(cpu_xla_ops())
     assert not _has_primitive(xla, "optimization_barrier")
     assert _has_primitive(cpu, "optimization_barrier")
     assert n_exp(xla) < n_exp(cpu)
@@ -161,9 +164,8 @@ def test_resolve_ops_rules(devices):
                                      else "XLA ops")
 
 
-def test_default_ops_follow_the_backend():
-    assert ops_lib.default_ops() is ops_lib.cpu_xla_ops()      # tests run on CPU
-    assert ops_lib.resolve(None) is ops_lib.cpu_xla_ops()
+def test_a_layer_given_no_ops_uses_the_portable_xla_set():
+    assert ops_lib.resolve(None) is ops_lib.xla_ops()      # the CPU sets come from the backend
     assert ops_lib.resolve(ops_lib.xla_ops()) is ops_lib.xla_ops()
 
 
@@ -173,14 +175,14 @@ def test_replaced_gemm_is_named_in_the_log_line():
         def __call__(self, x, w, dims, precision=None, preferred_element_type=None):
             return jax.lax.dot_general(x, w, dims)
 
-    ops = ops_lib.cpu_xla_ops().with_dot_general(Int8Dot)
+    ops = cpu_xla_ops().with_dot_general(Int8Dot)
     assert "projections use Int8Dot" in ops.describe()
-    assert "projections use" not in ops_lib.cpu_xla_ops().describe()
+    assert "projections use" not in cpu_xla_ops().describe()
     # the replacement really runs: same numbers as the set's own GEMM here, but a module
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2)
     tokens = jnp.zeros((1, 8), jnp.int32)
     a = TransformerLM(cfg, ops=ops)
-    b = TransformerLM(cfg, ops=ops_lib.cpu_xla_ops())
+    b = TransformerLM(cfg, ops=cpu_xla_ops())
     params = nn.meta.unbox(b.init(jax.random.key(0), tokens))["params"]
     _close(a.apply({"params": params}, tokens), b.apply({"params": params}, tokens), 1e-5)
 
@@ -188,7 +190,7 @@ def test_replaced_gemm_is_named_in_the_log_line():
 def test_a_blas_asked_for_by_name_is_never_a_silent_fallback(devices, monkeypatch):
     """backend.cpu_blas=mkl without MKL (or openblas without it) is a config error naming the
     fix, not a quiet cpu-xla run; auto may fall back (with the reason in the log line)."""
-    from tfm_jax.kernels import cpu
+    from tfm_jax.platform.kernels import cpu
     installed = {kind for kind, paths in cpu.find_blas().items() if paths}
     if cpu.available()[0] and cpu.builtin_isa():
         installed.add("builtin")

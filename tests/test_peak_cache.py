@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tfm_jax import backends
+from tfm_jax.platform import backends
 from tfm_jax.config import load_config
 
 

@@ -46,7 +46,7 @@ def test_effective_rank_reference():
 def test_attention_probs_match_library_attention():
     import jax.numpy as jnp
 
-    from tfm_jax.layers.attention import grouped_attention
+    from tfm_jax.layers.attention_ops.dense import grouped_attention
     b, t, h, hkv, dh = 2, 7, 4, 2, 8
     q, k, v = (RNG.normal(size=(b, t, n, dh)).astype(np.float32) for n in (h, hkv, hkv))
     valid = np.ones((b, t), bool)

@@ -1,5 +1,5 @@
 """Static FP8 calibration and FP8 inference of a run trained without FP8
-(tfm_jax.quant.calibrate, ``tfm-jax calibrate``, ``tfm-jax eval ... quant.recipe=fp8_*``):
+(tfm_jax.tools.calibrate, ``tfm-jax calibrate``, ``tfm-jax eval ... quant.recipe=fp8_*``):
 scale reductions and delayed histories against numpy formulas; the calibration statistics of a
 trained run against the fp32 model's own Linear inputs (hooked independently) and kernels; the
 sharded (8 devices) statistics equal the single-device ones; delayed inference with filled
@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from tfm_jax import cli
 from tfm_jax.config import ConfigError, compose_config
-from tfm_jax.quant import calibrate as cal
+from tfm_jax.tools import calibrate as cal
 from tfm_jax.quant import fp8
 
 E4M3_MAX = 448.0

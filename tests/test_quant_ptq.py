@@ -1,4 +1,4 @@
-"""Weight-only integer PTQ (tfm_jax.quant.ptq, tfm_jax.quant_run, ``tfm-jax quantize``): int4
+"""Weight-only integer PTQ (tfm_jax.quant.ptq, tfm_jax.tools.quantize, ``tfm-jax quantize``): int4
 packing and asymmetric int8 against independent numpy references, per-output-channel axes of
 every projection, and a trained tiny run quantized, evaluated, generated from and refused for
 training."""
@@ -152,7 +152,7 @@ def test_quantize_params_selects_and_axes():
 
 def test_linear_info_of_the_model():
     from tfm_jax.model import TransformerLM
-    from tfm_jax.quant_run import linear_info
+    from tfm_jax.tools.quantize import linear_info
 
     for scan, prefix in ((False, "layers_0"), (True, "layers")):
         cfg = compose_config("tiny", [{"model": {"d_model": 32, "n_layers": 2, "n_heads": 4,
@@ -197,7 +197,7 @@ def _ckpt_dtypes(run_dir: pathlib.Path, step: int) -> dict[str, str]:
 
 
 def test_int8_run_eval_generate(source, tmp_path, capsys):
-    from tfm_jax.quant_run import quantize_run
+    from tfm_jax.tools.quantize import quantize_run
 
     cfg, trained = source
     res = quantize_run(cfg.run_dir, "int8_weight", tmp_path / "int8",
@@ -230,7 +230,7 @@ def test_int8_run_eval_generate(source, tmp_path, capsys):
 @pytest.mark.parametrize("recipe,code_dtype", [("int4_weight", "uint8"),
                                                 ("int8_weight_asym", "uint8")])
 def test_int4_and_asym_runs(source, tmp_path, recipe, code_dtype):
-    from tfm_jax.quant_run import quantize_run, summary
+    from tfm_jax.tools.quantize import quantize_run, summary
 
     cfg, _ = source
     res = quantize_run(cfg.run_dir, recipe, tmp_path / recipe, devices=jax.devices()[:1])

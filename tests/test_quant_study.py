@@ -1,4 +1,4 @@
-"""The quantization study (tfm_jax.experiments.quant_study): the captured tensors are the
+"""The quantization study (experiments.quant_study): the captured tensors are the
 model's (x^T @ dy == the kernel gradient of the fp32 loss), the error metric against numpy +
 ml_dtypes, and a smoke run on a tiny trained run writing JSON, markdown and PNGs. The real
 study (with the perplexity table) is the slow test / the documented command."""
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tfm_jax.config import compose_config
-from tfm_jax.experiments import quant_study as qs
+from experiments import quant_study as qs
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_capture_gives_the_kernel_gradient(run, text_corpus):
     """x^T @ dy of every captured projection equals jax.grad of the fp32 mean loss w.r.t. its
     kernel (so inputs and output gradients are the model's)."""
     from tfm_jax import data as data_lib
-    from tfm_jax.quant.calibrate import calibration_batches
+    from tfm_jax.tools.calibrate import calibration_batches
     from tfm_jax.train import build, input_mask, masked_ce_sum
 
     cfg, trained = run

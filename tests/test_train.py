@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from tfm_jax import data as data_lib
-from tfm_jax.checkpoint import Checkpointer
+from tfm_jax.train.checkpoint import Checkpointer
 from tfm_jax.config import load_config
-from tfm_jax.metrics import read_metrics
+from tfm_jax.train.metrics import read_metrics
 from tfm_jax.train import (Interrupted, NonFiniteError, build, input_mask, masked_ce_sum, train)
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
@@ -245,7 +245,7 @@ def test_weight_decay_same_parameters_with_scan_layers(tmp_path, devices, varian
                                      ["model.norm=layernorm", "model.ffn_type=gelu",
                                       "model.tie_embeddings=true"]])
 def test_every_parameter_has_a_known_role(tmp_path, devices, variant):
-    from tfm_jax.param_roles import param_role
+    from tfm_jax.core.roles import param_role
     setup = build(small_cfg(tmp_path, "mesh.data=1", *variant), devices=devices[:1])
     roles = {jax.tree_util.keystr(p, simple=True, separator="/"): param_role(p)
              for p, _ in jax.tree_util.tree_flatten_with_path(setup.abstract_state().params)[0]}

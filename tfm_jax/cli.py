@@ -3,9 +3,9 @@
 Every command takes ``--config FILE`` (default ``configs/tiny.yaml``; a bare name such as
 ``small`` is looked up in the shipped configs) and trailing ``section.key=value`` overrides.
 Exit codes: 0 ok, 2 invalid config or input, 1 training diverged, 3 a multi-process run's peer
-never connected (:mod:`tfm_jax.distributed`), 130/143 interrupted by SIGINT/SIGTERM at any
+never connected (:mod:`tfm_jax.parallel.distributed`), 130/143 interrupted by SIGINT/SIGTERM at any
 moment (one line says what was saved: in the training loop a checkpoint, continue with
-``--resume``; see :mod:`tfm_jax.interrupts`).
+``--resume``; see :mod:`tfm_jax.train.interrupts`).
 
 Each command is a small :class:`Command` unit (name, arguments, run). Its run function imports
 what it needs, so light commands stay light: ``tfm-jax config show`` imports neither jax nor
@@ -22,9 +22,9 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from tfm_jax import interrupts
+from tfm_jax.train import interrupts
 from tfm_jax.config import Config, ConfigError, load_config
-from tfm_jax.errors import CheckpointMismatch, DataError
+from tfm_jax.core.errors import CheckpointMismatch, DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +56,10 @@ def _run_config(args) -> Config:
 
 
 def _restore(cfg: Config, calib_batches: int = 16):
-    from tfm_jax import backends
-    from tfm_jax.checkpoint import Checkpointer
-    from tfm_jax.quant import calibrate
-    from tfm_jax.quant_run import is_quantized_run, restore_quantized
+    from tfm_jax.platform import backends
+    from tfm_jax.train.checkpoint import Checkpointer
+    from tfm_jax.tools import calibrate
+    from tfm_jax.tools.quantize import is_quantized_run, restore_quantized
     from tfm_jax.train import build
 
     if is_quantized_run(cfg):      # written by `tfm-jax quantize`: int8/int4 kernels, dequantized
@@ -93,7 +93,7 @@ def _sample(setup, state, prompt: str, tokens: int, temperature: float, top_k: i
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from tfm_jax import distributed
+    from tfm_jax.parallel import distributed
 
     _add_common(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -108,7 +108,7 @@ def run_train(args) -> int:
             "quantized run cannot be trained or resumed (quantization-aware training is not "
             "supported). Train the full-precision run (quant.recipe=none) and quantize it "
             "afterwards with 'tfm-jax quantize'")
-    from tfm_jax import distributed
+    from tfm_jax.parallel import distributed
 
     dist = distributed.from_args(args)      # before any jax backend starts
     distributed.initialize(dist)
@@ -164,7 +164,7 @@ def run_train(args) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    from tfm_jax import distributed
+    from tfm_jax.parallel import distributed
 
     _add_common(p)
     distributed.add_args(p)
@@ -179,7 +179,7 @@ def run_eval(args) -> int:
     if args.calib_batches < 1:
         raise ConfigError(f"--calib-batches {args.calib_batches}: fill the fp8_delayed "
                           "histories from at least 1 batch")
-    from tfm_jax import distributed
+    from tfm_jax.parallel import distributed
 
     dist = distributed.from_args(args)      # before any jax backend starts
     distributed.initialize(dist)
@@ -299,11 +299,12 @@ def run_config_show(args) -> int:
     print(cfg.to_yaml(), end="")
     print(f"# derived: model.head_dim={m.resolved_head_dim}, model.ffn_hidden="
           f"{m.resolved_ffn_hidden}, parameters={param_counts(m)['total']:,}")
-    from tfm_jax import profiles
+    from tfm_jax.config import profiles
     for line in profiles.describe(cfg):      # backend.profile / emulate: what it resolved
         print(f"# {line}")
     if getattr(args, "memory", False):   # only then import jax (builds and compiles the step)
-        from tfm_jax import backends, memory
+        from tfm_jax.platform import backends
+        from tfm_jax.tools import memory
 
         backends.configure(cfg.backend)
         print(memory.format_report(memory.report(cfg, peak=not args.no_peak)))
@@ -335,7 +336,7 @@ def _kv_cache_args(p: argparse.ArgumentParser) -> None:
 
 def run_kv_cache(args) -> int:
     """KV-cache bytes for MHA / the config's GQA / MQA. Needs no jax: config + arithmetic."""
-    from tfm_jax import kv_memory as kvm
+    from tfm_jax.config import sizing as kvm
 
     cfg = load_config(args.config, args.overrides)
     m = cfg.model
@@ -392,8 +393,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args) -> int:
-    """Mean-pool a trained run's K/V heads into a new run (GQA uptraining, tfm_jax.convert)."""
-    from tfm_jax.convert import convert_run
+    """Mean-pool a trained run's K/V heads into a new run (GQA uptraining, tfm_jax.tools.convert)."""
+    from tfm_jax.tools.convert import convert_run
 
     res = convert_run(args.run_dir, args.kv_heads, args.out, steps=args.steps,
                       evaluate=not args.no_eval)
@@ -428,8 +429,8 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_quantize(args) -> int:
-    """Weight-only PTQ of a trained run into a new run directory (tfm_jax.quant_run)."""
-    from tfm_jax.quant_run import quantize_run, summary
+    """Weight-only PTQ of a trained run into a new run directory (tfm_jax.tools.quantize)."""
+    from tfm_jax.tools.quantize import quantize_run, summary
 
     res = quantize_run(args.run_dir, args.recipe, args.out, evaluate=not args.no_eval)
     print(summary(res))
@@ -439,7 +440,7 @@ def run_quantize(args) -> int:
 # ----------------------------------------------------------------------------- calibrate
 
 
-_CALIB_METHODS = ("max", "percentile", "ema")   # == tfm_jax.quant.calibrate.METHODS
+_CALIB_METHODS = ("max", "percentile", "ema")   # == tfm_jax.tools.calibrate.METHODS
 
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
@@ -461,14 +462,14 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_calibrate(args) -> int:
-    """Static FP8 scales of a trained run (tfm_jax.quant.calibrate)."""
+    """Static FP8 scales of a trained run (tfm_jax.tools.calibrate)."""
     if args.method not in _CALIB_METHODS:
         raise ConfigError(f"calibrate: --method {args.method!r}; valid: "
                           f"{', '.join(_CALIB_METHODS)}")
     if args.batches < 1:
         raise ConfigError(f"calibrate: --batches {args.batches}; calibrate over at least 1 "
                           "batch")
-    from tfm_jax.quant.calibrate import calibrate_run, summary
+    from tfm_jax.tools.calibrate import calibrate_run, summary
 
     res = calibrate_run(args.run_dir, args.batches, args.method, percentile=args.percentile,
                         ema_beta=args.ema_beta, out=args.out, overrides=list(args.overrides))
@@ -538,7 +539,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 def run_inspect(args) -> int:
     """Compile the train step of a config; parameters, FLOPs, memory, HLO collectives."""
-    from tfm_jax.inspect import format_report, inspect_train_step
+    from tfm_jax.tools.inspect import format_report, inspect_train_step
 
     cfg = load_config(args.config, args.overrides)
     rep = inspect_train_step(cfg)
@@ -550,18 +551,18 @@ def run_inspect(args) -> int:
 
 
 def _claims_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", default=".", help="repository root holding benchmarks/ (default: "
+    p.add_argument("--root", default=".", help="repository root holding studies/ (default: "
                    "the current directory)")
     p.add_argument("--out", default=None, help="output file (default <root>/CLAIMS.md)")
 
 
 def run_claims(args) -> int:
-    """The claims ledger (tfm_jax.claims): every claim of the seed with a verdict."""
-    from tfm_jax import claims
+    """The claims ledger (tfm_jax.ablate.claims): every claim of the seed with a verdict."""
+    from tfm_jax.ablate import claims
 
     root = pathlib.Path(args.root)
-    if not (root / "benchmarks").is_dir():
-        raise FileNotFoundError(f"{root.resolve()} has no benchmarks/ folder: run from the "
+    if not (root / "studies").is_dir():
+        raise FileNotFoundError(f"{root.resolve()} has no studies/ folder: run from the "
                                 "repository root or pass --root")
     rows = claims.ledger(root)
     path = pathlib.Path(args.out) if args.out else root / "CLAIMS.md"
@@ -576,7 +577,7 @@ def run_claims(args) -> int:
 
 
 def run_env(args) -> int:
-    from tfm_jax import environment
+    from tfm_jax.platform import environment
 
     cfg = load_config(args.config, args.overrides)
     rep = environment.report(cfg.backend, measure=not args.no_measure)
@@ -613,7 +614,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(("inspect",), "compile a config's train step: params, FLOPs/token, memory, and "
             "every collective XLA emits (count, bytes)", _inspect_args, run_inspect),
     Command(("claims",), "write CLAIMS.md: every claim of the seed document with the measured "
-            "figure and a verdict (from benchmarks/*/results.json + arithmetic)",
+            "figure and a verdict (from studies/*/results.json + arithmetic)",
             _claims_args, run_claims),
     Command(("env",), "platforms, devices, PJRT plugins, versions, CPU kernels, FP8 native or "
             "emulated, matmul peak, recommended FP8 scaling", _env_args, run_env),
@@ -652,7 +653,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The CLI. As the program (``argv`` None), SIGINT/SIGTERM exit 130/143 with one line at
-    any point (:mod:`tfm_jax.interrupts`); called with an ``argv`` list (in-process) signals are
+    any point (:mod:`tfm_jax.train.interrupts`); called with an ``argv`` list (in-process) signals are
     left alone and the exit code is returned."""
     as_program = argv is None
     if as_program:

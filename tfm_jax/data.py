@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from tfm_jax.errors import DataError
+from tfm_jax.core.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     import jax

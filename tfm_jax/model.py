@@ -24,9 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from tfm_jax import telemetry
+from tfm_jax.core import telemetry
 from tfm_jax.config import MoEConfig, ModelConfig, param_counts
-from tfm_jax.layers.attention import Attention, make_attention_mask, rope_tables
+from tfm_jax.layers.attention import Attention
+from tfm_jax.layers.attention_ops.dense import make_attention_mask
+from tfm_jax.layers.rope import rope_tables
 from tfm_jax.layers.embed import Embed
 from tfm_jax.layers.ffn import FeedForward
 from tfm_jax.layers.kv_cache import Cache, init_cache as init_kv_cache
@@ -139,7 +141,7 @@ class TransformerLM(nn.Module):
 
     cfg: ModelConfig
     # The backend's GEMM / attention core / RMSNorm / SwiGLU (tfm_jax.layers.ops), resolved once
-    # by tfm_jax.backends.resolve_ops (tfm_jax.train.build does). None: XLA ops for jax's default
+    # by tfm_jax.platform.backends.resolve_ops (tfm_jax.train.build does). None: XLA ops for jax's default
     # backend. Every set has the same parameters and, to fp32 rounding, the same numbers.
     ops: Optional[Ops] = None
     # Mixture-of-Experts (tfm_jax.layers.moe): None or n_experts 0: every FFN dense.

@@ -10,6 +10,8 @@ functions), plots and the claims to judge. :func:`run_experiment`
 """
 
 from tfm_jax.ablate.measurements import MEASUREMENTS, RunContext, Series, register
+# The component probes (normalization, FFN, heads) register themselves in MEASUREMENTS.
+from tfm_jax.ablate import probes as _probes  # noqa: F401
 from tfm_jax.ablate.spec import Experiment, ExperimentError, load_experiment
 
 __all__ = ["MEASUREMENTS", "Experiment", "ExperimentError", "RunContext", "Series",

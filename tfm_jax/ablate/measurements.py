@@ -87,7 +87,7 @@ class RunContext:
         """Rows of the run's ``metrics.jsonl`` (train rows have ``loss``, eval rows
         ``val_loss``)."""
         if "metrics" not in self.cache:
-            from tfm_jax.metrics import read_metrics
+            from tfm_jax.train.metrics import read_metrics
             self.cache["metrics"] = read_metrics(self.run_dir)
         return self.cache["metrics"]
 
@@ -108,8 +108,8 @@ class RunContext:
             if tr is not None:
                 self.cache["restored"] = (tr.setup, tr.state)
             else:
-                from tfm_jax import backends
-                from tfm_jax.checkpoint import Checkpointer
+                from tfm_jax.platform import backends
+                from tfm_jax.train.checkpoint import Checkpointer
                 from tfm_jax.train import build
 
                 backends.configure(self.cfg.backend)
@@ -179,12 +179,12 @@ def measure_params(ctx: RunContext) -> dict[str, Any]:
 
 @register("kv_bytes")
 def measure_kv_bytes(ctx: RunContext) -> dict[str, Any]:
-    """KV-cache bytes at the model's shape (:func:`tfm_jax.kv_memory.kv_cache_bytes`).
+    """KV-cache bytes at the model's shape (:func:`tfm_jax.config.sizing.kv_cache_bytes`).
 
     Options: ``contexts`` (default ``[data.seq_len]``), ``batch`` (1), ``dtype`` (the model's).
     Gives ``kv_bytes_per_token`` (all layers), ``kv_bytes`` (at the first context and the
     batch), and the series ``kv_bytes_by_context`` (by context, batch: ``kv_bytes``)."""
-    from tfm_jax.kv_memory import kv_cache_bytes
+    from tfm_jax.config.sizing import kv_cache_bytes
 
     ctx.check_options({"contexts", "batch", "dtype"})
     contexts = list(ctx.option("contexts", [ctx.cfg.data.seq_len]))
@@ -298,16 +298,16 @@ def measure_decode(ctx: RunContext) -> dict[str, Any]:
 @register("memory")
 def measure_memory(ctx: RunContext) -> dict[str, Any]:
     """Persistent train-state bytes from the (abstract) state pytree and the compiled train
-    step's peak per device (:mod:`tfm_jax.memory`): ``state_bytes`` (total), ``param_bytes``,
+    step's peak per device (:mod:`tfm_jax.train.memory`): ``state_bytes`` (total), ``param_bytes``,
     ``weight_bytes_fp8`` / ``weight_bytes_float`` (params by storage), ``fp8_state_bytes``,
     ``opt_moment_bytes`` (moments + their block scales), ``peak_bytes`` (the step's
     ``arguments + outputs - aliased + temporaries``; skipped with option ``peak: false``)."""
-    from tfm_jax import memory
+    from tfm_jax.train import memory
 
     ctx.check_options({"peak"})
     setup = ctx.restore()[0] if ctx.train_result is not None else None
     if setup is None:
-        from tfm_jax import backends
+        from tfm_jax.platform import backends
         from tfm_jax.train import build
 
         backends.configure(ctx.cfg.backend)
@@ -394,12 +394,12 @@ def measure_loss_series(ctx: RunContext) -> dict[str, Any]:
 
 @register("collectives")
 def measure_collectives(ctx: RunContext) -> dict[str, Any]:
-    """What the compiler emits for the run's train step (:func:`tfm_jax.inspect.
+    """What the compiler emits for the run's train step (:func:`tfm_jax.tools.inspect.
     inspect_train_step`, compiled again, abstract state): per collective kind ``<kind>_count``
     and ``<kind>_bytes`` per step (``all_to_all``, ``all_reduce``, ``all_gather``,
     ``reduce_scatter``, ``collective_permute``; 0 when absent) and ``collective_bytes`` (all
     kinds). Independent of the seed: use ``once: true``."""
-    from tfm_jax.inspect import inspect_train_step
+    from tfm_jax.tools.inspect import inspect_train_step
 
     ctx.check_options(set())
     rep = inspect_train_step(ctx.cfg, ctx.devices)
@@ -474,6 +474,3 @@ def measure_moe_routing(ctx: RunContext) -> dict[str, Any]:
     }
     return out
 
-
-# The component probes (normalization, FFN, heads) register themselves on import.
-from tfm_jax.ablate import probes as _probes  # noqa: E402,F401

@@ -494,7 +494,7 @@ def measure_head_diversity(ctx: RunContext) -> dict[str, Any]:
     * the series ``heads`` (by ``layer``: both).
 
     Options: ``batches`` (2), ``batch_size`` (8)."""
-    from tfm_jax.layers.attention import apply_rope, rope_tables
+    from tfm_jax.layers.rope import apply_rope, rope_tables
 
     ctx.check_options({"batches", "batch_size"})
     _need_unscanned(ctx, "head_diversity")

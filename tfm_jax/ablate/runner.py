@@ -8,7 +8,7 @@ Resumable. Each run lives in ``<out>/<variant>/seed<k>`` (a normal run directory
 * interrupted (an earlier checkpoint): continued with ``train(..., resume=True)``, exactly as
   ``tfm-jax train --resume`` (bitwise the same result as an uninterrupted run);
 * new: trained from step 0 -- or, for a variant with ``init_from``, first converted from the
-  source variant's finished run at the same seed (:func:`tfm_jax.convert.convert_run`), then
+  source variant's finished run at the same seed (:func:`tfm_jax.tools.convert.convert_run`), then
   trained from that step-0 checkpoint.
 
 A run whose directory holds a different config (the experiment file was edited) is not reused:
@@ -34,7 +34,7 @@ from typing import Any, Optional
 import yaml
 from tqdm.auto import tqdm
 
-from tfm_jax import interrupts
+from tfm_jax.train import interrupts
 from tfm_jax.ablate import plots as plots_lib
 from tfm_jax.ablate.measurements import MEASUREMENTS, RunContext, Series
 from tfm_jax.ablate.report import aggregate, judge_claim, markdown
@@ -117,7 +117,7 @@ def config_differences(cfg: Config) -> list[str]:
 
 
 def _curves(run_dir: pathlib.Path) -> dict[str, list[list[float]]]:
-    from tfm_jax.metrics import read_metrics
+    from tfm_jax.train.metrics import read_metrics
 
     try:
         rows = read_metrics(run_dir)
@@ -318,7 +318,7 @@ class _Runner:
         return rec
 
     def convert_from(self, source: str, seed: int, cfg: Config) -> None:
-        from tfm_jax.convert import convert_run
+        from tfm_jax.tools.convert import convert_run
 
         src = self.records.get((source, seed))
         if src is None or src["status"] != "ok":

@@ -46,7 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tfm_jax.config import CONFIG_DIR, Config, ConfigError, compose_config, resolve_config_path
 
-# Shipped experiments (package data); the repository's top-level experiments/ links here.
+# The shipped experiments: the repository's top-level experiments/, package data of an installed
+# wheel (tfm_jax/experiments links to it in a checkout).
 EXPERIMENT_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 NAME = r"[A-Za-z0-9][\w.+=-]*"
 RESERVED_VARIANT_KEYS = ("init_from", "description")
@@ -136,7 +137,7 @@ class ConvertSpec(_Strict):
 
 class InitFrom(_Strict):
     """Start each seed's run from the final checkpoint of variant ``run`` at the same seed,
-    converted (``tfm_jax.convert``: K/V heads mean-pooled when ``convert.kv_heads`` is given;
+    converted (``tfm_jax.tools.convert``: K/V heads mean-pooled when ``convert.kv_heads`` is given;
     step 0, fresh optimizer state)."""
 
     run: str

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from tfm_jax.layers.functional import swiglu  # noqa: F401  (re-exported)
 from tfm_jax.layers.linear import Linear
 from tfm_jax.layers.ops import Ops, resolve as resolve_ops
 from tfm_jax.parallel import axes
@@ -25,34 +26,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
-
-
-@jax.custom_vjp
-def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """``silu(gate) * up`` with ``silu(z) = z * sigmoid(z)``.
-
-    Hand-written VJP: one fused pass computes both input gradients from (gate, up), where
-    autodiff of ``silu`` re-derives the sigmoid in several separate elementwise passes:
-    ``d_up = dy * silu(g)``, ``d_gate = dy * up * s * (1 + g * (1 - s))`` with ``s = sigmoid(g)``.
-    """
-    return jax.nn.silu(gate) * up
-
-
-def _swiglu_fwd(gate, up):
-    return swiglu(gate, up), (gate, up)
-
-
-def _swiglu_bwd(res, dy):
-    gate, up = res
-    g = gate.astype(jnp.float32)
-    s = jax.nn.sigmoid(g)
-    dy32 = dy.astype(jnp.float32)
-    d_gate = dy32 * up.astype(jnp.float32) * s * (1.0 + g * (1.0 - s))
-    d_up = dy32 * g * s
-    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class FeedForward(nn.Module):

@@ -25,7 +25,7 @@ symmetric, ``scale = amax / qmax`` per (token, head) -- or per token across head
 values are clipped to ``[-qmax, qmax]`` before the cast (casting beyond the e4m3 range gives NaN,
 an integer cast would wrap), so a value at exactly +-amax maps to +-qmax. Rows whose amax is 0
 get scale 0 and quantized zeros. Reads dequantize inside the attention op
-(:func:`tfm_jax.layers.attention.cached_attention` folds the scales into scores and
+(:func:`tfm_jax.layers.attention_ops.dense.cached_attention` folds the scales into scores and
 probabilities, so no dequantized copy of the cache is made).
 """
 

@@ -19,42 +19,6 @@ from flax import linen as nn
 
 from tfm_jax.layers.ops import Ops, resolve as resolve_ops
 
-@jax.custom_vjp
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """(N, K) @ (K, M), with a backward whose weight gradient is a plain (K, N) @ (N, M) GEMM.
-
-    Left to itself XLA:CPU computes ``dW = x^T dy`` as a transposed-operand dot on a different
-    (Eigen) path that runs beside the YNNPACK GEMMs; materialising ``x^T`` first (one cheap copy,
-    kept by an optimization barrier) keeps every GEMM of the step on the same fast path.
-    """
-    return x @ w
-
-
-def _matmul_fwd(x, w):
-    return x @ w, (x, w)
-
-
-def _matmul_bwd(res, dy):
-    x, w = res
-    x_t = jax.lax.optimization_barrier(x.T)
-    return dy @ w.T, (x_t @ dy).astype(w.dtype)
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def cpu_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
-    """``Linear``'s 2-D dot as :func:`matmul` (the ``cpu-xla`` ops' GEMM)."""
-    assert dimension_numbers == (((1,), (0,)), ((), ())), dimension_numbers
-    return matmul(x, w)
-
-
-def plain_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
-    """``Linear``'s 2-D dot as XLA's own dot (the ``xla`` ops' GEMM: GPU/TPU)."""
-    return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
-
-
 def _canon(x: Union[int, Sequence[int]]) -> tuple[int, ...]:
     return (x,) if isinstance(x, int) else tuple(x)
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from tfm_jax.layers.functional import rms_norm  # noqa: F401  (re-exported)
 from tfm_jax.layers.ops import Ops, resolve as resolve_ops
 from tfm_jax.parallel import axes
 
@@ -28,12 +29,6 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + eps)
     return (y * scale + bias).astype(x.dtype)
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + eps)
-    return (y * scale).astype(x.dtype)
 
 
 def batch_stats(x: jax.Array, mask: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:

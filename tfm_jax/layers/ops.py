@@ -2,7 +2,7 @@
 run.
 
 Layers never decide an implementation themselves: they receive an :class:`Ops` (resolved once per
-run by :func:`tfm_jax.backends.resolve_ops` from the devices and ``backend.cpu_kernels``) and call
+run by :func:`tfm_jax.platform.backends.resolve_ops` from the devices and ``backend.cpu_kernels``) and call
 its members. Every implementation computes the same function with the same parameters; they
 differ only in how fast they are on a given backend:
 
@@ -16,7 +16,7 @@ set             for                                    what it runs
                                                        block-causal attention (unrolled over
                                                        query blocks, skips the masked half)
 ``cpu-native``  one fp32 CPU device                    the native custom calls of
-                                                       :mod:`tfm_jax.kernels.cpu` (BLAS GEMM,
+                                                       :mod:`tfm_jax.platform.kernels.cpu` (BLAS GEMM,
                                                        attention, RMSNorm, SwiGLU)
 ==============  =====================================  ======================================
 
@@ -30,8 +30,9 @@ dispatch) are added here as new members, written once for every layer; KV-cache 
 reads only each row's filled cache slots in ``cpu-native`` (float32 caches; a quantized cache
 runs the XLA version there too).
 
-The constructors import the numerics lazily: the layer modules import this file for the type, and
-this file must not import them back at import time.
+The ``xla`` set is built from :mod:`tfm_jax.layers.functional` and the attention cores, which
+import no layer; the CPU sets live in :mod:`tfm_jax.platform` (``cpu-xla``:
+:mod:`tfm_jax.platform.xla_cpu`; ``cpu-native``: :mod:`tfm_jax.platform.kernels.cpu`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any, Callable, Optional
+
+from tfm_jax.layers import functional
+from tfm_jax.layers.attention_ops import dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +58,7 @@ class Ops:
       of new queries q (B, T, H, D) at ``q_positions`` (B, T) against a KV cache k/v
       (B, S, Hkv, D), quantized when scales are given (B, S, Hkv | 1) -> (B, T, H, D). XLA sets:
       :func:`tfm_jax.layers.attention.cached_attention`; ``cpu-native``:
-      :func:`tfm_jax.kernels.cpu.cached_attention`.
+      :func:`tfm_jax.platform.kernels.cpu.cached_attention`.
     * ``dot_general_cls``: a factory of a Linen module called like ``lax.dot_general``; when
       set it replaces ``matmul`` in every :class:`~tfm_jax.layers.linear.Linear`.
     * ``quant_dot_cls``: the same for a quantization recipe (e.g. the FP8 dot of
@@ -120,42 +124,23 @@ _TITLES = {"xla": "XLA ops", "cpu-xla": "XLA ops tuned for CPU",
 
 @functools.lru_cache(maxsize=None)
 def xla_ops() -> Ops:
-    """Plain XLA ops for any backend (the GPU/TPU default): no CPU-specific tricks."""
-    from tfm_jax.layers import attention, ffn, linear, norms
-    return Ops("xla", linear.plain_dot_general, attention.dense_causal_attention,
-               norms.rms_norm, ffn.swiglu, attention.cached_attention)
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_xla_ops() -> Ops:
-    """XLA ops shaped for XLA:CPU (the block-causal loop and the transposed-free dW matmul)."""
-    from tfm_jax.layers import attention, ffn, linear, norms
-    return Ops("cpu-xla", linear.cpu_dot_general, attention.causal_attention, norms.rms_norm,
-               ffn.swiglu, attention.cached_attention)
-
-
-@functools.lru_cache(maxsize=None)
-def native_cpu_ops(detail: str = "") -> Ops:
-    """The native fp32 custom calls; builds/loads the library (raises RuntimeError with the
-    reason when it cannot)."""
-    from tfm_jax.kernels import cpu
-    cpu.load()
-    return Ops("cpu-native", cpu.dot_general, cpu.causal_attention, cpu.rms_norm, cpu.swiglu,
-               cpu.cached_attention, detail=detail)
+    """Plain XLA ops for any backend (the GPU/TPU default, and what a layer given no ops uses)."""
+    return Ops("xla", functional.plain_dot_general, dense.dense_causal_attention,
+               functional.rms_norm, functional.swiglu, dense.cached_attention)
 
 
 # ``backend.attention`` choices other than ``auto``: (module, function, log name), imported when
 # chosen. Every core has the contract of ``Ops.causal_attention``.
 ATTENTION_CORES = {
-    "block": ("tfm_jax.layers.attention", "causal_attention",
+    "block": ("tfm_jax.layers.attention_ops.block", "causal_attention",
               "block-causal (XLA, unrolled over query blocks)"),
-    "dense": ("tfm_jax.layers.attention", "dense_causal_attention",
+    "dense": ("tfm_jax.layers.attention_ops.dense", "dense_causal_attention",
               "dense masked softmax (XLA, T x T scores)"),
-    "flash": ("tfm_jax.layers.flash", "flash_attention",
+    "flash": ("tfm_jax.layers.attention_ops.flash", "flash_attention",
               "flash (key-tiled online softmax, lax loops, O(T) memory)"),
-    "xla_sdpa": ("tfm_jax.layers.flash", "xla_sdpa_attention",
+    "xla_sdpa": ("tfm_jax.layers.attention_ops.flash", "xla_sdpa_attention",
                  "jax.nn.dot_product_attention (implementation=xla)"),
-    "cudnn": ("tfm_jax.layers.flash", "cudnn_attention",
+    "cudnn": ("tfm_jax.layers.attention_ops.flash", "cudnn_attention",
               "jax.nn.dot_product_attention (implementation=cudnn)"),
 }
 
@@ -170,11 +155,8 @@ def attention_core(choice: str) -> tuple[Callable, str]:
     return getattr(importlib.import_module(module), fn), name
 
 
-def default_ops() -> Ops:
-    """The XLA set for jax's default backend: what a layer uses when it is given no ops."""
-    import jax
-    return cpu_xla_ops() if jax.default_backend() == "cpu" else xla_ops()
-
-
 def resolve(ops: Optional[Ops]) -> Ops:
-    return default_ops() if ops is None else ops
+    """``ops``, or the portable :func:`xla_ops` for a layer used on its own. A run's set (CPU
+    tricks, native kernels, quantized dots) is chosen once by
+    :func:`tfm_jax.platform.backends.resolve_ops` and passed down from the model."""
+    return xla_ops() if ops is None else ops

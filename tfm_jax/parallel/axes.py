@@ -1,4 +1,4 @@
-"""Logical axis names, declared once.
+"""Logical and mesh axis names, declared once (the bottom of the import graph).
 
 Layers annotate parameters and activations with these names only; one rule table
 (``mesh.rules`` in the config, default :data:`tfm_jax.config.DEFAULT_RULES`) maps them to mesh axes.
@@ -24,3 +24,10 @@ ALL = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, EXPERT, LAYE
 # Activation layouts at block boundaries.
 ACT_BTD = (BATCH, LENGTH, EMBED)
 ACT_BTV = (BATCH, LENGTH, VOCAB)
+
+# Mesh axes, in the order the device mesh is laid out (outermost first).
+DATA = "data"            # data parallel (replicated parameters)
+FSDP = "fsdp"            # data parallel with sharded parameters and optimizer state
+TENSOR = "tensor"        # tensor (model) parallel: heads, mlp, vocab
+EXPERT_PARALLEL = "expert"   # expert parallel (MoE); the mesh axis shares the logical name
+MESH_AXES = (DATA, FSDP, TENSOR, EXPERT_PARALLEL)

@@ -4,7 +4,7 @@ Convention: a *scale* is multiplicative, ``scale = fmt_max / amax`` (``q = cast(
 ``x ~= q / scale``); ``scale_inv`` names the inverse Flax and Transformer Engine store.
 
 The FP8 dot of the projections and its calibration files (:mod:`tfm_jax.quant.fp8`) are
-exported here too; ``tfm_jax.quant.calibrate`` (``tfm-jax calibrate``, run level) is imported on
+exported here too; ``tfm_jax.tools.calibrate`` (``tfm-jax calibrate``, run level) is imported on
 its own.
 """
 

@@ -19,7 +19,7 @@ Recipes (``quant.recipe``):
   amaxes of steps < t -- falling back to the stored scale when that amax is 0 or non-finite
   (the first step uses 1.0). The op's custom VJP returns the **new** state as the cotangent of
   the state: the history with this step's amax recorded, and ``scale_t``. The train step writes
-  it (role ``quant``, :mod:`tfm_jax.param_roles`), taking the max over accumulation micro-batches:
+  it (role ``quant``, :mod:`tfm_jax.core.roles`), taking the max over accumulation micro-batches:
   every micro-batch sees the same old state, so its ``scale_t`` is the same and the max of the
   histories is the history of the whole batch -- accumulation gives exactly the whole batch's
   state (the stored scale is the one used, which no micro-batch changes).
@@ -31,7 +31,7 @@ State lives under the projection, ``<proj>/fp8/...``, replicated (no sharded axe
 ``nn.scan`` like every layer parameter) and checkpointed with the params. Under jit with a
 sharded batch the amax is a global reduction, so every device holds the same state.
 
-Telemetry (``quant.telemetry``, :mod:`tfm_jax.telemetry`): per projection ``input_amax``,
+Telemetry (``quant.telemetry``, :mod:`tfm_jax.core.telemetry`): per projection ``input_amax``,
 ``kernel_amax`` (max over micro-batches), ``input_scale``, ``kernel_scale``,
 ``input_saturated`` / ``input_flushed`` (fraction of values beyond ``fmt_max`` after scaling / of
 non-zeros that quantize to 0), the same for the kernel, and ``*_staleness`` = current amax /
@@ -252,7 +252,7 @@ class Fp8DotGeneral(nn.Module):
         return qdq_grad(y, states["output_grad"], specs["output_grad"])
 
     def _sow_operand(self, role: str, x: jax.Array, scale: jax.Array, spec: QSpec) -> None:
-        from tfm_jax import telemetry
+        from tfm_jax.core import telemetry
 
         x = jax.lax.stop_gradient(x).astype(jnp.float32)
         scale = jax.lax.stop_gradient(scale)
@@ -272,7 +272,7 @@ class Fp8DotGeneral(nn.Module):
         """The previous step's output-gradient statistics, read from the state: saturated and
         flushed fractions (every recipe) and, under fp8_delayed, its amax, scale and
         staleness."""
-        from tfm_jax import telemetry
+        from tfm_jax.core import telemetry
 
         stats = jax.lax.stop_gradient(state["stats"])
         telemetry.sow(self, "output_grad_saturated", stats[0], "max")

@@ -157,7 +157,7 @@ def state_leaves_by_kind(opt_state: Any) -> dict[str, list]:
     """Optimizer-state leaves grouped for memory accounting, from their tree paths: under a
     ``mu``/``nu`` field -> ``moments`` (an :class:`Int8Moment`'s ``scale`` -> ``moment_scales``);
     anything else (step counts) -> ``other``."""
-    from tfm_jax.param_roles import path_names
+    from tfm_jax.core.roles import path_names
 
     out: dict[str, list] = {"moments": [], "moment_scales": [], "other": []}
     for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:

@@ -1,7 +1,7 @@
 """Integer post-training quantization (PTQ) of weights: INT8 symmetric / asymmetric, packed INT4.
 
 **Weight-only, per output channel.** Every projection kernel (the ``weight`` role of
-:mod:`tfm_jax.param_roles`: each ``Linear``'s ``kernel``) gets one scale per output channel: the
+:mod:`tfm_jax.core.roles`: each ``Linear``'s ``kernel``) gets one scale per output channel: the
 kernel's input axes (the first ``in_axes`` axes after any stacked ``layers`` axis of
 ``scan_layers``) are reduced, every other axis is kept -- (d, H, Dh) q/k/v kernels get (1, H, Dh)
 scales, the (H, Dh, d) output projection (1, 1, d), a scanned (L, d, F) FFN kernel (L, 1, F). The
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tfm_jax.param_roles import param_role, path_names
+from tfm_jax.core.roles import param_role, path_names
 from tfm_jax.quant.qdq import dequantize, quantize
 
 RECIPES = ("int8_weight", "int8_weight_asym", "int4_weight")
@@ -161,7 +161,7 @@ def _keep_axes(names: tuple[str, ...], ndim: int, info: LinearInfo) -> tuple[int
     if module not in info:
         raise ValueError(f"quantize: {'/'.join(names)} is a weight but no Linear was recorded "
                          f"at {'/'.join(module)}; per-channel PTQ knows a kernel's input axes "
-                         f"only from its Linear (tfm_jax.quant_run.linear_info)")
+                         f"only from its Linear (tfm_jax.tools.quantize.linear_info)")
     in_axes, n_out = info[module]
     n_stack = ndim - in_axes - n_out
     if n_stack < 0:

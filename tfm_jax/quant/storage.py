@@ -161,7 +161,7 @@ def _is_fp8(x: Any) -> bool:
 def _pairs(params: Any) -> dict[tuple, tuple]:
     """{parent path: (kernel path, scale path)} for every stored kernel (a ``kernel`` leaf of an
     FP8 dtype with a ``storage_scale`` sibling)."""
-    from tfm_jax.param_roles import path_names
+    from tfm_jax.core.roles import path_names
 
     leaves = {path_names(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     out = {}
@@ -183,7 +183,7 @@ def has_storage(params: Any) -> bool:
 
 
 def _scales_by_parent(params: Any) -> dict[tuple, Any]:
-    from tfm_jax.param_roles import path_names
+    from tfm_jax.core.roles import path_names
 
     return {path_names(p)[:-1]: x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
             if path_names(p)[-1:] == (STORAGE_SCALE,)}
@@ -192,7 +192,7 @@ def _scales_by_parent(params: Any) -> dict[tuple, Any]:
 def dequantized_view(params: Any) -> Any:
     """``params`` with every stored FP8 kernel replaced by its float32 dequantized value (the
     scales stay; :class:`~tfm_jax.layers.linear.Linear` uses a float kernel as it is)."""
-    from tfm_jax.param_roles import path_names
+    from tfm_jax.core.roles import path_names
 
     scales = _scales_by_parent(params)
 
@@ -209,7 +209,7 @@ def requantize_tree(view: Any, params: Any, spec: StorageSpec,
     """The params after an optimizer step: every kernel that ``params`` stores in FP8 is taken
     from the updated float ``view``, its scale EMA-updated and the kernel re-quantized; every
     other leaf is the view's. ``key``: stochastic rounding (one fold per stored kernel)."""
-    from tfm_jax.param_roles import path_names
+    from tfm_jax.core.roles import path_names
 
     pairs = _pairs(params)
     old_scales = _scales_by_parent(params)
@@ -228,7 +228,7 @@ def requantize_tree(view: Any, params: Any, spec: StorageSpec,
 def storage_mask(params: Any) -> Any:
     """Tree of Python bools: True for the ``storage_scale`` leaves (excluded from the optimizer,
     updated by :func:`requantize_tree`)."""
-    from tfm_jax.param_roles import path_names
+    from tfm_jax.core.roles import path_names
 
     return jax.tree_util.tree_map_with_path(
         lambda p, _: path_names(p)[-1:] == (STORAGE_SCALE,), params)

@@ -1,0 +1,1 @@
+"""Names every layer shares: errors, parameter roles by path, telemetry collections."""

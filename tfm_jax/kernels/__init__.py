@@ -1,6 +1,0 @@
-"""Native kernels (XLA FFI custom calls) that replace XLA-generated code where it is slow.
-
-Layers do not import this package: :func:`tfm_jax.layers.ops.native_cpu_ops` wraps
-:mod:`tfm_jax.kernels.cpu` into the ops seam, and :func:`tfm_jax.backends.resolve_ops` decides when
-a run uses it.
-"""

@@ -1,0 +1,97 @@
+"""Grouped-query attention as one masked softmax (MHA / GQA / MQA).
+
+GQA never materialises repeated K/V heads: queries are viewed as (B, T, Hkv, G, Dh) with
+G = H / Hkv query heads per K/V head, and the score einsum contracts each group against its one
+K/V head. Query head ``h`` uses K/V head ``h // G`` (groups are contiguous).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so fully-masked rows give a uniform (not NaN) softmax
+
+
+def make_attention_mask(q_positions: jax.Array, k_positions: jax.Array,
+                        k_valid: Optional[jax.Array] = None) -> jax.Array:
+    """Causal (+ key padding) mask. q_positions (B, T), k_positions (B, S), k_valid (B, S)
+    -> bool (B, T, S): query t may attend key s iff pos_k[s] <= pos_q[t] and key s is valid."""
+    mask = k_positions[:, None, :] <= q_positions[:, :, None]
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, :].astype(bool)
+    return mask
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention with grouped K/V heads.
+
+    q: (B, T, H, D); k, v: (B, S, Hkv, D); mask: bool (B, T, S). Returns (B, T, H, D).
+    Scores and softmax are computed in float32.
+    """
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    if h % hkv:
+        raise ValueError(f"{h} query heads are not a multiple of {hkv} kv heads")
+    qg = q.reshape(b, t, hkv, h // hkv, d)                                      # (B, T, K, G, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)              # (B, K, G, T, S)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)                             # (B, T, K, G, D)
+    return out.reshape(b, t, h, d)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+                     k_scale: Optional[jax.Array] = None,
+                     v_scale: Optional[jax.Array] = None) -> jax.Array:
+    """Decode attention: a few new queries against a KV cache (the ``cached_attention`` of every
+    ops set; XLA ops only).
+
+    q (B, T, H, D) at absolute positions ``q_positions`` (B, T) int32; k, v (B, S, Hkv, D): the
+    cache, the new tokens' K/V already written. Query t of row b sees cache slots
+    ``s <= q_positions[b, t]`` (slots beyond a row's length hold stale values and stay masked).
+    Returns (B, T, H, D) in q's dtype.
+
+    Quantized cache (int8 / e4m3 values, float32 ``k_scale``/``v_scale`` (B, S, Hkv) or
+    (B, S, 1)): dequantized on read without a dequantized copy -- a key's scale is constant over
+    D, so ``q . (k_q s_k) = (q . k_q) s_k`` scales the scores, and ``sum_s p_s (v_q s_v)_s =
+    sum_s (p_s s_v) v_q`` scales the probabilities. K/V are never repeated per query head
+    (the grouped (B, T, Hkv, G, D) view of :func:`grouped_attention`).
+    """
+    b, t, h, d = q.shape
+    s_len, hkv = k.shape[1], k.shape[2]
+    if h % hkv:
+        raise ValueError(f"{h} query heads are not a multiple of {hkv} kv heads")
+    f32 = jnp.float32
+    quantized = k_scale is not None
+    qg = q.reshape(b, t, hkv, h // hkv, d)                                      # (B, T, K, G, D)
+    if quantized:                    # int8 / e4m3 storage: the dots run on float32 values
+        qg, k, v = qg.astype(f32), k.astype(f32), v.astype(f32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
+                        preferred_element_type=f32) / jnp.sqrt(f32(d))          # (B, K, G, T, S)
+    if quantized:
+        scores = scores * k_scale.transpose(0, 2, 1)[:, :, None, None, :]       # (B, K|1,1,1,S)
+    visible = jnp.arange(s_len, dtype=jnp.int32)[None, None, :] <= q_positions[:, :, None]
+    scores = jnp.where(visible[:, None, None, :, :], scores, NEG_INF)           # (B, T, S) mask
+    probs = jax.nn.softmax(scores, axis=-1)                                     # f32
+    if quantized:
+        probs = probs * v_scale.transpose(0, 2, 1)[:, :, None, None, :]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
+                     preferred_element_type=f32)                                # (B, T, K, G, D)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                           k_valid: Optional[jax.Array] = None, *, block_q: int = 0) -> jax.Array:
+    """Causal self-attention over positions 0..T-1 (+ key padding) as one masked softmax.
+
+    Same contract as :func:`causal_attention` (``block_q`` is accepted and unused): q (B, T, H, D),
+    k, v (B, T, Hkv, D), k_valid (B, T) or None -> (B, T, H, D). Materialises the (T, T) scores;
+    on GPU/TPU XLA fuses mask, softmax and both einsums around it.
+    """
+    b, t = q.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return grouped_attention(q, k, v, make_attention_mask(positions, positions, k_valid))

@@ -1,0 +1,678 @@
+"""Native fp32 CPU kernels (``cpu_kernels.cc``) as jax custom calls, each with its VJP: BLAS
+GEMMs, causal GQA attention, the SwiGLU elementwise product and RMSNorm.
+
+Why: on XLA:CPU (jax 0.10) the step of the benchmark model is bound by (a) GEMM kernels that run
+at 75-85 % of an optimised BLAS's rate, worst for weight gradients (a transposed operand), and
+(b) attention built from many small XLA ops that stall each other on the shared thread pool
+(``benchmarks/README.md`` has the measurements). One custom call per GEMM and one per attention
+forward/backward removes both; SwiGLU and RMSNorm were the largest elementwise costs left.
+
+**Build.** The library is compiled on first use with the system C++ compiler (``-O3
+-march=native``: the binary is specific to this host, so the cache key includes the CPU's model
+and flags) against XLA's FFI headers from jaxlib, into ``$TFM_JAX_CACHE/kernels/<key>/``
+(default ``~/.cache/tfm_jax``), written atomically (temporary file + ``os.replace``). It links
+**no BLAS**, so the key does not depend on one.
+
+**BLAS at run time.** :func:`load` opens a BLAS with ``ctypes``, makes it single-threaded inside
+a call and hands its ``cblas_sgemm`` to the library (``tfm_set_sgemm(fn, ilp64)``). The choice is
+``backend.cpu_blas`` / the ``blas`` argument / ``$TFM_JAX_CPU_BLAS`` (first given wins):
+
+* ``builtin`` -- the library's own ``tfm_builtin_sgemm`` (``builtin_sgemm.cc``, compiled into
+  it): a register-blocked fp32 GEMM with the ``cblas_sgemm`` signature, AVX-512 (14x32 tiles)
+  or AVX2+FMA (6x16), nothing to install. A row's result does not depend on how the rows are
+  chunked, nor on which of the two ISA variants runs. Unavailable on a CPU with neither ISA.
+* ``openblas`` -- the ``scipy-openblas32`` wheel (a default dependency on Linux x86_64; ~26 MB
+  installed). Its own library instance (symbols prefixed ``scipy_``), so setting it to one
+  thread does not touch the OpenBLAS numpy bundles. The core OpenBLAS picked for this CPU
+  (``openblas_get_corename``; forced by ``$OPENBLAS_CORETYPE`` where set) is part of
+  :func:`available`'s detail.
+* ``mkl`` -- ``libmkl_rt.so.<any version>`` from the optional ``mkl`` wheel
+  (``pip install 'tfm-jax[mkl]'``, ~0.9 GB), a conda env or the user site, run with the
+  sequential threading layer.
+* ``auto`` -- the first of :data:`AUTO_ORDER` that is available and opens; the order depends
+  on the CPU vendor (:func:`auto_order`: MKL first on Intel, last elsewhere;
+  ``benchmarks/README.md`` has the measurements behind it).
+
+When any of that is missing :func:`available` says why and the model keeps the XLA path
+(``backend.cpu_kernels: auto``); ``backend.cpu_kernels: native`` turns the reason into an error.
+
+Caveat (MKL): ``libmkl_rt`` loads its MKL layers into the process's global symbol scope, so a
+library with its own MKL that is loaded *later* (``import torch`` after the kernels loaded MKL)
+can bind to them and run sequential MKL; import such libraries first, or use
+``cpu_blas=openblas`` (prefixed symbols, no such effect).
+
+Every BLAS runs single-threaded inside each call; the call splits its work over XLA's own
+intra-op thread pool, so the process never has two thread pools competing for the cores.
+``benchmarks/blas_compare.py`` measures the candidates side by side (it switches the BLAS of the
+loaded library between steps with :func:`use_blas`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import glob
+import hashlib
+import importlib.metadata
+import os
+import re
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+# Compiled into the same library: the project's own sgemm (backend.cpu_blas=builtin).
+SGEMM_SOURCE = Path(__file__).with_name("builtin_sgemm.cc")
+TARGETS = ("tfm_gemm", "tfm_attn_fwd", "tfm_attn_bwd", "tfm_swiglu_fwd", "tfm_swiglu_bwd",
+           "tfm_rms_fwd", "tfm_rms_bwd", "tfm_decode_attn")
+BLAS_CHOICES = ("auto", "builtin", "openblas", "mkl")
+# What ``auto`` tries, in order, by CPU vendor (benchmarks/README.md, "Which BLAS", has the
+# figures; `python -m benchmarks.blas_processes` measures a machine). On Intel (a Sapphire Rapids
+# VM) MKL, when installed (the [mkl] extra), gave the fastest train step, then the library's own
+# sgemm, then scipy-openblas32. On AMD (an EPYC Zen 4 VM) MKL was the slowest of the three
+# (0.95x the PyTorch peer against the builtin's 1.07x and OpenBLAS's 0.99x), so it comes last.
+_AUTO_ORDERS = {"GenuineIntel": ("mkl", "builtin", "openblas")}
+_AUTO_ORDER_OTHER = ("builtin", "openblas", "mkl")
+
+
+def cpuinfo_field(name: str) -> str:
+    """The first ``name`` field of /proc/cpuinfo ("vendor_id", "model name", ...), or ""."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's ``vendor_id`` ("GenuineIntel", "AuthenticAMD", ...), or ""."""
+    return cpuinfo_field("vendor_id")
+
+
+def auto_order(vendor: Optional[str] = None) -> tuple[str, ...]:
+    """The BLAS order ``cpu_blas=auto`` tries on a CPU of ``vendor`` (default: this one's)."""
+    return _AUTO_ORDERS.get(cpu_vendor() if vendor is None else vendor, _AUTO_ORDER_OTHER)
+
+
+AUTO_ORDER = auto_order()
+INSTALL_HINT = {
+    "builtin": "needs an x86-64 CPU with AVX2+FMA or AVX-512F (the library is compiled with "
+               "-march=native); choose backend.cpu_blas=openblas or mkl on this one",
+    "openblas": "pip install scipy-openblas32 (a default dependency of tfm-jax on Linux x86_64)",
+    "mkl": "pip install 'tfm-jax[mkl]' (or pip install mkl)",
+}
+_ISA_NAMES = {"avx512": "AVX-512", "avx2": "AVX2"}
+_lock = threading.RLock()      # re-entered: load() -> resolve_blas() -> builtin_isa()
+_state: dict = {"blas": {}}
+
+
+# --------------------------------------------------------------------------------------------
+# Finding BLAS libraries (pure path logic; nothing is loaded here)
+
+_MKL_RT = re.compile(r"^libmkl_rt\.so(?:\.(\d+(?:\.\d+)*))?$")
+
+
+def _default_prefixes() -> list[Path]:
+    roots = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(sys.executable)),
+             site.getuserbase(), os.environ.get("CONDA_PREFIX")]
+    return [Path(r) for r in roots if r]
+
+
+def _default_site_dirs() -> list[Path]:
+    dirs = [p for p in sys.path if p]
+    try:
+        dirs += site.getsitepackages() + [site.getusersitepackages()]
+    except AttributeError:          # some embedded interpreters
+        pass
+    return [Path(d) for d in dirs]
+
+
+def _unique_files(paths: Iterable[Path]) -> list[Path]:
+    out, seen = [], set()
+    for p in paths:
+        if not p.is_file():
+            continue
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
+            out.append(p)
+    return out
+
+
+def _mkl_version_key(p: Path) -> tuple:
+    m = _MKL_RT.match(p.name)
+    return tuple(int(x) for x in m.group(1).split(".")) if m and m.group(1) else ()
+
+
+def find_blas(prefixes: Optional[Iterable[Path]] = None,
+              site_dirs: Optional[Iterable[Path]] = None,
+              metadata: bool = True) -> dict[str, list[Path]]:
+    """Candidate BLAS libraries by kind, best first, without loading anything:
+
+    * ``openblas``: ``<site>/scipy_openblas32/lib/libscipy_openblas*.so`` (scipy-openblas32),
+    * ``numpy-openblas``: ``<site>/numpy.libs/libscipy_openblas64_*.so`` (numpy's own ILP64
+      copy; measured by ``benchmarks/blas_compare.py`` only, see :func:`open_blas`),
+    * ``mkl``: ``<prefix>/lib{,64}/libmkl_rt.so[.N...]`` (any soname version, highest first) and,
+      with ``metadata``, the files the installed ``mkl`` distribution lists.
+
+    ``prefixes`` default to the interpreter's prefix, base prefix, the user base and
+    ``$CONDA_PREFIX``; ``site_dirs`` to ``sys.path`` and the site-packages folders. Passing a
+    fake prefix (and ``metadata=False``) makes this pure path logic.
+    """
+    prefixes = list(_default_prefixes() if prefixes is None else prefixes)
+    sites = list(_default_site_dirs() if site_dirs is None else site_dirs)
+    for pre in prefixes:       # <prefix>/lib/pythonX.Y/site-packages of every prefix
+        sites += [Path(p) for p in glob.glob(str(pre / "lib*" / "python3*" / "site-packages"))]
+    found: dict[str, list[Path]] = {}
+    found["openblas"] = _unique_files(
+        Path(p) for d in sites
+        for p in sorted(glob.glob(str(d / "scipy_openblas32" / "lib" / "libscipy_openblas*.so"))))
+    found["numpy-openblas"] = _unique_files(
+        Path(p) for d in sites
+        for p in sorted(glob.glob(str(d / "numpy.libs" / "libscipy_openblas64_*.so"))))
+    mkl = [Path(p) for pre in prefixes for lib in ("lib", "lib64")
+           for p in glob.glob(str(pre / lib / "libmkl_rt.so*"))]
+    if metadata:
+        try:
+            dist = importlib.metadata.distribution("mkl")
+            mkl += [Path(dist.locate_file(f)) for f in (dist.files or ())
+                    if _MKL_RT.match(Path(str(f)).name)]
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    mkl = [p for p in mkl if _MKL_RT.match(p.name)]
+    found["mkl"] = _unique_files(sorted(mkl, key=_mkl_version_key, reverse=True))
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Opening a BLAS: single-threaded inside a call, self-checked, described
+
+
+@dataclasses.dataclass(frozen=True)
+class Blas:
+    """An opened BLAS library: what :func:`use_blas` hands to the kernels."""
+    kind: str            # "builtin" | "openblas" | "numpy-openblas" | "mkl"
+    path: Path
+    version: str         # "OpenBLAS 0.3.34.481.3", "Intel(R) oneAPI Math Kernel Library ...",
+                         # "builtin AVX-512 sgemm 14x32"
+    core: str            # OpenBLAS: the kernel set picked for this CPU; MKL: ""; builtin: ISA
+    sgemm: int           # address of cblas_sgemm (LP64) / its ILP64 variant
+    ilp64: bool
+    source: str          # "scipy-openblas32", "numpy's bundled OpenBLAS", "mkl", "" (builtin)
+
+    def describe(self) -> str:
+        """``OpenBLAS 0.3.34 scipy-openblas32, SapphireRapids core; /path/libscipy_openblas.so``,
+        ``builtin AVX-512 sgemm 14x32; /path/libtfm_cpu_kernels.so``"""
+        if self.kind == "builtin":
+            return f"{self.version}; {self.path}"
+        core = f", {self.core} core" if self.core else ""
+        forced = [f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                  if self.kind != "mkl" and os.environ.get(k)]
+        forced_s = f" (forced by {', '.join(forced)})" if forced else ""
+        return f"{self.version} {self.source}{core}{forced_s}; {self.path}"
+
+
+_SGEMM_ARGS = {False: ctypes.c_int32, True: ctypes.c_int64}
+
+
+def _self_check(addr: int, ilp64: bool, name: str) -> None:
+    """C = A B on 2x3 @ 3x2 through the raw pointer (catches a wrong symbol or ABI at once)."""
+    i = _SGEMM_ARGS[ilp64]
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, i, i, i, ctypes.c_float,
+                          ctypes.c_void_p, i, ctypes.c_void_p, i, ctypes.c_float, ctypes.c_void_p,
+                          i)(addr)
+    a = np.arange(1, 7, dtype=np.float32).reshape(2, 3)
+    b = np.arange(1, 7, dtype=np.float32).reshape(3, 2)[::-1].copy()
+    c = np.full((2, 2), np.nan, np.float32)
+    fn(101, 111, 111, 2, 2, 3, 1.0, a.ctypes.data, 3, b.ctypes.data, 2, 0.0, c.ctypes.data, 2)
+    if not np.allclose(c, a.astype(np.float64) @ b):
+        raise RuntimeError(f"{name}: sgemm self-check failed ({c.tolist()})")
+
+
+def _addr(lib: ctypes.CDLL, sym: str) -> int:
+    return ctypes.cast(getattr(lib, sym), ctypes.c_void_p).value
+
+
+def _open_openblas(path: Path, kind: str) -> Blas:
+    # scipy-openblas32: scipy_cblas_sgemm (LP64); numpy's scipy-openblas64: ..._sgemm64_ (ILP64)
+    suffix, ilp64 = ("64_", True) if kind == "numpy-openblas" else ("", False)
+    lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
+    getattr(lib, f"scipy_openblas_set_num_threads{suffix}")(1)
+    for f in ("get_config", "get_corename"):
+        getattr(lib, f"scipy_openblas_{f}{suffix}").restype = ctypes.c_char_p
+    config = getattr(lib, f"scipy_openblas_get_config{suffix}")().decode(errors="replace").split()
+    core = getattr(lib, f"scipy_openblas_get_corename{suffix}")().decode(errors="replace")
+    version = " ".join(config[:2]) if config else "OpenBLAS"
+    addr = _addr(lib, f"scipy_cblas_sgemm{suffix}")
+    _self_check(addr, ilp64, str(path))
+    source = "numpy's bundled OpenBLAS" if kind == "numpy-openblas" else "scipy-openblas32"
+    _state.setdefault("handles", []).append(lib)         # never unloaded
+    return Blas(kind, path, version, core, addr, ilp64, source)
+
+
+def _open_mkl(path: Path) -> Blas:
+    lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
+    lib.MKL_Set_Interface_Layer(0)                       # LP64
+    layer = lib.MKL_Set_Threading_Layer(1)               # 1 = MKL_THREADING_SEQUENTIAL
+    if layer != 1:
+        raise RuntimeError(f"{path}: MKL is already initialised in this process with threading "
+                           f"layer {layer}, not sequential")
+    buf = ctypes.create_string_buffer(256)
+    lib.MKL_Get_Version_String(buf, len(buf))
+    full = buf.value.decode(errors="replace")
+    m = re.search(r"Version ([0-9][0-9.]*)", full)
+    version = f"Intel MKL {m.group(1)}" if m else (full or "Intel MKL")
+    addr = _addr(lib, "cblas_sgemm")
+    _self_check(addr, False, str(path))
+    _state.setdefault("handles", []).append(lib)
+    return Blas("mkl", path, version, "", addr, False, "(sequential)")
+
+
+def open_blas(kind: str, path: Path) -> Blas:
+    """Opens one library found by :func:`find_blas` and sets it to one thread per call.
+
+    ``numpy-openblas`` sets the thread count of the OpenBLAS instance numpy itself uses, so it
+    is for ``benchmarks/blas_compare.py`` only (not a ``backend.cpu_blas`` choice): numpy's own
+    matmuls in the process would then run on one core.
+    """
+    if sys.platform != "linux":
+        raise RuntimeError(f"BLAS loading is implemented for Linux only (this is {sys.platform})")
+    key = (kind, os.path.realpath(path))
+    cache = _state.setdefault("opened", {})
+    if key not in cache:
+        try:
+            cache[key] = _open_mkl(path) if kind == "mkl" else _open_openblas(path, kind)
+        except (OSError, AttributeError, RuntimeError) as e:
+            cache[key] = RuntimeError(f"{kind} at {path}: {type(e).__name__}: {e}")
+    if isinstance(cache[key], Exception):
+        raise cache[key]
+    return cache[key]
+
+
+def builtin_isa() -> str:
+    """``"avx512"`` / ``"avx2"``: the ISA the kernel library's own sgemm was compiled for; ``""``
+    where it has none (builds the library if needed; RuntimeError if that fails)."""
+    with _lock:
+        _load_library()
+    return _state["lib"].tfm_builtin_sgemm_isa().decode()
+
+
+def builtin_blas() -> Blas:
+    """The kernel library's own sgemm (``tfm_builtin_sgemm``, ``builtin_sgemm.cc``) as a
+    :class:`Blas`, self-checked like the others; RuntimeError where this CPU has neither AVX2+FMA
+    nor AVX-512F."""
+    with _lock:
+        isa = builtin_isa()
+        cached = _state.get("builtin")
+        if cached is None:
+            if not isa:
+                cached = RuntimeError(f"builtin: this build of the kernels has no builtin sgemm "
+                                      f"({INSTALL_HINT['builtin']})")
+            else:
+                lib = _state["lib"]
+                blocking = (ctypes.c_int * 5)()
+                lib.tfm_builtin_sgemm_blocking(blocking)
+                mr, nr = blocking[0], blocking[1]
+                addr = _addr(lib, "tfm_builtin_sgemm")
+                try:
+                    _self_check(addr, False, "builtin")
+                    cached = Blas("builtin", _state["path"],
+                                  f"builtin {_ISA_NAMES.get(isa, isa)} sgemm {mr}x{nr}", isa, addr,
+                                  False, "")
+                except RuntimeError as e:
+                    cached = e
+            _state["builtin"] = cached
+        if isinstance(cached, Exception):
+            raise RuntimeError(str(cached))
+        return cached
+
+
+def resolve_blas(choice: Optional[str] = None) -> Blas:
+    """The BLAS for ``choice`` (``auto`` | ``builtin`` | ``openblas`` | ``mkl``; None:
+    ``$TFM_JAX_CPU_BLAS`` or ``auto``), opened; RuntimeError naming what was searched and how to
+    install it."""
+    choice = choice or os.environ.get("TFM_JAX_CPU_BLAS") or "auto"
+    if choice not in BLAS_CHOICES:
+        raise RuntimeError(f"cpu_blas={choice!r}: must be one of {', '.join(BLAS_CHOICES)}")
+    found = find_blas()
+    errors = []
+    for kind in (AUTO_ORDER if choice == "auto" else (choice,)):
+        if kind == "builtin":
+            try:
+                return builtin_blas()
+            except RuntimeError as e:
+                errors.append(str(e))
+            continue
+        if not found[kind]:
+            errors.append(f"{kind}: not installed ({INSTALL_HINT[kind]})")
+            continue
+        for path in found[kind]:
+            try:
+                return open_blas(kind, path)
+            except RuntimeError as e:
+                errors.append(str(e))
+    raise RuntimeError(f"cpu_blas={choice}: no usable BLAS for the native CPU kernels; "
+                       + "; ".join(errors))
+
+
+# --------------------------------------------------------------------------------------------
+# Building and loading the kernel library
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown-cpu"
+    keep = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep)
+
+
+def _build(cache_root: Path) -> Path:
+    if sys.platform != "linux":
+        raise RuntimeError(f"native CPU kernels are built for Linux only (this is {sys.platform})")
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler (g++/c++) on PATH to build tfm_jax's CPU kernels")
+    include = jax.ffi.include_dir()
+    # The library links no BLAS: the key is the sources, jax (FFI headers), compiler and CPU.
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), SGEMM_SOURCE.read_bytes(),
+                                     jax.__version__.encode(), cxx.encode(),
+                                     _cpu_id().encode()])).hexdigest()[:16]
+    out_dir = cache_root / "kernels" / key
+    lib = out_dir / "libtfm_cpu_kernels.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build.", suffix=".so")
+    os.close(fd)
+    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+           "-Wl,--no-undefined", f"-I{include}", str(SOURCE), str(SGEMM_SOURCE), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} + {SGEMM_SOURCE.name} failed "
+                               f"({' '.join(cmd)}):\n"
+                               f"{proc.stderr[-2000:]}")
+        os.replace(tmp, lib)                       # atomic: never a half-written library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("TFM_JAX_CACHE") or "~/.cache/tfm_jax").expanduser()
+
+
+def _load_library() -> None:
+    if _state.get("lib") is not None:
+        return
+    if "error" in _state:
+        raise RuntimeError(_state["error"])
+    try:
+        path = _build(_cache_root())
+        lib = ctypes.CDLL(str(path))
+        lib.tfm_set_sgemm.argtypes = (ctypes.c_void_p, ctypes.c_int)
+        lib.tfm_builtin_sgemm_isa.restype = ctypes.c_char_p
+        for name in TARGETS:
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
+                                        platform="cpu")
+    except Exception as e:  # noqa: BLE001 -- reported by available()/resolve()
+        _state["error"] = f"{type(e).__name__}: {e}"
+        raise RuntimeError(_state["error"]) from e
+    _state.update(lib=lib, path=path)
+
+
+def use_blas(blas: Blas) -> Optional[Blas]:
+    """Points the loaded kernels at ``blas`` (returns the previous one). Process-wide: call it
+    between computations, never while one runs (``block_until_ready`` first)."""
+    with _lock:
+        _load_library()
+        prev = _state.get("active")
+        _state["lib"].tfm_set_sgemm(blas.sgemm, int(blas.ilp64))
+        _state["active"] = blas
+        return prev
+
+
+def load(blas: Optional[str] = None) -> None:
+    """Build (once per host and source version), load and register the kernels and give them the
+    BLAS ``blas`` (``auto`` | ``builtin`` | ``openblas`` | ``mkl``; None: ``$TFM_JAX_CPU_BLAS``,
+    else the one already in use, else ``auto``); raises RuntimeError naming what is missing."""
+    choice = blas or os.environ.get("TFM_JAX_CPU_BLAS") or None
+    with _lock:
+        if choice is None and _state.get("active") is not None:
+            return                                 # the hot path: every kernel call lands here
+        _load_library()
+        choice = choice or "auto"
+        cached = _state["blas"].get(choice)
+        if cached is None:
+            try:
+                cached = resolve_blas(choice)
+            except RuntimeError as e:
+                cached = e
+            _state["blas"][choice] = cached
+        if isinstance(cached, Exception):
+            raise RuntimeError(str(cached))
+        if _state.get("active") is not cached:
+            _state["lib"].tfm_set_sgemm(cached.sgemm, int(cached.ilp64))
+            _state["active"] = cached
+
+
+def available(blas: Optional[str] = None) -> tuple[bool, str]:
+    """(True, which BLAS: name, version, core and library path) if the kernels load on this
+    host with ``blas`` (see :func:`load`), else (False, why not)."""
+    try:
+        load(blas)
+    except RuntimeError as e:
+        return False, str(e)
+    return True, _state["active"].describe()
+
+
+def active_blas() -> Optional[Blas]:
+    """The BLAS the kernels call now (None before :func:`load`)."""
+    return _state.get("active")
+
+
+def library_path() -> Optional[Path]:
+    """The built kernel library (None before :func:`load`)."""
+    return _state.get("path")
+
+
+# --------------------------------------------------------------------------------------------
+# GEMM
+
+
+def _gemm(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> jax.Array:
+    load()                                        # registers the custom calls (once)
+    m = a.shape[1] if ta else a.shape[0]
+    n = b.shape[0] if tb else b.shape[1]
+    return jax.ffi.ffi_call("tfm_gemm", jax.ShapeDtypeStruct((m, n), jnp.float32))(
+        a, b, ta=ta, tb=tb)
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """(N, K) @ (K, M) in fp32 on the loaded BLAS. VJP: ``dx = dy W^T`` and ``dW = x^T dy`` with
+    the transposes passed to ``sgemm`` as flags (no copies)."""
+    return _gemm(x, w)
+
+
+def _matmul_fwd(x, w):
+    return _gemm(x, w), (x, w)
+
+
+def _matmul_bwd(res, dy):
+    x, w = res
+    return _gemm(dy, w, tb=True), _gemm(x, dy, ta=True)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
+    """``Linear``'s dot_general contract (2-D, contracting x's last with w's first axis)."""
+    if dimension_numbers != (((1,), (0,)), ((), ())):
+        raise ValueError(f"native matmul takes (N, K) @ (K, M) only, got {dimension_numbers}")
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        raise ValueError(f"native matmul is fp32 only, got {x.dtype} @ {w.dtype}")
+    return matmul(x, w)
+
+
+# --------------------------------------------------------------------------------------------
+# SwiGLU elementwise
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """Drop-in for :func:`tfm_jax.layers.ffn.swiglu` (fp32): ``silu(gate) * up`` in one pass over
+    the pool; the VJP recomputes the sigmoid in its one pass (nothing extra saved)."""
+    return _swiglu_fwd(gate, up)[0]
+
+
+def _swiglu_fwd(gate, up):
+    load()
+    if gate.dtype != jnp.float32 or up.dtype != jnp.float32:
+        raise ValueError(f"native swiglu is fp32 only, got {gate.dtype}/{up.dtype}")
+    h = jax.ffi.ffi_call("tfm_swiglu_fwd", jax.ShapeDtypeStruct(gate.shape, jnp.float32))(
+        gate, up)
+    return h, (gate, up)
+
+
+def _swiglu_bwd(res, dh):
+    gate, up = res
+    shapes = (jax.ShapeDtypeStruct(gate.shape, jnp.float32),) * 2
+    return tuple(jax.ffi.ffi_call("tfm_swiglu_bwd", shapes)(gate, up, dh.astype(jnp.float32)))
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """Drop-in for :func:`tfm_jax.layers.norms.rms_norm` (fp32): normalises the last axis."""
+    if x.dtype != jnp.float32 or scale.dtype != jnp.float32:
+        raise ValueError(f"native rms_norm is fp32 only, got {x.dtype}/{scale.dtype}")
+    d = x.shape[-1]
+    return _rms(x.reshape(-1, d), scale, float(eps)).reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms(x, scale, eps):
+    return _rms_fwd(x, scale, eps)[0]
+
+
+def _rms_fwd(x, scale, eps):
+    load()
+    y = jax.ffi.ffi_call("tfm_rms_fwd", jax.ShapeDtypeStruct(x.shape, jnp.float32))(
+        x, scale, eps=np.float32(eps))
+    return y, (x, scale)
+
+
+def _rms_bwd(eps, res, dy):
+    x, scale = res
+    parts = max(1, min(x.shape[0] // 64, 64))       # rows per dscale partial sum
+    dx, dscale_parts = jax.ffi.ffi_call(
+        "tfm_rms_bwd", (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                        jax.ShapeDtypeStruct((parts, x.shape[1]), jnp.float32)))(
+        x, scale, dy.astype(jnp.float32), eps=np.float32(eps))
+    return dx, dscale_parts.sum(0)
+
+
+_rms.defvjp(_rms_fwd, _rms_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# Causal attention
+
+
+def _attn_fwd_call(q, k, v, k_valid, block):
+    load()
+    b, t, h, _ = q.shape
+    return jax.ffi.ffi_call(
+        "tfm_attn_fwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                         jax.ShapeDtypeStruct((2, b, h, t), jnp.float32)))(
+        q, k, v, k_valid, block=np.int64(block))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, k_valid, block):
+    return _attn_fwd_call(q, k, v, k_valid, block)[0]
+
+
+def _attention_fwd(q, k, v, k_valid, block):
+    o, stats = _attn_fwd_call(q, k, v, k_valid, block)
+    return o, (q, k, v, k_valid, o, stats)
+
+
+def _attention_bwd(block, res, do):
+    q, k, v, k_valid, o, stats = res
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    dq, dk, dv = jax.ffi.ffi_call("tfm_attn_bwd", shapes)(
+        q, k, v, k_valid, o, stats, do.astype(jnp.float32), block=np.int64(block))
+    return dq, dk, dv, jnp.zeros_like(k_valid)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     k_valid: Optional[jax.Array] = None, *, block_q: int = 64) -> jax.Array:
+    """Drop-in for :func:`tfm_jax.layers.attention_ops.block.causal_attention` (fp32): same blocks of
+    ``block_q`` queries, same masking (incl. fully masked rows), one custom call each way."""
+    if q.dtype != jnp.float32 or k.dtype != jnp.float32 or v.dtype != jnp.float32:
+        raise ValueError(f"native attention is fp32 only, got {q.dtype}/{k.dtype}/{v.dtype}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
+    kv = (jnp.ones(q.shape[:2], jnp.float32) if k_valid is None
+          else k_valid.astype(jnp.float32))
+    return _attention(q, k, v, kv, int(block_q))
+
+
+# --------------------------------------------------------------------------------------------
+# KV-cache decode attention
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+                     k_scale: Optional[jax.Array] = None,
+                     v_scale: Optional[jax.Array] = None) -> jax.Array:
+    """Drop-in for :func:`tfm_jax.layers.attention_ops.dense.cached_attention` (the ``cached_attention``
+    of the native set): one custom call that reads each row's cache only up to its query
+    positions (the XLA version reads and masks all ``S`` slots). Inference only (no VJP).
+
+    Native for float32 caches; a quantized cache (``k_scale`` given: int8 / e4m3 storage) runs
+    the XLA version, which :meth:`~tfm_jax.layers.ops.Ops.describe` states."""
+    if k_scale is not None or q.dtype != jnp.float32 or k.dtype != jnp.float32:
+        from tfm_jax.layers.attention_ops import dense
+        return dense.cached_attention(q, k, v, q_positions, k_scale, v_scale)
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
+    load()
+    return jax.ffi.ffi_call("tfm_decode_attn", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        q, k, v, q_positions.astype(jnp.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def native_ops(detail: str = ""):
+    """The ``cpu-native`` :class:`~tfm_jax.layers.ops.Ops` set: these custom calls; builds/loads
+    the library (raises RuntimeError with the reason when it cannot)."""
+    from tfm_jax.layers.ops import Ops
+    load()
+    return Ops("cpu-native", dot_general, causal_attention, rms_norm, swiglu, cached_attention,
+               detail=detail)

@@ -1,0 +1,109 @@
+"""Memory accounting of a training run: persistent train-state bytes and the compiled step's peak.
+
+* :func:`state_bytes`: bytes of the persistent train state, from the pytree (works on abstract
+  ``jax.ShapeDtypeStruct`` trees: nothing is allocated), split into
+
+  - ``params``: the parameters the model computes with, by dtype (``params_by_dtype``: an
+    FP8-stored kernel counts 1 byte per value, a float32 one 4);
+  - ``fp8_state``: quantization state in the params tree -- the FP8 dot's scales and amax
+    histories (role ``quant``) and the FP8 kernels' storage scales (role ``storage``);
+  - ``opt_moments`` / ``opt_moment_scales``: the optimizer's moments and, for 8-bit moments,
+    their per-block scales; ``opt_other``: step counts;
+  - ``model_state`` (e.g. BatchNorm statistics), ``step``; and ``total``.
+
+* :func:`peak_memory`: the compiled train step's ``memory_analysis()`` (per device: the SPMD
+  program each device runs): arguments, outputs, aliased (donated) bytes, temporaries, and
+  ``peak_estimate = arguments + outputs - aliased + temporaries`` (what XLA allocates at once at
+  most, code excluded). Compiling is real work (seconds for the tiny model).
+
+:func:`tfm_jax.tools.memory.report` gives both for a config (``tfm-jax config show --memory``); the loop
+logs :func:`summary_line` at the start of a run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+
+def _nbytes(x: Any) -> int:
+    return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def state_bytes(state: Any) -> dict[str, Any]:
+    """Bytes of a :class:`tfm_jax.train.TrainState` (concrete or abstract), by part (module
+    doc). ``params_by_dtype`` maps dtype names to bytes of the non-state parameters."""
+    import jax
+
+    from tfm_jax.core import roles as param_roles
+    from tfm_jax.quant import optim
+
+    by_dtype: dict[str, int] = {}
+    params = fp8_state = 0
+    for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+        role = param_roles.param_role(path)
+        if role in ("quant", "storage"):
+            fp8_state += _nbytes(x)
+        else:
+            params += _nbytes(x)
+            name = np.dtype(x.dtype).name
+            by_dtype[name] = by_dtype.get(name, 0) + _nbytes(x)
+    kinds = optim.state_leaves_by_kind(state.opt_state)
+    out = {
+        "params": params,
+        "params_by_dtype": dict(sorted(by_dtype.items())),
+        "fp8_state": fp8_state,
+        "opt_moments": sum(_nbytes(x) for x in kinds["moments"]),
+        "opt_moment_scales": sum(_nbytes(x) for x in kinds["moment_scales"]),
+        "opt_other": sum(_nbytes(x) for x in kinds["other"]),
+        "model_state": sum(_nbytes(x) for x in jax.tree.leaves(state.model_state)),
+        "step": _nbytes(state.step),
+    }
+    out["total"] = sum(v for k, v in out.items() if k != "params_by_dtype")
+    return out
+
+
+def _batch_struct(setup: Any) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    cfg = setup.cfg
+    return {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
+                                    jnp.float32 if k == "mask" else jnp.int32,
+                                    sharding=setup.batch_sharding)
+            for k in ("inputs", "targets", "mask")}
+
+
+def peak_memory(setup: Any, abstract_state: Optional[Any] = None) -> dict[str, Optional[int]]:
+    """The compiled train step's memory analysis, per device (module doc); values are None
+    where the backend reports nothing."""
+    state = setup.abstract_state() if abstract_state is None else abstract_state
+    with setup.context():
+        compiled = setup.train_step.lower(state, _batch_struct(setup)).compile()
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {"peak_estimate": None}
+    get = lambda name: getattr(stats, name, None)  # noqa: E731
+    out = {"arguments": get("argument_size_in_bytes"), "outputs": get("output_size_in_bytes"),
+           "aliased": get("alias_size_in_bytes"), "temporaries": get("temp_size_in_bytes"),
+           "code": get("generated_code_size_in_bytes")}
+    parts = [out[k] for k in ("arguments", "outputs", "aliased", "temporaries")]
+    out["peak_estimate"] = (None if any(p is None for p in parts)
+                            else parts[0] + parts[1] - parts[2] + parts[3])
+    return out
+
+
+def _mib(n: Optional[int]) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.2f} MiB"
+
+
+def summary_line(state_b: dict[str, Any], peak: Optional[dict] = None) -> str:
+    """One line for the run log."""
+    dt = ", ".join(f"{k} {_mib(v)}" for k, v in state_b["params_by_dtype"].items())
+    line = (f"memory: train state {_mib(state_b['total'])} = params {_mib(state_b['params'])} "
+            f"({dt}) + fp8 state {_mib(state_b['fp8_state'])} + optimizer moments "
+            f"{_mib(state_b['opt_moments'] + state_b['opt_moment_scales'])}")
+    if peak is not None:
+        line += f"; compiled step peak {_mib(peak.get('peak_estimate'))} per device"
+    return line
