@@ -443,7 +443,7 @@ def test_fp8_delayed_training_loss_falls_and_logs_telemetry(tmp_path, corpus, de
 
 
 def test_fp32_step_sows_nothing(tmp_path, corpus, devices):
-    """recipe none: no fp8 state, no telemetry output, the plain AdamW (traced, not run)."""
+    """recipe none: no fp8 state, no telemetry output, every leaf trained (traced, not run)."""
     setup = build(cfg_of(tmp_path, "mesh.data=1", recipe="none"), devices=devices[:1])
     state = setup.abstract_state()
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in
@@ -452,7 +452,25 @@ def test_fp32_step_sows_nothing(tmp_path, corpus, devices):
         _, m = jax.eval_shape(setup.train_step, state, batch)
     assert "telemetry" not in m
     assert not quant_leaves(state.params)
-    assert not hasattr(state.opt_state, "inner_states")
+    labels = set(jax.tree.leaves(param_roles.optimizer_labels(state.params)))
+    assert labels == {param_roles.TRAINED}
+
+
+def test_optimizer_labels_come_from_roles_not_flags(tmp_path, devices):
+    """fp8_dynamic + telemetry keeps an overwritten statistics leaf (output_grad_stats): it gets
+    no AdamW moments, and the optimizer state has the same layout as recipe none's for the
+    leaves both share."""
+    dyn = build(cfg_of(tmp_path, "mesh.data=1", "quant.telemetry=true", recipe="fp8_dynamic"),
+                devices=devices[:1])
+    none = build(cfg_of(tmp_path, "mesh.data=1", recipe="none"), devices=devices[:1])
+    sd, sn = dyn.abstract_state(), none.abstract_state()
+    stats = [p for p, _ in jax.tree_util.tree_flatten_with_path(sd.params)[0]
+             if param_roles.path_names(p)[-1] == "output_grad_stats"]
+    assert stats, "fp8_dynamic with telemetry should keep output_grad_stats"
+    inner = sd.opt_state.inner_states
+    adam_leaves = jax.tree_util.tree_flatten_with_path(inner[param_roles.TRAINED].inner_state)[0]
+    assert not [p for p, _ in adam_leaves if "output_grad_stats" in jax.tree_util.keystr(p)]
+    assert type(sn.opt_state) is type(sd.opt_state)
 
 
 def test_fp8_dot_quantizing_nothing_trains_exactly_as_fp32(tmp_path, corpus, devices):

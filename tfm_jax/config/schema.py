@@ -453,12 +453,6 @@ class QuantConfig(_Section):
         """Whether the recipe keeps state (scales, amax histories) in the params tree."""
         return self.recipe in ("fp8_delayed", "fp8_static")
 
-    @property
-    def frozen_leaves(self) -> bool:
-        """Whether some params leaves are not optimized (recipe state, storage scales): the
-        optimizer is then a ``multi_transform`` (:func:`tfm_jax.train.make_optimizer`)."""
-        return self.has_param_state or self.fp8_weight_storage
-
 
 MOE_DISPATCH = ("dense", "all_to_all", "implicit", "ragged")
 

@@ -82,17 +82,15 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     parameter's role (:mod:`tfm_jax.core.roles`), never by its rank (scanned norm scales are
     2-D). (Global-norm clipping happens in the train step, which already has the norm.)
 
-    When the quantization recipe keeps state in the params tree (``quant.recipe`` fp8_delayed /
-    fp8_static), the optimizer is an ``optax.multi_transform``: AdamW over the trained leaves,
-    ``set_to_zero`` over the quantization state, which therefore has no Adam moments (its
-    optimizer state is ``MaskedNode``) and is never decayed; the train step then writes the new
-    state values itself (:func:`make_train_step`). Without such state the optimizer is the plain
-    AdamW (checkpoints of fp32 runs keep their optimizer-state layout). FP8 weight storage
-    (``quant.fp8_weight_storage``) puts its ``storage_scale`` leaves in the ``set_to_zero``
-    partition too; the moments of an FP8-stored kernel are float arrays of its shape (the
-    optimizer sees the dequantized view, :func:`tfm_jax.quant.storage.dequantized_view`).
-    ``train.opt_moments`` bf16 / int8 store the moments in low precision
-    (:mod:`tfm_jax.quant.optim`)."""
+    The optimizer is always an ``optax.multi_transform`` whose labels come from the parameters'
+    roles by path (:func:`tfm_jax.core.roles.optimizer_labels`), never from config flags: AdamW
+    over the trained leaves; ``set_to_zero`` (no moments, no decay: their optimizer state is
+    ``MaskedNode``) over the leaves the step sets itself -- FP8 scaling state, FP8 storage
+    scales, MoE balancing biases. The train step writes their new values
+    (:func:`make_train_step`). The moments of an FP8-stored kernel are float arrays of its
+    shape (the optimizer sees the dequantized view,
+    :func:`tfm_jax.quant.storage.dequantized_view`). ``train.opt_moments`` bf16 / int8 store
+    the moments in low precision (:mod:`tfm_jax.quant.optim`)."""
     t = cfg.train
     if t.opt_moments == "fp32":
         adamw = optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
@@ -102,8 +100,6 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
         adamw = optim.adamw_lowp(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
                                  weight_decay=t.weight_decay, mask=param_roles.decay_mask,
                                  moments=t.opt_moments, block=t.opt_block)
-    if not (cfg.quant.frozen_leaves or (cfg.moe.n_experts and cfg.moe.router == "sigmoid")):
-        return adamw
     return optax.multi_transform({param_roles.TRAINED: adamw,
                                   param_roles.OVERWRITTEN: optax.set_to_zero()},
                                  param_roles.optimizer_labels)
