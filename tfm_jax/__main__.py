@@ -2,7 +2,7 @@
 
 import sys
 
-from tfm_jax.train import interrupts
+from tfm_jax.core import interrupts
 
 interrupts.install()        # first: a Ctrl-C while the CLI is still importing exits cleanly too
 interrupts.note("while starting, nothing saved")

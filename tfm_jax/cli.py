@@ -1,11 +1,12 @@
-"""Command line: ``tfm-jax train | eval | generate | config show`` (also ``python -m tfm_jax``).
+"""The tfm-jax command line (also ``python -m tfm_jax``): one subcommand per task, listed by
+``tfm-jax --help`` with one line each (:data:`COMMANDS`).
 
 Every command takes ``--config FILE`` (default ``configs/tiny.yaml``; a bare name such as
 ``small`` is looked up in the shipped configs) and trailing ``section.key=value`` overrides.
 Exit codes: 0 ok, 2 invalid config or input, 1 training diverged, 3 a multi-process run's peer
 never connected (:mod:`tfm_jax.parallel.distributed`), 130/143 interrupted by SIGINT/SIGTERM at any
 moment (one line says what was saved: in the training loop a checkpoint, continue with
-``--resume``; see :mod:`tfm_jax.train.interrupts`).
+``--resume``; see :mod:`tfm_jax.core.interrupts`).
 
 Each command is a small :class:`Command` unit (name, arguments, run). Its run function imports
 what it needs, so light commands stay light: ``tfm-jax config show`` imports neither jax nor
@@ -22,7 +23,7 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from tfm_jax.train import interrupts
+from tfm_jax.core import interrupts
 from tfm_jax.config import Config, ConfigError, load_config
 from tfm_jax.core.errors import CheckpointMismatch, DataError
 
@@ -619,11 +620,14 @@ COMMANDS: tuple[Command, ...] = (
     Command(("env",), "platforms, devices, PJRT plugins, versions, CPU kernels, FP8 native or "
             "emulated, matmul peak, recommended FP8 scaling", _env_args, run_env),
 )
-_GROUP_HELP = {"config": "config utilities"}
+_GROUP_HELP = {"config": "config show: print the resolved config as YAML (--memory: train-state "
+                          "bytes)"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tfm-jax", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="tfm-jax", description="tfm-jax: Transformer LM components, measured. Every command "
+        "takes --config FILE (or a shipped config name) and trailing section.key=value overrides.")
     subs = {(): ap.add_subparsers(dest="command", required=True)}
     for cmd in COMMANDS:
         for depth in range(1, len(cmd.name)):          # groups such as `config`
@@ -653,7 +657,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The CLI. As the program (``argv`` None), SIGINT/SIGTERM exit 130/143 with one line at
-    any point (:mod:`tfm_jax.train.interrupts`); called with an ``argv`` list (in-process) signals are
+    any point (:mod:`tfm_jax.core.interrupts`); called with an ``argv`` list (in-process) signals are
     left alone and the exit code is returned."""
     as_program = argv is None
     if as_program:

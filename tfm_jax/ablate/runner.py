@@ -34,7 +34,7 @@ from typing import Any, Optional
 import yaml
 from tqdm.auto import tqdm
 
-from tfm_jax.train import interrupts
+from tfm_jax.core import interrupts
 from tfm_jax.ablate import plots as plots_lib
 from tfm_jax.ablate.measurements import MEASUREMENTS, RunContext, Series
 from tfm_jax.ablate.report import aggregate, judge_claim, markdown

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tfm_jax.platform import backends
 from tfm_jax import data as data_lib
-from tfm_jax.train import interrupts
+from tfm_jax.core import interrupts
 from tfm_jax.core import roles as param_roles, telemetry
 from tfm_jax.train.checkpoint import CheckpointMismatch, Checkpointer
 from tfm_jax.config import Config, ConfigError, check_runtime, check_trainable
