@@ -8,6 +8,7 @@ histories equals static inference with the max calibration of the same batches; 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -185,10 +186,24 @@ def test_calibrate_cli_eval_fp8_inference(source, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_generate_fp8_inference(source, capsys):
+    """Greedy FP8 generation (fp8_dynamic, through the KV cache) equals the argmax of the full
+    FP8 forward, token by token."""
+    from tfm_jax.data import ByteTokenizer
+
     cfg, _ = source
     assert cli.main(["generate", "--run-dir", str(cfg.run_dir), "--tokens", "4", "--prompt",
-                     "def ", "--temperature", "0", "quant.recipe=fp8_dynamic"]) == 0
-    assert capsys.readouterr().out.startswith("def ")
+                     "def ", "--temperature", "0", "--json", "quant.recipe=fp8_dynamic"]) == 0
+    row = json.loads(capsys.readouterr().out)["completions"][0]
+    fcfg = cfg.replace(**{"quant.recipe": "fp8_dynamic"})
+    setup, state = cal.restore_with_recipe(fcfg, devices=jax.devices()[:1])
+    tok = ByteTokenizer()
+    ids = [tok.EOS_ID] + list(tok.encode("def "))
+    variables = {"params": state.params, **state.model_state}
+    for _ in range(row["new_tokens"]):
+        with setup.context():
+            logits = setup.model.apply(variables, jnp.asarray([ids], jnp.int32))
+        ids.append(int(np.argmax(np.asarray(logits)[0, -1])))
+    assert row["text"] == tok.decode(ids), (row, ids)
 
 
 def test_delayed_state_holds_the_history(source, tmp_path):

@@ -163,10 +163,6 @@ def test_linear_info_of_the_model():
         assert info[(prefix, "ffn", "wo")] == (1, 1) and info[("lm_head",)] == (1, 1)
 
 
-def test_cli_recipe_names_match():
-    assert cli._QUANT_RECIPES == ptq.RECIPES
-
-
 # --------------------------------------------------------------------------------------------
 # a trained run
 

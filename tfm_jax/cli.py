@@ -24,7 +24,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from tfm_jax.core import interrupts
-from tfm_jax.config import Config, ConfigError, load_config
+from tfm_jax.config import WEIGHT_ONLY_RECIPES, Config, ConfigError, load_config
 from tfm_jax.core.errors import CheckpointMismatch, DataError
 
 
@@ -415,9 +415,7 @@ def run_convert(args) -> int:
 # ----------------------------------------------------------------------------- quantize
 
 
-# == tfm_jax.quant.ptq.RECIPES (spelled here so building the parser imports no jax; a test
-# checks they agree)
-_QUANT_RECIPES = ("int8_weight", "int8_weight_asym", "int4_weight")
+_QUANT_RECIPES = WEIGHT_ONLY_RECIPES
 
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:

@@ -337,6 +337,8 @@ class MeshConfig(_Section):
 
 FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
 FP8_RECIPES = ("fp8_dynamic", "fp8_delayed", "fp8_static")
+# Post-training weight-only integer recipes (`tfm-jax quantize`, tfm_jax.quant.ptq).
+WEIGHT_ONLY_RECIPES = ("int8_weight", "int8_weight_asym", "int4_weight")
 
 
 class QuantConfig(_Section):
@@ -353,8 +355,7 @@ class QuantConfig(_Section):
       quantization (``tfm-jax quantize``, :mod:`tfm_jax.quant.ptq`); not training recipes.
     """
 
-    recipe: Literal["none", "fp8_dynamic", "fp8_delayed", "fp8_static", "int8_weight",
-                    "int8_weight_asym", "int4_weight"] = "none"
+    recipe: Literal[("none",) + FP8_RECIPES + WEIGHT_ONLY_RECIPES] = "none"
     amax_history: Int = Field(1024, gt=0, description="fp8_delayed: amax history length (Flax "
                               "and Transformer Engine default 1024)")
     amax_compute: Literal["max", "most_recent"] = Field(
@@ -513,6 +514,18 @@ def moe_param_counts(m: ModelConfig, moe: MoEConfig) -> dict[str, int]:
             "active_matmul": active}
 
 
+def _removed_cpu_blas(value: Any) -> Any:
+    """backend.cpu_blas=builtin (the hand-written sgemm, removed): an error that names the fix."""
+    if value == "builtin":
+        raise ValueError("backend.cpu_blas=builtin: the project's hand-written sgemm was removed; "
+                         "use backend.cpu_blas=auto or openblas (scipy-openblas32, installed by "
+                         "default), or mkl (pip install 'tfm-jax[mkl]')")
+    return value
+
+
+CpuBlas = Annotated[Literal["auto", "openblas", "mkl"], BeforeValidator(_removed_cpu_blas)]
+
+
 class BackendConfig(_Section):
     platform: Literal["auto", "cpu", "gpu", "tpu", "hpu"] = Field(
         "auto", description="auto = jax's default; cpu/gpu/tpu/hpu pin it (tfm_jax.platform.backends."
@@ -530,13 +543,13 @@ class BackendConfig(_Section):
         "auto", description="fp32 GEMMs, causal attention, SwiGLU, RMSNorm as native custom calls "
         "(tfm_jax.platform.kernels.cpu) on a single CPU device: auto = when they build, native = "
         "required, xla = never")
-    cpu_blas: Literal["auto", "builtin", "openblas", "mkl"] = Field(
-        "auto", description="sgemm the native CPU kernels' GEMMs call (one thread per call): "
-        "builtin = the kernel library's own AVX-512/AVX2 sgemm (nothing to install; x86-64 with "
-        "AVX2+FMA or AVX-512F), openblas = the scipy-openblas32 wheel (default dependency), mkl "
-        "= libmkl_rt from the optional 'mkl' extra (pip install 'tfm-jax[mkl]'), auto = the first "
-        "available of tfm_jax.platform.kernels.cpu.AUTO_ORDER (MKL first on Intel CPUs, last elsewhere); one that is asked for by name but not "
-        "available is reported by tfm_jax.platform.kernels.cpu.available(cpu_blas)")
+    cpu_blas: CpuBlas = Field(
+        "auto", description="BLAS whose sgemm the native CPU kernels' GEMMs call (one thread per "
+        "call): openblas = the scipy-openblas32 wheel (default dependency), mkl = libmkl_rt from "
+        "the optional 'mkl' extra (pip install 'tfm-jax[mkl]'), auto = the first available of "
+        "tfm_jax.platform.kernels.cpu.AUTO_ORDER (MKL first on Intel CPUs, last elsewhere); one "
+        "that is asked for by name but not available is reported by "
+        "tfm_jax.platform.kernels.cpu.available(cpu_blas)")
     # Under backend, not model: every choice computes the same function of the same parameters
     # (checkpoints are interchangeable, only rounding and speed differ), and whether one is
     # allowed depends on the platform, as for cpu_kernels.

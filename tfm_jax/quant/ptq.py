@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tfm_jax.config.schema import WEIGHT_ONLY_RECIPES as RECIPES
 from tfm_jax.core.roles import param_role, path_names
 from tfm_jax.quant.qdq import dequantize, quantize
 
-RECIPES = ("int8_weight", "int8_weight_asym", "int4_weight")
 DEFAULT_KEEP = ("lm_head",)          # module names left in high precision (the untied LM head)
 QKEYS = frozenset({"q", "scale", "zero_point"})
 

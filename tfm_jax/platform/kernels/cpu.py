@@ -13,14 +13,11 @@ and flags) against XLA's FFI headers from jaxlib, into ``$TFM_JAX_CACHE/kernels/
 (default ``~/.cache/tfm_jax``), written atomically (temporary file + ``os.replace``). It links
 **no BLAS**, so the key does not depend on one.
 
-**BLAS at run time.** :func:`load` opens a BLAS with ``ctypes``, makes it single-threaded inside
-a call and hands its ``cblas_sgemm`` to the library (``tfm_set_sgemm(fn, ilp64)``). The choice is
-``backend.cpu_blas`` / the ``blas`` argument / ``$TFM_JAX_CPU_BLAS`` (first given wins):
+**BLAS at run time.** :func:`load` opens a maintained BLAS with ``ctypes``, makes it
+single-threaded inside a call and hands its ``cblas_sgemm`` to the library (``tfm_set_sgemm(fn,
+ilp64)``); the project has no GEMM of its own. The choice is ``backend.cpu_blas`` / the ``blas``
+argument / ``$TFM_JAX_CPU_BLAS`` (first given wins):
 
-* ``builtin`` -- the library's own ``tfm_builtin_sgemm`` (``builtin_sgemm.cc``, compiled into
-  it): a register-blocked fp32 GEMM with the ``cblas_sgemm`` signature, AVX-512 (14x32 tiles)
-  or AVX2+FMA (6x16), nothing to install. A row's result does not depend on how the rows are
-  chunked, nor on which of the two ISA variants runs. Unavailable on a CPU with neither ISA.
 * ``openblas`` -- the ``scipy-openblas32`` wheel (a default dependency on Linux x86_64; ~26 MB
   installed). Its own library instance (symbols prefixed ``scipy_``), so setting it to one
   thread does not touch the OpenBLAS numpy bundles. The core OpenBLAS picked for this CPU
@@ -30,8 +27,10 @@ a call and hands its ``cblas_sgemm`` to the library (``tfm_set_sgemm(fn, ilp64)`
   (``pip install 'tfm-jax[mkl]'``, ~0.9 GB), a conda env or the user site, run with the
   sequential threading layer.
 * ``auto`` -- the first of :data:`AUTO_ORDER` that is available and opens; the order depends
-  on the CPU vendor (:func:`auto_order`: MKL first on Intel, last elsewhere;
-  ``benchmarks/README.md`` has the measurements behind it).
+  on the CPU vendor (:func:`auto_order`: MKL first on Intel, OpenBLAS first elsewhere;
+  ``benchmarks/README.md`` has the measurements behind it). A default install has OpenBLAS
+  only; on Intel the ``kernels:`` line then says what the ``[mkl]`` extra would give
+  (:func:`available`).
 
 When any of that is missing :func:`available` says why and the model keeps the XLA path
 (``backend.cpu_kernels: auto``); ``backend.cpu_kernels: native`` turns the reason into an error.
@@ -71,18 +70,15 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-# Compiled into the same library: the project's own sgemm (backend.cpu_blas=builtin).
-SGEMM_SOURCE = Path(__file__).with_name("builtin_sgemm.cc")
 TARGETS = ("tfm_gemm", "tfm_attn_fwd", "tfm_attn_bwd", "tfm_swiglu_fwd", "tfm_swiglu_bwd",
            "tfm_rms_fwd", "tfm_rms_bwd", "tfm_decode_attn")
-BLAS_CHOICES = ("auto", "builtin", "openblas", "mkl")
+BLAS_CHOICES = ("auto", "openblas", "mkl")
 # What ``auto`` tries, in order, by CPU vendor (benchmarks/README.md, "Which BLAS", has the
 # figures; `python -m benchmarks.blas_processes` measures a machine). On Intel (a Sapphire Rapids
-# VM) MKL, when installed (the [mkl] extra), gave the fastest train step, then the library's own
-# sgemm, then scipy-openblas32. On AMD (an EPYC Zen 4 VM) MKL was the slowest of the three
-# (0.95x the PyTorch peer against the builtin's 1.07x and OpenBLAS's 0.99x), so it comes last.
-_AUTO_ORDERS = {"GenuineIntel": ("mkl", "builtin", "openblas")}
-_AUTO_ORDER_OTHER = ("builtin", "openblas", "mkl")
+# VM) MKL, when installed (the [mkl] extra), gave the fastest train step; on AMD (EPYC Zen 4 VMs)
+# MKL was slower than scipy-openblas32, so it comes last there.
+_AUTO_ORDERS = {"GenuineIntel": ("mkl", "openblas")}
+_AUTO_ORDER_OTHER = ("openblas", "mkl")
 
 
 def cpuinfo_field(name: str) -> str:
@@ -109,13 +105,10 @@ def auto_order(vendor: Optional[str] = None) -> tuple[str, ...]:
 
 AUTO_ORDER = auto_order()
 INSTALL_HINT = {
-    "builtin": "needs an x86-64 CPU with AVX2+FMA or AVX-512F (the library is compiled with "
-               "-march=native); choose backend.cpu_blas=openblas or mkl on this one",
     "openblas": "pip install scipy-openblas32 (a default dependency of tfm-jax on Linux x86_64)",
     "mkl": "pip install 'tfm-jax[mkl]' (or pip install mkl)",
 }
-_ISA_NAMES = {"avx512": "AVX-512", "avx2": "AVX2"}
-_lock = threading.RLock()      # re-entered: load() -> resolve_blas() -> builtin_isa()
+_lock = threading.RLock()      # re-entered: load() -> available() -> load()
 _state: dict = {"blas": {}}
 
 
@@ -204,20 +197,17 @@ def find_blas(prefixes: Optional[Iterable[Path]] = None,
 @dataclasses.dataclass(frozen=True)
 class Blas:
     """An opened BLAS library: what :func:`use_blas` hands to the kernels."""
-    kind: str            # "builtin" | "openblas" | "numpy-openblas" | "mkl"
+    kind: str            # "openblas" | "numpy-openblas" | "mkl"
     path: Path
-    version: str         # "OpenBLAS 0.3.34.481.3", "Intel(R) oneAPI Math Kernel Library ...",
-                         # "builtin AVX-512 sgemm 14x32"
-    core: str            # OpenBLAS: the kernel set picked for this CPU; MKL: ""; builtin: ISA
+    version: str         # "OpenBLAS 0.3.34.481.3", "Intel MKL 2026.2.1"
+    core: str            # OpenBLAS: the kernel set picked for this CPU; MKL: ""
     sgemm: int           # address of cblas_sgemm (LP64) / its ILP64 variant
     ilp64: bool
-    source: str          # "scipy-openblas32", "numpy's bundled OpenBLAS", "mkl", "" (builtin)
+    source: str          # "scipy-openblas32", "numpy's bundled OpenBLAS", "(sequential)"
 
     def describe(self) -> str:
-        """``OpenBLAS 0.3.34 scipy-openblas32, SapphireRapids core; /path/libscipy_openblas.so``,
-        ``builtin AVX-512 sgemm 14x32; /path/libtfm_cpu_kernels.so``"""
-        if self.kind == "builtin":
-            return f"{self.version}; {self.path}"
+        """``OpenBLAS 0.3.34 scipy-openblas32, SkylakeX core; /path/libscipy_openblas.so``,
+        ``Intel MKL 2026.2.1 (sequential); /path/libmkl_rt.so.3``"""
         core = f", {self.core} core" if self.core else ""
         forced = [f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
                   if self.kind != "mkl" and os.environ.get(k)]
@@ -302,60 +292,18 @@ def open_blas(kind: str, path: Path) -> Blas:
     return cache[key]
 
 
-def builtin_isa() -> str:
-    """``"avx512"`` / ``"avx2"``: the ISA the kernel library's own sgemm was compiled for; ``""``
-    where it has none (builds the library if needed; RuntimeError if that fails)."""
-    with _lock:
-        _load_library()
-    return _state["lib"].tfm_builtin_sgemm_isa().decode()
-
-
-def builtin_blas() -> Blas:
-    """The kernel library's own sgemm (``tfm_builtin_sgemm``, ``builtin_sgemm.cc``) as a
-    :class:`Blas`, self-checked like the others; RuntimeError where this CPU has neither AVX2+FMA
-    nor AVX-512F."""
-    with _lock:
-        isa = builtin_isa()
-        cached = _state.get("builtin")
-        if cached is None:
-            if not isa:
-                cached = RuntimeError(f"builtin: this build of the kernels has no builtin sgemm "
-                                      f"({INSTALL_HINT['builtin']})")
-            else:
-                lib = _state["lib"]
-                blocking = (ctypes.c_int * 5)()
-                lib.tfm_builtin_sgemm_blocking(blocking)
-                mr, nr = blocking[0], blocking[1]
-                addr = _addr(lib, "tfm_builtin_sgemm")
-                try:
-                    _self_check(addr, False, "builtin")
-                    cached = Blas("builtin", _state["path"],
-                                  f"builtin {_ISA_NAMES.get(isa, isa)} sgemm {mr}x{nr}", isa, addr,
-                                  False, "")
-                except RuntimeError as e:
-                    cached = e
-            _state["builtin"] = cached
-        if isinstance(cached, Exception):
-            raise RuntimeError(str(cached))
-        return cached
-
-
 def resolve_blas(choice: Optional[str] = None) -> Blas:
-    """The BLAS for ``choice`` (``auto`` | ``builtin`` | ``openblas`` | ``mkl``; None:
-    ``$TFM_JAX_CPU_BLAS`` or ``auto``), opened; RuntimeError naming what was searched and how to
-    install it."""
+    """The BLAS for ``choice`` (``auto`` | ``openblas`` | ``mkl``; None: ``$TFM_JAX_CPU_BLAS``
+    or ``auto``), opened; RuntimeError naming what was searched and how to install it."""
     choice = choice or os.environ.get("TFM_JAX_CPU_BLAS") or "auto"
     if choice not in BLAS_CHOICES:
-        raise RuntimeError(f"cpu_blas={choice!r}: must be one of {', '.join(BLAS_CHOICES)}")
+        removed = (" (the hand-written 'builtin' sgemm was removed; use auto or openblas, "
+                   "or mkl with pip install 'tfm-jax[mkl]')" if choice == "builtin" else "")
+        raise RuntimeError(f"cpu_blas={choice!r}: must be one of {', '.join(BLAS_CHOICES)}"
+                           f"{removed}")
     found = find_blas()
     errors = []
     for kind in (AUTO_ORDER if choice == "auto" else (choice,)):
-        if kind == "builtin":
-            try:
-                return builtin_blas()
-            except RuntimeError as e:
-                errors.append(str(e))
-            continue
         if not found[kind]:
             errors.append(f"{kind}: not installed ({INSTALL_HINT[kind]})")
             continue
@@ -388,10 +336,9 @@ def _build(cache_root: Path) -> Path:
     if not cxx:
         raise RuntimeError("no C++ compiler (g++/c++) on PATH to build tfm_jax's CPU kernels")
     include = jax.ffi.include_dir()
-    # The library links no BLAS: the key is the sources, jax (FFI headers), compiler and CPU.
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), SGEMM_SOURCE.read_bytes(),
-                                     jax.__version__.encode(), cxx.encode(),
-                                     _cpu_id().encode()])).hexdigest()[:16]
+    # The library links no BLAS: the key is the source, jax (FFI headers), compiler and CPU.
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jax.__version__.encode(),
+                                     cxx.encode(), _cpu_id().encode()])).hexdigest()[:16]
     out_dir = cache_root / "kernels" / key
     lib = out_dir / "libtfm_cpu_kernels.so"
     if lib.exists():
@@ -400,12 +347,11 @@ def _build(cache_root: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build.", suffix=".so")
     os.close(fd)
     cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-           "-Wl,--no-undefined", f"-I{include}", str(SOURCE), str(SGEMM_SOURCE), "-o", tmp]
+           "-Wl,--no-undefined", f"-I{include}", str(SOURCE), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} + {SGEMM_SOURCE.name} failed "
-                               f"({' '.join(cmd)}):\n"
+            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n"
                                f"{proc.stderr[-2000:]}")
         os.replace(tmp, lib)                       # atomic: never a half-written library
     finally:
@@ -427,7 +373,6 @@ def _load_library() -> None:
         path = _build(_cache_root())
         lib = ctypes.CDLL(str(path))
         lib.tfm_set_sgemm.argtypes = (ctypes.c_void_p, ctypes.c_int)
-        lib.tfm_builtin_sgemm_isa.restype = ctypes.c_char_p
         for name in TARGETS:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                         platform="cpu")
@@ -450,7 +395,7 @@ def use_blas(blas: Blas) -> Optional[Blas]:
 
 def load(blas: Optional[str] = None) -> None:
     """Build (once per host and source version), load and register the kernels and give them the
-    BLAS ``blas`` (``auto`` | ``builtin`` | ``openblas`` | ``mkl``; None: ``$TFM_JAX_CPU_BLAS``,
+    BLAS ``blas`` (``auto`` | ``openblas`` | ``mkl``; None: ``$TFM_JAX_CPU_BLAS``,
     else the one already in use, else ``auto``); raises RuntimeError naming what is missing."""
     choice = blas or os.environ.get("TFM_JAX_CPU_BLAS") or None
     with _lock:
@@ -472,14 +417,42 @@ def load(blas: Optional[str] = None) -> None:
             _state["active"] = cached
 
 
+# What the [mkl] extra gives a default install (OpenBLAS), by CPU vendor: said in the
+# ``kernels:`` line where MKL is not installed (benchmarks/README.md, "Which BLAS", has the
+# figures). Elsewhere (AMD) MKL measured slower than OpenBLAS, so nothing is suggested.
+EXTRA_HINTS = {
+    "GenuineIntel": "install tfm-jax[mkl] for MKL, the faster BLAS on Intel CPUs "
+                    "(benchmarks/README.md)",
+}
+
+
+def extra_hint(blas: Blas, vendor: Optional[str] = None,
+               mkl_installed: Optional[bool] = None) -> str:
+    """What installing the ``[mkl]`` extra would give a run on ``blas`` on a CPU of ``vendor``
+    (default: this one), or "" -- nothing where MKL already runs, is installed (then not using
+    it was a choice), or was not measured faster on this vendor's CPUs."""
+    hint = EXTRA_HINTS.get(cpu_vendor() if vendor is None else vendor, "")
+    if not hint or blas.kind == "mkl":
+        return ""
+    if mkl_installed is None:
+        mkl_installed = bool(find_blas()["mkl"])
+    return "" if mkl_installed else hint
+
+
 def available(blas: Optional[str] = None) -> tuple[bool, str]:
-    """(True, which BLAS: name, version, core and library path) if the kernels load on this
-    host with ``blas`` (see :func:`load`), else (False, why not)."""
+    """(True, one line: which BLAS -- name, version, core and library path -- and, where it
+    applies, what the ``[mkl]`` extra would give, :func:`extra_hint`) if the kernels load on
+    this host with ``blas`` (see :func:`load`), else (False, why not)."""
     try:
         load(blas)
     except RuntimeError as e:
         return False, str(e)
-    return True, _state["active"].describe()
+    active = _state["active"]
+    hints = _state.setdefault("hints", {})
+    if id(active) not in hints:
+        hints[id(active)] = extra_hint(active)
+    hint = hints[id(active)]
+    return True, active.describe() + (f"; {hint}" if hint else "")
 
 
 def active_blas() -> Optional[Blas]:

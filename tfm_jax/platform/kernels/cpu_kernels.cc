@@ -15,9 +15,8 @@
 // floats; the attention gathers a group's query rows into a contiguous tile and reads K/V as
 // strided GEMM operands (ld = heads * D), so nothing is transposed.
 // The library links no BLAS: cpu.py loads one at run time (OpenBLAS, MKL, ...) and hands its
-// cblas_sgemm over with tfm_set_sgemm(fn, ilp64), so one build serves every BLAS; or it hands
-// over tfm_builtin_sgemm, the project's own sgemm (builtin_sgemm.cc, compiled into the same
-// library). Until that is done every handler returns an error instead of calling a null pointer.
+// cblas_sgemm over with tfm_set_sgemm(fn, ilp64), so one build serves every BLAS. Until that is
+// done every handler returns an error instead of calling a null pointer.
 // Built and loaded by tfm_jax/kernels/cpu.py.
 #include <algorithm>
 #include <atomic>
