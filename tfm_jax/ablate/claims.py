@@ -643,8 +643,9 @@ def markdown(rows: list[dict[str, str]]) -> str:
     lines = [
         "# Claims ledger",
         "",
-        "Every quantitative or testable claim of the seed document "
-        "(`../shared/seed/000_35fc7c8d407409d4.txt`, Chinese; quoted short in English), the "
+        "Every quantitative or testable claim of [the seed document](docs/seed.md) "
+        "([`docs/seed/000_35fc7c8d407409d4.txt`](docs/seed/000_35fc7c8d407409d4.txt), Chinese; "
+        "quoted short in English), the "
         "seed's figure, what this project measured, and a verdict. Written by `tfm-jax claims` "
         "from the studies' results under `studies/` and arithmetic it does itself "
         "(`tfm_jax/ablate/claims.py`: the ledger as data). Small models on CPU reproduce the *shape* "
