@@ -45,3 +45,21 @@ def test_relative_links_resolve(name):
 def test_user_docs_carry_no_issue_numbers(path):
     hits = re.findall(r"(?i)\bissues? #?\d+|\(#\d+\)", path.read_text())
     assert not hits, f"{path.name}: {hits} (history goes to CHANGELOG.md)"
+
+
+def test_every_config_key_is_described():
+    """The configuration reference (docs/gen_config_reference.py) is generated from the
+    pydantic Field descriptions: none may be empty."""
+    from tfm_jax.config import Config
+
+    missing = []
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            if hasattr(field.annotation, "model_fields"):
+                walk(field.annotation, f"{prefix}{name}.")
+            elif not field.description:
+                missing.append(prefix + name)
+
+    walk(Config, "")
+    assert not missing, f"config keys without a Field description: {missing}"

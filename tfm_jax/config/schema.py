@@ -116,34 +116,49 @@ Rule = Annotated[tuple, BeforeValidator(_check_rule)]
 class ModelConfig(_Section):
     """Decoder-only Transformer LM shape and component choices."""
 
-    vocab_size: Int = Field(264, gt=0)
-    d_model: Int = Field(128, gt=0)
-    n_layers: Int = Field(4, gt=0)
-    n_heads: Int = Field(4, gt=0)
+    vocab_size: Int = Field(264, gt=0, description="embedding rows; at least the tokenizer's "
+                            "vocabulary (259 for the byte tokenizer)")
+    d_model: Int = Field(128, gt=0, description="model width (residual stream)")
+    n_layers: Int = Field(4, gt=0, description="decoder blocks")
+    n_heads: Int = Field(4, gt=0, description="query heads")
     n_kv_heads: Int = Field(2, gt=0, description="n_heads: MHA; 1: MQA; in between: GQA")
     head_dim: Optional[Int] = Field(None, gt=0, description="default d_model // n_heads")
     # FFN hidden size rule (Llama): h = ffn_mult*d; swiglu: h = int(2h/3);
     # h = int(ffn_dim_multiplier*h) if set; round h up to a multiple of `multiple_of`.
-    ffn_type: Literal["relu", "gelu", "swiglu"] = "swiglu"
-    ffn_mult: Float = Field(4.0, gt=0)
-    ffn_dim_multiplier: Optional[Float] = Field(None, gt=0)
-    multiple_of: Int = Field(1, gt=0)
+    ffn_type: Literal["relu", "gelu", "swiglu"] = Field(
+        "swiglu", description="FFN: relu / gelu (two matrices) or swiglu (three, gated)")
+    ffn_mult: Float = Field(4.0, gt=0, description="hidden = ffn_mult * d_model (swiglu: then "
+                            "2/3 of it)")
+    ffn_dim_multiplier: Optional[Float] = Field(None, gt=0, description="Llama's extra factor "
+                                                "on the hidden size (1.3 for Llama-3-8B)")
+    multiple_of: Int = Field(1, gt=0, description="round the hidden size up to a multiple of "
+                             "this (Llama: 1024)")
     ffn_hidden: Optional[Int] = Field(None, gt=0, description="explicit size; bypasses the rule")
-    norm: Literal["layernorm", "rmsnorm", "batchnorm", "none"] = "rmsnorm"
-    norm_position: Literal["pre", "post"] = "pre"
-    norm_eps: Float = Field(1e-6, gt=0)
+    norm: Literal["layernorm", "rmsnorm", "batchnorm", "none"] = Field(
+        "rmsnorm", description="normalization of every block and the final norm")
+    norm_position: Literal["pre", "post"] = Field(
+        "pre", description="pre: x + f(norm(x)) (GPT-2/Llama); post: norm(x + f(x)) (original "
+        "Transformer)")
+    norm_eps: Float = Field(1e-6, gt=0, description="epsilon added to the variance")
     bn_masked: bool = Field(True, description="BatchNorm statistics over non-padding tokens only")
-    bn_momentum: Float = Field(0.99, gt=0, lt=1)
-    rope_theta: Float = Field(10000.0, gt=0)
+    bn_momentum: Float = Field(0.99, gt=0, lt=1, description="BatchNorm running-statistics "
+                               "momentum")
+    rope_theta: Float = Field(10000.0, gt=0, description="RoPE base (Llama-3: 500000)")
     attn_block_q: Int = Field(
         64, ge=0, description="query block of the block-causal attention path; 0: always the "
         "general masked path (materialises the full T x T scores)")
-    tie_embeddings: bool = False
-    init_std: Float = Field(0.02, gt=0)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    scan_layers: bool = False
-    remat: Literal["none", "full", "dots"] = "none"
+    tie_embeddings: bool = Field(False, description="LM head = the embedding table transposed")
+    init_std: Float = Field(0.02, gt=0, description="normal init std of weights (residual "
+                            "output projections: / sqrt(2 n_layers))")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute dtype of activations and matmuls")
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype the parameters are stored in")
+    scan_layers: bool = Field(False, description="stack the blocks under nn.scan (one compiled "
+                              "block; parameters gain a leading layers axis)")
+    remat: Literal["none", "full", "dots"] = Field(
+        "none", description="rematerialization of each block in the backward pass: none, full, "
+        "or dots (save matmul outputs only)")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -216,6 +231,7 @@ def ffn_hidden_size(d_model: int, ffn_type: str, ffn_mult: float = 4.0,
 
 
 class DataConfig(_Section):
+    """Training text, tokenization and batching."""
     path: Optional[str] = Field(None, description="text file, folder or glob; None: built-in corpus")
     include: Optional[list[str]] = Field(
         None, description="folder/glob data.path only: keep files whose name or relative path "
@@ -223,13 +239,15 @@ class DataConfig(_Section):
         "a NUL byte in the first 8 KiB, or not UTF-8 -- are always skipped and counted)")
     tokenizer: Literal["byte", "none"] = Field(
         "byte", description="none: the caller feeds token ids itself (benchmarks, synthetic)")
-    seq_len: Int = Field(128, gt=1)
-    val_fraction: Float = Field(0.05, gt=0, le=0.5)
+    seq_len: Int = Field(128, gt=1, description="tokens per training row")
+    val_fraction: Float = Field(0.05, gt=0, le=0.5, description="share of the corpus held "
+                                "out for validation (the tail)")
     packing: bool = Field(True, description="False: one document per row, padded (masked)")
     random_truncate: Float = Field(
         0.0, ge=0, lt=1, description="packed rows only: cut each row at a uniform random length "
         "in [(1-f)*seq_len, seq_len] and pad the rest (masked): variable-length batches")
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = Field(None, description="where tokenized corpora are cached; "
+                                     "None: the default cache folder")
 
     @model_validator(mode="after")
     def _truncate_needs_packing(self) -> "DataConfig":
@@ -241,17 +259,19 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """Optimizer, schedule, logging, evaluation and checkpoints."""
     batch_size: Int = Field(16, gt=0, description="global batch (sequences per optimizer step)")
     grad_accum: Int = Field(1, gt=0, description="micro-batches per step (batch_size divisible)")
-    steps: Int = Field(1200, gt=0)
-    seed: Int = 0
-    lr: Float = Field(3e-3, gt=0)
-    min_lr_ratio: Float = Field(0.1, ge=0, le=1)
-    warmup_steps: Int = Field(50, ge=0)
-    weight_decay: Float = Field(0.1, ge=0)
-    b1: Float = Field(0.9, ge=0, lt=1)
-    b2: Float = Field(0.95, ge=0, lt=1)
-    eps: Float = Field(1e-8, gt=0)
+    steps: Int = Field(1200, gt=0, description="optimizer steps")
+    seed: Int = Field(0, description="seed of the initialization and the batch order")
+    lr: Float = Field(3e-3, gt=0, description="peak learning rate (warmup, then cosine decay)")
+    min_lr_ratio: Float = Field(0.1, ge=0, le=1, description="final lr = lr * min_lr_ratio")
+    warmup_steps: Int = Field(50, ge=0, description="linear warmup from 0 to lr")
+    weight_decay: Float = Field(0.1, ge=0, description="AdamW decoupled decay (kernels and "
+                                "embeddings only; by parameter role)")
+    b1: Float = Field(0.9, ge=0, lt=1, description="AdamW first-moment decay")
+    b2: Float = Field(0.95, ge=0, lt=1, description="AdamW second-moment decay")
+    eps: Float = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: Float = Field(1.0, ge=0, description="global-norm clip; 0 disables")
     on_nonfinite: Literal["stop", "skip", "reload"] = Field(
         "stop", description="a step with NaN/inf loss or gradients (never applied): stop = "
@@ -264,14 +284,15 @@ class TrainConfig(_Section):
         "blockwise 8-bit with a float32 scale per block (tfm_jax.quant.optim)")
     opt_block: Int = Field(128, gt=0, description="opt_moments=int8: block length along each "
                            "tensor's last axis (a divisor of it; else the whole row)")
-    log_every: Int = Field(10, gt=0)
-    eval_every: Int = Field(400, gt=0)
-    eval_batches: Int = Field(32, gt=0)
-    checkpoint_every: Int = Field(400, gt=0)
-    keep_checkpoints: Int = Field(2, gt=0)
-    async_checkpoint: bool = True
+    log_every: Int = Field(10, gt=0, description="steps between metrics.jsonl / TensorBoard rows")
+    eval_every: Int = Field(400, gt=0, description="steps between validation evaluations")
+    eval_batches: Int = Field(32, gt=0, description="validation batches per evaluation")
+    checkpoint_every: Int = Field(400, gt=0, description="steps between orbax checkpoints")
+    keep_checkpoints: Int = Field(2, gt=0, description="newest checkpoints kept")
+    async_checkpoint: bool = Field(True, description="save checkpoints in the background "
+                                   "(never half-written: orbax commits atomically)")
     sample_tokens: Int = Field(200, ge=0, description="tokens generated at the end of a run")
-    sample_prompt: str = "def "
+    sample_prompt: str = Field("def ", description="prompt of the end-of-run sample")
     peak_flops: Optional[Float] = Field(
         None, gt=0, description="per-device FLOP/s for MFU (on CPU: the whole machine's); "
         "None: measured matmul peak on CPU, vendor figure on known GPUs")
@@ -290,12 +311,15 @@ class TrainConfig(_Section):
 class MeshConfig(_Section):
     """Device mesh sizes (product = device count; one axis may be -1 = fill) and logical rules."""
 
-    data: Int = -1
-    fsdp: Int = 1
-    tensor: Int = 1
-    expert: Int = 1
+    data: Int = Field(-1, description="data-parallel size (replicated parameters)")
+    fsdp: Int = Field(1, description="fully sharded data-parallel size (parameters and "
+                      "optimizer state sharded)")
+    tensor: Int = Field(1, description="tensor-parallel size (heads, mlp, vocab)")
+    expert: Int = Field(1, description="expert-parallel size (MoE experts; tokens too)")
     rules: list[Rule] = Field(
-        default_factory=lambda: [tuple(r) for r in DEFAULT_RULES])
+        default_factory=lambda: [tuple(r) for r in DEFAULT_RULES],
+        description="logical axis -> mesh axes, in order (the first rule whose mesh axes are "
+        "still free wins)")
 
     @model_validator(mode="after")
     def _cross(self) -> "MeshConfig":
@@ -355,7 +379,9 @@ class QuantConfig(_Section):
       quantization (``tfm-jax quantize``, :mod:`tfm_jax.quant.ptq`); not training recipes.
     """
 
-    recipe: Literal[("none",) + FP8_RECIPES + WEIGHT_ONLY_RECIPES] = "none"
+    recipe: Literal[("none",) + FP8_RECIPES + WEIGHT_ONLY_RECIPES] = Field(
+        "none", description="low-precision recipe (the list above); int*_weight runs are "
+        "written by tfm-jax quantize")
     amax_history: Int = Field(1024, gt=0, description="fp8_delayed: amax history length (Flax "
                               "and Transformer Engine default 1024)")
     amax_compute: Literal["max", "most_recent"] = Field(
@@ -463,7 +489,7 @@ class MoEConfig(_Section):
     :mod:`tfm_jax.layers.moe.dispatch`); ``n_experts: 0`` keeps every FFN dense."""
 
     n_experts: Int = Field(0, ge=0, description="0: dense FFN")
-    top_k: Int = Field(2, gt=0)
+    top_k: Int = Field(2, gt=0, description="experts each token is routed to")
     capacity_factor: Optional[Float] = Field(
         1.25, gt=0, description="slots per expert and routing group = ceil(cf * N * top_k / E); "
         "null: dropless (N slots)")
@@ -527,6 +553,7 @@ CpuBlas = Annotated[Literal["auto", "openblas", "mkl"], BeforeValidator(_removed
 
 
 class BackendConfig(_Section):
+    """Platform, kernels and numeric profile of a run."""
     platform: Literal["auto", "cpu", "gpu", "tpu", "hpu"] = Field(
         "auto", description="auto = jax's default; cpu/gpu/tpu/hpu pin it (tfm_jax.platform.backends."
         "configure); hpu needs a PJRT plugin (pjrt_plugin)")
@@ -584,10 +611,12 @@ def _check_backend(b: BackendConfig) -> None:
 
 
 class RunConfig(_Section):
+    """Where a run writes, and what it shows."""
     name: Optional[str] = Field(None, description="default: config file stem + overrides")
     dir: Optional[str] = Field(None, description="run directory; default runs/<name>")
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = Field(True, description="write TensorBoard event files under "
+                              "<run dir>/events")
+    progress: bool = Field(True, description="a progress bar on an interactive terminal")
 
 
 class Config(_Section):
