@@ -200,7 +200,7 @@ def test_reload_on_injected_inf_raises_the_margin_and_finishes(tmp_path, corpus,
     message names the tensor, the run reloads checkpoint 4 with quant.margin 0 -> 1, rewrites
     config.yaml, cuts metrics.jsonl back, and finishes; its final state equals a run resumed
     from the same checkpoint with margin 1 (bitwise)."""
-    import tfm_jax.train as train_mod
+    import tfm_jax.train.loop as train_mod   # the loop looks build up here
     real_build = train_mod.build
     calls = {"n": 0}
 
@@ -248,7 +248,7 @@ def test_reload_on_injected_inf_raises_the_margin_and_finishes(tmp_path, corpus,
 
 @pytest.mark.slow
 def test_reload_limit_stops(tmp_path, corpus, devices, monkeypatch):
-    import tfm_jax.train as train_mod
+    import tfm_jax.train.loop as train_mod   # the loop looks build up here
 
     real_build = train_mod.build
 

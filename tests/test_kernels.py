@@ -53,26 +53,40 @@ def test_native_kernels_load_on_linux_x86_64_with_a_compiler():
 
 
 def _auto_candidates():
-    """The kinds ``auto`` may pick on this machine: installed libraries, and the builtin sgemm
-    where the library was compiled with one."""
+    """The kinds ``auto`` may pick on this machine: the installed libraries."""
     found = cpu.find_blas()
-    return [k for k in cpu.AUTO_ORDER if (cpu.builtin_isa() if k == "builtin" else found[k])]
+    return [k for k in cpu.AUTO_ORDER if found[k]]
 
 
 @needs_kernels
 def test_default_blas_is_the_first_installed_of_auto_order():
     found = cpu.find_blas()
     expected = _auto_candidates()[0]
-    if expected == "builtin":
-        assert DEFAULT_BLAS is cpu.builtin_blas()
-        assert WHY.startswith(DEFAULT_BLAS.version) and str(cpu.library_path()) in WHY
-        return
     assert DEFAULT_BLAS.kind == expected
     assert found[expected][0] == DEFAULT_BLAS.path
     # the kernels' log line names the BLAS, its version, core (OpenBLAS) and library path
     assert DEFAULT_BLAS.version.split()[0] in WHY and str(DEFAULT_BLAS.path) in WHY
     if DEFAULT_BLAS.kind == "openblas":
         assert DEFAULT_BLAS.core and f"{DEFAULT_BLAS.core} core" in WHY
+    # one line: the BLAS, then (where it applies) what the [mkl] extra would give
+    assert WHY == DEFAULT_BLAS.describe() + (f"; {cpu.extra_hint(DEFAULT_BLAS)}"
+                                             if cpu.extra_hint(DEFAULT_BLAS) else "")
+    assert "\n" not in WHY
+
+
+def test_kernels_line_says_what_the_mkl_extra_would_give():
+    """On Intel without MKL the line names the extra; not where MKL runs or is installed (then
+    OpenBLAS was a choice), nor on other vendors (MKL measured slower there)."""
+    ob = cpu.Blas("openblas", pathlib.Path("/x/libscipy_openblas.so"), "OpenBLAS 0.3.34", "Zen",
+                  0, False, "scipy-openblas32")
+    mkl = cpu.Blas("mkl", pathlib.Path("/x/libmkl_rt.so.3"), "Intel MKL 2026.2", "", 0, False,
+                   "(sequential)")
+    hint = cpu.extra_hint(ob, "GenuineIntel", mkl_installed=False)
+    assert "tfm-jax[mkl]" in hint and "MKL" in hint
+    assert cpu.extra_hint(ob, "GenuineIntel", mkl_installed=True) == ""
+    assert cpu.extra_hint(mkl, "GenuineIntel", mkl_installed=True) == ""
+    assert cpu.extra_hint(ob, "AuthenticAMD", mkl_installed=False) == ""
+    assert cpu.extra_hint(ob, "", mkl_installed=False) == ""
 
 
 def _installed(kind):
@@ -107,7 +121,7 @@ def test_use_blas_switches_the_library_between_calls():
     prev = cpu.use_blas(blas)
     try:
         assert cpu.active_blas() is blas and prev is DEFAULT_BLAS
-        assert cpu.available()[1] == blas.describe()
+        assert cpu.available()[1].startswith(blas.describe())
     finally:
         cpu.use_blas(prev)
     assert cpu.active_blas() is DEFAULT_BLAS
@@ -146,25 +160,32 @@ def test_a_blas_asked_for_by_name_but_missing_says_how_to_install_it(monkeypatch
                                                            "numpy-openblas": []})
     with pytest.raises(RuntimeError, match=r"cpu_blas=mkl: .*pip install 'tfm-jax\[mkl\]'"):
         cpu.resolve_blas("mkl")
-    if OK and cpu.builtin_isa():          # nothing installed: auto still has the builtin
-        assert cpu.resolve_blas("auto") is cpu.builtin_blas()
-    monkeypatch.setattr(cpu, "builtin_isa", lambda: "")      # ... unless the CPU has no AVX2
-    monkeypatch.setitem(cpu._state, "builtin", None)
     with pytest.raises(RuntimeError, match=r"cpu_blas=auto: ") as err:
         cpu.resolve_blas("auto")
     assert "pip install scipy-openblas32" in str(err.value)
     assert "pip install 'tfm-jax[mkl]'" in str(err.value)
-    assert "AVX2+FMA or AVX-512F" in str(err.value)
     with pytest.raises(RuntimeError, match="must be one of"):
         cpu.resolve_blas("atlas")
+    # the removed hand-written sgemm ($TFM_JAX_CPU_BLAS=builtin): refused with the fix
+    with pytest.raises(RuntimeError, match=r"'builtin'.*removed.*openblas"):
+        cpu.resolve_blas("builtin")
 
 
-def test_cpu_blas_config_knob():
+def test_cpu_blas_config_knob(tmp_path):
     assert load_config().backend.cpu_blas == "auto"
     assert load_config(overrides=["backend.cpu_blas=mkl"]).backend.cpu_blas == "mkl"
-    assert load_config(overrides=["backend.cpu_blas=builtin"]).backend.cpu_blas == "builtin"
+    assert load_config(overrides=["backend.cpu_blas=openblas"]).backend.cpu_blas == "openblas"
     with pytest.raises(ConfigError, match="cpu_blas"):
         load_config(overrides=["backend.cpu_blas=atlas"])
+    # a config saved while 'builtin' (the removed hand-written sgemm) existed: the error names
+    # the fix
+    with pytest.raises(ConfigError, match=r"cpu_blas=builtin: .*removed.*cpu_blas=auto or "
+                                          r"openblas.*tfm-jax\[mkl\]"):
+        load_config(overrides=["backend.cpu_blas=builtin"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text("backend:\n  cpu_blas: builtin\n")
+    with pytest.raises(ConfigError, match="cpu_blas=builtin: .*removed"):
+        load_config(str(saved))
 
 
 def rand(rng, *shape):
@@ -173,14 +194,12 @@ def rand(rng, *shape):
 
 @contextlib.contextmanager
 def _blas(kind):
-    """Runs the block on BLAS ``kind`` (None: the default one), then restores the previous one."""
-    if kind is None:
-        yield
-        return
-    blas = cpu.builtin_blas() if kind == "builtin" and cpu.builtin_isa() else None
-    if blas is None:
-        pytest.skip(f"no {kind} here")
-    prev = cpu.use_blas(blas)
+    """Runs the block on BLAS ``kind`` (skipped where it is not installed), then restores the
+    previous one."""
+    paths = cpu.find_blas()[kind]
+    if not paths:
+        pytest.skip(f"{kind} is not installed ({cpu.INSTALL_HINT[kind]})")
+    prev = cpu.use_blas(cpu.open_blas(kind, paths[0]))
     try:
         yield
     finally:
@@ -239,7 +258,7 @@ CASES = [  # B, T, H, Hkv, D, block, padded
 
 
 @needs_kernels
-@pytest.mark.parametrize("blas", [None, "builtin"])
+@pytest.mark.parametrize("blas", ["openblas", "mkl"])
 @pytest.mark.parametrize("b,t,h,hkv,d,block,padded", CASES)
 def test_attention_matches_numpy_and_xla_path(b, t, h, hkv, d, block, padded, blas):
     with _blas(blas):
@@ -291,7 +310,7 @@ DECODE_CASES = [  # B, T, H, Hkv, D, S, per-row last positions (the T queries en
 
 
 @needs_kernels
-@pytest.mark.parametrize("blas", [None, "builtin"])
+@pytest.mark.parametrize("blas", ["openblas", "mkl"])
 @pytest.mark.parametrize("b,t,h,hkv,d,s,last", DECODE_CASES)
 def test_decode_attention_matches_numpy_and_xla_path(b, t, h, hkv, d, s, last, blas):
     """The native decode kernel reads only slots <= each query's position: the slots beyond
@@ -324,7 +343,7 @@ def test_attention_grads_match_finite_differences():
 
 
 @needs_kernels
-@pytest.mark.parametrize("blas", [None, "builtin"])
+@pytest.mark.parametrize("blas", ["openblas", "mkl"])
 @pytest.mark.parametrize("scan", [False, True])
 def test_model_native_matches_xla(scan, blas):
     with _blas(blas):
@@ -356,7 +375,6 @@ def test_kernel_library_builds_into_a_fresh_cache_once_for_every_blas(tmp_path):
     if not OK:
         pytest.skip(f"native kernels unavailable: {WHY}")
     kinds = [k for k in ("openblas", "mkl") if cpu.find_blas()[k]]
-    kinds += ["builtin"] if cpu.builtin_isa() else []
     code = ("from tfm_jax.platform.kernels import cpu; ok, d = cpu.available(); print(ok); "
             "print(cpu.library_path()); print(cpu.active_blas().kind); print(d)")
     libs = set()
@@ -438,221 +456,38 @@ def test_rms_norm_matches_numpy(n):
 
 
 # --------------------------------------------------------------------------------------------
-# The builtin sgemm (builtin_sgemm.cc), called through ctypes with cblas_sgemm's contract
+# The BLAS through ctypes, with cblas_sgemm's contract
 
-ROW, COL, NT_, T_ = 101, 102, 111, 112
+ROW, NT_, T_ = 101, 111, 112
 _I = ctypes.c_int
 _SGEMM_T = ctypes.CFUNCTYPE(None, _I, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_void_p, _I,
                             ctypes.c_void_p, _I, ctypes.c_float, ctypes.c_void_p, _I)
 
 
-def _cpu_flags():
-    try:
-        line = next(ln for ln in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
-
-
-def test_builtin_sgemm_is_there_on_every_avx2_cpu():
-    """Fails (not skips) where the builtin should exist: x86-64 with AVX2+FMA or AVX-512F."""
-    if not OK:
-        pytest.skip(f"native kernels unavailable: {WHY}")
-    flags = _cpu_flags()
-    expected = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else ""
-    assert cpu.builtin_isa() == expected
-    if expected:
-        blas = cpu.builtin_blas()
-        mr_nr = "14x32" if expected == "avx512" else "6x16"
-        assert blas.kind == "builtin" and blas.describe() == (
-            f"builtin {'AVX-512' if expected == 'avx512' else 'AVX2'} sgemm {mr_nr}; "
-            f"{cpu.library_path()}")
-
-
-def _builtin():
-    if not OK or not cpu.builtin_isa():
-        pytest.skip(f"no builtin sgemm here: {WHY if not OK else cpu.INSTALL_HINT['builtin']}")
-    return _SGEMM_T(cpu.builtin_blas().sgemm)
-
-
-def _operands(rng, ta, tb, m, n, k, pad=3):
-    """op(A) (m, k), op(B) (k, n) stored with leading dimensions `pad` wider than needed."""
-    a = rng.standard_normal((k, m + pad) if ta else (m, k + pad)).astype(np.float32)
-    b = rng.standard_normal((n, k + pad) if tb else (k, n + pad)).astype(np.float32)
-    opa = (a[:, :m].T if ta else a[:, :k]).astype(np.float64)
-    opb = (b[:, :k].T if tb else b[:, :n]).astype(np.float64)
-    return a, b, opa, opb
-
-
-def _call(fn, ta, tb, m, n, k, alpha, a, b, beta, c, layout=ROW):
-    fn(layout, T_ if ta else NT_, T_ if tb else NT_, m, n, k, alpha, a.ctypes.data, a.shape[1],
-       b.ctypes.data, b.shape[1], beta, c.ctypes.data, c.shape[1])
-
-
-SIZES = [(1, 1, 1), (7, 13, 31), (13, 31, 1), (31, 33, 7), (33, 65, 257), (65, 7, 513),
-         (257, 31, 64), (14, 32, 256), (15, 33, 300), (40, 100, 0)]
-
-
-@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
-@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, -2.0), (-1.5, 1.0)])
-def test_builtin_sgemm_matches_float64(ta, tb, alpha, beta):
-    """C = alpha op(A) op(B) + beta C for odd sizes (edge tiles in M and N, K = 0, 1, several K
-    blocks), leading dimensions wider than the matrices; columns past n are never touched, and
-    with beta = 0 C is not read (NaN there does not propagate)."""
-    fn = _builtin()
-    rng = np.random.default_rng(7)
-    for m, n, k in SIZES:
-        a, b, opa, opb = _operands(rng, ta, tb, m, n, k)
-        c0 = rng.standard_normal((m, n + 5)).astype(np.float32)
-        if beta == 0.0:
-            c0[:, :n] = np.nan
-        c = c0.copy()
-        _call(fn, ta, tb, m, n, k, alpha, a, b, beta, c)
-        ref = alpha * (opa @ opb) + (beta * c0[:, :n].astype(np.float64) if beta else 0.0)
-        # fp32 dot-product error bound: a small multiple of eps times sum |a_i b_i|
-        bound = abs(alpha) * (np.abs(opa) @ np.abs(opb)) + abs(beta) * np.abs(
-            np.nan_to_num(c0[:, :n]))
-        err = np.abs(c[:, :n] - ref)
-        assert np.all(err <= 1e-5 * bound + 1e-30), (m, n, k, float(np.max(err / (bound + 1e-30))))
-        np.testing.assert_array_equal(c[:, n:], c0[:, n:])
-
-
-def test_builtin_sgemm_special_scalars():
-    fn = _builtin()
-    rng = np.random.default_rng(8)
-    a, b, _, _ = _operands(rng, False, False, 9, 17, 5)
-    a[:] = np.nan                                   # alpha = 0: A and B are not read
-    c0 = rng.standard_normal((9, 17)).astype(np.float32)
-    c = c0.copy()
-    _call(fn, False, False, 9, 17, 5, 0.0, a, b, 2.0, c)
-    np.testing.assert_array_equal(c, 2.0 * c0)
-    c[:] = np.nan                                   # K = 0, beta = 0: C = 0
-    _call(fn, False, False, 9, 17, 0, 1.0, a, b, 0.0, c)
-    np.testing.assert_array_equal(c, 0.0)
-    c = c0.copy()                                   # M = 0 / N = 0: nothing happens
-    _call(fn, False, False, 0, 17, 5, 1.0, a, b, 0.0, c)
-    _call(fn, False, False, 9, 0, 5, 1.0, a, b, 0.0, c)
-    np.testing.assert_array_equal(c, c0)
-
-
-@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
-def test_builtin_sgemm_rows_do_not_depend_on_the_row_chunking(ta, tb):
-    """Bitwise: rows computed in one call == the same rows computed in several calls (what the
-    tfm_gemm custom call does over XLA's pool, and what bitwise resume relies on)."""
-    fn = _builtin()
-    rng = np.random.default_rng(9)
-    m, n, k = 300, 70, 600                          # 3 K blocks, edge tiles in M and N
-    a, b, _, _ = _operands(rng, ta, tb, m, n, k, pad=0)
-    whole = np.zeros((m, n), np.float32)
-    _call(fn, ta, tb, m, n, k, 1.0, a, b, 0.0, whole)
-    for cuts in ([0, 137, 300], [0, 1, 2, 64, 128, 299, 300], list(range(0, 301, 50))):
-        parts = np.zeros((m, n), np.float32)
-        for r0, r1 in zip(cuts[:-1], cuts[1:]):
-            # op(A)'s rows r0..r1: A's rows (row-major) or columns (transposed) from r0 on
-            sub_a = a[:, r0:] if ta else a[r0:]
-            fn(ROW, T_ if ta else NT_, T_ if tb else NT_, r1 - r0, n, k, 1.0,
-               sub_a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], 0.0,
-               parts[r0:].ctypes.data, n)
-        np.testing.assert_array_equal(parts, whole)
-
-
-@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
-def test_builtin_sgemm_column_major(ta, tb):
-    """layout 102: the same product on Fortran-ordered storage."""
-    fn = _builtin()
-    rng = np.random.default_rng(10)
-    m, n, k = 19, 35, 21
-    opa = rng.standard_normal((m, k)).astype(np.float32)
-    opb = rng.standard_normal((k, n)).astype(np.float32)
-    a = np.asfortranarray(opa.T if ta else opa)     # stored as op(A)^T when transposed
-    b = np.asfortranarray(opb.T if tb else opb)
-    c = np.asfortranarray(np.zeros((m, n), np.float32))
-    fn(COL, T_ if ta else NT_, T_ if tb else NT_, m, n, k, 1.0, a.ctypes.data, a.shape[0],
-       b.ctypes.data, b.shape[0], 0.0, c.ctypes.data, m)
-    np.testing.assert_allclose(c, opa.astype(np.float64) @ opb, rtol=1e-5, atol=1e-5)
-
-
-def test_builtin_sgemm_refuses_bad_arguments(capfd):
-    """Like a BLAS's xerbla: a message naming the parameter on stderr, C left as it was."""
-    fn = _builtin()
-    a = np.ones((4, 3), np.float32)
-    b = np.ones((3, 5), np.float32)
-    c = np.full((4, 5), 7.0, np.float32)
-    fn(ROW, NT_, NT_, 4, 5, 3, 1.0, a.ctypes.data, 3, b.ctypes.data, 5, 0.0, c.ctypes.data, 4)
-    fn(ROW, NT_, NT_, 4, 5, 3, 1.0, a.ctypes.data, 2, b.ctypes.data, 5, 0.0, c.ctypes.data, 5)
-    fn(103, NT_, NT_, 4, 5, 3, 1.0, a.ctypes.data, 3, b.ctypes.data, 5, 0.0, c.ctypes.data, 5)
-    np.testing.assert_array_equal(c, 7.0)
-    err = capfd.readouterr().err
-    assert "parameter 14 had an illegal value" in err          # ldc < n
-    assert "parameter 9 had an illegal value" in err           # lda < k
-    assert "parameter 1 had an illegal value" in err           # layout
-
-
-def _compile_builtin(tmp_path, name, flags):
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    out = tmp_path / f"{name}.so"
-    subprocess.run([cxx, "-O3", "-march=native", *flags, "-std=c++17", "-shared", "-fPIC", "-w",
-                    str(cpu.SGEMM_SOURCE), "-o", str(out)], check=True, capture_output=True)
-    lib = ctypes.CDLL(str(out))
-    lib.tfm_builtin_sgemm_isa.restype = ctypes.c_char_p
-    return lib
-
-
-def test_builtin_sgemm_avx2_variant_gives_the_same_bits(tmp_path):
-    """builtin_sgemm.cc compiled without AVX-512 (the AVX2 6x16 kernel, what an AVX2-only CPU
-    runs) gives bit-identical results to the AVX-512 14x32 build: same K blocks, one FMA chain
-    per element. A build with neither ISA offers no sgemm and leaves C alone."""
-    fn = _builtin()
-    if cpu.builtin_isa() != "avx512":
-        pytest.skip("compares against the AVX-512 build: this CPU has no AVX-512F")
-    avx2 = _compile_builtin(tmp_path, "avx2", ["-mno-avx512f"])
-    assert avx2.tfm_builtin_sgemm_isa() == b"avx2"
-    fn2 = _SGEMM_T(ctypes.cast(avx2.tfm_builtin_sgemm, ctypes.c_void_p).value)
-    rng = np.random.default_rng(11)
-    for ta in (False, True):
-        for tb in (False, True):
-            for m, n, k in [(37, 70, 300), (6, 16, 1), (100, 33, 600), (13, 17, 40)]:
-                a, b, opa, opb = _operands(rng, ta, tb, m, n, k)
-                c1 = rng.standard_normal((m, n)).astype(np.float32)
-                c2 = c1.copy()
-                _call(fn, ta, tb, m, n, k, 0.75, a, b, 0.5, c1)
-                _call(fn2, ta, tb, m, n, k, 0.75, a, b, 0.5, c2)
-                np.testing.assert_array_equal(c1, c2)
-    none = _compile_builtin(tmp_path, "none", ["-mno-avx512f", "-mno-avx2", "-mno-fma"])
-    assert none.tfm_builtin_sgemm_isa() == b""
-    c = np.full((2, 2), 3.0, np.float32)
-    x = np.ones((2, 2), np.float32)
-    _SGEMM_T(ctypes.cast(none.tfm_builtin_sgemm, ctypes.c_void_p).value)(
-        ROW, NT_, NT_, 2, 2, 2, 1.0, x.ctypes.data, 2, x.ctypes.data, 2, 0.0, c.ctypes.data, 2)
-    np.testing.assert_array_equal(c, 3.0)
-
-
-def test_builtin_is_refused_with_the_fix_where_the_cpu_has_no_isa(monkeypatch):
-    if not OK:
-        pytest.skip(f"native kernels unavailable: {WHY}")
-    monkeypatch.setattr(cpu, "builtin_isa", lambda: "")
-    monkeypatch.setitem(cpu._state, "builtin", None)
-    with pytest.raises(RuntimeError, match=r"cpu_blas=builtin: .*AVX2\+FMA or AVX-512F.*openblas"):
-        cpu.resolve_blas("builtin")
-
-
 @needs_kernels
 @pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
-@pytest.mark.parametrize("m,k,n", [(300, 40, 24), (17, 8, 5), (130, 257, 66)])
-def test_gemm_custom_call_with_the_builtin_matches_numpy(ta, tb, m, k, n):
-    """tfm_gemm (rows split over XLA's pool) on the builtin sgemm."""
-    _builtin()
-    rng = np.random.default_rng(m + k + n)
+def test_openblas_rows_do_not_depend_on_64_row_chunks(ta, tb):
+    """Bitwise: rows computed in one sgemm call == the same rows computed in chunks of
+    multiples of 64 rows, the chunking tfm_gemm uses over XLA's pool (cpu_kernels.cc), so a
+    process with another pool size computes every row the same way (bitwise resume)."""
+    fn = _SGEMM_T(_installed("openblas").sgemm)
+    rng = np.random.default_rng(9)
+    m, n, k = 300, 70, 600
     a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
     b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
-    prev = cpu.use_blas(cpu.builtin_blas())
-    try:
-        got = np.asarray(jax.jit(lambda x, y: cpu._gemm(x, y, ta=ta, tb=tb))(a, b))
-    finally:
-        cpu.use_blas(prev)
-    ref = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+    lda, ldb = a.shape[1], b.shape[1]
+    whole = np.zeros((m, n), np.float32)
+    fn(ROW, T_ if ta else NT_, T_ if tb else NT_, m, n, k, 1.0, a.ctypes.data, lda,
+       b.ctypes.data, ldb, 0.0, whole.ctypes.data, n)
+    np.testing.assert_allclose(whole, (a.T if ta else a).astype(np.float64)
+                               @ (b.T if tb else b), rtol=1e-4, atol=1e-3)
+    for cuts in ([0, 192, 300], [0, 64, 128, 192, 256, 300], [0, 128, 300]):
+        parts = np.zeros((m, n), np.float32)
+        for r0, r1 in zip(cuts[:-1], cuts[1:]):
+            sub_a = a[:, r0:] if ta else a[r0:]
+            fn(ROW, T_ if ta else NT_, T_ if tb else NT_, r1 - r0, n, k, 1.0,
+               sub_a.ctypes.data, lda, b.ctypes.data, ldb, 0.0, parts[r0:].ctypes.data, n)
+        np.testing.assert_array_equal(parts, whole)
 
 
 def test_gemm_kernels_benchmark_smoke(tmp_path):
@@ -670,7 +505,7 @@ def test_gemm_kernels_benchmark_smoke(tmp_path):
     import json
     from benchmarks import gemm_kernels
     res = json.loads(out.read_text())
-    assert set(res["blas"]) | set(res["missing"]) == {"builtin", "openblas", "mkl"}
+    assert set(res["blas"]) | set(res["missing"]) == {"openblas", "mkl"}
     assert len(res["calls"]) == 3 * 4 and {c["group"] for c in res["calls"]} == {"attn"}
     # 8 batches x 2 kv heads x 4 layers = 64 tasks: S/dP 3 calls each, the others 2
     assert sorted({c["count"] for c in res["calls"]}) == [128, 192]
@@ -682,9 +517,9 @@ def test_gemm_kernels_benchmark_smoke(tmp_path):
 
 
 def test_auto_order_by_cpu_vendor():
-    # MKL first only on Intel, where it measured fastest; last elsewhere (slowest on AMD Zen 4)
-    assert cpu.auto_order("GenuineIntel") == ("mkl", "builtin", "openblas")
-    assert cpu.auto_order("AuthenticAMD") == ("builtin", "openblas", "mkl")
-    assert cpu.auto_order("") == ("builtin", "openblas", "mkl")
+    # MKL first only on Intel, where it measured fastest; last elsewhere (slower on AMD Zen 4)
+    assert cpu.auto_order("GenuineIntel") == ("mkl", "openblas")
+    assert cpu.auto_order("AuthenticAMD") == ("openblas", "mkl")
+    assert cpu.auto_order("") == ("openblas", "mkl")
     assert cpu.AUTO_ORDER == cpu.auto_order(cpu.cpu_vendor())
     assert sorted(cpu.AUTO_ORDER) == sorted(b for b in cpu.BLAS_CHOICES if b != "auto")

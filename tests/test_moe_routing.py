@@ -366,6 +366,7 @@ def test_aux_losses_under_grad_accum(devices, tmp_path):
     group, and a micro-batch's groups hold half the tokens): grad_accum=2 gives exactly the
     token-weighted mean of the micro-batches' own losses, which differs from the whole batch's."""
     from tfm_jax import train as train_lib
+    from tfm_jax.train import step as train_step_lib
 
     def run(extra, accum):
         setup = _setup(devices, tmp_path / f"{accum}{len(extra)}", "moe.dispatch=all_to_all",
@@ -388,7 +389,7 @@ def test_aux_losses_under_grad_accum(devices, tmp_path):
     setup, params, batch, m2 = run(aux_only, 2)
     # reference: each micro-batch (rows a, a+2, ...) on its own, token-weighted
     def micro_loss(p, mb):
-        logits, _, sown = train_lib._forward(setup.model, p, {}, mb, train=True)
+        logits, _, sown = train_step_lib._forward(setup.model, p, {}, mb, train=True)
         ce = train_lib.masked_ce_sum(logits, mb["targets"], mb["mask"])
         return ce + telemetry.aux_loss(sown) * jnp.sum(mb["mask"])
 

@@ -54,32 +54,48 @@ def ffn_factory(cfg: ModelConfig, ops: Optional[Ops] = None, moe: Optional[MoECo
     return functools.partial(FeedForward, cfg.resolved_ffn_hidden, cfg.ffn_type, **common)
 
 
+def norm_factory(cfg: ModelConfig, ops: Optional[Ops] = None) -> Callable[..., nn.Module]:
+    """The norm a :class:`Block` builds twice (``name=``): ``cfg.norm`` with its options."""
+    return functools.partial(make_norm, cfg.norm, eps=cfg.norm_eps, bn_momentum=cfg.bn_momentum,
+                             bn_masked=cfg.bn_masked, param_dtype=DTYPES[cfg.param_dtype],
+                             ops=ops)
+
+
+def attention_factory(cfg: ModelConfig, ops: Optional[Ops] = None) -> Callable[..., nn.Module]:
+    """The attention a :class:`Block` builds (``name=``): GQA projections with RoPE; the core
+    is the ops seam's."""
+    return functools.partial(
+        Attention, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
+        init_std=cfg.init_std, out_init_std=cfg.init_std / np.sqrt(2 * cfg.n_layers),
+        dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], block_q=cfg.attn_block_q,
+        ops=ops)
+
+
 class Block(nn.Module):
+    """One decoder block from its parts: a norm factory, an attention factory and an FFN factory
+    (dense or MoE), each called with ``name=`` (defaults: :func:`norm_factory`,
+    :func:`attention_factory`, :func:`ffn_factory` of ``cfg``)."""
+
     cfg: ModelConfig
     train: bool = False
     ops: Optional[Ops] = None
     decode: bool = False          # with a layer cache: decode (True) or prefill (False)
-    ffn: Optional[Callable[..., nn.Module]] = None   # FFN factory (ffn_factory); None: dense
+    ffn: Optional[Callable[..., nn.Module]] = None         # FFN factory; None: dense
+    norm: Optional[Callable[..., nn.Module]] = None        # norm factory
+    attention: Optional[Callable[..., nn.Module]] = None   # attention factory
 
     @nn.compact
     def __call__(self, x, positions, attn_mask, token_mask, rope_sincos, layer_cache=None):
         """x (B, T, d) -> (B, T, d). Returns ``(y, new_layer_cache)`` (None without a cache) so
         it can be scanned (the cache is a scanned input and output)."""
         cfg = self.cfg
-        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-        out_std = cfg.init_std / np.sqrt(2 * cfg.n_layers)   # GPT-2 residual-branch scaling
-        norm = lambda name: make_norm(  # noqa: E731
-            cfg.norm, eps=cfg.norm_eps, bn_momentum=cfg.bn_momentum, bn_masked=cfg.bn_masked,
-            param_dtype=pdtype, name=name, ops=self.ops)
-        attn = Attention(cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
-                         init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
-                         param_dtype=pdtype, block_q=cfg.attn_block_q, ops=self.ops,
-                         name="attn")
+        norm = self.norm or norm_factory(cfg, self.ops)
+        attn = (self.attention or attention_factory(cfg, self.ops))(name="attn")
         ffn_mod = (self.ffn or ffn_factory(cfg, self.ops))(name="ffn")
         # MoE: padding positions are not routed (they take no expert capacity)
         ffn = (functools.partial(ffn_mod, token_mask=token_mask)
                if getattr(ffn_mod, "uses_token_mask", False) else ffn_mod)
-        n1, n2 = norm("attn_norm"), norm("ffn_norm")
+        n1, n2 = norm(name="attn_norm"), norm(name="ffn_norm")
         new_cache = None
 
         def attend(z):
@@ -96,7 +112,7 @@ class Block(nn.Module):
         else:
             h = n1(x + attend(x), token_mask, train=self.train)
             y = n2(h + ffn(h), token_mask, train=self.train)
-        return nn.with_logical_constraint(y.astype(dtype), axes.ACT_BTD), new_cache
+        return nn.with_logical_constraint(y.astype(DTYPES[cfg.dtype]), axes.ACT_BTD), new_cache
 
 
 class BlockGroup(nn.Module):
