@@ -47,3 +47,14 @@ def text_corpus(tmp_path_factory):
     path.write_text("".join(f"def f{i}(x, y={i % 7}):\n    return x * y + {i}\n\n"
                             for i in range(2500)))
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need jax to see a GPU; elsewhere they are skipped with that reason."""
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason=f"needs a GPU (marker gpu); jax's backend is "
+                                   f"{jax.default_backend()}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -589,18 +589,18 @@ CLAIMS: list[Claim] = [
     Claim("Ch3.1.1", "All-to-All is MoE's communication semantics: dispatch and combine, twice "
           "per layer", "2 all_to_all_v per layer",
           moe_row("sends all_to_all twice", "checked as code: the explicit shard_map + "
-                  "all_to_all path equals the dense reference (tests/test_moe.py)"),
+                  "all_to_all path equals the dense reference (tests/unit/layers/test_moe.py)"),
           "tfm-jax ablate moe", "moe"),
     Claim("Ch3.1.1", "... the same semantics whatever the implementation (dispatch strategies "
           "give the same loss)", "qualitative",
           moe_row("dispatch strategies are one function", "all_to_all, implicit and dense "
-                  "dispatch agree in outputs and gradients (tests/test_moe.py)"),
+                  "dispatch agree in outputs and gradients (tests/unit/layers/test_moe.py)"),
           "tfm-jax ablate moe", "moe"),
     Claim("Ch3.1.2", "a fused kernel implements it implicitly: only the TP all-reduce is left",
           "no explicit all-to-all",
           moe_row("needs only the TP all-reduce", "HPU's fused kernel is not available here; "
                   "the implicit (sharding-annotated) path equals the explicit one "
-                  "(tests/test_moe.py)"),
+                  "(tests/unit/layers/test_moe.py)"),
           "tfm-jax ablate moe", "moe"),
     Claim("Ch3.1.3", "HPU MoE communication overhead 40 % below GPU + NCCL (MLPerf v4.0)",
           "-40 %",

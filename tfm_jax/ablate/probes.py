@@ -1,7 +1,7 @@
 """Component probes of the ablation runner: what a trained model's norms, FFNs and heads do.
 
 Pure numerics first (numpy, float64; each tested against a direct formula in
-tests/test_probes.py), then the measurements that feed them from a trained run (registered in
+tests/unit/ablate/test_probes.py), then the measurements that feed them from a trained run (registered in
 :data:`tfm_jax.ablate.measurements.MEASUREMENTS`):
 
 * ``bn_eval``     -- validation loss on variable-length padded batches with BatchNorm's running

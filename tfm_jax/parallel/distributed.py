@@ -15,7 +15,7 @@ Where the settings come from, first match wins per setting:
 The settings are launch facts, not run facts, so they are flags and variables rather than a
 ``dist.*`` config section: every process of one run has a different ``process_id``, the run's
 saved ``config.yaml`` must be the same for all of them, and a checkpoint written by N processes
-resumes under M (the orbax checkpoint is global; see ``tests/test_distributed.py``).
+resumes under M (the orbax checkpoint is global; see ``tests/integration/test_distributed.py``).
 
 A peer that never arrives must not hang the run: a watchdog thread ends the process with exit
 code :data:`EXIT_MISSING_PEER` and one message naming the coordinator, the expected processes

@@ -17,7 +17,7 @@ name                   max        tiny        notes
 ``float8_e4m3fn`` gives NaN (it has no infinity), to ``float8_e5m2`` inf, and a float-to-int
 cast wraps or is undefined. :func:`saturating_cast` clips to ``±fmt_max`` first, so finite input
 never becomes NaN/inf. Float formats then round to nearest, ties to even -- exactly the cast of
-``ml_dtypes`` and of XLA (checked bit for bit in ``tests/test_quant_formats.py``). Integer formats
+``ml_dtypes`` and of XLA (checked bit for bit in ``tests/unit/quant/test_quant_formats.py``). Integer formats
 round half to even (``jnp.round``), then clip to the *symmetric* range ``[-max, max]``, as
 symmetric quantization needs (so int8 never produces -128 and int4 never -8).
 """

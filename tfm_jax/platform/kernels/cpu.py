@@ -419,9 +419,10 @@ def load(blas: Optional[str] = None) -> None:
 
 # What the [mkl] extra gives a default install (OpenBLAS), by CPU vendor: said in the
 # ``kernels:`` line where MKL is not installed (benchmarks/README.md, "Which BLAS", has the
-# figures). Elsewhere (AMD) MKL measured slower than OpenBLAS, so nothing is suggested.
+# figures: on an Intel Xeon VM MKL's train step was ~1.3x OpenBLAS's, fresh processes). On AMD
+# (EPYC Zen 4 VMs) the two were within noise of each other, so nothing is suggested there.
 EXTRA_HINTS = {
-    "GenuineIntel": "install tfm-jax[mkl] for MKL, the faster BLAS on Intel CPUs "
+    "GenuineIntel": "pip install 'tfm-jax[mkl]' for MKL, ~1.3x OpenBLAS's train step on Intel "
                     "(benchmarks/README.md)",
 }
 

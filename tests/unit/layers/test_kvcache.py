@@ -167,7 +167,7 @@ def _op_sets():
     try:
         sets.append(cpu_kernels.native_ops())
     except RuntimeError:
-        pass                       # tests/test_kernels.py fails loudly where they should build
+        pass                       # tests/unit/platform/test_kernels.py fails loudly where they should build
     return sets
 
 
@@ -197,7 +197,7 @@ def test_every_ops_set_decodes_the_same():
 def test_decode_never_repeats_kv_per_query_head():
     """No value in the decode step has S cache slots x H query heads x Dh (K/V repeated to the
     query-head count); the probe finds such a value when K/V are repeated (it can fail)."""
-    from tests.test_layers import _all_shapes
+    from test_layers import _all_shapes      # tests/unit/layers, beside this file
 
     b, s, h, hkv, d = 2, 11, 8, 2, 4
     q = jnp.ones((b, 1, h, d))

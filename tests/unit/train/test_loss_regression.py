@@ -4,8 +4,8 @@ Training starts from seeded *canonical* weights (independent of this package's p
 see tfm_jax.tools.export) on a fixed synthetic byte corpus, so the same curve can be recomputed after
 any layout or kernel change and compared with:
 
-* the golden losses in tests/data/golden_losses.json, recorded from the first (unoptimised)
-  implementation: ``python tests/test_loss_regression.py`` rewrites them -- only do that when the
+* the golden losses in tests/unit/train/data/golden_losses.json, recorded from the first (unoptimised)
+  implementation: ``python tests/unit/train/test_loss_regression.py`` rewrites them -- only do that when the
   *math* changes on purpose, never to make an optimisation pass;
 * the PyTorch peer trained from the same weights on the same batches (an independent reference).
 """
@@ -37,9 +37,10 @@ VARIANTS = {"plain": [], "scan": ["model.scan_layers=true"], "accum2": ["train.g
             # the XLA-only path must reproduce the same curve
             "xla_kernels": ["backend.cpu_kernels=xla"],
             "xla_kernels_blocks16": ["backend.cpu_kernels=xla", "model.attn_block_q=16"],
-            # the native kernels on the project's own sgemm (other summation order than a BLAS)
-            "builtin_sgemm": ["backend.cpu_blas=builtin"],
-            "builtin_sgemm_blocks16": ["backend.cpu_blas=builtin", "model.attn_block_q=16"]}
+            # the native kernels on each maintained BLAS (skipped where one is not installed)
+            "native_openblas": ["backend.cpu_blas=openblas"],
+            "native_openblas_blocks16": ["backend.cpu_blas=openblas", "model.attn_block_q=16"],
+            "native_mkl": ["backend.cpu_blas=mkl"]}
 
 
 def corpus_tokens() -> np.ndarray:
@@ -84,11 +85,12 @@ def _restore_blas():
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_losses_match_golden(variant, devices):
     golden = json.loads(GOLDEN.read_text())["losses"]
-    if "backend.cpu_blas=builtin" in VARIANTS[variant]:
+    blas = [o.split("=")[1] for o in VARIANTS[variant] if o.startswith("backend.cpu_blas=")]
+    if blas:
         from tfm_jax.platform.kernels import cpu
-        ok, why = cpu.available()
-        if not ok or not cpu.builtin_isa():
-            pytest.skip(f"no builtin sgemm here: {why if not ok else cpu.INSTALL_HINT['builtin']}")
+        ok, why = cpu.available(blas[0])
+        if not ok:
+            pytest.skip(f"native kernels on {blas[0]} unavailable here: {why}")
     restore = _restore_blas()
     try:
         got = tfm_losses(VARIANTS[variant], devices)
@@ -100,7 +102,7 @@ def test_losses_match_golden(variant, devices):
 
 def test_losses_match_torch_peer(devices):
     torch = pytest.importorskip("torch")
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3]))
     from benchmarks.torch_peer import TorchLM, load_numpy_weights
 
     extra = ["train.grad_clip=0"]

@@ -1,5 +1,5 @@
 """Training process that dies (os._exit) right after the asynchronous save of step ``die_at``
-was started, i.e. while orbax writes it in the background (used by tests/test_train.py).
+was started, i.e. while orbax writes it in the background (used by tests/unit/train/test_train.py).
 argv: die_at overrides..."""
 
 import os

@@ -22,7 +22,7 @@ from tfm_jax.config import ConfigError, load_config
 from tfm_jax.train.metrics import read_metrics
 from tfm_jax.train import build, train
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 _SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 

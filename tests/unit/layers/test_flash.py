@@ -237,7 +237,7 @@ def test_sdpa_seq_lengths_mapping():
     assert not np.allclose(core(q, k, v, holes), _reference(q, k, v, holes), atol=1e-3)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+@pytest.mark.gpu
 def test_cudnn_equals_masked_reference_on_gpu():
     from tfm_jax.layers.attention_ops.flash import cudnn_attention
     q, k, v, w = _inputs(2, 64, 8, 2, 32, seed=19)

@@ -395,7 +395,7 @@ def test_sharded_state_equals_single_device(tmp_path, corpus, devices, mesh):
 def test_orbax_resume_equals_uninterrupted_with_state(tmp_path, corpus, devices):
     """Three steps straight vs one step, an orbax save/restore (of the whole state, fp8
     leaves and the multi_transform optimizer state included), two more steps: bitwise equal.
-    (The train loop's --resume path is the generic one of tests/test_train.py.)"""
+    (The train loop's --resume path is the generic one of tests/unit/train/test_train.py.)"""
     from tfm_jax.train.checkpoint import Checkpointer
 
     setup = build(cfg_of(tmp_path, "mesh.data=1"), devices=devices[:1])

@@ -7,7 +7,7 @@ import sys
 
 import jax
 
-_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 # make `benchmarks` importable under plain `pytest` (no packaging / conftest needed)
-_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 

@@ -1,5 +1,5 @@
 """One process of a 2-process `jax.distributed` training run on localhost (used by
-tests/test_multiprocess.py). argv: port process_id run_dir corpus_path cache_dir overrides..."""
+tests/integration/test_multiprocess.py). argv: port process_id run_dir corpus_path cache_dir overrides..."""
 
 import os
 import sys

@@ -11,7 +11,7 @@ import pytest
 
 from tfm_jax import cli
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 USER_DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 

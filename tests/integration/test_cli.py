@@ -12,7 +12,7 @@ import sys
 import pytest
 
 TIMEOUT = 180
-ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 
 # The end-to-end run: seconds on CPU (a 1-layer, d=32 model, 6 steps of 4x32 tokens).
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",

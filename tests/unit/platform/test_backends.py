@@ -31,7 +31,7 @@ from tfm_jax.quant import fp8
 from tfm_jax.quant.formats import fmt_max
 from tfm_jax.quant.scaling import GAUDI2_E4M3_SCALES, round_scale_for
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from tfm_jax.config import sizing as kvm
 from tfm_jax.config import load_config, param_counts
 
-ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+ROOT = str(pathlib.Path(__file__).resolve().parents[3])
 
 
 @pytest.fixture(scope="module")

@@ -157,7 +157,7 @@ def test_moe_config_validation():
         load_config(None, ["moe.n_experts=4", "moe.every=2", "model.scan_layers=true",
                            "model.n_layers=3"])
     load_config(None, ["moe.n_experts=4", "moe.every=2", "model.scan_layers=true",
-                       "model.n_layers=4"])    # groups of 2 layers (tests/test_moe_routing.py)
+                       "model.n_layers=4"])    # groups of 2 layers (tests/unit/layers/test_moe_routing.py)
     cfg = load_config("moe-tiny")
     assert cfg.mesh.expert == 4 and cfg.moe.n_experts == 8 and cfg.moe.dispatch == "all_to_all"
 

@@ -309,7 +309,7 @@ PEER_CFG = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, 
 
 def _torch_peer():
     pytest.importorskip("torch")
-    root = str(pathlib.Path(__file__).resolve().parents[1])
+    root = str(pathlib.Path(__file__).resolve().parents[3])
     try:
         from benchmarks import torch_peer
     except ImportError:

@@ -295,7 +295,7 @@ def test_mesh_expert_refused_until_moe(value):
 
 def test_platform_hpu_validates_plugin_checked_at_configure():
     # hpu is a valid platform; whether a PJRT plugin exists is a runtime question
-    # (tfm_jax.platform.backends.configure, tests/test_backends.py)
+    # (tfm_jax.platform.backends.configure, tests/unit/platform/test_backends.py)
     assert load_config(None, ["backend.platform=hpu"]).backend.platform == "hpu"
     assert load_config(None, ["backend.platform=cpu"]).backend.platform == "cpu"
 

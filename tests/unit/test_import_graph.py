@@ -23,7 +23,7 @@ import pathlib
 
 import pytest
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tfm_jax"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "tfm_jax"
 
 RANKS = {
     "tfm_jax.core": 0, "tfm_jax.parallel.axes": 0,

@@ -25,7 +25,7 @@ def _native_ops():
     try:
         return cpu_kernels.native_ops()
     except RuntimeError:
-        return None   # tests/test_kernels.py fails loudly where the kernels should build
+        return None   # tests/unit/platform/test_kernels.py fails loudly where the kernels should build
 
 
 def op_sets():
@@ -192,14 +192,12 @@ def test_a_blas_asked_for_by_name_is_never_a_silent_fallback(devices, monkeypatc
     fix, not a quiet cpu-xla run; auto may fall back (with the reason in the log line)."""
     from tfm_jax.platform.kernels import cpu
     installed = {kind for kind, paths in cpu.find_blas().items() if paths}
-    if cpu.available()[0] and cpu.builtin_isa():
-        installed.add("builtin")
     monkeypatch.delenv("TFM_JAX_CPU_BLAS", raising=False)
-    names = {"mkl": "MKL", "openblas": "OpenBLAS", "builtin": "builtin"}
-    fix = {"mkl": "pip install", "openblas": "pip install", "builtin": "AVX2"}
+    names = {"mkl": "MKL", "openblas": "OpenBLAS"}
+    fix = {"mkl": "pip install", "openblas": "pip install"}
     prev = cpu.active_blas()
     try:
-        for kind in ("mkl", "openblas", "builtin"):
+        for kind in ("mkl", "openblas"):
             cfg = load_config(overrides=[f"backend.cpu_blas={kind}"])
             if kind in installed:
                 ops = backends.resolve_ops(cfg, devices[:1])

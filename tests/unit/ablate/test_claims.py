@@ -31,7 +31,7 @@ def test_records_are_well_formed():
 
 
 def test_empty_root_gives_missing_rows_with_commands(tmp_path):
-    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "studies").mkdir()
     rows = claims.ledger(tmp_path)
     assert len(rows) == len(CLAIMS)
     for c, r in zip(CLAIMS, rows):
@@ -134,7 +134,7 @@ def test_norm_speed_verdict(tmp_path):
 
 def test_markdown_table_and_cli(tmp_path, capsys):
     from tfm_jax import cli
-    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "studies").mkdir()
     assert cli.main(["claims", "--root", str(tmp_path)]) == 0
     text = (tmp_path / "CLAIMS.md").read_text()
     table = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| #")]

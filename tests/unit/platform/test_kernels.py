@@ -1,7 +1,7 @@
 """Native fp32 CPU kernels (tfm_jax/platform/kernels): that they load where they can, the BLAS finder and
 every installed BLAS, numerics against numpy and against the XLA path, the model with
 the cpu-native vs cpu-xla op sets, the BLAS choice, the build cache (the backend.cpu_kernels
-resolution is in tests/test_ops.py)."""
+resolution is in tests/unit/layers/test_ops.py)."""
 
 import contextlib
 import ctypes
@@ -29,7 +29,7 @@ cpu = pytest.importorskip("tfm_jax.platform.kernels.cpu")
 OK, WHY = cpu.available()           # the default BLAS (auto): what every numeric test below runs
 DEFAULT_BLAS = cpu.active_blas()
 needs_kernels = pytest.mark.skipif(not OK, reason=f"native kernels unavailable: {WHY}")
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 
 def _platform_cannot_build():
