@@ -16,40 +16,20 @@ from flax import linen as nn
 
 from tfm_jax import data as data_lib
 from tfm_jax.core import roles as param_roles
-from tfm_jax.config import ConfigError, load_config
+from tfm_jax.config import ConfigError
 from tfm_jax.train.metrics import read_metrics
 from tfm_jax.quant import fp8
 from tfm_jax.train import build, train
+
+from fp8_support import batch_at, cfg_of, quant_leaves
 
 E4M3, E5M2 = ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2
 E4M3_MAX = float(ml_dtypes.finfo(E4M3).max)    # 448
 E5M2_MAX = float(ml_dtypes.finfo(E5M2).max)    # 57344
 
-SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-         "model.multiple_of=16", "data.seq_len=32", "train.batch_size=8", "train.warmup_steps=2",
-         "train.eval_batches=2", "train.log_every=1", "train.sample_tokens=0",
-         "run.progress=false", "run.tensorboard=false", "quant.amax_history=4"]
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return data_lib.load_corpus(None, 0.05, str(tmp_path_factory.mktemp("cache")))
-
-
-def cfg_of(tmp_path, *extra, recipe="fp8_delayed"):
-    return load_config(None, SMALL + [f"run.dir={tmp_path}", f"quant.recipe={recipe}"]
-                       + list(extra))
-
-
-def batch_at(cfg, corpus, step):
-    return data_lib.train_batch(corpus.train, corpus.train_doc_starts, step=step, seed=0,
-                                batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len)
-
-
-def quant_leaves(params) -> dict:
-    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
-    return {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
-            for p, x in flat if param_roles.overwritten(p)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -324,51 +304,6 @@ def test_state_is_overwritten_not_optimized(tmp_path, corpus, devices):
     assert p0["layers_0"]["attn"]["q_proj"]["fp8"]["input_scale"] == 1.0
 
 
-@pytest.mark.parametrize("scan,granularity", [
-    (False, "per_tensor"), (False, "per_channel"),
-    pytest.param(True, "per_tensor", marks=pytest.mark.slow)])
-def test_grad_accum_4_gives_the_whole_batch_scales(tmp_path, corpus, devices, scan,
-                                                    granularity):
-    """Two steps with train.grad_accum=4 end with the same fp8 state (bit for bit) as with
-    the whole batch at once -- the max over micro-batches, not the sum; per-channel kernel
-    scales (one per output column) as well."""
-    extra = ["mesh.data=1", f"model.scan_layers={str(scan).lower()}", "quant.telemetry=true",
-             f"quant.kernel_granularity={granularity}"]
-    one = build(cfg_of(tmp_path, *extra), devices=devices[:1])
-    four = build(cfg_of(tmp_path, *extra, "train.grad_accum=4"), devices=devices[:1])
-    sa, sb = one.init_state(), four.init_state()
-    for step in range(2):
-        batch = one.shard_batch(batch_at(one.cfg, corpus, step))
-        with one.context():
-            sa, ma = one.train_step(sa, batch)
-        with four.context():
-            sb, mb = four.train_step(sb, batch)
-        np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
-    qa, qb = quant_leaves(sa.params), quant_leaves(sb.params)
-    assert qa and qa.keys() == qb.keys()
-    for k in qa:
-        if k.endswith("output_grad_stats"):
-            # telemetry fractions: the max over the micro-batches, which bounds the whole
-            # batch's fraction (a weighted mean of the micro-batches' at the same scale)
-            assert np.all(qb[k] >= qa[k] - 1e-7), (k, qa[k], qb[k])
-            continue
-        np.testing.assert_array_equal(qa[k], qb[k], err_msg=k)
-    assert any(k.endswith("output_grad_stats") for k in qa)
-    # a sum over the 4 micro-batches would have given 4x the amaxes
-    hist = [v for k, v in qa.items() if k.endswith("input_amax_history")][0]
-    assert np.max(hist) > 0
-    if not scan:
-        ks = qa["layers_0/ffn/wo/fp8/kernel_scale"]
-        n_out = sa.params["layers_0"]["ffn"]["wo"]["kernel"].shape[1]
-        if granularity == "per_channel":     # one scale per output column, distinct values
-            assert ks.shape == (1, n_out) and np.unique(ks).size > 1
-            assert qa["layers_0/ffn/wo/fp8/kernel_amax_history"].shape == (4, 1, n_out)
-        else:
-            assert ks.shape == ()
-    # telemetry came back reduced over micro-batches, same keys as the whole batch
-    assert jax.tree.structure(ma["telemetry"]) == jax.tree.structure(mb["telemetry"])
-
-
 @pytest.mark.parametrize("mesh", [["mesh.data=8"],
                                   pytest.param(["mesh.data=1", "mesh.fsdp=8"],
                                                marks=pytest.mark.slow)])
@@ -417,29 +352,6 @@ def test_orbax_resume_equals_uninterrupted_with_state(tmp_path, corpus, devices)
                                 jax.device_get(resumed.opt_state))
     qa = quant_leaves(full.params)
     assert any(np.count_nonzero(v) == 3 for k, v in qa.items() if "history" in k)
-
-
-def test_fp8_delayed_training_loss_falls_and_logs_telemetry(tmp_path, corpus, devices,
-                                                            capsys):
-    cfg = cfg_of(tmp_path, "mesh.data=1", "train.steps=40", "train.log_every=5",
-                 "train.eval_every=40", "train.checkpoint_every=40", "train.lr=3e-3",
-                 "quant.telemetry=true")
-    res = train(cfg, corpus=corpus, devices=devices[:1])
-    rows = [r for r in read_metrics(tmp_path) if "loss" in r]
-    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, (rows[0]["loss"], rows[-1]["loss"])
-    out = capsys.readouterr().out
-    assert "fp8: emulated" in out and "Fp8DotGeneral (fp8_delayed" in out
-    last = rows[-1]
-    key = "layers_1/ffn/wo/fp8/input_amax"
-    for suffix in ("input_amax", "input_scale", "input_saturated", "input_flushed",
-                   "input_staleness", "kernel_amax", "output_grad_amax",
-                   "output_grad_staleness", "output_grad_saturated", "output_grad_flushed"):
-        assert f"layers_0/attn/q_proj/fp8/{suffix}" in last, suffix
-    assert not any(k.startswith("lm_head") for k in last)
-    # the logged amax is the one the step recorded in the state
-    hist = res.state.params["layers_1"]["ffn"]["wo"]["fp8"]["input_amax_history"]
-    assert last[key] == pytest.approx(float(hist[0]), rel=1e-6)
-    assert 0.0 <= last["layers_1/ffn/wo/fp8/input_saturated"] < 0.5
 
 
 def test_fp32_step_sows_nothing(tmp_path, corpus, devices):

@@ -1,0 +1,29 @@
+"""Shared by the train tests of both tiers (tests/ is on sys.path through its conftest.py)."""
+
+import jax
+import numpy as np
+
+from tfm_jax.config import load_config
+
+SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+         "model.multiple_of=16", "data.seq_len=32", "train.batch_size=8", "train.warmup_steps=2",
+         "train.eval_batches=2", "train.log_every=1", "train.sample_tokens=0",
+         "run.progress=false", "run.tensorboard=false"]
+
+
+def small_cfg(tmp_path, *extra):
+    return load_config(None, SMALL + [f"run.dir={tmp_path}"] + list(extra))
+
+
+def params_np(state):
+    return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def poison(setup, state, layer="layers_1"):
+    """``state`` with an inf written into one FFN kernel of ``layer``."""
+    params = jax.device_get(state.params)
+    k = np.array(params[layer]["ffn"]["wo"]["kernel"])
+    k[0, 0] = np.inf
+    params[layer]["ffn"]["wo"]["kernel"] = k
+    params = jax.device_put(params, setup.state_shardings.params)
+    return state.replace(params=params)
