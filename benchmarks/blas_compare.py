@@ -3,7 +3,6 @@
 ``tfm_jax/platform/kernels/cpu_kernels.cc`` links no BLAS; :mod:`tfm_jax.platform.kernels.cpu` hands it a
 ``cblas_sgemm`` at load time. This benchmark opens every candidate found on this machine
 
-* ``builtin``         -- the kernel library's own sgemm (``tfm_jax/platform/kernels/builtin_sgemm.cc``),
 * ``openblas``        -- the ``scipy-openblas32`` wheel (its own library instance),
 * ``numpy-openblas``  -- the ILP64 OpenBLAS numpy bundles (``numpy.libs``); opening it sets
   *numpy's* OpenBLAS to one thread for the rest of this process (fine here, which is why it is a
@@ -50,7 +49,7 @@ from benchmarks import gemm_rates  # noqa: E402
 from benchmarks import train_throughput as tt  # noqa: E402
 from tfm_jax.platform.kernels import cpu  # noqa: E402
 
-KINDS = ("builtin", "openblas", "numpy-openblas", "mkl")
+KINDS = ("openblas", "numpy-openblas", "mkl")
 
 
 def open_candidates(wanted: list[str]) -> tuple[dict[str, cpu.Blas], dict[str, str]]:
@@ -59,12 +58,6 @@ def open_candidates(wanted: list[str]) -> tuple[dict[str, cpu.Blas], dict[str, s
     found = cpu.find_blas()
     opened, missing = {}, {}
     for kind in wanted:
-        if kind == "builtin":
-            try:
-                opened[kind] = cpu.builtin_blas()
-            except RuntimeError as e:
-                missing[kind] = str(e)
-            continue
         errs = []
         for path in found.get(kind, []):
             try:

@@ -25,7 +25,7 @@ Each part runs in its own process (so no parent holds the GPU's memory) under it
 a part that crashes or runs past its cap is recorded as such (with what it wrote so far) and the
 next one starts. The whole run stays under ``--budget`` seconds (default 450: the issue's 8
 minutes less start-up and the wheel install). ``--dry`` runs every part at tiny size on CPU
-(tested by ``tests/test_device_check.py``); without a GPU the full mode says so and runs dry.
+(tested by ``tests/integration/test_device_check.py``); without a GPU the full mode says so and runs dry.
 
     OUT=/tmp/dc bash benchmarks/device_check.sh            # the device machine
     python benchmarks/device_check.py --out /tmp/dc --dry  # CPU, tiny
@@ -57,9 +57,9 @@ PARTS = ("env", "plugin", "tests", "mfu", "fp8", "moe", "decode")
 BUDGET_S = 450
 DRY_SLACK = 5
 CAPS_S = {"env": 20, "plugin": 45, "tests": 70, "mfu": 150, "fp8": 55, "moe": 75, "decode": 45}
-GPU_TEST_FILES = ("tests/test_fp8.py", "tests/test_flash.py", "tests/test_quant_formats.py",
-                  "tests/test_ops.py", "tests/test_layers.py")
-DRY_TEST_FILES = ("tests/test_quant_formats.py::test_format_limits_come_from_ml_dtypes",)
+GPU_TEST_FILES = ("tests/unit/quant/test_fp8.py", "tests/unit/layers/test_flash.py", "tests/unit/quant/test_quant_formats.py",
+                  "tests/unit/layers/test_ops.py", "tests/unit/layers/test_layers.py")
+DRY_TEST_FILES = ("tests/unit/quant/test_quant_formats.py::test_format_limits_come_from_ml_dtypes",)
 MFU_TARGET = 0.45
 MOE_SHAPE = {"model.d_model": 1024, "model.n_layers": 4, "model.n_heads": 8,
              "model.n_kv_heads": 8, "model.ffn_hidden": 2816, "model.vocab_size": 32000,

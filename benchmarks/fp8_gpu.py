@@ -17,7 +17,7 @@ Three parts, each written to ``OUT/fp8_gpu.json`` and ``OUT/fp8_gpu.txt`` as soo
 3. Targets of the issue: FP8 GEMM >= 1.6x bf16 at 8192^3; FP8 train step >= 1.2x bf16.
 
 Without a GPU it says so and runs a tiny CPU smoke of every part (exit 0): the script is tested
-on CPU by ``tests/test_fp8_gpu_script.py``.
+on CPU by ``tests/integration/test_fp8_gpu_script.py``.
 
     python benchmarks/fp8_gpu.py --out /tmp/fp8   # GPU: full; CPU: smoke
     python benchmarks/fp8_gpu.py --out /tmp/fp8 --smoke

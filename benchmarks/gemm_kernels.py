@@ -1,5 +1,5 @@
 """Single-thread sgemm rates of the native kernels' candidates on the calls one train step makes:
-the builtin sgemm (``tfm_jax/platform/kernels/builtin_sgemm.cc``) vs OpenBLAS (scipy-openblas32) vs MKL.
+OpenBLAS (scipy-openblas32, the default install) vs MKL (the ``[mkl]`` extra).
 
 Every candidate is called through ``ctypes`` with cblas_sgemm's arguments exactly as the kernels
 pass them (row-major, one thread, the same leading dimensions, beta = 1 where they accumulate):
@@ -12,7 +12,7 @@ pass them (row-major, one thread, the same leading dimensions, beta = 1 where th
   kv_heads * head_dim), ``PV``/``dQ``, ``dV``/``dK`` = P^T dO (beta = 1).
 
 Correctness first (each candidate against float64 numpy), then ``--rounds`` interleaved rounds
-(builtin, openblas, mkl, builtin, ...); each timing is the *thread CPU time* of a batch of calls
+(openblas, mkl, openblas, ...); each timing is the *thread CPU time* of a batch of calls
 of ~``--flops`` (a process descheduled by the shared machine's other load does not count). The
 table gives the best round (the closest to what the core does; load only ever slows a call down)
 and the ``step`` line the time of one train step's calls, each shape weighted by how often a
@@ -20,7 +20,7 @@ step makes it. Per-call ctypes overhead (~1 us) is in every column alike.
 
     python -m benchmarks.gemm_kernels                         # reference preset
     python -m benchmarks.gemm_kernels --rounds 40 --json gemm.json --markdown
-    python -m benchmarks.gemm_kernels --blas builtin,mkl --only attn
+    python -m benchmarks.gemm_kernels --blas openblas,mkl --only attn
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from benchmarks import blas_compare  # noqa: E402
 from benchmarks import train_throughput as tt  # noqa: E402
 from tfm_jax.platform.kernels import cpu  # noqa: E402
 
-KINDS = ("builtin", "openblas", "mkl")
+KINDS = ("openblas", "mkl")
+REF = "openblas"          # the ratio columns: time / the default install's
 ROW, N_, T_ = 101, 111, 112
 
 
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bad = [k for k in wanted if k not in KINDS]
     if bad:
         raise SystemExit(f"--blas: unknown {bad}; choose from {', '.join(KINDS)}")
-    cpu.load()                                      # builds the library (the builtin lives there)
+    cpu.load()                                      # builds the library
     blases, missing = blas_compare.open_candidates(wanted)
     if not blases:
         raise SystemExit(f"nothing to measure: {missing}")
@@ -190,10 +191,10 @@ def _line(r, cols) -> str:
 
 
 def _ratios(r, cols) -> str:
-    if "builtin" not in cols:
+    if REF not in cols:
         return ""
-    return " | " + " ".join(f"{r['best_us'][c] / r['best_us']['builtin']:6.2f}"
-                            for c in cols if c != "builtin")
+    return " | " + " ".join(f"{r['best_us'][c] / r['best_us'][REF]:6.2f}"
+                            for c in cols if c != REF)
 
 
 def step_totals(res: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -217,18 +218,18 @@ def print_report(res: dict[str, Any]) -> None:
         print(f"  {k:<9} {d}")
     for k, why in res["missing"].items():
         print(f"  {k:<9} not measured: {why}")
-    others = [c for c in cols if c != "builtin"]
+    others = [c for c in cols if c != REF]
     head = (f"{'call':<16} op {'M x N x K':>14} {'/step':<5} | "
             + " ".join(f"{c:>9}" for c in cols) + " GFLOP/s")
-    if "builtin" in cols and others:
-        head += " | " + " ".join(f"{c[:6]:>6}" for c in others) + " time / builtin's"
+    if REF in cols and others:
+        head += " | " + " ".join(f"{c[:6]:>6}" for c in others) + f" time / {REF}'s"
     print(head)
     for r in res["calls"]:
         print(_line(r, cols))
     for g, tot in step_totals(res).items():
         ratio = ""
-        if "builtin" in tot and others:
-            ratio = " | " + " ".join(f"{tot[c] / tot['builtin']:6.2f}" for c in others)
+        if REF in tot and others:
+            ratio = " | " + " ".join(f"{tot[c] / tot[REF]:6.2f}" for c in others)
         print(f"{'one step, ' + g + ', ms':<39} | "
               + " ".join(f"{tot[c]:9.2f}" for c in cols) + ratio)
 

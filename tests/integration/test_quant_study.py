@@ -1,4 +1,4 @@
-"""The quantization study (experiments.quant_study): the captured tensors are the
+"""The quantization study (experiments.scripts.quant_study): the captured tensors are the
 model's (x^T @ dy == the kernel gradient of the fp32 loss), the error metric against numpy +
 ml_dtypes, and a smoke run on a tiny trained run writing JSON, markdown and PNGs. The real
 study (with the perplexity table) is the slow test / the documented command."""
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tfm_jax.config import compose_config
-from experiments import quant_study as qs
+from experiments.scripts import quant_study as qs
 
 
 @pytest.fixture(scope="module")

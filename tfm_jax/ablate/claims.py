@@ -44,7 +44,7 @@ STUDIES: dict[str, tuple[str, str]] = {
     "attention": ("studies/ablate_attention/results.json",
                   "tfm-jax ablate attention  (copy to studies/ablate_attention/)"),
     "quant": ("studies/quant_study/results.json",
-              "python -m experiments.quant_study --run-dir runs/tiny-300"),
+              "python -m experiments.scripts.quant_study --run-dir runs/tiny-300"),
     "fp8_training": ("studies/fp8_training/results.json", "tfm-jax ablate fp8_training"),
     "fp8_error_sources": ("studies/fp8_error_sources/results.json",
                           "tfm-jax ablate fp8_error_sources  (copy to "

@@ -3,7 +3,7 @@ strategy on real tensors, per-channel vs per-tensor for QKV vs FFN, EMA beta sen
 vs dynamic scaling under distribution shift, and the INT8 / INT4 / FP8 inference perplexity.
 
     tfm-jax train train.steps=300 run.dir=runs/tiny-300                  # a short trained run
-    python -m experiments.quant_study --run-dir runs/tiny-300 --out runs/quant-study
+    python -m experiments.scripts.quant_study --run-dir runs/tiny-300 --out runs/quant-study
 
 Writes ``results.json``, ``results.md`` (the tables, and the seed's Ch2 claims beside the
 measured values) and PNG plots into ``--out`` and prints where they are.
@@ -493,7 +493,7 @@ def claims(res: dict) -> list[dict]:
                  f"{rev.get('max_amax', float('nan')):.3g}): {100 * rev['flushed']:.1f} % of "
                  f"non-zeros flushed to 0, {100 * rev['nonfinite']:.2f} % non-finite, rel. error "
                  f"{rev['rel_err']:.3f}; the largest value becomes amax²/448, so it overflows "
-                 "(NaN for e4m3fn) only when amax > 448 (shown in tests/test_quant_formats.py)",
+                 "(NaN for e4m3fn) only when amax > 448 (shown in tests/unit/quant/test_quant_formats.py)",
                  "verdict": "direction right; the failure on small tensors is underflow, "
                  "overflow needs amax > FP8_MAX", "where": "CPU, tiny run"})
     err = [r for r in res["errors"] if r["group"] == "all"]
@@ -696,7 +696,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> dict[str,
     ema_projs = [projs[0], projs[-1]]
     res: dict[str, Any] = {
         "run_dir": str(run_dir), "batches": args.batches,
-        "command": "python -m experiments.quant_study " + " ".join(argv or []),
+        "command": "python -m experiments.scripts.quant_study " + " ".join(argv or []),
         "projections": projs, "errors": errors, "qkv_vs_ffn": qkv_vs_ffn(errors),
         "ema": study_ema(caps, ema_projs, args.ema_steps), "shift": study_shift(caps),
         "reversed": reversed_formula(caps)}

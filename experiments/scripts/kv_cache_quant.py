@@ -8,7 +8,7 @@ scale granularity) with the unquantized cache; the full-forward validation loss 
 check that the unquantized cache path computes the same thing.
 
     tfm-jax train train.steps=300 run.dir=runs/tiny-300          # a short trained run
-    python experiments/kv_cache_quant.py --run-dir runs/tiny-300 [--batches 8] [--json out.json]
+    python experiments/scripts/kv_cache_quant.py --run-dir runs/tiny-300 [--batches 8] [--json out.json]
 
 Targets (issue #9): int8 within 0.5 %, fp8 within 1 % of the unquantized perplexity.
 """
@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Optional
 
-_ROOT = str(pathlib.Path(__file__).resolve().parents[1])   # the repository root
+_ROOT = str(pathlib.Path(__file__).resolve().parents[2])   # the repository root
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
