@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> dict:
     from tfm_jax.config import load_config
     from tfm_jax.tools.inspect import collectives
     from tfm_jax.layers import moe as moe_lib
+    from tfm_jax.layers.functional import swiglu
     from tfm_jax.parallel import mesh as mesh_lib
     from tfm_jax.layers.moe import dispatch as md
 
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
               "wo": jnp.concatenate(list(ks["wo"][:k]), axis=0)}      # (d, kF), (kF, d)
 
         def ffn_loss(x, wr, fk):
-            h = moe_lib.swiglu(x @ fk["wi_0"], x @ fk["wi_1"])
+            h = swiglu(x @ fk["wi_0"], x @ fk["wi_1"])
             return jnp.sum((h @ fk["wo"]) * cot) + 0.0 * jnp.sum(wr)
 
         fn = jax.jit(jax.value_and_grad(ffn_loss, argnums=(0, 1, 2)))

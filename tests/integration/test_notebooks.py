@@ -23,7 +23,7 @@ nbformat = pytest.importorskip("nbformat", reason="notebook tests need the dev e
 nbclient = pytest.importorskip("nbclient", reason="notebook tests need the dev extra: "
                                "pip install -e '.[dev]'")
 
-NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = {"01_quickstart", "02_components", "03_attention", "04_low_precision", "05_moe"}
 # A notebook explores the package; layers, modules and training loops live in tfm_jax.
