@@ -42,8 +42,8 @@ def test_relative_links_resolve(name):
 
 
 @pytest.mark.parametrize("path", USER_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_user_docs_carry_no_issue_numbers(path):
-    hits = re.findall(r"(?i)\bissues? #?\d+|\(#\d+\)", path.read_text())
+def test_user_docs_carry_no_issue_numbers_or_dates(path):
+    hits = re.findall(r"(?i)\bissues? #?\d+|\(#\d+\)|\b20\d\d-\d\d-\d\d\b", path.read_text())
     assert not hits, f"{path.name}: {hits} (history goes to CHANGELOG.md)"
 
 
