@@ -9,7 +9,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from tfm_jax.train.checkpoint import Checkpointer
 from tfm_jax.config import load_config

@@ -14,7 +14,7 @@ from tfm_jax.model import TransformerLM, count_params, train_flops_per_token
 from tfm_jax.parallel import mesh as mesh_lib
 from tfm_jax.layers.moe import dispatch as md
 
-from test_moe_routing import _np_moe as _np_moe_general, _weights  # shared references
+from moe_support import _np_moe as _np_moe_general, _weights  # shared references
 
 D, F = 16, 24
 
@@ -27,7 +27,7 @@ def _np_softmax(z):
 
 def _np_moe(x, wr, ks, top_k, cap):
     """float64 reference of one group (softmax router, no padding): x (N, d) -> (y, keep, aux,
-    z); the general reference (sigmoid router, bias, padding) is in test_moe_routing.py."""
+    z); the general reference (sigmoid router, bias, padding) is in tests/moe_support.py."""
     return _np_moe_general(x, wr, ks, top_k, cap)[:4]
 
 

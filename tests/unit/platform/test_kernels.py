@@ -20,7 +20,6 @@ import pytest
 
 from tfm_jax.config import ConfigError, ModelConfig, load_config
 from tfm_jax.layers.attention_ops import block as attn_lib, dense as attn_dense
-from tfm_jax.layers import ops as ops_lib
 from tfm_jax.platform.kernels import cpu as cpu_kernels
 from tfm_jax.platform.xla_cpu import cpu_xla_ops
 from tfm_jax.model import TransformerLM
