@@ -22,9 +22,11 @@ def corpus(tmp_path_factory):
     pytest.param(True, "per_tensor", marks=pytest.mark.slow)])
 def test_grad_accum_4_gives_the_whole_batch_scales(tmp_path, corpus, devices, scan,
                                                     granularity):
-    """Two steps with train.grad_accum=4 end with the same fp8 state (bit for bit) as with
-    the whole batch at once -- the max over micro-batches, not the sum; per-channel kernel
-    scales (one per output column) as well."""
+    """Two steps with train.grad_accum=4 end with the whole batch's fp8 state -- the max over
+    micro-batches, not the sum (which would be ~4x off); per-channel kernel scales (one per
+    output column) as well. Equal to float32 rounding (rtol 1e-6), not bit for bit: the amaxes
+    of a quarter of the batch come out of a backward pass that XLA:CPU may compute in another
+    float order for another batch shape (bitwise on jax 0.10.2, one ulp off on 0.12.1)."""
     extra = ["mesh.data=1", f"model.scan_layers={str(scan).lower()}", "quant.telemetry=true",
              f"quant.kernel_granularity={granularity}"]
     one = build(cfg_of(tmp_path, *extra), devices=devices[:1])
@@ -45,7 +47,7 @@ def test_grad_accum_4_gives_the_whole_batch_scales(tmp_path, corpus, devices, sc
             # batch's fraction (a weighted mean of the micro-batches' at the same scale)
             assert np.all(qb[k] >= qa[k] - 1e-7), (k, qa[k], qb[k])
             continue
-        np.testing.assert_array_equal(qa[k], qb[k], err_msg=k)
+        np.testing.assert_allclose(qb[k], qa[k], rtol=1e-6, atol=0, err_msg=k)
     assert any(k.endswith("output_grad_stats") for k in qa)
     # a sum over the 4 micro-batches would have given 4x the amaxes
     hist = [v for k, v in qa.items() if k.endswith("input_amax_history")][0]
