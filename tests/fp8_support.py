@@ -28,3 +28,11 @@ def quant_leaves(params) -> dict:
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
     return {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
             for p, x in flat if param_roles.overwritten(p)}
+
+
+STORAGE = ["quant.fp8_weight_storage=true", "train.lr=1e-2"]
+
+
+def storage_cfg_of(tmp_path, *extra, recipe="fp8_delayed"):
+    """:func:`cfg_of` with the kernels kept in FP8 (and a larger lr, so updates show)."""
+    return cfg_of(tmp_path, *STORAGE, *extra, recipe=recipe)

@@ -3,36 +3,17 @@ and int8 moments equals the uninterrupted run bit for bit."""
 
 import chex
 import jax
-import ml_dtypes
 import pytest
 
 from tfm_jax import data as data_lib
-from tfm_jax.config import load_config
 from tfm_jax.train import build
 
-E4M3 = ml_dtypes.float8_e4m3fn
-E4M3_MAX = float(ml_dtypes.finfo(E4M3).max)
-# every finite non-negative e4m3fn value, ascending (from the bit patterns, not from tfm_jax)
-SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-         "model.multiple_of=16", "data.seq_len=32", "train.batch_size=8", "train.warmup_steps=2",
-         "train.eval_batches=2", "train.log_every=1", "train.sample_tokens=0",
-         "run.progress=false", "run.tensorboard=false", "quant.amax_history=4",
-         "quant.fp8_weight_storage=true", "train.lr=1e-2"]
+from fp8_support import batch_at, storage_cfg_of as cfg_of
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return data_lib.load_corpus(None, 0.05, str(tmp_path_factory.mktemp("cache")))
-
-
-def cfg_of(tmp_path, *extra, recipe="fp8_delayed"):
-    return load_config(None, SMALL + [f"run.dir={tmp_path}", f"quant.recipe={recipe}"]
-                       + list(extra))
-
-
-def batch_at(cfg, corpus, step):
-    return data_lib.train_batch(corpus.train, corpus.train_doc_starts, step=step, seed=0,
-                                batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len)
 
 
 def test_resume_is_bitwise_with_sr_and_int8_moments(tmp_path, corpus, devices):
