@@ -103,7 +103,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    if cfg.quant.recipe in _QUANT_RECIPES:        # a run written by `tfm-jax quantize`
+    if cfg.quant.recipe in WEIGHT_ONLY_RECIPES:        # a run written by `tfm-jax quantize`
         raise ConfigError(
             f"quant.recipe={cfg.quant.recipe} is weight-only post-training quantization: a "
             "quantized run cannot be trained or resumed (quantization-aware training is not "
@@ -415,12 +415,9 @@ def run_convert(args) -> int:
 # ----------------------------------------------------------------------------- quantize
 
 
-_QUANT_RECIPES = WEIGHT_ONLY_RECIPES
-
-
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="trained full-precision run to quantize")
-    p.add_argument("--recipe", required=True, choices=_QUANT_RECIPES,
+    p.add_argument("--recipe", required=True, choices=WEIGHT_ONLY_RECIPES,
                    help="int8_weight (symmetric), int8_weight_asym (uint8 + zero point), "
                    "int4_weight (packed two per byte); all per output channel, weight-only")
     p.add_argument("--out", default=None, help="new run directory (default <run-dir>-<recipe>)")
