@@ -27,8 +27,10 @@ def _np_moe(x, wr, ks, top_k, cap, *, router="softmax", bias=None, valid=None):
     e = p.shape[1]
     experts = np.argsort(-sel, axis=1, kind="stable")[:, :top_k]
     w = np.take_along_axis(p, experts, 1)
-    if top_k > 1 or router == "sigmoid":
+    if top_k > 1:
         w = w / w.sum(1, keepdims=True)
+    elif router == "sigmoid":                      # top-1 weight: the raw score
+        w = np.take_along_axis(s, experts, 1)
     keep, count = np.zeros((n, top_k), bool), np.zeros(e, int)
     for j in range(top_k):
         for i in range(n):

@@ -509,7 +509,8 @@ class MoEConfig(_Section):
         "all_to_all", description="dense = single-device reference (every expert on every "
         "token); all_to_all = shard_map + jax.lax.all_to_all over mesh.expert; implicit = "
         "sharding constraints only (XLA inserts the collectives); ragged = dropless "
-        "ragged_all_to_all (GPU/TPU; not implemented yet)")
+        "(capacity_factor ignored): grouped GEMMs (jax.lax.ragged_dot) over the tokens sorted by "
+        "expert, exchanged over mesh.expert in padded all_to_all buffers")
 
     @model_validator(mode="after")
     def _cross(self) -> "MoEConfig":
@@ -657,12 +658,6 @@ class Config(_Section):
                                  f"layers ({moe.every - 1} dense + 1 MoE), so model.n_layers="
                                  f"{self.model.n_layers} must be a multiple of it; change "
                                  "model.n_layers or moe.every, or set model.scan_layers=false")
-            if moe.dispatch == "ragged" and self.backend.platform in ("cpu", "auto"):
-                raise ValueError(
-                    "moe.dispatch=ragged (dropless jax.lax.ragged_all_to_all) needs a GPU/TPU "
-                    f"backend (backend.platform={self.backend.platform}); on CPU use "
-                    "moe.dispatch=all_to_all (explicit shard_map), implicit (sharding "
-                    "constraints) or dense (single-device reference)")
             if moe.n_experts and self.quant.recipe != "none":
                 raise ValueError(f"quant.recipe={self.quant.recipe} does not cover the MoE "
                                  "experts yet; use quant.recipe=none with moe.n_experts > 0")

@@ -143,8 +143,7 @@ def test_param_counts_and_flops_active_vs_total():
 
 
 def test_moe_config_validation():
-    with pytest.raises(ConfigError, match="moe.dispatch=ragged.*all_to_all.*implicit.*dense"):
-        load_config(None, ["moe.n_experts=4", "moe.dispatch=ragged", "backend.platform=cpu"])
+    load_config(None, ["moe.n_experts=4", "moe.dispatch=ragged", "backend.platform=cpu"])
     with pytest.raises(ConfigError, match="mesh.expert=2.*only used by MoE"):
         load_config(None, ["mesh.expert=2", "mesh.data=1"])
     with pytest.raises(ConfigError, match="moe.n_experts=6 is not divisible by mesh.expert=4"):
@@ -160,3 +159,86 @@ def test_moe_config_validation():
     cfg = load_config("moe-tiny")
     assert cfg.mesh.expert == 4 and cfg.moe.n_experts == 8 and cfg.moe.dispatch == "all_to_all"
 
+
+
+def _sharded_weights(mesh, ks):
+    from jax.sharding import NamedSharding
+    return {n: jax.device_put(jnp.asarray(k), NamedSharding(
+        mesh, nn.logical_to_mesh_axes(moe_lib.kernel_axes(n)))) for n, k in ks.items()}
+
+
+@pytest.mark.parametrize("sizes", [
+    {"fsdp": 2, "tensor": 2, "expert": 2},
+    pytest.param({"fsdp": 2, "expert": 4}, marks=pytest.mark.slow),
+    pytest.param({"tensor": 2, "expert": 4}, marks=pytest.mark.slow)])
+def test_fsdp_and_tensor_meshes_equal_dense(devices, sizes, monkeypatch):
+    """With the experts' embed dim over fsdp and their hidden width over tensor (the rules'
+    layout): all_to_all, implicit and the dropless ragged dispatch (rows exchanged in padded
+    all_to_all buffers, and through ragged_all_to_all -- emulated on CPU, which lacks it) ==
+    dense (outputs, gradients of input, router and experts, statistics); all_to_all and ragged
+    gather each device's own
+    experts over fsdp only (bytes = its E/ep experts once, not all E) and never over tensor --
+    each tensor rank computes its slice of the hidden width (no duplicated expert FLOPs)."""
+    from tfm_jax.tools.inspect import collectives
+
+    e, k = 8, 2
+    cfg = load_config(None, [f"moe.n_experts={e}", "mesh.data=1",
+                             *(f"mesh.{a}={n}" for a, n in sizes.items())])
+    mesh, rules = mesh_lib.make_mesh(cfg.mesh), mesh_lib.rules_tuple(cfg.mesh.rules)
+    wr, ks = _weights(e, seed=4)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(8, 4, D)), jnp.float32)
+    cot = jnp.asarray(np.random.default_rng(6).normal(size=(8, 4, D)), jnp.float32)
+    res, gathered = {}, {}
+    for name in ("dense", "all_to_all", "implicit", "ragged", "ragged_exchange"):
+        strategy = "ragged" if name.startswith("ragged") else name
+        monkeypatch.setattr(md, "EXCHANGE", "ragged" if name == "ragged_exchange" else "padded")
+        spec = md.MoESpec(e, k, None)
+
+        def loss(x, wr, ks):
+            y, st = md.moe_layer(x, wr, ks, spec, strategy=strategy)
+            return jnp.sum(y * cot) + st["aux_loss"] + st["z_loss"], (y, st)
+
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+            args = (x, jnp.asarray(wr), _sharded_weights(mesh, ks))
+            compiled = fn.lower(*args).compile()
+            res[name] = jax.device_get(compiled(*args))
+            if name in ("all_to_all", "ragged"):
+                gathered[name] = collectives(compiled.as_text())
+    (_, (y0, st0)), g0 = res["dense"]
+    for strategy in ("all_to_all", "implicit", "ragged", "ragged_exchange"):
+        (_, (y, st)), g = res[strategy]
+        np.testing.assert_allclose(y, y0, atol=1e-5, rtol=1e-5, err_msg=strategy)
+        for key in ("aux_loss", "z_loss", "load", "router_entropy"):
+            np.testing.assert_allclose(st[key], st0[key], rtol=1e-5, err_msg=key)
+        assert int(st["dropped"]) == 0
+        for a, r in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+            np.testing.assert_allclose(a, r, atol=2e-5, rtol=1e-4, err_msg=strategy)
+    # per device: its E/ep experts' slice of the hidden width (F/tp), whole in d; the router
+    local_experts = (sum(v.size for v in ks.values()) * 4 // sizes["expert"]
+                     // sizes.get("tensor", 1) + wr.size * 4)
+    for strategy, c in gathered.items():
+        expect = local_experts if sizes.get("fsdp", 1) > 1 else 0
+        assert c["all-gather"]["bytes"] == expect, (strategy, c["all-gather"])
+
+
+def test_ragged_is_dropless_and_equals_dense_without_a_mesh():
+    """moe.dispatch=ragged needs no mesh: one group, grouped GEMMs (jax.lax.ragged_dot) over
+    the assignments sorted by expert == the dropless dense reference == numpy; padding tokens
+    are not routed."""
+    e, k = 4, 2
+    wr, ks = _weights(e, seed=7)
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 6, D)), jnp.float32)
+    mask = np.ones((2, 6), bool)
+    mask[0, 4:] = False
+    spec = md.MoESpec(e, k, None)
+    run = jax.jit(lambda x, wr, ks, m: [md.moe_layer(x, wr, ks, spec, strategy=s, token_mask=m)
+                                        for s in ("ragged", "dense")])
+    (y, st), (y0, st0) = run(x, jnp.asarray(wr), ks, jnp.asarray(mask))
+    np.testing.assert_allclose(y, y0, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(st["counts"], st0["counts"])
+    xs = np.asarray(x).reshape(-1, D)
+    ref = _np_moe_general(xs, wr.astype(np.float64), ks, k, xs.shape[0],
+                          valid=mask.reshape(-1))[0]
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, D), ref, atol=3e-5, rtol=1e-4)
+    assert int(st["dropped"]) == 0 and not np.asarray(y)[0, 4:].any()

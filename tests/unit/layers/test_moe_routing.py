@@ -119,3 +119,33 @@ def test_sigmoid_and_padding_sharded_equal_dense(devices):
     np.testing.assert_allclose(y0.reshape(8, -1, D), np.stack([r[0] for r in refs]),
                                atol=3e-5, rtol=1e-4)
     np.testing.assert_array_equal(st0["counts"], sum(r[4] for r in refs))
+
+
+def test_sigmoid_top1_router_gets_a_task_gradient():
+    """Sigmoid router, top_k = 1: the weight is the raw score (renormalised it would be exactly
+    1 and the router would learn nothing from the task loss). The router gradient of the task
+    loss alone (no auxiliary losses) is nonzero and equals central differences of the float64
+    numpy reference."""
+    e = 4
+    wr, ks = _weights(e, seed=21)
+    x = np.random.default_rng(22).normal(size=(1, 8, D)).astype(np.float32)
+    cot = np.random.default_rng(23).normal(size=(8, D))
+    spec = md.MoESpec(e, 1, None, router="sigmoid")
+
+    def task(wr):
+        y, _ = md.moe_layer(jnp.asarray(x), wr, ks, spec, strategy="dense",
+                            router_bias=jnp.zeros((e,)))
+        return jnp.sum(y[0] * cot)
+
+    g = np.asarray(jax.jit(jax.grad(task))(jnp.asarray(wr)))
+    assert np.abs(g).max() > 1e-3
+
+    def ref(w):
+        return np.sum(_np_moe(x[0], w, ks, 1, 8, router="sigmoid")[0] * cot)
+
+    w64, h = wr.astype(np.float64), 1e-6
+    for i, j in [(0, 0), (3, 1), (7, 2), (15, 3)]:
+        wp, wm = w64.copy(), w64.copy()
+        wp[i, j] += h
+        wm[i, j] -= h
+        assert g[i, j] == pytest.approx((ref(wp) - ref(wm)) / (2 * h), rel=2e-3, abs=1e-5)

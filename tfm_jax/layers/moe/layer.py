@@ -8,8 +8,8 @@ Semantics (one definition for every dispatch strategy, :mod:`tfm_jax.layers.moe.
   of ``p`` are chosen and their weights renormalised to sum to 1 when ``top_k > 1`` (top-1 keeps
   the raw probability, as Switch, so the router still gets a gradient). ``sigmoid``: scores
   ``s = sigmoid(logits)``; experts are chosen by ``s + b`` (``b``: the aux-loss-free balancing
-  bias, DeepSeek-V3) and weighted by the chosen ``s`` renormalised (the bias never enters the
-  weights). ``b`` is the ``balance_bias`` leaf (E,) of the params tree, not trained: after each
+  bias, DeepSeek-V3) and weighted by the chosen ``s``, renormalised when ``top_k > 1`` (top-1
+  keeps the raw score, as Llama 4, for the same reason; the bias never enters the weights). ``b`` is the ``balance_bias`` leaf (E,) of the params tree, not trained: after each
   optimizer step ``b_e += moe.bias_update_rate * sign(mean(load) - load_e)`` with the step's
   load (summed over micro-batches), applied by the train step (:func:`balance_bias_update`,
   :func:`load_tap`). The auxiliary loss of a sigmoid router uses the scores normalised per token.
@@ -42,7 +42,7 @@ from flax import linen as nn
 from tfm_jax.core import telemetry
 from tfm_jax.layers.ffn import FeedForward
 from tfm_jax.layers.moe import dispatch as moe_dispatch
-from tfm_jax.layers.moe.routing import kernel_names, load_tap
+from tfm_jax.layers.moe.routing import kernel_axes, kernel_names, load_tap
 from tfm_jax.parallel import axes
 
 
@@ -98,9 +98,8 @@ class MoEFeedForward(nn.Module):
             bias = self.param("balance_bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, (None,)), (e,), jnp.float32)
         shapes = {"wi_0": (e, d, f), "wi_1": (e, d, f), "wi": (e, d, f), "wo": (e, f, d)}
-        kaxes = {"wo": (axes.EXPERT, axes.MLP, axes.EMBED)}
         kernels = {
-            n: _StackedKernel(shapes[n], kaxes.get(n, (axes.EXPERT, axes.EMBED, axes.MLP)),
+            n: _StackedKernel(shapes[n], kernel_axes(n),
                               self.out_init_std if n == "wo" else self.init_std,
                               self.param_dtype, name=f"experts_{n}")()
             for n in kernel_names(self.kind)}

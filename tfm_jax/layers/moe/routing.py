@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from tfm_jax.layers.ffn import ACTIVATIONS, swiglu
+from tfm_jax.parallel import axes
 
 
 # --------------------------------------------------------------------------------------------
@@ -37,8 +38,8 @@ def route(logits: jax.Array, top_k: int, *, router: str = "softmax",
         weights = jnp.take_along_axis(probs, experts, axis=-1)
     else:
         raise ValueError(f"router {router!r}; valid: softmax, sigmoid")
-    if top_k > 1 or router == "sigmoid":
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    if top_k > 1:   # top-1 keeps the raw probability/score: renormalised it would be exactly
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)   # 1 (no router gradient)
     return Routing(weights, experts.astype(jnp.int32), probs)
 
 
@@ -153,6 +154,14 @@ def expert_ffn(x: jax.Array, kernels: dict[str, jax.Array], kind: str) -> jax.Ar
 
 def kernel_names(kind: str) -> tuple[str, ...]:
     return ("wi_0", "wi_1", "wo") if kind == "swiglu" else ("wi", "wo")
+
+
+def kernel_axes(name: str) -> tuple[str, str, str]:
+    """Logical axes of a stacked expert kernel: (expert, embed, mlp), ``wo`` (expert, mlp,
+    embed). The dispatch strategies derive their ``shard_map`` layouts from these and the rules."""
+    if name == "wo":
+        return (axes.EXPERT, axes.MLP, axes.EMBED)
+    return (axes.EXPERT, axes.EMBED, axes.MLP)
 
 
 # --------------------------------------------------------------------------------------------
