@@ -20,13 +20,14 @@ updated. Why:
   stacked params; unscanned it is a tuple with one :class:`LayerCache` per layer.
 
 **Quantized storage** (``quant.kv_cache``): ``int8`` or ``fp8`` (e4m3, ``float8_e4m3fn``),
-symmetric, ``scale = amax / qmax`` per (token, head) -- or per token across heads
+symmetric, with the package's multiplicative scale ``scale = qmax / amax`` (``q = x * scale``,
+``x ~= q / scale``, as :mod:`tfm_jax.quant`) per (token, head) -- or per token across heads
 (``quant.kv_scale: per_token``) -- stored as float32 next to the values. Quantization saturates:
 values are clipped to ``[-qmax, qmax]`` before the cast (casting beyond the e4m3 range gives NaN,
 an integer cast would wrap), so a value at exactly +-amax maps to +-qmax. Rows whose amax is 0
-get scale 0 and quantized zeros. Reads dequantize inside the attention op
-(:func:`tfm_jax.layers.attention_ops.dense.cached_attention` folds the scales into scores and
-probabilities, so no dequantized copy of the cache is made).
+(or not finite) get scale 1 and quantized zeros. Reads dequantize inside the attention op
+(:func:`tfm_jax.layers.attention_ops.dense.cached_attention` folds the inverse scales into scores
+and probabilities, so no dequantized copy of the cache is made).
 """
 
 from __future__ import annotations
@@ -62,34 +63,35 @@ def kv_format_of(dtype: Any) -> str:
 
 
 def kv_scale(x: jax.Array, fmt: str, per_head: bool = True) -> jax.Array:
-    """Symmetric scale ``amax / qmax`` of x (..., Hkv, D) -> (..., Hkv) float32 per (token, head),
-    or (..., 1) per token across heads (``per_head=False``)."""
+    """Symmetric multiplicative scale ``qmax / amax`` of x (..., Hkv, D) -> (..., Hkv) float32
+    per (token, head), or (..., 1) per token across heads (``per_head=False``); 1 where amax is
+    0 or the quotient is not finite."""
     a = jnp.abs(x.astype(jnp.float32))
     amax = a.max(axis=-1) if per_head else a.max(axis=(-2, -1))[..., None]
-    return amax / QMAX[fmt]
+    scale = jnp.float32(QMAX[fmt]) / amax
+    return jnp.where(jnp.isfinite(scale) & (amax > 0), scale, jnp.float32(1.0))
 
 
 def quantize_kv(x: jax.Array, fmt: str, per_head: bool = True) -> tuple[jax.Array, jax.Array]:
     """x (..., Hkv, D) -> (values in the ``fmt`` dtype, scales (..., Hkv or 1) float32).
 
-    ``q = cast(clip(x / scale, -qmax, qmax))`` with round-to-nearest(-even) for int8 and the
+    ``q = cast(clip(x * scale, -qmax, qmax))`` with round-to-nearest(-even) for int8 and the
     cast's own round-to-nearest-even for e4m3. Clipping first makes it saturating: rounding of
-    ``amax / (amax / qmax)`` can land just above qmax, which must not wrap (int8) or become NaN
-    (e4m3 has no infinity). A zero row has scale 0 and quantizes to zeros.
+    ``amax * (qmax / amax)`` can land just above qmax, which must not wrap (int8) or become NaN
+    (e4m3 has no infinity). A zero row has scale 1 and quantizes to zeros.
     """
     if fmt not in QUANT_DTYPES:
         raise ValueError(f"KV-cache format {fmt!r}: quantized formats are {list(QUANT_DTYPES)}")
     scale = kv_scale(x, fmt, per_head)
-    safe = jnp.where(scale > 0, scale, 1.0)[..., None]
-    y = jnp.clip(x.astype(jnp.float32) / safe, -QMAX[fmt], QMAX[fmt])
+    y = jnp.clip(x.astype(jnp.float32) * scale[..., None], -QMAX[fmt], QMAX[fmt])
     if fmt == "int8":
         y = jnp.round(y)
     return y.astype(QUANT_DTYPES[fmt]), scale
 
 
 def dequantize_kv(q: jax.Array, scale: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    """Inverse of :func:`quantize_kv`: q (..., Hkv, D) * scale (..., Hkv or 1) -> ``dtype``."""
-    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
+    """Inverse of :func:`quantize_kv`: q (..., Hkv, D) / scale (..., Hkv or 1) -> ``dtype``."""
+    return (q.astype(jnp.float32) / scale[..., None]).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +125,7 @@ class Cache:
 def init_cache(*, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
                dtype: Any = jnp.float32, kv_cache: str = "none",
                kv_scale: str = "per_token_head", stacked: bool = False) -> Cache:
-    """An empty cache (zeros, lengths 0). ``dtype``: storage of an unquantized cache (the
+    """An empty cache (zeros, scales 1, lengths 0). ``dtype``: storage of an unquantized cache (the
     model's compute dtype); ``kv_cache``/``kv_scale``: quantized storage (module docstring);
     ``stacked``: one LayerCache with a leading ``n_layers`` axis (``model.scan_layers``)."""
     if kv_cache not in KV_FORMATS:
@@ -141,7 +143,8 @@ def init_cache(*, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head
         if kv_cache == "none":
             return LayerCache(k, v)
         s_shape = lead + (batch, max_len, n_kv_heads if kv_scale == "per_token_head" else 1)
-        return LayerCache(k, v, jnp.zeros(s_shape, jnp.float32), jnp.zeros(s_shape, jnp.float32))
+        ones = jnp.ones(s_shape, jnp.float32)     # (multiplicative: empty slots divide by 1)
+        return LayerCache(k, v, ones, ones)
 
     layers = layer() if stacked else tuple(layer() for _ in range(n_layers))
     return Cache(layers, jnp.zeros((batch,), jnp.int32))

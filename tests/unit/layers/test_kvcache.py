@@ -247,7 +247,9 @@ def np_scale(x, fmt, per_head):
     qmax = np.float32(127.0 if fmt == "int8" else float(ml_dtypes.finfo(
         ml_dtypes.float8_e4m3fn).max))
     amax = np.abs(x).max(-1) if per_head else np.abs(x).max((-2, -1))[..., None]
-    return (amax / qmax).astype(np.float32), qmax
+    with np.errstate(divide="ignore"):
+        scale = (qmax / amax).astype(np.float32)          # multiplicative: q = x * scale
+    return np.where(amax > 0, scale, np.float32(1)), qmax
 
 
 def np_quantize(x, fmt, per_head, scale=None):
@@ -255,7 +257,7 @@ def np_quantize(x, fmt, per_head, scale=None):
     x = np.asarray(x, np.float32)
     ref_scale, qmax = np_scale(x, fmt, per_head)
     scale = ref_scale if scale is None else np.asarray(scale, np.float32)
-    y = np.clip(x / np.where(scale > 0, scale, np.float32(1))[..., None], -qmax, qmax)
+    y = np.clip(x * scale[..., None], -qmax, qmax)
     q = np.round(y).astype(np.int8) if fmt == "int8" else y.astype(ml_dtypes.float8_e4m3fn)
     return q, scale
 
@@ -275,16 +277,15 @@ def test_quantize_matches_numpy_ml_dtypes_reference(fmt, per_head):
     q, s = kv.quantize_kv(jnp.asarray(x), fmt, per_head)
     assert q.dtype == {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[fmt]
     assert s.shape == (4, 6, 3 if per_head else 1) and s.dtype == jnp.float32
-    # scale = amax / qmax to the last bit (XLA may divide by the constant as a multiply by
-    # its reciprocal: one ulp apart at most); zero rows exactly 0
-    np.testing.assert_allclose(np.asarray(s), np_scale(x, fmt, per_head)[0], rtol=2.5e-7,
-                               atol=0)
+    # scale = qmax / amax (the package's multiplicative convention) to the last bit; zero rows
+    # exactly 1
+    np.testing.assert_array_equal(np.asarray(s), np_scale(x, fmt, per_head)[0])
     # values: bit-exact against numpy + ml_dtypes given the same scale
     q_ref, _ = np_quantize(x, fmt, per_head, scale=s)
     np.testing.assert_array_equal(np.asarray(q).view(np.uint8), q_ref.view(np.uint8))
     # dequantization: error within half a step (int8) / half an e4m3 ulp (3 mantissa bits)
     deq = np.asarray(kv.dequantize_kv(q, s))
-    step = s[..., None] if per_head else s[..., None]
+    step = 1 / np.asarray(s)[..., None]
     if fmt == "int8":
         assert np.all(np.abs(deq - x) <= 0.5 * np.asarray(step) * (1 + 1e-5) + 1e-30)
     else:
@@ -298,13 +299,13 @@ def test_quantize_matches_numpy_ml_dtypes_reference(fmt, per_head):
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_quantization_saturates_at_amax(fmt, per_head):
     """A value at exactly +amax / -amax maps to +qmax / -qmax (no int8 wrap to -128, no e4m3
-    NaN), including amax values whose division rounds just above qmax in float32; zero rows
-    give scale 0, zeros, no NaN."""
+    NaN), including amax values whose scaling rounds just above qmax in float32; zero rows
+    give scale 1, zeros, no NaN."""
     qmax = kv.QMAX[fmt]
     r = np.random.default_rng(5)
     amax = np.exp(r.uniform(-20, 20, size=4000)).astype(np.float32)
-    # the amax values where float32 amax / (amax / qmax) lands above qmax (clipping matters)
-    over = amax[amax / (amax / np.float32(qmax)) > np.float32(qmax)]
+    # the amax values where float32 amax * (qmax / amax) lands above qmax (clipping matters)
+    over = amax[amax * (np.float32(qmax) / amax) > np.float32(qmax)]
     assert over.size > 0
     rows = np.concatenate([over[:8], amax[:8], [0.0]]).astype(np.float32)
     x = np.zeros((rows.size, 2, 4), np.float32)               # (token, head, D)
@@ -315,7 +316,7 @@ def test_quantization_saturates_at_amax(fmt, per_head):
     np.testing.assert_array_equal(qf[:-1, 0, 0], qmax)
     np.testing.assert_array_equal(qf[:-1, 0, 1], -qmax)
     assert np.isfinite(qf).all() and np.abs(qf).max() <= qmax
-    assert np.all(qf[-1] == 0) and np.all(np.asarray(s)[-1] == 0)
+    assert np.all(qf[-1] == 0) and np.all(np.asarray(s)[-1] == 1)
     deq = np.asarray(kv.dequantize_kv(q, s))
     assert np.isfinite(deq).all()
     np.testing.assert_allclose(deq[:, 0, 0], rows, rtol=1e-6)

@@ -55,10 +55,11 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     ``s <= q_positions[b, t]`` (slots beyond a row's length hold stale values and stay masked).
     Returns (B, T, H, D) in q's dtype.
 
-    Quantized cache (int8 / e4m3 values, float32 ``k_scale``/``v_scale`` (B, S, Hkv) or
-    (B, S, 1)): dequantized on read without a dequantized copy -- a key's scale is constant over
-    D, so ``q . (k_q s_k) = (q . k_q) s_k`` scales the scores, and ``sum_s p_s (v_q s_v)_s =
-    sum_s (p_s s_v) v_q`` scales the probabilities. K/V are never repeated per query head
+    Quantized cache (int8 / e4m3 values, float32 multiplicative ``k_scale``/``v_scale``
+    (B, S, Hkv) or (B, S, 1), :mod:`tfm_jax.layers.kv_cache`): dequantized on read without a
+    dequantized copy -- a key's scale is constant over D, so ``q . (k_q / s_k) = (q . k_q) / s_k``
+    scales the scores, and ``sum_s p_s (v_q / s_v)_s = sum_s (p_s / s_v) v_q`` the
+    probabilities. K/V are never repeated per query head
     (the grouped (B, T, Hkv, G, D) view of :func:`grouped_attention`).
     """
     b, t, h, d = q.shape
@@ -73,12 +74,12 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
                         preferred_element_type=f32) / jnp.sqrt(f32(d))          # (B, K, G, T, S)
     if quantized:
-        scores = scores * k_scale.transpose(0, 2, 1)[:, :, None, None, :]       # (B, K|1,1,1,S)
+        scores = scores / k_scale.transpose(0, 2, 1)[:, :, None, None, :]       # (B, K|1,1,1,S)
     visible = jnp.arange(s_len, dtype=jnp.int32)[None, None, :] <= q_positions[:, :, None]
     scores = jnp.where(visible[:, None, None, :, :], scores, NEG_INF)           # (B, T, S) mask
     probs = jax.nn.softmax(scores, axis=-1)                                     # f32
     if quantized:
-        probs = probs * v_scale.transpose(0, 2, 1)[:, :, None, None, :]
+        probs = probs / v_scale.transpose(0, 2, 1)[:, :, None, None, :]
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
                      preferred_element_type=f32)                                # (B, T, K, G, D)
     return out.reshape(b, t, h, d).astype(q.dtype)
