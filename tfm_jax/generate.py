@@ -156,12 +156,34 @@ class Decoder:
 
     def step(self, variables: Any, cache: Cache, tokens: jax.Array) -> tuple[jax.Array, Cache]:
         """tokens (B,) int32, one per row at position ``lengths[b]`` -> (logits (B, V) float32,
-        the cache with their K/V written and ``lengths + 1``). The caller keeps
-        ``lengths < max_len`` (a write past the end would land on the last slot)."""
+        the cache with their K/V written and ``lengths + 1``).
+
+        A row whose cache is full (``lengths[b] == max_len``) raises ``ValueError`` instead of
+        overwriting the last slot: checked on the host (one small read of ``lengths``), or --
+        when ``step`` is traced inside the caller's ``jax.jit`` -- by a host callback that fails
+        the jitted call with the same message."""
         tokens = jnp.asarray(tokens, jnp.int32)
         if tokens.shape != (self.batch,):
             raise ValueError(f"step: tokens must be ({self.batch},), got {tokens.shape}")
+        try:
+            host = np.asarray(cache.lengths)
+        except jax.errors.TracerArrayConversionError:       # inside the caller's jit
+            jax.debug.callback(functools.partial(_check_room, max_len=self.max_len),
+                               cache.lengths)
+        else:
+            _check_room(host, max_len=self.max_len)
         return self._step(variables, cache, tokens)
+
+
+def _check_room(lengths, *, max_len: int) -> None:
+    """Raise when a row of the cache has no free position for one more token."""
+    lengths = np.asarray(lengths)
+    full = np.flatnonzero(lengths >= max_len)
+    if full.size:
+        raise ValueError(f"step: row {int(full[0])} already holds {int(lengths[full[0]])} "
+                         f"positions, the cache's max_len={max_len}; one more would overwrite "
+                         f"its last slot. Build the decoder with a larger max_len, or start the "
+                         f"row again with prefill")
 
 
 def make_decoder(model: Any, *, batch: int, max_len: int, kv_cache: str = "none",

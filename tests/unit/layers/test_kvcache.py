@@ -441,6 +441,24 @@ def test_generate_rejects_bad_input():
         load_config(None, ["quant.kv_cache=int4"])
 
 
+def test_step_past_a_full_cache_raises(capfd):
+    """A step on a row whose cache is full raises (it would overwrite the last slot and return
+    wrong logits) -- from the eager call and from inside the caller's jax.jit; steps that fit
+    still run."""
+    model, variables = model_and_vars(cfg_of(2))
+    dec = make_decoder(model, batch=2, max_len=4)
+    cache = dec.init_cache()
+    _, cache = dec.prefill(variables, cache, np.ones((2, 3), np.int32), np.array([3, 2]))
+    _, cache = dec.step(variables, cache, np.ones(2, np.int32))         # row 0 now holds 4
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [4, 3])
+    with pytest.raises(ValueError, match="row 0 already holds 4 positions.*max_len=4"):
+        dec.step(variables, cache, np.ones(2, np.int32))
+    jitted = jax.jit(lambda c, t: dec.step(variables, c, t))
+    with pytest.raises(Exception, match="row 0 already holds 4 positions.*max_len=4"):
+        jax.block_until_ready(jitted(cache, jnp.ones(2, jnp.int32)))
+    capfd.readouterr()
+
+
 # --------------------------------------------------------------------------------------------
 # teacher-forced evaluation through the cache
 
