@@ -583,7 +583,8 @@ class BackendConfig(_Section):
     # allowed depends on the platform, as for cpu_kernels.
     attention: Literal["auto", "block", "dense", "flash", "xla_sdpa", "cudnn"] = Field(
         "auto", description="causal attention core of training/prefill (positions 0..T-1): "
-        "auto = the ops set's own (native kernel or block-causal on CPU, dense on GPU/TPU); "
+        "auto = the ops set's own (native kernel or block-causal on CPU, dense on TPU; on a GPU "
+        "cuDNN fused attention where supported, else dense with the reason logged); "
         "block = block-causal XLA; dense = one masked softmax over T x T scores; flash = "
         "key-tiled online softmax, O(T) memory (tfm_jax.layers.attention_ops.flash); xla_sdpa / cudnn = "
         "jax.nn.dot_product_attention with implementation xla / cudnn (cudnn: GPU only, "

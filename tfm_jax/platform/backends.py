@@ -181,7 +181,8 @@ def resolve_ops(cfg: Config, devices: list) -> Ops:
     (:func:`tfm_jax.quant.fp8.dot_general_factory`, over the set's GEMM) and
     ``quant.fp8_weight_storage`` its FP8 kernels (:mod:`tfm_jax.quant.storage`); then
     ``backend.attention`` (unless ``auto``) replaces its causal core (``cudnn`` on a non-GPU
-    platform raises ConfigError)."""
+    platform raises ConfigError); ``auto`` on a GPU picks cuDNN fused attention where it is
+    supported (:func:`cudnn_attention_unsupported` says why not otherwise)."""
     ops = _resolve_set(cfg, devices)
     if cfg.quant.fp8:
         from tfm_jax.quant import fp8
@@ -190,14 +191,50 @@ def resolve_ops(cfg: Config, devices: list) -> Ops:
         from tfm_jax.quant import storage
         ops = ops.with_weight_storage(storage.spec_from_config(cfg.quant))
     choice = cfg.backend.attention
-    if choice == "auto":
-        return ops
     platform = devices[0].platform
+    if choice == "auto":
+        return _gpu_attention(cfg, devices, ops) if platform == "gpu" else ops
     if choice == "cudnn" and platform != "gpu":
         raise ConfigError(f"backend.attention=cudnn needs a GPU (cuDNN), but the run's devices "
                           f"are {platform}; use backend.attention=flash (any platform) or auto")
     from tfm_jax.layers import ops as ops_lib
     return ops.with_attention(*ops_lib.attention_core(choice))
+
+
+def cudnn_attention_unsupported(cfg: Config, devices: list) -> Optional[str]:
+    """Why cuDNN's fused attention cannot be the causal core of this run on these GPU devices
+    (None: it can). Checks the compute dtype (cuDNN fused attention takes bf16/fp16), then lets
+    jax decide: a one-layer-sized ``implementation="cudnn"`` call with the run's head count,
+    head_dim and dtype is lowered and compiled on the first device (jax raises, with its reason,
+    for a GPU, cuDNN version or shape it does not support)."""
+    m = cfg.model
+    if m.dtype not in ("bfloat16", "float16"):
+        return f"cuDNN fused attention takes bf16/fp16, model.dtype={m.dtype}"
+    from tfm_jax.layers.attention_ops import flash
+    dt = jnp.dtype(m.dtype)
+    t = min(cfg.data.seq_len, 256)
+    q = jax.ShapeDtypeStruct((1, t, m.n_heads, m.resolved_head_dim), dt)
+    kv = jax.ShapeDtypeStruct((1, t, m.n_kv_heads, m.resolved_head_dim), dt)
+    valid = jax.ShapeDtypeStruct((1, t), jnp.bool_)
+    try:
+        with jax.default_device(devices[0]):
+            jax.jit(flash.cudnn_attention).lower(q, kv, kv, valid).compile()
+    except Exception as e:   # noqa: BLE001 -- jax's own reason, reported in one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"{type(e).__name__}: {first[:160]}"
+    return None
+
+
+def _gpu_attention(cfg: Config, devices: list, ops: Ops) -> Ops:
+    """``backend.attention=auto`` on a GPU: cuDNN fused (flash) attention where it is supported,
+    else the set's dense XLA core with the reason in the ``kernels:`` line."""
+    from tfm_jax.layers import ops as ops_lib
+
+    why = cudnn_attention_unsupported(cfg, devices)
+    if why is None:
+        return ops.with_attention(*ops_lib.attention_core("cudnn"))
+    note = f"attention: dense XLA, not cuDNN ({why})"
+    return dataclasses.replace(ops, detail=f"{ops.detail}; {note}" if ops.detail else note)
 
 
 def _resolve_set(cfg: Config, devices: list) -> Ops:

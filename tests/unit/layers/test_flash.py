@@ -256,15 +256,52 @@ class _FakeDevice:
     platform: str
 
 
-def test_auto_keeps_todays_ops(devices):
+def test_auto_keeps_the_sets_core_on_cpu(devices):
     for overrides in ([], ["backend.cpu_kernels=xla"]):
         cfg = load_config(overrides=overrides)
         assert cfg.backend.attention == "auto"
-        for devs in (devices, devices[:1], [_FakeDevice("gpu")]):
+        for devs in (devices, devices[:1]):
             ops = backends.resolve_ops(cfg, devs)
             assert ops.attention_name == "" and "attention:" not in ops.describe()
             assert ops.causal_attention in (causal_attention, dense_causal_attention) or \
                 ops.name == "cpu-native"
+
+
+def test_auto_on_gpu_is_cudnn_where_supported_else_says_why(devices, monkeypatch):
+    """backend.attention=auto on a GPU: cuDNN fused attention when jax accepts it for the run's
+    dtype and shapes; otherwise the dense XLA core and one line saying why (float32 compute;
+    here on CPU also the failed cuDNN lowering, with jax's reason)."""
+    gpu = [_FakeDevice("gpu")]
+    ops = backends.resolve_ops(load_config(), gpu)                          # float32
+    assert ops.causal_attention is dense_causal_attention
+    assert "attention: dense XLA, not cuDNN (cuDNN fused attention takes bf16/fp16, " \
+        "model.dtype=float32)" in ops.describe() and "\n" not in ops.describe()
+    bf16 = load_config(overrides=["model.dtype=bfloat16"])
+    why = backends.cudnn_attention_unsupported(bf16, devices[:1])           # no cuDNN on CPU
+    assert why and "\n" not in why and len(why) < 200
+    monkeypatch.setattr(backends, "cudnn_attention_unsupported", lambda cfg, devs: None)
+    ops = backends.resolve_ops(bf16, gpu)
+    from tfm_jax.layers.attention_ops.flash import cudnn_attention
+    assert ops.causal_attention is cudnn_attention and "cudnn" in ops.attention_name
+
+
+@pytest.mark.gpu
+def test_auto_on_gpu_compiles_cudnn_attention_into_the_train_step():
+    """On a real GPU with bf16 compute the default core is cuDNN's: the compiled train step
+    calls the cuDNN fused-attention kernels (forward and backward)."""
+    from tfm_jax import train as train_lib
+
+    cfg = load_config(overrides=["model.dtype=bfloat16", "data.seq_len=128",
+                                 "train.batch_size=2"])
+    setup = train_lib.build(cfg, jax.devices()[:1])
+    assert "cudnn" in setup.ops.describe(), setup.ops.describe()
+    state = setup.abstract_state()
+    batch = {k: jax.ShapeDtypeStruct((2, 128), jnp.float32 if k == "mask" else jnp.int32,
+                                     sharding=setup.batch_sharding)
+             for k in ("inputs", "targets", "mask")}
+    with setup.context():
+        text = setup.train_step.lower(state, batch).compile().as_text()
+    assert text.count("__cudnn$fmha") >= 2, "no cuDNN fused attention in the compiled step"
 
 
 @pytest.mark.parametrize("choice,fn,word", [
