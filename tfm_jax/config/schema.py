@@ -266,7 +266,8 @@ class TrainConfig(_Section):
     seed: Int = Field(0, description="seed of the initialization and the batch order")
     lr: Float = Field(3e-3, gt=0, description="peak learning rate (warmup, then cosine decay)")
     min_lr_ratio: Float = Field(0.1, ge=0, le=1, description="final lr = lr * min_lr_ratio")
-    warmup_steps: Int = Field(50, ge=0, description="linear warmup from 0 to lr")
+    warmup_steps: Int = Field(50, ge=0, description="linear warmup from 0 to lr (clamped to "
+                              "train.steps, with one line in the log, when it exceeds them)")
     weight_decay: Float = Field(0.1, ge=0, description="AdamW decoupled decay (kernels and "
                                 "embeddings only; by parameter role)")
     b1: Float = Field(0.9, ge=0, lt=1, description="AdamW first-moment decay")
@@ -302,9 +303,6 @@ class TrainConfig(_Section):
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
                              f"train.grad_accum={self.grad_accum}")
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"train.warmup_steps={self.warmup_steps} exceeds "
-                             f"train.steps={self.steps}")
         return self
 
 
@@ -353,9 +351,12 @@ class MeshConfig(_Section):
                     f"{n_devices} available devices; change the mesh.* sizes")
             sizes = {a: (n_devices // fixed if s == -1 else s) for a, s in sizes.items()}
         elif fixed != n_devices:
+            hint = (f"; on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={fixed} "
+                    f"(set before the command) gives {fixed} simulated devices"
+                    if fixed > n_devices else "")
             raise ConfigError(
                 f"mesh: data*fsdp*tensor*expert = {fixed} but {n_devices} devices are available; "
-                "make the product equal the device count, or set one axis to -1")
+                f"make the product equal the device count, or set one axis to -1{hint}")
         return sizes
 
 

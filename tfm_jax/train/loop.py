@@ -245,6 +245,9 @@ class Trainer:
         if corpus.skipped_files:
             log.info(f"corpus {corpus.source}: {corpus.skipped_summary()}")
         log.info(f"kernels: {setup.ops.describe()}")
+        if cfg.train.warmup_steps > cfg.train.steps:
+            log.info(f"train.warmup_steps={cfg.train.warmup_steps} exceeds train.steps="
+                     f"{cfg.train.steps}: the warmup is clamped to {cfg.train.steps} steps")
         log.info(memory.summary_line(memory.state_bytes(self.state)))
         if cfg.quant.fp8:
             log.info(fp8_dot_line(setup, self.state))

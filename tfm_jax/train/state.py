@@ -23,11 +23,13 @@ class TrainState:
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
-    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, cosine decay to ``lr*min_lr_ratio``
-    at ``steps``."""
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps`` (at most ``steps``: a quick run of a
+    config made for a long one warms up over all of its steps), cosine decay to
+    ``lr*min_lr_ratio`` at ``steps``."""
     t = cfg.train
+    warmup = min(t.warmup_steps, t.steps)
     return optax.warmup_cosine_decay_schedule(
-        0.0, t.lr, t.warmup_steps, max(t.steps, t.warmup_steps + 1), t.lr * t.min_lr_ratio)
+        0.0, t.lr, warmup, max(t.steps, warmup + 1), t.lr * t.min_lr_ratio)
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:

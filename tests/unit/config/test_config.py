@@ -492,3 +492,11 @@ def test_number_accepted_for_text_and_empty_section(tmp_path):
     cfg = load_config(str(p))
     from tfm_jax.config import TrainConfig
     assert cfg.model.n_layers == 2 and cfg.train.steps == TrainConfig().steps
+
+
+def test_a_mesh_larger_than_the_machine_names_the_cpu_device_flag():
+    """moe-tiny (data 2 x expert 4) on one device: the error says how to get 8 CPU devices."""
+    cfg = load_config(None, ["moe.n_experts=8", "mesh.data=2", "mesh.expert=4"])
+    with pytest.raises(ConfigError, match="8 but 1 devices.*XLA_FLAGS=--xla_force_host_platform"
+                                          "_device_count=8"):
+        cfg.mesh.resolved_sizes(1)
