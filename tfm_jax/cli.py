@@ -127,10 +127,9 @@ def run_train(args) -> int:
         return 1
     run_dir = pathlib.Path(result.run_dir)
     ev = result.eval
-    loss = (f"train loss {result.last_loss:.4f}" if result.last_loss_step is not None
+    loss = (f"train loss {result.last_loss:.4f} (mean of the log window ending at step "
+            f"{result.last_loss_step}, as in metrics.jsonl)" if result.last_loss_step is not None
             else "no finite train loss logged")
-    if result.last_loss_step is not None and result.last_loss_step != result.final_step:
-        loss += f" (step {result.last_loss_step})"
     val = (f"val loss {ev.get('val_loss', float('nan')):.4f} nats/token "
            f"(ppl {ev.get('val_ppl', float('nan')):.2f}) vs unigram baseline "
            f"{result.unigram_baseline:.4f}")

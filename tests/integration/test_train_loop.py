@@ -36,7 +36,7 @@ def test_loss_falls_below_unigram_baseline(tmp_path, corpus):
 
 @pytest.mark.parametrize("extra", [[], ["model.norm=batchnorm", "train.grad_accum=2", "train.batch_size=16",
                                         "model.scan_layers=true"]])
-def test_resume_is_bitwise_identical(tmp_path, corpus, extra, devices):
+def test_resume_is_bitwise_identical(tmp_path, corpus, extra, devices, capsys):
     common = ["train.steps=10", "train.checkpoint_every=4", "train.eval_every=5",
               "mesh.data=2"] + extra
     run = lambda name, **kw: train(small_cfg(tmp_path / name, *common), corpus=corpus,  # noqa
@@ -51,7 +51,9 @@ def test_resume_is_bitwise_identical(tmp_path, corpus, extra, devices):
         run("cut", step_hook=interrupt_at_6)
     assert err.value.signum == signal.SIGINT and "step 6" in str(err.value)
     assert Checkpointer(tmp_path / "cut" / "checkpoints").latest_step() == 6
+    capsys.readouterr()
     resumed = run("cut", resume=True)
+    assert "resumed from step 6 of 10" in capsys.readouterr().out
 
     chex.assert_trees_all_equal(params_np(full.state), params_np(resumed.state))
     chex.assert_trees_all_equal(jax.device_get(full.state.model_state),
@@ -62,6 +64,8 @@ def test_resume_is_bitwise_identical(tmp_path, corpus, extra, devices):
     b = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "cut") if "loss" in r]
     assert a == b   # same losses, logged once per step, no duplicates after resume
     assert full.eval == resumed.eval
+    # one "final train loss": the last train row of metrics.jsonl, for both runs
+    assert full.last_loss == resumed.last_loss == a[-1][1] and full.last_loss_step == 10
 
 
 def test_existing_run_needs_resume(tmp_path, corpus):
@@ -156,3 +160,14 @@ def test_process_killed_during_async_save_resumes_exactly(tmp_path, corpus, devi
     full = train(load_config(None, common + [f"run.dir={tmp_path / 'full'}"]),
                  devices=devices[:1])
     chex.assert_trees_all_equal(params_np(full.state), params_np(resumed.state))
+
+
+def test_final_train_loss_is_the_last_logged_window(tmp_path, corpus):
+    """The result's train loss (what the finish line prints) is the mean over the last log
+    window -- metrics.jsonl's last train row -- not the last step's own loss."""
+    res = train(small_cfg(tmp_path, "mesh.data=1", "train.steps=4", "train.log_every=2",
+                          "train.eval_every=4", "train.checkpoint_every=4"),
+                corpus=corpus, devices=jax.devices()[:1])
+    rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert res.last_loss == rows[-1]["loss"] and res.last_loss_step == 4

@@ -48,6 +48,9 @@ class TrainResult:
     state: TrainState
     run_dir: str
     final_step: int
+    # The run's "final train loss", one definition everywhere (console, metrics.jsonl, resume,
+    # ablation measurements): the mean loss of the last log window with a finite step, i.e. the
+    # last train row of metrics.jsonl; ``last_loss_step`` is that row's step.
     last_loss: float
     eval: dict[str, float]
     unigram_baseline: float
@@ -244,6 +247,9 @@ class Trainer:
                  f"{corpus.num_val_tokens:,} val tokens | unigram baseline {self.unigram:.3f} nats")
         if corpus.skipped_files:
             log.info(f"corpus {corpus.source}: {corpus.skipped_summary()}")
+        if self.start_step:
+            log.info(f"resumed from step {self.start_step} of {cfg.train.steps} "
+                     f"({self.ckpt.directory / str(self.start_step)})")
         log.info(f"kernels: {setup.ops.describe()}")
         if cfg.train.warmup_steps > cfg.train.steps:
             log.info(f"train.warmup_steps={cfg.train.warmup_steps} exceeds train.steps="
@@ -334,8 +340,7 @@ class Trainer:
         if not bool(m["finite"]):
             self._nonfinite(step_done, m)
         else:
-            self.last_loss, self.last_loss_step = float(m["loss"]), step_done
-            w.losses.append(self.last_loss)
+            w.losses.append(float(m["loss"]))
             w.grad_norm = float(m["grad_norm"])
             if step_done != self.start_step + 1:
                 w.tokens += float(m["tokens"])
@@ -368,6 +373,8 @@ class Trainer:
         if w.skipped and self.skipped > 1:
             self.logger.warn(f"step {step_done}: {w.skipped} step(s) skipped (non-finite) in "
                              f"this log window, {self.skipped} in all")
+        if w.losses:
+            self.last_loss, self.last_loss_step = float(np.mean(w.losses)), step_done
         self.logger.log(step_done, {
             "loss": float(np.mean(w.losses)) if w.losses else None,
             "lr": float(m["lr"]), "grad_norm": w.grad_norm, "tokens_per_s": tps,

@@ -70,7 +70,7 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{kind}/{k}", v, step)
         self.start_progress()
         if self._bar is not None:
-            self._bar.update(step - self._bar.n)
+            # postfix first, then the update that redraws: the bar shows this window's row
             if kind == "train":
                 post = {"loss": "n/a" if row.get("loss") is None else f"{row['loss']:.3f}"}
                 if row.get("skipped"):
@@ -80,7 +80,8 @@ class MetricsLogger:
                 if row.get("mfu") is not None:
                     post["mfu"] = f"{100 * row['mfu']:.1f}%"
                 self._bar.set_postfix(post, refresh=False)
-            else:
+            self._bar.update(step - self._bar.n)
+            if kind != "train":
                 self.info(f"step {step}: " + ", ".join(
                     f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                     for k, v in row.items() if k != "step"))
