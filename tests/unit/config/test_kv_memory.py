@@ -107,3 +107,23 @@ def test_cli_table_and_errors():
     assert "256.00 MiB" in proc.stdout                  # int8 GQA at the config's 4096 tokens
     bad = _cli("kv-cache", "--config", "llama3-8b", "--dtype", "fp4")
     assert bad.returncode == 2 and "fp4" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_docs_kv_table_uses_the_calculators_binary_units():
+    """docs/inference.md's Llama-3-8B table shows the calculator's own figures in binary units
+    (human_bytes: GiB/MiB) for every computed column; only the seed's quoted columns keep MB/GB."""
+    import pathlib
+    import re
+
+    from tfm_jax.config import load_config
+    from tfm_jax.config.sizing import human_bytes, kv_table
+
+    doc = (pathlib.Path(__file__).resolve().parents[3] / "docs" / "inference.md").read_text()
+    rows = {r["kind"]: r for r in kv_table(load_config("llama3-8b"), seq=4096, batch=1,
+                                           dtype="bf16")}
+    for kind in ("MHA", "GQA", "MQA"):
+        line = next(ln for ln in doc.splitlines() if ln.startswith(f"| {kind} ("))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[4] == human_bytes(rows[kind]["weights_bytes"]), line
+        assert re.sub(r"[*]|\s*\(.*\)", "", cells[2]).replace(".00", "") == \
+            human_bytes(rows[kind]["total_bytes"]).replace(".00", ""), line
