@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import signal
 import sys
@@ -25,6 +26,7 @@ from typing import Callable, Optional, Sequence
 
 from tfm_jax.core import interrupts
 from tfm_jax.config import WEIGHT_ONLY_RECIPES, Config, ConfigError, load_config
+from tfm_jax.config.schema import PLUGIN_ENV
 from tfm_jax.core.errors import CheckpointMismatch, DataError
 
 
@@ -633,12 +635,21 @@ def _parser() -> argparse.ArgumentParser:
                                                 required=True)
         p = subs[cmd.name[:-1]].add_parser(cmd.name[-1], help=cmd.help)
         cmd.add_args(p)
+        if cmd.name not in _NO_BACKEND:
+            p.add_argument("--pjrt-plugin", metavar="PATH", default=None,
+                           help="PJRT plugin library (.so) for backend.platform gpu/tpu/hpu "
+                           f"(sets ${PLUGIN_ENV}; never read from a config or run directory)")
         p.set_defaults(_run=cmd.run, _name=" ".join(cmd.name))
     return ap
 
 
+_NO_BACKEND = {("kv-cache",), ("claims",)}     # commands that start no jax backend
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "pjrt_plugin", None):   # absolute: a bare name would be a library search
+        os.environ[PLUGIN_ENV] = os.path.abspath(os.path.expanduser(args.pjrt_plugin))
     interrupts.note(f"during 'tfm-jax {args._name}'")
     try:
         return args._run(args)

@@ -549,6 +549,21 @@ def _removed_cpu_blas(value: Any) -> Any:
     return value
 
 
+PLUGIN_ENV = "TFM_JAX_PJRT_PLUGIN"     # --pjrt-plugin sets it (tfm_jax.platform.backends)
+PLUGIN_FIX = ("pass the library on the command line (--pjrt-plugin PATH) or in the "
+              "environment ($TFM_JAX_PJRT_PLUGIN=PATH)")
+
+
+def _refuse_plugin_path(value: Any) -> Any:
+    """backend.pjrt_plugin with a path: refused. A config, a run's saved config.yaml or an
+    experiment file is data that others hand around; loading a library runs its code."""
+    if value is not None:
+        raise ValueError(f"backend.pjrt_plugin={value}: a library path is never read from a "
+                         f"config (shared configs and run directories are data, and loading a "
+                         f"library runs its code); {PLUGIN_FIX}")
+    return value
+
+
 CpuBlas = Annotated[Literal["auto", "openblas", "mkl"], BeforeValidator(_removed_cpu_blas)]
 
 
@@ -557,9 +572,10 @@ class BackendConfig(_Section):
     platform: Literal["auto", "cpu", "gpu", "tpu", "hpu"] = Field(
         "auto", description="auto = jax's default; cpu/gpu/tpu/hpu pin it (tfm_jax.platform.backends."
         "configure); hpu needs a PJRT plugin (pjrt_plugin)")
-    pjrt_plugin: Optional[str] = Field(
-        None, description="PJRT plugin library (.so) registered through jax's plugin mechanism "
-        "for backend.platform gpu/tpu/hpu before jax starts (default: $TFM_JAX_PJRT_PLUGIN)")
+    pjrt_plugin: Annotated[Optional[str], BeforeValidator(_refuse_plugin_path)] = Field(
+        None, description="never read from a config (must stay null): a library path in a shared "
+        "config or run directory would run its code when loaded. Give the PJRT plugin library "
+        "(.so) for backend.platform gpu/tpu/hpu with --pjrt-plugin PATH or $TFM_JAX_PJRT_PLUGIN")
     profile: Literal["none", "nvidia-hopper", "gaudi2", "gaudi3"] = Field(
         "none", description="hardware numeric profile: fills quant formats, quant.scale_set and "
         "moe.dispatch where they are not set (tfm_jax.config.profiles); needs its hardware's platform")
@@ -591,9 +607,6 @@ class BackendConfig(_Section):
 
 def _check_backend(b: BackendConfig) -> None:
     """Platform, plugin, profile and emulation fit together (tfm_jax.config.profiles)."""
-    if b.pjrt_plugin is not None and b.platform in ("auto", "cpu"):
-        raise ValueError(f"backend.pjrt_plugin is set but backend.platform={b.platform}: name the "
-                         "platform the plugin provides (backend.platform=hpu, gpu or tpu)")
     if b.emulate != "none":
         if b.platform not in ("auto", "cpu"):
             raise ValueError(f"backend.emulate={b.emulate} runs that profile's numerics on CPU, "

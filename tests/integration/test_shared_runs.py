@@ -1,0 +1,97 @@
+"""A run directory, config or experiment file received from someone else is data, never code:
+the harmless proofs of the safety audit, run through the command line (``python -m tfm_jax``
+in a subprocess). A library whose constructor writes a marker file stands for a planted plugin
+(tests/rundir_support.py)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.rundir_support import marker_library
+
+TIMEOUT = 180
+ROOT = str(pathlib.Path(__file__).resolve().parents[2])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in e.get("PYTHONPATH", "").split(
+        os.pathsep) if p and os.path.abspath(p) != ROOT])
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    e["JAX_PLATFORMS"] = "cpu"
+    e["TFM_JAX_CACHE"] = str(tmp_path_factory.mktemp("tfm_jax_cache"))
+    e["PYTHONUNBUFFERED"] = "1"
+    for k in ("TFM_JAX_PJRT_PLUGIN", "PJRT_NAMES_AND_LIBRARY_PATHS"):
+        e.pop(k, None)
+    return e
+
+
+def run(env, cwd, *args):
+    return subprocess.run([sys.executable, "-m", "tfm_jax", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, errors="replace", timeout=TIMEOUT)
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("tfm-jax:") and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+# ------------------------------------------------------------------------------ PJRT plugins
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """(a library that writes ``marker`` when loaded, the marker path)."""
+    marker = tmp_path / "LOADED"
+    return marker_library(tmp_path / "lib", marker), marker
+
+
+def _received_run(folder: pathlib.Path, lib) -> pathlib.Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(
+        f"backend:\n  platform: hpu\n  pjrt_plugin: {lib}\n")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "calibrate", "quantize", "convert"])
+def test_received_run_naming_a_plugin_loads_nothing(command, env, planted, tmp_path):
+    lib, marker = planted
+    run_dir = _received_run(tmp_path / "received", lib)
+    extra = {"quantize": ["--recipe", "int8_weight"], "convert": ["--kv-heads", "1"]}
+    err = one_line_error(run(env, tmp_path, command, "--run-dir", run_dir,
+                             *extra.get(command, [])))
+    assert "backend.pjrt_plugin" in err and "--pjrt-plugin" in err, err
+    assert not marker.exists(), f"{command} loaded the library named by the run it read"
+
+
+def test_config_and_experiment_naming_a_plugin_load_nothing(env, planted, tmp_path):
+    lib, marker = planted
+    cfg = tmp_path / "shared.yaml"
+    cfg.write_text(f"backend:\n  platform: hpu\n  pjrt_plugin: {lib}\n")
+    for args in (["train", "--config", cfg], ["inspect", "--config", cfg],
+                 ["env", "--config", cfg]):
+        err = one_line_error(run(env, tmp_path, *args))
+        assert "--pjrt-plugin" in err, err
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: planted\nbase: tiny\noverrides:\n  backend: {platform: hpu, "
+                   f"pjrt_plugin: {lib}}}\nvariants:\n  a: {{}}\nseeds: [0]\n")
+    proc = run(env, tmp_path, "ablate", exp, "--dry-run")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--pjrt-plugin" in proc.stderr + proc.stdout
+    assert not marker.exists()
+
+
+def test_plugin_from_the_flag_is_loaded(env, planted, tmp_path):
+    """The proof is live: the same library given on the command line is loaded (it is not a
+    PJRT plugin, so the run then stops with the loader's message), by absolute path although
+    it was given relative to the working directory."""
+    lib, marker = planted
+    proc = run(env, lib.parent, "env", "--no-measure", "--pjrt-plugin", lib.name,
+               "backend.platform=hpu")          # env reports the plugin error in its report
+    assert proc.returncode == 2 and marker.exists(), (proc.stdout, proc.stderr)
+    assert str(lib) in proc.stdout and "did not load as a PJRT plugin" in proc.stdout
