@@ -24,7 +24,7 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from tfm_jax.core import interrupts
+from tfm_jax.core import interrupts, rundir
 from tfm_jax.config import WEIGHT_ONLY_RECIPES, Config, ConfigError, load_config
 from tfm_jax.config.schema import PLUGIN_ENV
 from tfm_jax.core.errors import CheckpointMismatch, DataError
@@ -50,6 +50,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _run_config(args) -> Config:
     """For eval/generate: the run's saved config (if --run-dir given), with overrides."""
     if getattr(args, "run_dir", None):
+        rundir.check_run_dir(args.run_dir)          # a received run: no links inside
         saved = pathlib.Path(args.run_dir) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--run-dir {args.run_dir}: no config.yaml there; is it a run "
@@ -71,7 +72,7 @@ def _restore(cfg: Config, calib_batches: int = 16):
         return calibrate.restore_with_recipe(cfg, calib_batches=calib_batches)
     backends.configure(cfg.backend)
     setup = build(cfg)
-    ckpt = Checkpointer(cfg.run_dir / "checkpoints")
+    ckpt = Checkpointer(cfg.run_dir / "checkpoints", read_only=True)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint under {cfg.run_dir / 'checkpoints'}; train first "
                                 "('tfm-jax train') or pass --run-dir of a trained run")
@@ -152,7 +153,7 @@ def run_train(args) -> int:
     elif cfg.train.sample_tokens:
         text = _sample(result.setup, result.state, cfg.train.sample_prompt, cfg.train.sample_tokens,
                        0.8, 40, cfg.train.seed)
-        (run_dir / "samples.txt").write_text(text)
+        rundir.atomic_write(run_dir / "samples.txt", text)
         print(f"\n--- sample (prompt {cfg.train.sample_prompt!r}) ---\n{text}\n---")
     print(f"\nrun directory: {run_dir}\n  config      {run_dir / 'config.yaml'}\n"
           f"  metrics     {run_dir / 'metrics.jsonl'}\n  checkpoints {run_dir / 'checkpoints'}"

@@ -17,7 +17,7 @@ import numpy as np
 
 from tfm_jax import data as data_lib
 from tfm_jax.config import Config, check_runtime, check_trainable
-from tfm_jax.core import interrupts, telemetry
+from tfm_jax.core import interrupts, rundir, telemetry
 from tfm_jax.model import count_params, train_flops_per_token
 from tfm_jax.platform import backends
 from tfm_jax.train.checkpoint import CheckpointMismatch, Checkpointer
@@ -141,6 +141,12 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     backends.configure(cfg.backend)
     check_trainable(cfg)
     check_runtime(cfg, len(jax.devices() if devices is None else devices))   # before any I/O
+    # The run directory is data (tfm_jax.core.rundir): a new run only goes into a missing or
+    # empty folder or a tfm-jax run, with no links inside; one process at a time trains it.
+    rundir.claim_output_dir(cfg.run_dir, "run directory")
+    lock = rundir.RunLock(cfg.run_dir) if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()
     ckpt = Checkpointer(cfg.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoint)
     try:   # closed on every exit: an orbax manager left open prints asyncio tracebacks at exit
@@ -149,6 +155,8 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
         return trainer.run()
     finally:
         ckpt.close()
+        if lock is not None:
+            lock.release()
 
 
 @dataclasses.dataclass
@@ -217,7 +225,7 @@ class Trainer:
             self.state = self.setup.init_state()
         self.step = self.start_step
         run_dir.mkdir(parents=True, exist_ok=True)
-        data_lib.atomic_write(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
+        rundir.atomic_write(run_dir / "config.yaml", cfg.to_yaml())
         self.param_paths = [jax.tree_util.keystr(p, simple=True, separator="/")
                             for p, _ in jax.tree_util.tree_flatten_with_path(self.state.params)[0]]
         self.flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len, cfg.moe)
@@ -393,7 +401,7 @@ class Trainer:
         self.state = (self.setup.init_state() if latest is None
                       else self.ckpt.restore(self.setup.abstract_state()))
         self.step, self.pending = int(self.state.step), None
-        data_lib.atomic_write(self.run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
+        rundir.atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
         where = (f"checkpoint {latest}" if latest is not None
                  else "the initial state (no checkpoint yet)")
         self.logger.warn(f"{msg}; reloaded {where} with quant.margin={margin} (reload "
