@@ -95,3 +95,27 @@ def test_plugin_from_the_flag_is_loaded(env, planted, tmp_path):
                "backend.platform=hpu")          # env reports the plugin error in its report
     assert proc.returncode == 2 and marker.exists(), (proc.stdout, proc.stderr)
     assert str(lib) in proc.stdout and "did not load as a PJRT plugin" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ kernel cache
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the native kernels build on Linux only")
+def test_planted_kernel_library_in_a_shared_cache_never_runs(env, tmp_path):
+    """The audit: a library planted at the kernel cache's computed path of a shared
+    $TFM_JAX_CACHE ran under 'tfm-jax env'. Now the cache is refused (group/world-writable),
+    the kernels fall back to XLA with the reason, and the marker is never written."""
+    from tfm_jax.platform.kernels import cpu
+
+    shared = tmp_path / "shared-cache"
+    _, _, out_dir = cpu._build_plan(shared)
+    marker = tmp_path / "LOADED"
+    lib = marker_library(tmp_path / "lib", marker)
+    out_dir.mkdir(parents=True)
+    (out_dir / "libtfm_cpu_kernels.so").write_bytes(lib.read_bytes())
+    for d in (shared, shared / "kernels", out_dir):
+        os.chmod(d, 0o777)
+    proc = run({**env, "TFM_JAX_CACHE": str(shared)}, tmp_path, "env", "--no-measure")
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()
+    assert "writable by group or others" in proc.stdout, proc.stdout
