@@ -119,3 +119,34 @@ def test_planted_kernel_library_in_a_shared_cache_never_runs(env, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert not marker.exists()
     assert "writable by group or others" in proc.stdout, proc.stdout
+
+
+# ------------------------------------------------------------------------------ resources
+
+
+def test_step_that_does_not_fit_stops_with_one_line(env, tmp_path):
+    """The audit: seq_len=16384, batch 32 under an 8 GB address-space limit printed the state
+    size, then died allocating ~19 GB with a traceback (exit 1). Now: one line, exit 2, before
+    any state is allocated."""
+    proc = subprocess.run(["sh", "-c", 'ulimit -v 8388608 && exec "$0" "$@"', sys.executable,
+                           "-m", "tfm_jax", "train", "data.seq_len=16384", "train.batch_size=32",
+                           f"run.dir={tmp_path / 'big'}", "run.progress=false"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    err = one_line_error(proc)
+    assert "compiled train step needs about" in err and "train.memory_check=false" in err, err
+    assert "ulimit -v" in err
+    assert not (tmp_path / "big" / "config.yaml").exists()
+
+
+def test_memory_check_can_be_forced(tmp_path, monkeypatch, devices):
+    """train.memory_check=false: not checked, the run opens (stopped before its first step)."""
+    from train_support import small_cfg
+    from tfm_jax import train as train_lib
+    from tfm_jax.train import loop, memory
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(memory, "check_fits", lambda *a: pytest.fail("checked although forced"))
+    monkeypatch.setattr(loop.Trainer, "run", lambda self: "opened")
+    assert train_lib.train(small_cfg(run, "mesh.data=1", "train.steps=2",
+                                     "train.memory_check=false"), devices=devices[:1]) == "opened"
+    assert (run / "config.yaml").exists()

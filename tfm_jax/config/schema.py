@@ -289,6 +289,10 @@ class TrainConfig(_Section):
     eval_batches: Int = Field(32, gt=0, description="validation batches per evaluation")
     checkpoint_every: Int = Field(400, gt=0, description="steps between orbax checkpoints")
     keep_checkpoints: Int = Field(2, gt=0, description="newest checkpoints kept")
+    memory_check: bool = Field(
+        True, description="before training, compare the compiled step's peak memory estimate "
+        "with the memory available (host or device) and stop with exit 2 when it will not fit "
+        "(tfm_jax.train.memory.check_fits); false = start anyway")
     async_checkpoint: bool = Field(True, description="save checkpoints in the background "
                                    "(never half-written: orbax commits atomically)")
     sample_tokens: Int = Field(200, ge=0, description="tokens generated at the end of a run")

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from tfm_jax import data as data_lib
-from tfm_jax.config import Config, check_runtime, check_trainable
+from tfm_jax.config import Config, ConfigError, check_runtime, check_trainable
 from tfm_jax.core import interrupts, rundir, telemetry
 from tfm_jax.model import count_params, train_flops_per_token
 from tfm_jax.platform import backends
@@ -204,6 +204,12 @@ class Trainer:
         self.corpus = corpus or data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction,
                                                      cfg.data.cache_dir, include=cfg.data.include)
         self.setup = build(cfg, self.devices)
+        if cfg.train.memory_check:           # before any state is allocated
+            from tfm_jax.train import memory
+
+            too_big = memory.check_fits(self.setup)
+            if too_big:
+                raise ConfigError(too_big)
         self.start_step = 0
         if resume:
             # Restore before writing anything: a resume with an incompatible config must leave
