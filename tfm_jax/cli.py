@@ -203,6 +203,9 @@ def run_eval(args) -> int:
     return 0
 
 
+CONTEXT_FACTOR = 8      # generate: prompt + new tokens <= 8 x the trained length by default
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
@@ -219,6 +222,11 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (completions, timings) instead of text")
+    p.add_argument("--max-context", type=int, default=None,
+                   help=f"longest prompt + --tokens allowed (default {CONTEXT_FACTOR} x "
+                   "data.seq_len of the run)")
+    p.add_argument("--max-prompts", type=int, default=256,
+                   help="most prompts in one batch (default 256)")
 
 
 def _read_prompts(path: Optional[str]) -> list[str]:
@@ -250,13 +258,26 @@ def run_generate(args) -> int:
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ConfigError(f"--temperature {args.temperature} / --top-k {args.top_k} / --top-p "
                           f"{args.top_p}: need temperature >= 0, top-k >= 0, 0 < top-p <= 1")
-    setup, state = _restore(cfg)
+    if len(prompts) > args.max_prompts:
+        raise ConfigError(f"{len(prompts):,} prompts: at most --max-prompts {args.max_prompts} "
+                          "in one batch; split the file or raise --max-prompts")
     from tfm_jax.data import ByteTokenizer
-    from tfm_jax.generate import bytes_of_cache, generate, make_decoder
 
     tok = ByteTokenizer()
     # Packed training streams separate documents with EOS: EOS is the "document start" context.
     ids = [[tok.EOS_ID] + list(tok.encode(p)) for p in prompts]
+    limit = args.max_context or CONTEXT_FACTOR * cfg.data.seq_len
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+    if len(ids[longest]) + tokens > limit:
+        raise ConfigError(
+            f"prompt {longest + 1} is {len(ids[longest]):,} tokens; with --tokens {tokens} that "
+            f"is {len(ids[longest]) + tokens:,} positions, beyond the context limit {limit:,} "
+            + ("(--max-context)" if args.max_context else f"({CONTEXT_FACTOR} x data.seq_len="
+               f"{cfg.data.seq_len}, the length the model was trained on)")
+            + "; shorten the prompt, lower --tokens or raise --max-context")
+    setup, state = _restore(cfg)
+    from tfm_jax.generate import bytes_of_cache, generate, make_decoder
+
     shards = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
     batch = -(-len(ids) // shards) * shards          # rows split evenly over the batch shards
     q = cfg.quant

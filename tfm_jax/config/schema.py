@@ -627,9 +627,23 @@ def _check_backend(b: BackendConfig) -> None:
                              f"backend.emulate={b.profile} to run its numerics on CPU")
 
 
+def _check_run_name(value: Any) -> Any:
+    """run.name is one folder name under runs/: never a path (``../x``, ``/abs``) out of it."""
+    if value is None:
+        return value
+    if (not isinstance(value, str) or not re.fullmatch(r"[\w.=+-]{1,200}", value)
+            or value in (".", "..")):
+        raise ValueError(f"run.name={value!r}: one folder name under runs/ (letters, digits, "
+                         f". _ = + -, at most 200 characters; not . or ..); to write elsewhere "
+                         f"set run.dir")
+    return value
+
+
 class RunConfig(_Section):
     """Where a run writes, and what it shows."""
-    name: Optional[str] = Field(None, description="default: config file stem + overrides")
+    name: Annotated[Optional[str], BeforeValidator(_check_run_name)] = Field(
+        None, description="default: config file stem + overrides; one folder name under runs/ "
+        "(letters, digits, . _ = + -; not . or ..)")
     dir: Optional[str] = Field(None, description="run directory; default runs/<name>")
     tensorboard: bool = Field(True, description="write TensorBoard event files under "
                               "<run dir>/events")
@@ -860,7 +874,13 @@ def _yaml_spelling(v: Any) -> str:
 def _run_name(stem: str, overrides: dict[str, Any]) -> str:
     parts = [stem] + [f"{k.split('.')[-1]}={_yaml_spelling(v)}" for k, v in overrides.items()
                       if not k.startswith("run.")]
-    return re.sub(r"[^\w.=+-]+", "_", "-".join(parts))[:120]
+    return safe_run_name("-".join(parts))
+
+
+def safe_run_name(text: str) -> str:
+    """``text`` as a valid ``run.name`` (other characters become ``_``; at most 120)."""
+    name = re.sub(r"[^\w.=+-]+", "_", text)[:120]
+    return "_" + name if name in ("", ".", "..") else name
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:

@@ -32,6 +32,7 @@ from typing import Any, Optional
 import numpy as np
 
 from tfm_jax.config import Config, ConfigError, load_config
+from tfm_jax.config.schema import safe_run_name
 from tfm_jax.core import rundir
 
 KV_PROJECTIONS = ("k_proj", "v_proj")
@@ -104,7 +105,7 @@ def converted_config(src: Config, n_kv_heads: int, out_dir: pathlib.Path,
     if steps < 1:
         raise ConfigError(f"convert: --steps {steps} must be >= 1")
     return src.replace(**{"model.n_kv_heads": n_kv_heads, "run.dir": str(out_dir),
-                          "run.name": out_dir.name, "train.steps": steps,
+                          "run.name": safe_run_name(out_dir.name), "train.steps": steps,
                           "train.warmup_steps": min(src.train.warmup_steps, steps)})
 
 

@@ -32,6 +32,7 @@ import pathlib
 from typing import Any, Optional
 
 from tfm_jax.config import Config, ConfigError
+from tfm_jax.config.schema import safe_run_name
 from tfm_jax.core import rundir
 from tfm_jax.quant.ptq import RECIPES, dequantize_params, quantize_params, selects, tree_bytes
 
@@ -174,7 +175,7 @@ def quantize_run(run_dir: pathlib.Path | str, recipe: str,
     rundir.claim_output_dir(out_dir, "quantize: --out")   # never into another folder's files
     rundir.check_run_dir(run_dir)
     new_cfg = src_cfg.replace(**{"quant.recipe": recipe, "run.dir": str(out_dir),
-                                 "run.name": out_dir.name})
+                                 "run.name": safe_run_name(out_dir.name)})
 
     setup = _setup_and_sources(src_cfg, devices)
     src_state = restore_latest(run_dir / "checkpoints", setup.abstract_state(),
