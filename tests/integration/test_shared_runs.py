@@ -150,3 +150,50 @@ def test_memory_check_can_be_forced(tmp_path, monkeypatch, devices):
     assert train_lib.train(small_cfg(run, "mesh.data=1", "train.steps=2",
                                      "train.memory_check=false"), devices=devices[:1]) == "opened"
     assert (run / "config.yaml").exists()
+
+
+# ------------------------------------------------------------------------------ coordinator
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} write them) listening on ``port``."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.rsplit(":", 1)
+            if int(p, 16) == port and state == "0A":
+                out.append(addr)
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
+def test_coordinator_listens_on_the_given_address_only(env, tmp_path):
+    """The audit: --coordinator 127.0.0.1:P listened on *:P (jax's default bind)."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import sys; from tfm_jax.parallel import distributed as d; "
+            f"d.initialize(d.resolve(coordinator='127.0.0.1:{port}', num_processes=2, "
+            "process_id=0, timeout_s=60))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not _listening(port) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        addrs = _listening(port)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert addrs, "the coordinator never listened"
+    # 127.0.0.1 is 0100007F in /proc/net/tcp (::ffff:127.0.0.1 in tcp6 ends the same);
+    # every interface would be all zeros
+    assert all(a.endswith("0100007F") for a in addrs), addrs
