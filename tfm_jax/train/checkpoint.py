@@ -111,7 +111,9 @@ class Checkpointer:
 def _await_tmp_cleanup(manager: ocp.CheckpointManager) -> None:
     """Wait until the manager has removed the ``*.orbax-checkpoint-tmp*`` folders of an
     interrupted save. orbax (0.11+) does it in a background thread and waits only before its
-    own next save; a second manager on the same directory (a probe, then the run's own) would
+    own next save (a private method, ``_maybe_await_cleanup_tmp_directory``, the one this module
+    uses: tests/unit/platform/test_provenance.py fails when orbax renames it); a second manager
+    on the same directory (a probe, then the run's own) would
     then remove the same folders concurrently and one ``rmtree`` fails (FileNotFoundError) --
     seen in CI after a crash mid-save. Older orbax versions clean up in the constructor: then
     there is nothing to wait for."""

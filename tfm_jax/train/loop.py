@@ -241,6 +241,13 @@ class Trainer:
                                                 eval_span(cfg, self.corpus.val))
         self.rows = data_lib.process_rows(self.t.batch_size)
         self.logger = self._new_logger(self.start_step)
+        if jax.process_index() == 0:          # what this run (or this resume) ran with
+            import json
+
+            from tfm_jax.platform import environment
+            rundir.atomic_write(run_dir / "environment.json", json.dumps(
+                environment.provenance(self.setup.ops.describe(),
+                                       list(self.setup.mesh.devices.flat)), indent=1) + "\n")
         self._header(peak_source)
         self.logger.start_progress()
 
