@@ -197,3 +197,84 @@ def test_coordinator_listens_on_the_given_address_only(env, tmp_path):
     # 127.0.0.1 is 0100007F in /proc/net/tcp (::ffff:127.0.0.1 in tcp6 ends the same);
     # every interface would be all zeros
     assert all(a.endswith("0100007F") for a in addrs), addrs
+
+
+# ------------------------------------------------------------------------------ run directories
+
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+        "data.seq_len=32", "train.batch_size=4", "train.warmup_steps=1", "train.eval_every=2",
+        "train.checkpoint_every=2", "train.eval_batches=1", "train.log_every=1",
+        "train.sample_tokens=4", "run.progress=false", "run.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def trained(env, tmp_path_factory):
+    """A finished 2-step run (the 'received' run is a copy of it per test)."""
+    root = tmp_path_factory.mktemp("trained")
+    proc = run(env, root, "train", *TINY, "train.steps=2", f"run.dir={root / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    return root / "run"
+
+
+def _copy(run_dir, dest):
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    (dest / ".tfm-jax.lock").unlink(missing_ok=True)
+    return dest
+
+
+@pytest.mark.parametrize("planted", ["samples.txt", "metrics.jsonl.tmp", "metrics.jsonl"])
+def test_resume_of_a_received_run_never_writes_outside_it(planted, env, trained, tmp_path):
+    """The audit: 'train --resume' on a received run overwrote two files outside it through
+    planted links, and a linked metrics.jsonl took later rows."""
+    received = _copy(trained, tmp_path / "received")
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    (received / planted).unlink(missing_ok=True)
+    (received / planted).symlink_to(victim)
+    err = one_line_error(run(env, tmp_path, "train", *TINY, "train.steps=4",
+                             f"run.dir={received}", "--resume"))
+    assert f"{planted} is a symbolic link inside the run directory" in err, err
+    assert victim.read_text() == "keep me\n"
+    err = one_line_error(run(env, tmp_path, "eval", "--run-dir", received))
+    assert "symbolic link" in err
+
+
+def test_fresh_train_never_writes_into_a_folder_that_is_not_a_run(env, tmp_path):
+    """The audit: a fresh train into a folder without checkpoints unlinked its metrics.jsonl."""
+    other = tmp_path / "analysis"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("my own numbers\n")
+    err = one_line_error(run(env, tmp_path, "train", *TINY, "train.steps=2", f"run.dir={other}"))
+    assert "not a tfm-jax run" in err, err
+    assert (other / "metrics.jsonl").read_text() == "my own numbers\n"
+    assert sorted(p.name for p in other.iterdir()) == ["metrics.jsonl"]
+
+
+def test_second_process_on_the_same_run_stops_with_one_line(env, trained, tmp_path):
+    """The audit: two identical commands shared a run; one died with StepAlreadyExistsError and
+    metrics.jsonl kept one process's rows."""
+    import time
+
+    received = _copy(trained, tmp_path / "shared")
+    args = [sys.executable, "-m", "tfm_jax", "train", *TINY, "train.steps=400",
+            "train.eval_every=400", "train.checkpoint_every=400", f"run.dir={received}",
+            "--resume"]
+    first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        lock = received / ".tfm-jax.lock"
+        while time.time() < deadline and first.poll() is None and not (
+                lock.exists() and lock.read_text().strip() == str(first.pid)):
+            time.sleep(0.2)
+        assert first.poll() is None, first.stderr.read()
+        err = one_line_error(run(env, tmp_path, *args[3:]))
+        assert f"in use by another tfm-jax process (pid {first.pid}" in err, err
+    finally:
+        first.kill()
+        first.wait()
+    # the first one was killed: its lock is gone with it, the run can be resumed again
+    proc = run(env, tmp_path, "train", *TINY, "train.steps=2", f"run.dir={received}", "--resume")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
