@@ -144,7 +144,9 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     # The run directory is data (tfm_jax.core.rundir): a new run only goes into a missing or
     # empty folder or a tfm-jax run, with no links inside; one process at a time trains it.
     rundir.claim_output_dir(cfg.run_dir, "run directory")
-    lock = rundir.RunLock(cfg.run_dir) if jax.process_index() == 0 else None
+    # (a resume of a folder that does not exist fails in open(), creating nothing)
+    lock = (rundir.RunLock(cfg.run_dir) if jax.process_index() == 0
+            and (not resume or cfg.run_dir.is_dir()) else None)
     if lock is not None:
         lock.acquire()
     ckpt = Checkpointer(cfg.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
