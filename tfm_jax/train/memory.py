@@ -162,9 +162,12 @@ def _read_kib(path: str, field: str) -> Optional[int]:
 def check_fits(setup: Any, abstract_state: Any = None) -> Optional[str]:
     """A one-line reason when the compiled train step of ``setup`` will not fit in the
     available memory (:func:`available_bytes`), else None. Compiles the step (the run's own
-    compilation is then reused). On CPU the fake devices share the host, so the per-device
-    peak counts once per device."""
-    devices = list(setup.mesh.devices.flat)
+    compilation is then reused). On CPU this process's devices share the host, so the
+    per-device peak counts once per local device."""
+    import jax
+
+    # this process's share: the devices of the mesh that live on this host
+    devices = [d for d in setup.mesh.devices.flat if d.process_index == jax.process_index()]
     need = peak_memory(setup, abstract_state).get("peak_estimate")
     have, source = available_bytes(devices)
     if need is None or have is None:
