@@ -66,6 +66,7 @@ def test_received_run_naming_a_plugin_loads_nothing(command, env, planted, tmp_p
     err = one_line_error(run(env, tmp_path, command, "--run-dir", run_dir,
                              *extra.get(command, [])))
     assert "backend.pjrt_plugin" in err and "--pjrt-plugin" in err, err
+    assert err.count("\n") == 1, err                                   # one line
     assert not marker.exists(), f"{command} loaded the library named by the run it read"
 
 

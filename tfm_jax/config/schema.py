@@ -562,7 +562,7 @@ def _refuse_plugin_path(value: Any) -> Any:
     """backend.pjrt_plugin with a path: refused. A config, a run's saved config.yaml or an
     experiment file is data that others hand around; loading a library runs its code."""
     if value is not None:
-        raise ValueError(f"backend.pjrt_plugin={value}: a library path is never read from a "
+        raise ConfigError(f"backend.pjrt_plugin={value}: a library path is never read from a "
                          f"config (shared configs and run directories are data, and loading a "
                          f"library runs its code); {PLUGIN_FIX}")
     return value
@@ -786,6 +786,9 @@ def _format_errors(err: pydantic.ValidationError) -> str:
 
 
 def validate(raw: dict[str, Any]) -> Config:
+    backend = raw.get("backend") if isinstance(raw, dict) else None
+    if isinstance(backend, dict) and backend.get("pjrt_plugin") is not None:
+        _refuse_plugin_path(backend["pjrt_plugin"])      # one line, before anything else
     try:
         return Config.model_validate(raw)
     except pydantic.ValidationError as err:

@@ -87,6 +87,7 @@ def test_plugin_path_in_a_config_is_refused(where, tmp_path):
             f.write_text(f"backend:\n  platform: hpu\n  pjrt_plugin: {lib}\n")
             load_config(str(f), [])
     assert "backend.pjrt_plugin" in str(e.value) and PLUGIN_FIX in str(e.value)
+    assert "\n" not in str(e.value)                                 # one line
     assert "--pjrt-plugin" in PLUGIN_FIX and backends.PLUGIN_ENV in PLUGIN_FIX
     with pytest.raises(ConfigError, match="never read from a config"):   # a hand-built one
         backends.plugin_path(BackendConfig.model_construct(platform="hpu", pjrt_plugin=lib))
