@@ -586,7 +586,7 @@ def run_claims(args) -> int:
                                 "repository root or pass --root")
     rows = claims.ledger(root)
     path = pathlib.Path(args.out) if args.out else root / "CLAIMS.md"
-    path.write_text(claims.markdown(rows))
+    rundir.atomic_write(path, claims.markdown(rows))
     counts = {v: sum(r["verdict"] == v for r in rows) for v in claims.VERDICTS}
     print(f"{len(rows)} claims: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n))
     print(f"  ledger  {path}")
