@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from tfm_jax.core import interrupts
+from tfm_jax.core import interrupts, rundir
 from tfm_jax.config import WEIGHT_ONLY_RECIPES, Config, ConfigError, load_config
+from tfm_jax.config.schema import PLUGIN_ENV
 from tfm_jax.core.errors import CheckpointMismatch, DataError
 
 
@@ -48,6 +50,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _run_config(args) -> Config:
     """For eval/generate: the run's saved config (if --run-dir given), with overrides."""
     if getattr(args, "run_dir", None):
+        rundir.check_run_dir(args.run_dir)          # a received run: no links inside
         saved = pathlib.Path(args.run_dir) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--run-dir {args.run_dir}: no config.yaml there; is it a run "
@@ -69,7 +72,7 @@ def _restore(cfg: Config, calib_batches: int = 16):
         return calibrate.restore_with_recipe(cfg, calib_batches=calib_batches)
     backends.configure(cfg.backend)
     setup = build(cfg)
-    ckpt = Checkpointer(cfg.run_dir / "checkpoints")
+    ckpt = Checkpointer(cfg.run_dir / "checkpoints", read_only=True)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint under {cfg.run_dir / 'checkpoints'}; train first "
                                 "('tfm-jax train') or pass --run-dir of a trained run")
@@ -149,7 +152,7 @@ def run_train(args) -> int:
     elif cfg.train.sample_tokens:
         text = _sample(result.setup, result.state, cfg.train.sample_prompt, cfg.train.sample_tokens,
                        0.8, 40, cfg.train.seed)
-        (run_dir / "samples.txt").write_text(text)
+        rundir.atomic_write(run_dir / "samples.txt", text)
         print(f"\n--- sample (prompt {cfg.train.sample_prompt!r}) ---\n{text}\n---")
     print(f"\nrun directory: {run_dir}\n  config      {run_dir / 'config.yaml'}\n"
           f"  metrics     {run_dir / 'metrics.jsonl'}\n  checkpoints {run_dir / 'checkpoints'}"
@@ -199,6 +202,9 @@ def run_eval(args) -> int:
     return 0
 
 
+CONTEXT_FACTOR = 8      # generate: prompt + new tokens <= 8 x the trained length by default
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
@@ -215,6 +221,11 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (completions, timings) instead of text")
+    p.add_argument("--max-context", type=int, default=None,
+                   help=f"longest prompt + --tokens allowed (default {CONTEXT_FACTOR} x "
+                   "data.seq_len of the run)")
+    p.add_argument("--max-prompts", type=int, default=256,
+                   help="most prompts in one batch (default 256)")
 
 
 def _read_prompts(path: Optional[str]) -> list[str]:
@@ -246,13 +257,26 @@ def run_generate(args) -> int:
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ConfigError(f"--temperature {args.temperature} / --top-k {args.top_k} / --top-p "
                           f"{args.top_p}: need temperature >= 0, top-k >= 0, 0 < top-p <= 1")
-    setup, state = _restore(cfg)
+    if len(prompts) > args.max_prompts:
+        raise ConfigError(f"{len(prompts):,} prompts: at most --max-prompts {args.max_prompts} "
+                          "in one batch; split the file or raise --max-prompts")
     from tfm_jax.data import ByteTokenizer
-    from tfm_jax.generate import bytes_of_cache, generate, make_decoder
 
     tok = ByteTokenizer()
     # Packed training streams separate documents with EOS: EOS is the "document start" context.
     ids = [[tok.EOS_ID] + list(tok.encode(p)) for p in prompts]
+    limit = args.max_context or CONTEXT_FACTOR * cfg.data.seq_len
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+    if len(ids[longest]) + tokens > limit:
+        raise ConfigError(
+            f"prompt {longest + 1} is {len(ids[longest]):,} tokens; with --tokens {tokens} that "
+            f"is {len(ids[longest]) + tokens:,} positions, beyond the context limit {limit:,} "
+            + ("(--max-context)" if args.max_context else f"({CONTEXT_FACTOR} x data.seq_len="
+               f"{cfg.data.seq_len}, the length the model was trained on)")
+            + "; shorten the prompt, lower --tokens or raise --max-context")
+    setup, state = _restore(cfg)
+    from tfm_jax.generate import bytes_of_cache, generate, make_decoder
+
     shards = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
     batch = -(-len(ids) // shards) * shards          # rows split evenly over the batch shards
     q = cfg.quant
@@ -561,7 +585,7 @@ def run_claims(args) -> int:
                                 "repository root or pass --root")
     rows = claims.ledger(root)
     path = pathlib.Path(args.out) if args.out else root / "CLAIMS.md"
-    path.write_text(claims.markdown(rows))
+    rundir.atomic_write(path, claims.markdown(rows))
     counts = {v: sum(r["verdict"] == v for r in rows) for v in claims.VERDICTS}
     print(f"{len(rows)} claims: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n))
     print(f"  ledger  {path}")
@@ -632,12 +656,21 @@ def _parser() -> argparse.ArgumentParser:
                                                 required=True)
         p = subs[cmd.name[:-1]].add_parser(cmd.name[-1], help=cmd.help)
         cmd.add_args(p)
+        if cmd.name not in _NO_BACKEND:
+            p.add_argument("--pjrt-plugin", metavar="PATH", default=None,
+                           help="PJRT plugin library (.so) for backend.platform gpu/tpu/hpu "
+                           f"(sets ${PLUGIN_ENV}; never read from a config or run directory)")
         p.set_defaults(_run=cmd.run, _name=" ".join(cmd.name))
     return ap
 
 
+_NO_BACKEND = {("kv-cache",), ("claims",)}     # commands that start no jax backend
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "pjrt_plugin", None):   # absolute: a bare name would be a library search
+        os.environ[PLUGIN_ENV] = os.path.abspath(os.path.expanduser(args.pjrt_plugin))
     interrupts.note(f"during 'tfm-jax {args._name}'")
     try:
         return args._run(args)

@@ -3,7 +3,7 @@ that (directly or not) imports it back. Every import counts, including those ins
 
 Layers, bottom first (a module may import its own layer or any below it):
 
-0. ``core`` (errors, parameter roles, telemetry collections), ``parallel.axes`` (axis names)
+0. ``core`` (errors, run directories, parameter roles, telemetry collections), ``parallel.axes`` (axis names)
 1. ``config`` (schema, profiles, sizing)
 2. ``parallel`` (mesh, distributed), ``data``
 3. ``quant`` (pure numerics)

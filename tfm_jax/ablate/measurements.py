@@ -114,7 +114,7 @@ class RunContext:
 
                 backends.configure(self.cfg.backend)
                 setup = build(self.cfg, self.devices)
-                ckpt = Checkpointer(self.run_dir / "checkpoints")
+                ckpt = Checkpointer(self.run_dir / "checkpoints", read_only=True)
                 try:
                     state = ckpt.restore(setup.abstract_state())
                 finally:

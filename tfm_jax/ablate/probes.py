@@ -25,6 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from tfm_jax.ablate.measurements import RunContext, Series, register
+from tfm_jax.core import rundir
 
 # --------------------------------------------------------------------------------------------
 # Pure numerics (numpy).
@@ -477,7 +478,7 @@ def measure_ffn_memory(ctx: RunContext) -> dict[str, Any]:
         best = np.argsort(-promo[f])[:5]
         lines.append(f"| {f} | {strength[f]:.3g} | {'<br>'.join(ctxs)} | "
                      f"{' '.join('`' + _show(np.array([b])) + '`' for b in best)} |")
-    (ctx.run_dir / "ffn_memory.md").write_text("\n".join(lines) + "\n")
+    rundir.atomic_write(ctx.run_dir / "ffn_memory.md", "\n".join(lines) + "\n")
     return {"ffn_memory_agreement": agree, "ffn_memory_agreement_shuffled": shuffled}
 
 

@@ -24,7 +24,21 @@ _SPECIAL = ("std", "sem", "value")
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
            ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b,
            ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
-           ast.Pow: lambda a, b: a ** b}
+           ast.Pow: lambda a, b: math.pow(a, b)}     # in floats: overflows, never grows
+MAX_EXPRESSION_CHARS = 1000
+
+
+def _binop(op: type, a: Any, b: Any) -> Any:
+    """Arithmetic on numbers only (text is for variant names): ``'a' * 10**9`` or ``7**7**8``
+    would otherwise build a gigabyte string or an unbounded integer."""
+    for x in (a, b):
+        if not isinstance(x, (int, float)):
+            raise ValueError(f"arithmetic on {type(x).__name__} {x!r}: claim expressions "
+                             "compute with numbers only")
+    try:
+        return _BINOPS[op](a, b)
+    except OverflowError:
+        raise ValueError("a power in the expression overflows") from None
 _CMPOPS = {ast.Lt: lambda a, b: a < b, ast.LtE: lambda a, b: a <= b,
            ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
            ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b}
@@ -120,6 +134,9 @@ def paired_deltas(runs: list[dict[str, Any]], variants: list[str],
 
 def parse_expression(text: str) -> ast.Expression:
     """Parse and whitelist-check an expression; ValueError says what is not allowed."""
+    if len(text) > MAX_EXPRESSION_CHARS:
+        raise ValueError(f"expression of {len(text):,} characters: at most "
+                         f"{MAX_EXPRESSION_CHARS} (a claim is one short formula)")
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as err:
@@ -209,7 +226,7 @@ class _Evaluator:
             variant = node.slice.id if isinstance(node.slice, ast.Name) else node.slice.value
             return self.scalar(node.value.id, variant)
         if isinstance(node, ast.BinOp):
-            return _BINOPS[type(node.op)](self.eval(node.left), self.eval(node.right))
+            return _binop(type(node.op), self.eval(node.left), self.eval(node.right))
         if isinstance(node, ast.UnaryOp):
             x = self.eval(node.operand)
             return -x if isinstance(node.op, ast.USub) else (+x if isinstance(node.op, ast.UAdd)

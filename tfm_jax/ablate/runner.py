@@ -34,7 +34,7 @@ from typing import Any, Optional
 import yaml
 from tqdm.auto import tqdm
 
-from tfm_jax.core import interrupts
+from tfm_jax.core import interrupts, rundir
 from tfm_jax.ablate import plots as plots_lib
 from tfm_jax.ablate.measurements import MEASUREMENTS, RunContext, Series
 from tfm_jax.ablate.report import aggregate, judge_claim, markdown
@@ -128,9 +128,7 @@ def _curves(run_dir: pathlib.Path) -> dict[str, list[list[float]]]:
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    rundir.atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +374,7 @@ def run_experiment(experiment: str | pathlib.Path | Experiment, *, devices: Opti
             except ConfigError as err:
                 print(f"{v}/seed{s}: INVALID: {err}")
         return ExperimentResult({}, out, 0, {})
+    rundir.check_run_dir(out)       # the experiment's folder and every run in it: no links
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(plan, desc=f"ablate {exp.name}", unit="run", disable=not progress,
                dynamic_ncols=True)
@@ -416,7 +415,7 @@ def run_experiment(experiment: str | pathlib.Path | Experiment, *, devices: Opti
                 results["plots"].append(name)
     files["plots"] = [out / p for p in results["plots"]]
     _write_json(out / "results.json", results)
-    (out / "results.md").write_text(markdown(results))
+    rundir.atomic_write(out / "results.md", markdown(results))
     failed = sum(r["status"] == "failed" for r in runs)
     print(f"\nablation {exp.name}: {len(runs) - failed} of {len(runs)} runs ok"
           + (f", {failed} failed (errors in results.json)" if failed else "")

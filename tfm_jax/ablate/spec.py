@@ -45,6 +45,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tfm_jax.config import CONFIG_DIR, Config, ConfigError, compose_config, resolve_config_path
+from tfm_jax.config.schema import safe_run_name
 
 # The shipped experiments: the repository's top-level experiments/, package data of an installed
 # wheel (tfm_jax/experiments links to it in a checkout).
@@ -350,7 +351,7 @@ class Experiment(_Strict):
         variant."""
         path, inline = self._base()
         run = {"train.seed": seed, "run.dir": str(self.run_dir(variant, seed)),
-               "run.name": f"{self.name}-{variant}-seed{seed}"}
+               "run.name": safe_run_name(f"{self.name}-{variant}-seed{seed}")}
         try:
             return compose_config(path, [inline, self.overrides,
                                          self.variants[variant].overrides, extra or {}, run])

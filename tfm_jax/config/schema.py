@@ -290,6 +290,10 @@ class TrainConfig(_Section):
     eval_batches: Int = Field(32, gt=0, description="validation batches per evaluation")
     checkpoint_every: Int = Field(400, gt=0, description="steps between orbax checkpoints")
     keep_checkpoints: Int = Field(2, gt=0, description="newest checkpoints kept")
+    memory_check: bool = Field(
+        True, description="before training, compare the compiled step's peak memory estimate "
+        "with the memory available (host or device) and stop with exit 2 when it will not fit "
+        "(tfm_jax.train.memory.check_fits); false = start anyway")
     async_checkpoint: bool = Field(True, description="save checkpoints in the background "
                                    "(never half-written: orbax commits atomically)")
     sample_tokens: Int = Field(200, ge=0, description="tokens generated at the end of a run")
@@ -551,6 +555,21 @@ def _removed_cpu_blas(value: Any) -> Any:
     return value
 
 
+PLUGIN_ENV = "TFM_JAX_PJRT_PLUGIN"     # --pjrt-plugin sets it (tfm_jax.platform.backends)
+PLUGIN_FIX = ("pass the library on the command line (--pjrt-plugin PATH) or in the "
+              "environment ($TFM_JAX_PJRT_PLUGIN=PATH)")
+
+
+def _refuse_plugin_path(value: Any) -> Any:
+    """backend.pjrt_plugin with a path: refused. A config, a run's saved config.yaml or an
+    experiment file is data that others hand around; loading a library runs its code."""
+    if value is not None:
+        raise ConfigError(f"backend.pjrt_plugin={value}: a library path is never read from a "
+                         f"config (shared configs and run directories are data, and loading a "
+                         f"library runs its code); {PLUGIN_FIX}")
+    return value
+
+
 CpuBlas = Annotated[Literal["auto", "openblas", "mkl"], BeforeValidator(_removed_cpu_blas)]
 
 
@@ -559,9 +578,10 @@ class BackendConfig(_Section):
     platform: Literal["auto", "cpu", "gpu", "tpu", "hpu"] = Field(
         "auto", description="auto = jax's default; cpu/gpu/tpu/hpu pin it (tfm_jax.platform.backends."
         "configure); hpu needs a PJRT plugin (pjrt_plugin)")
-    pjrt_plugin: Optional[str] = Field(
-        None, description="PJRT plugin library (.so) registered through jax's plugin mechanism "
-        "for backend.platform gpu/tpu/hpu before jax starts (default: $TFM_JAX_PJRT_PLUGIN)")
+    pjrt_plugin: Annotated[Optional[str], BeforeValidator(_refuse_plugin_path)] = Field(
+        None, description="never read from a config (must stay null): a library path in a shared "
+        "config or run directory would run its code when loaded. Give the PJRT plugin library "
+        "(.so) for backend.platform gpu/tpu/hpu with --pjrt-plugin PATH or $TFM_JAX_PJRT_PLUGIN")
     profile: Literal["none", "nvidia-hopper", "gaudi2", "gaudi3"] = Field(
         "none", description="hardware numeric profile: fills quant formats, quant.scale_set and "
         "moe.dispatch where they are not set (tfm_jax.config.profiles); needs its hardware's platform")
@@ -594,9 +614,6 @@ class BackendConfig(_Section):
 
 def _check_backend(b: BackendConfig) -> None:
     """Platform, plugin, profile and emulation fit together (tfm_jax.config.profiles)."""
-    if b.pjrt_plugin is not None and b.platform in ("auto", "cpu"):
-        raise ValueError(f"backend.pjrt_plugin is set but backend.platform={b.platform}: name the "
-                         "platform the plugin provides (backend.platform=hpu, gpu or tpu)")
     if b.emulate != "none":
         if b.platform not in ("auto", "cpu"):
             raise ValueError(f"backend.emulate={b.emulate} runs that profile's numerics on CPU, "
@@ -613,9 +630,23 @@ def _check_backend(b: BackendConfig) -> None:
                              f"backend.emulate={b.profile} to run its numerics on CPU")
 
 
+def _check_run_name(value: Any) -> Any:
+    """run.name is one folder name under runs/: never a path (``../x``, ``/abs``) out of it."""
+    if value is None:
+        return value
+    if (not isinstance(value, str) or not re.fullmatch(r"[\w.=+-]{1,200}", value)
+            or value in (".", "..")):
+        raise ValueError(f"run.name={value!r}: one folder name under runs/ (letters, digits, "
+                         f". _ = + -, at most 200 characters; not . or ..); to write elsewhere "
+                         f"set run.dir")
+    return value
+
+
 class RunConfig(_Section):
     """Where a run writes, and what it shows."""
-    name: Optional[str] = Field(None, description="default: config file stem + overrides")
+    name: Annotated[Optional[str], BeforeValidator(_check_run_name)] = Field(
+        None, description="default: config file stem + overrides; one folder name under runs/ "
+        "(letters, digits, . _ = + -; not . or ..)")
     dir: Optional[str] = Field(None, description="run directory; default runs/<name>")
     tensorboard: bool = Field(True, description="write TensorBoard event files under "
                               "<run dir>/events")
@@ -752,6 +783,9 @@ def _format_errors(err: pydantic.ValidationError) -> str:
 
 
 def validate(raw: dict[str, Any]) -> Config:
+    backend = raw.get("backend") if isinstance(raw, dict) else None
+    if isinstance(backend, dict) and backend.get("pjrt_plugin") is not None:
+        _refuse_plugin_path(backend["pjrt_plugin"])      # one line, before anything else
     try:
         return Config.model_validate(raw)
     except pydantic.ValidationError as err:
@@ -840,7 +874,13 @@ def _yaml_spelling(v: Any) -> str:
 def _run_name(stem: str, overrides: dict[str, Any]) -> str:
     parts = [stem] + [f"{k.split('.')[-1]}={_yaml_spelling(v)}" for k, v in overrides.items()
                       if not k.startswith("run.")]
-    return re.sub(r"[^\w.=+-]+", "_", "-".join(parts))[:120]
+    return safe_run_name("-".join(parts))
+
+
+def safe_run_name(text: str) -> str:
+    """``text`` as a valid ``run.name`` (other characters become ``_``; at most 120)."""
+    name = re.sub(r"[^\w.=+-]+", "_", text)[:120]
+    return "_" + name if name in ("", ".", "..") else name
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:

@@ -17,6 +17,11 @@ The settings are launch facts, not run facts, so they are flags and variables ra
 saved ``config.yaml`` must be the same for all of them, and a checkpoint written by N processes
 resumes under M (the orbax checkpoint is global; see ``tests/integration/test_distributed.py``).
 
+**Security.** jax's coordinator service (process 0) has no authentication: anyone who can reach
+its port can join or disturb the run. It listens on the ``--coordinator`` address itself (or
+``--bind HOST:PORT``), not on jax's default of every interface; keep that port behind a
+firewall, reachable only from the run's machines.
+
 A peer that never arrives must not hang the run: a watchdog thread ends the process with exit
 code :data:`EXIT_MISSING_PEER` and one message naming the coordinator, the expected processes
 and the timeout setting, ``GRACE_S`` seconds before jax's own deadline (which aborts the process
@@ -38,6 +43,7 @@ from typing import Mapping, Optional
 from tfm_jax.config import ConfigError
 
 ENV_COORDINATOR = "TFM_JAX_COORDINATOR"
+JAX_ENV_BIND = "JAX_COORDINATOR_BIND_ADDRESS"     # jax's own variable
 ENV_NUM_PROCESSES = "TFM_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "TFM_JAX_PROCESS_ID"
 ENV_TIMEOUT = "TFM_JAX_DIST_TIMEOUT"
@@ -65,6 +71,14 @@ class DistSettings:
     timeout_s: int = DEFAULT_TIMEOUT_S
     local_device_ids: Optional[tuple[int, ...]] = None
     sources: tuple[tuple[str, str], ...] = ()
+    bind: Optional[str] = None        # --bind: where process 0's coordinator listens
+
+    def bind_address(self, environ: Optional[Mapping[str, str]] = None) -> str:
+        """Where process 0's coordinator service listens: ``--bind``, else jax's own
+        ``$JAX_COORDINATOR_BIND_ADDRESS``, else the coordinator address itself -- never jax's
+        default of every interface (``[::]:PORT``)."""
+        env = os.environ if environ is None else environ
+        return self.bind or env.get(JAX_ENV_BIND, "").strip() or self.coordinator
 
     def source(self, field: str) -> str:
         return dict(self.sources).get(field, "default")
@@ -86,6 +100,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cluster", default=None, metavar="METHOD",
                    help="fill unset values from the cluster environment with jax's detection: "
                    f"auto, slurm, ompi, mpi4py, ... (jax's names; or ${ENV_CLUSTER})")
+    g.add_argument("--bind", metavar="HOST:PORT", default=None,
+                   help="process 0: the address its coordinator listens on (default: the "
+                   "--coordinator address itself; jax's coordinator has no authentication, so "
+                   "keep it off untrusted networks)")
     g.add_argument("--dist-timeout", type=int, default=None, metavar="S",
                    help=f"seconds to wait for all processes to connect (default "
                    f"{DEFAULT_TIMEOUT_S}; or ${ENV_TIMEOUT})")
@@ -94,11 +112,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace, environ: Optional[Mapping[str, str]] = None
               ) -> Optional[DistSettings]:
     """:func:`resolve` with the values of :func:`add_args`' flags."""
-    return resolve(coordinator=getattr(args, "coordinator", None),
-                   num_processes=getattr(args, "num_processes", None),
-                   process_id=getattr(args, "process_id", None),
-                   cluster=getattr(args, "cluster", None),
-                   timeout_s=getattr(args, "dist_timeout", None), environ=environ)
+    s = resolve(coordinator=getattr(args, "coordinator", None),
+                num_processes=getattr(args, "num_processes", None),
+                process_id=getattr(args, "process_id", None),
+                cluster=getattr(args, "cluster", None),
+                timeout_s=getattr(args, "dist_timeout", None), environ=environ)
+    bind = getattr(args, "bind", None)
+    if bind is not None:
+        host, sep, port = bind.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--bind {bind!r}: HOST:PORT, the address process 0's coordinator "
+                              "listens on (e.g. 10.0.0.1:12355)")
+        if s is None:
+            raise ConfigError("--bind given but no multi-process setting: add "
+                              f"{_how('coordinator')}, {_how('num_processes')} and "
+                              f"{_how('process_id')}")
+        s = dataclasses.replace(s, bind=bind)
+    return s
 
 
 def _how(field: str) -> str:
@@ -261,9 +291,17 @@ def initialize(s: Optional[DistSettings]) -> None:
             os._exit(EXIT_MISSING_PEER)
 
     threading.Thread(target=watchdog, name="tfm-jax-dist-watchdog", daemon=True).start()
+    import inspect
+
+    # jax's coordinator listens on every interface ([::]:PORT) unless told otherwise, and it
+    # has no authentication: bind it to the given address (jax 0.10 .. 0.12 take
+    # coordinator_bind_address).
+    bind = ({"coordinator_bind_address": s.bind_address()}
+            if "coordinator_bind_address" in inspect.signature(
+                jax.distributed.initialize).parameters else {})
     try:
         jax.distributed.initialize(
-            s.coordinator, num_processes=s.num_processes, process_id=s.process_id,
+            s.coordinator, num_processes=s.num_processes, process_id=s.process_id, **bind,
             local_device_ids=list(s.local_device_ids) if s.local_device_ids else None,
             # resolve() already ran the detection that was asked for (none without --cluster)
             cluster_detection_method="deactivate",

@@ -3,8 +3,12 @@
 ``backend.platform`` (:func:`configure`, before the first jax computation): ``auto`` keeps jax's
 default; ``cpu``/``gpu``/``tpu``/``hpu`` pin ``jax_platforms``. ``backend.emulate`` pins ``cpu``.
 
-**PJRT plugins.** ``backend.pjrt_plugin: PATH`` (or ``$TFM_JAX_PJRT_PLUGIN``; the config key
-wins) is a PJRT C-API plugin library (a ``.so`` exporting ``GetPjrtApi``). :func:`configure`
+**PJRT plugins.** ``--pjrt-plugin PATH`` (a command-line flag, which sets
+``$TFM_JAX_PJRT_PLUGIN``) or ``$TFM_JAX_PJRT_PLUGIN`` itself names a PJRT C-API plugin library
+(a ``.so`` exporting ``GetPjrtApi``), resolved to an absolute path (a bare name would otherwise
+go through the system library search). Never a config: a saved ``config.yaml``, ``--config`` or
+an experiment file that sets ``backend.pjrt_plugin`` is refused (loading a library runs its
+code, and configs and run directories are handed around as data). :func:`configure`
 registers it with jax's own ``xla_bridge.register_plugin`` -- the call a ``jax_plugins``
 package's ``initialize()`` makes, and what ``PJRT_NAMES_AND_LIBRARY_PATHS`` does at start-up --
 under the platform's plugin name (:data:`PLUGIN_NAMES`: ``hpu``, ``cuda`` for gpu, ``tpu``), then
@@ -34,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tfm_jax.config import BackendConfig, Config, ConfigError
+from tfm_jax.config.schema import PLUGIN_ENV, PLUGIN_FIX
 from tfm_jax.layers.ops import Ops
 from tfm_jax.platform import xla_cpu
 
@@ -45,7 +50,6 @@ _PEAKS = {
 }
 
 
-PLUGIN_ENV = "TFM_JAX_PJRT_PLUGIN"
 # backend.platform -> the name a PJRT plugin for it is registered under (jax's own names: its
 # CUDA plugin registers "cuda", an alias of "gpu"; "hpu" is this project's name for Gaudi).
 PLUGIN_NAMES = {"gpu": "cuda", "tpu": "tpu", "hpu": "hpu"}
@@ -53,13 +57,15 @@ _registered: dict[str, str] = {}          # plugin name -> library path, this pr
 
 
 def plugin_path(cfg: BackendConfig) -> tuple[Optional[str], str]:
-    """(the PJRT plugin library to register, where the setting came from): ``backend.pjrt_plugin``,
-    else ``$TFM_JAX_PJRT_PLUGIN`` for a platform that takes a plugin (gpu/tpu/hpu), else None."""
-    if cfg.pjrt_plugin:
-        return cfg.pjrt_plugin, "backend.pjrt_plugin"
+    """(the PJRT plugin library to register as an absolute path, where the setting came from):
+    ``$TFM_JAX_PJRT_PLUGIN`` (``--pjrt-plugin`` sets it) for a platform that takes a plugin
+    (gpu/tpu/hpu), else None. Never the config (its ``backend.pjrt_plugin`` must be null)."""
+    if cfg.pjrt_plugin is not None:        # the schema refuses it; a hand-built config too
+        raise ConfigError(f"backend.pjrt_plugin={cfg.pjrt_plugin}: a library path is never "
+                          f"read from a config; {PLUGIN_FIX}")
     env = os.environ.get(PLUGIN_ENV)
     if env and cfg.platform in PLUGIN_NAMES:
-        return env, f"${PLUGIN_ENV}"
+        return os.path.abspath(os.path.expanduser(env)), f"${PLUGIN_ENV}"
     return None, ""
 
 
@@ -89,7 +95,7 @@ def env_plugin_names() -> list[str]:
     return [item.split(os.pathsep, 1)[0] for item in raw.split(",") if os.pathsep in item]
 
 
-def register_pjrt_plugin(name: str, path: str, source: str = "backend.pjrt_plugin") -> None:
+def register_pjrt_plugin(name: str, path: str, source: str = f"${PLUGIN_ENV}") -> None:
     """Register the PJRT plugin library ``path`` as jax platform ``name`` (before the backends
     start). ConfigError, with the fix, for a missing file, a library that is not a PJRT plugin
     or fails to load (the loader's message kept), or backends that already started."""
@@ -97,7 +103,7 @@ def register_pjrt_plugin(name: str, path: str, source: str = "backend.pjrt_plugi
 
     if _registered.get(name) == path:
         return                            # configure() called again in this process
-    p = pathlib.Path(path).expanduser()
+    p = pathlib.Path(os.path.abspath(os.path.expanduser(path)))    # never a library search
     if not p.is_file():
         raise ConfigError(f"{source}={path}: no such file. Give the path of the PJRT plugin "
                           f"library (a .so exporting GetPjrtApi) for backend.platform, or unset "
@@ -164,7 +170,7 @@ def configure(cfg: BackendConfig) -> None:
         if not installed:
             raise ConfigError(
                 "backend.platform=hpu needs a PJRT plugin for Intel Gaudi, and none is "
-                f"configured or installed: set backend.pjrt_plugin=/path/to/plugin.so (or "
+                f"configured or installed: pass --pjrt-plugin /path/to/plugin.so (or set "
                 f"${PLUGIN_ENV}), or install a jax_plugins package that registers platform "
                 "'hpu'. No public JAX PJRT plugin for Gaudi exists today (README 'Backends'); "
                 "to run Gaudi2 numerics on CPU use backend.emulate=gaudi2")

@@ -193,3 +193,53 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append(f"scaling    {workload}: {r['scaling']} (quant.recipe={r['recipe']}) -- "
                      f"{r['reason']}")
     return "\n".join(lines)
+
+
+PROVENANCE_PACKAGES = ("tfm-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+                       "ml_dtypes", "pydantic", "scipy-openblas32", "mkl", "tensorboardX")
+
+
+def git_commit(path: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """``{"commit": sha, "dirty": bool}`` of the git checkout holding ``path`` (default: this
+    package), or None when it is not a checkout or git is missing (an installed wheel)."""
+    import pathlib
+    import shutil
+    import subprocess
+
+    git = shutil.which("git")
+    root = pathlib.Path(path or __file__).resolve().parent
+    if git is None:
+        return None
+    try:
+        sha = subprocess.run([git, "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        status = subprocess.run([git, "-C", str(root), "status", "--porcelain",
+                                 "--untracked-files=no"], capture_output=True, text=True,
+                                timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": sha.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def provenance(kernels: str, devices: Optional[list] = None) -> dict[str, Any]:
+    """What a run ran with, for its ``environment.json``: package versions (None: not
+    installed), Python, the platform and devices, the kernels line (ops set and BLAS) and the
+    git commit of the checkout the package runs from (None for an installed wheel)."""
+    import sys
+
+    import jax
+
+    devs = devices if devices is not None else jax.devices()
+    return {
+        "packages": {d: _version(d) for d in PROVENANCE_PACKAGES},
+        "python": sys.version.split()[0],
+        "platform": {"system": py_platform.system(), "release": py_platform.release(),
+                     "machine": py_platform.machine(), "processor": py_platform.processor(),
+                     "cpu_count": os.cpu_count()},
+        "devices": {"platform": devs[0].platform, "kind": str(devs[0].device_kind),
+                    "count": len(devs), "processes": jax.process_count()},
+        "kernels": kernels,
+        "git": git_commit(),
+    }

@@ -446,4 +446,6 @@ def write_calibration(path: str | pathlib.Path, scales: dict[str, dict[str, Any]
     doc = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
            "convention": "multiplicative", "fwd_format": fwd_format, "scale_set": scale_set,
            "scales": {p: {n: plain(v) for n, v in e.items()} for p, e in scales.items()}}
-    pathlib.Path(path).write_text(json.dumps(doc, indent=1))
+    from tfm_jax.core.rundir import atomic_write      # never through a link
+
+    atomic_write(path, json.dumps(doc, indent=1))

@@ -32,6 +32,8 @@ from typing import Any, Optional
 import numpy as np
 
 from tfm_jax.config import Config, ConfigError, load_config
+from tfm_jax.config.schema import safe_run_name
+from tfm_jax.core import rundir
 
 KV_PROJECTIONS = ("k_proj", "v_proj")
 METHOD = ("mean-pool of contiguous K/V head groups (Ainslie et al. 2023, 'GQA: Training "
@@ -103,7 +105,7 @@ def converted_config(src: Config, n_kv_heads: int, out_dir: pathlib.Path,
     if steps < 1:
         raise ConfigError(f"convert: --steps {steps} must be >= 1")
     return src.replace(**{"model.n_kv_heads": n_kv_heads, "run.dir": str(out_dir),
-                          "run.name": out_dir.name, "train.steps": steps,
+                          "run.name": safe_run_name(out_dir.name), "train.steps": steps,
                           "train.warmup_steps": min(src.train.warmup_steps, steps)})
 
 
@@ -172,6 +174,8 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
     if (out_dir / "checkpoints").exists() and any((out_dir / "checkpoints").iterdir()):
         raise FileExistsError(f"convert: {out_dir} already holds checkpoints; choose another "
                               "--out or remove it")
+    rundir.claim_output_dir(out_dir, "convert: --out")   # never into another folder's files
+    rundir.check_run_dir(run_dir)
     backends.configure(src_cfg.backend)
 
     src_setup = build(src_cfg, devices)
@@ -195,7 +199,7 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
     with setup.context():
         state = jax.jit(fresh, out_shardings=setup.state_shardings)(params, model_state)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data_lib.atomic_write(out_dir / "config.yaml", new_cfg.to_yaml().encode("utf-8"))
+    rundir.atomic_write(out_dir / "config.yaml", new_cfg.to_yaml())
     ckpt = Checkpointer(out_dir / "checkpoints", keep=new_cfg.train.keep_checkpoints,
                         async_save=False)
     try:
@@ -214,5 +218,5 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
             "source_n_kv_heads": src_cfg.model.n_kv_heads, "n_kv_heads": n_kv_heads,
             "method": METHOD, "checkpoint_step": 0, "optimizer_state": "fresh",
             "uptrain_steps": new_cfg.train.steps, "eval": ev}
-    data_lib.atomic_write(out_dir / "convert.json", json.dumps(info, indent=2).encode("utf-8"))
+    rundir.atomic_write(out_dir / "convert.json", json.dumps(info, indent=2))
     return ConvertResult(out_dir, new_cfg, source_step, src_cfg.model.n_kv_heads, ev)

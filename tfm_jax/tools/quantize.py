@@ -32,6 +32,8 @@ import pathlib
 from typing import Any, Optional
 
 from tfm_jax.config import Config, ConfigError
+from tfm_jax.config.schema import safe_run_name
+from tfm_jax.core import rundir
 from tfm_jax.quant.ptq import RECIPES, dequantize_params, quantize_params, selects, tree_bytes
 
 
@@ -170,8 +172,10 @@ def quantize_run(run_dir: pathlib.Path | str, recipe: str,
     if (out_dir / "checkpoints").exists() and any((out_dir / "checkpoints").iterdir()):
         raise FileExistsError(f"quantize: {out_dir} already holds checkpoints; choose another "
                               "--out or remove it")
+    rundir.claim_output_dir(out_dir, "quantize: --out")   # never into another folder's files
+    rundir.check_run_dir(run_dir)
     new_cfg = src_cfg.replace(**{"quant.recipe": recipe, "run.dir": str(out_dir),
-                                 "run.name": out_dir.name})
+                                 "run.name": safe_run_name(out_dir.name)})
 
     setup = _setup_and_sources(src_cfg, devices)
     src_state = restore_latest(run_dir / "checkpoints", setup.abstract_state(),
@@ -184,7 +188,7 @@ def quantize_run(run_dir: pathlib.Path | str, recipe: str,
             "model_state": jax.device_get(src_state.model_state)}
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    data_lib.atomic_write(out_dir / "config.yaml", new_cfg.to_yaml().encode("utf-8"))
+    rundir.atomic_write(out_dir / "config.yaml", new_cfg.to_yaml())
     ckpt = Checkpointer(out_dir / "checkpoints", keep=1, async_save=False)
     try:
         ckpt.save(source_step, tree)
@@ -213,8 +217,7 @@ def quantize_run(run_dir: pathlib.Path | str, recipe: str,
                  "weight_bytes": wb, "quantized_weight_bytes": qwb,
                  "params_bytes": res.params_bytes,
                  "quantized_params_bytes": res.quantized_params_bytes, "eval": ev}
-    data_lib.atomic_write(out_dir / "quantize.json",
-                          json.dumps(info_json, indent=2).encode("utf-8"))
+    rundir.atomic_write(out_dir / "quantize.json", json.dumps(info_json, indent=2))
     return res
 
 

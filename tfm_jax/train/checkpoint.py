@@ -4,6 +4,12 @@ Saves are asynchronous (the device->host copy is synchronous, the write happens 
 background) and atomic: orbax writes ``<step>.orbax-checkpoint-tmp-*`` and renames it to
 ``<step>`` only once complete, so a crash mid-save leaves a temporary folder that
 :meth:`Checkpointer.latest_step` never returns (and that is cleaned up on the next start).
+
+A checkpoint folder is checked before orbax touches it (:func:`tfm_jax.core.rundir.check_run_dir`):
+a symbolic link inside it -- a step folder linked elsewhere -- is refused, since removing old
+checkpoints would delete the link's target. ``read_only=True`` (the commands that only read a
+run: eval, generate, convert, quantize, calibrate) opens it without creating, cleaning up or
+deleting anything.
 """
 
 from __future__ import annotations
@@ -14,22 +20,31 @@ from typing import Any, Optional
 import orbax.checkpoint as ocp
 
 from tfm_jax.core.errors import CheckpointMismatch  # noqa: F401  (re-exported)
+from tfm_jax.core.rundir import check_run_dir
 
 
 class Checkpointer:
-    def __init__(self, directory: pathlib.Path | str, *, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: pathlib.Path | str, *, keep: int = 2, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = pathlib.Path(directory).absolute()
         self._manager: Optional[ocp.CheckpointManager] = None
-        self._keep, self._async = keep, async_save
+        self._keep, self._async, self.read_only = keep, async_save, read_only
 
     @property
     def manager(self) -> ocp.CheckpointManager:
         if self._manager is None:
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=self._keep, enable_async_checkpointing=self._async,
-                cleanup_tmp_directories=True, create=True)
+            check_run_dir(self.directory)          # no links for orbax to follow or delete
+            if self.read_only:
+                options = ocp.CheckpointManagerOptions(
+                    read_only=True, create=False, cleanup_tmp_directories=False,
+                    enable_async_checkpointing=False, save_root_metadata=False)
+            else:
+                options = ocp.CheckpointManagerOptions(
+                    max_to_keep=self._keep, enable_async_checkpointing=self._async,
+                    cleanup_tmp_directories=True, create=True)
             self._manager = ocp.CheckpointManager(self.directory, options=options)
-            _await_tmp_cleanup(self._manager)
+            if not self.read_only:
+                _await_tmp_cleanup(self._manager)
         return self._manager
 
     def latest_step(self) -> Optional[int]:
@@ -41,6 +56,8 @@ class Checkpointer:
         return list(self.manager.all_steps()) if self.directory.exists() else []
 
     def save(self, step: int, state: Any) -> None:
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only")
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
@@ -94,7 +111,9 @@ class Checkpointer:
 def _await_tmp_cleanup(manager: ocp.CheckpointManager) -> None:
     """Wait until the manager has removed the ``*.orbax-checkpoint-tmp*`` folders of an
     interrupted save. orbax (0.11+) does it in a background thread and waits only before its
-    own next save; a second manager on the same directory (a probe, then the run's own) would
+    own next save (a private method, ``_maybe_await_cleanup_tmp_directory``, the one this module
+    uses: tests/unit/platform/test_provenance.py fails when orbax renames it); a second manager
+    on the same directory (a probe, then the run's own) would
     then remove the same folders concurrently and one ``rmtree`` fails (FileNotFoundError) --
     seen in CI after a crash mid-save. Older orbax versions clean up in the constructor: then
     there is nothing to wait for."""
@@ -109,7 +128,7 @@ def restore_latest(ckpt_dir: pathlib.Path, abstract_state: Any, *, what: str,
     shardings; FileNotFoundError (``what``: the command, ``fix``: what to do) when there is none.
     The one restore of a finished run by the tools that read one (convert, quantize,
     calibrate)."""
-    ckpt = Checkpointer(ckpt_dir)
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"{what}: no checkpoint under {ckpt_dir}; {fix}")

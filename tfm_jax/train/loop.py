@@ -16,8 +16,8 @@ import jax
 import numpy as np
 
 from tfm_jax import data as data_lib
-from tfm_jax.config import Config, check_runtime, check_trainable
-from tfm_jax.core import interrupts, telemetry
+from tfm_jax.config import Config, ConfigError, check_runtime, check_trainable
+from tfm_jax.core import interrupts, rundir, telemetry
 from tfm_jax.model import count_params, train_flops_per_token
 from tfm_jax.platform import backends
 from tfm_jax.train.checkpoint import CheckpointMismatch, Checkpointer
@@ -144,6 +144,14 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
     backends.configure(cfg.backend)
     check_trainable(cfg)
     check_runtime(cfg, len(jax.devices() if devices is None else devices))   # before any I/O
+    # The run directory is data (tfm_jax.core.rundir): a new run only goes into a missing or
+    # empty folder or a tfm-jax run, with no links inside; one process at a time trains it.
+    rundir.claim_output_dir(cfg.run_dir, "run directory")
+    # (a resume of a folder that does not exist fails in open(), creating nothing)
+    lock = (rundir.RunLock(cfg.run_dir) if jax.process_index() == 0
+            and (not resume or cfg.run_dir.is_dir()) else None)
+    if lock is not None:
+        lock.acquire()
     ckpt = Checkpointer(cfg.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoint)
     try:   # closed on every exit: an orbax manager left open prints asyncio tracebacks at exit
@@ -152,6 +160,8 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
         return trainer.run()
     finally:
         ckpt.close()
+        if lock is not None:
+            lock.release()
 
 
 @dataclasses.dataclass
@@ -199,6 +209,12 @@ class Trainer:
         self.corpus = corpus or data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction,
                                                      cfg.data.cache_dir, include=cfg.data.include)
         self.setup = build(cfg, self.devices)
+        if cfg.train.memory_check:           # before any state is allocated
+            from tfm_jax.train import memory
+
+            too_big = memory.check_fits(self.setup)
+            if too_big:
+                raise ConfigError(too_big)
         self.start_step = 0
         if resume:
             # Restore before writing anything: a resume with an incompatible config must leave
@@ -220,7 +236,7 @@ class Trainer:
             self.state = self.setup.init_state()
         self.step = self.start_step
         run_dir.mkdir(parents=True, exist_ok=True)
-        data_lib.atomic_write(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
+        rundir.atomic_write(run_dir / "config.yaml", cfg.to_yaml())
         self.param_paths = [jax.tree_util.keystr(p, simple=True, separator="/")
                             for p, _ in jax.tree_util.tree_flatten_with_path(self.state.params)[0]]
         self.flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len, cfg.moe)
@@ -230,6 +246,13 @@ class Trainer:
                                                 eval_span(cfg, self.corpus.val))
         self.rows = data_lib.process_rows(self.t.batch_size)
         self.logger = self._new_logger(self.start_step)
+        if jax.process_index() == 0:          # what this run (or this resume) ran with
+            import json
+
+            from tfm_jax.platform import environment
+            rundir.atomic_write(run_dir / "environment.json", json.dumps(
+                environment.provenance(self.setup.ops.describe(),
+                                       list(self.setup.mesh.devices.flat)), indent=1) + "\n")
         self._header(peak_source)
         self.logger.start_progress()
 
@@ -403,7 +426,7 @@ class Trainer:
         self.state = (self.setup.init_state() if latest is None
                       else self.ckpt.restore(self.setup.abstract_state()))
         self.step, self.pending = int(self.state.step), None
-        data_lib.atomic_write(self.run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
+        rundir.atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
         where = (f"checkpoint {latest}" if latest is not None
                  else "the initial state (no checkpoint yet)")
         self.logger.warn(f"{msg}; reloaded {where} with quant.margin={margin} (reload "

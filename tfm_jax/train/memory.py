@@ -107,3 +107,77 @@ def summary_line(state_b: dict[str, Any], peak: Optional[dict] = None) -> str:
     if peak is not None:
         line += f"; compiled step peak {_mib(peak.get('peak_estimate'))} per device"
     return line
+
+
+def available_bytes(devices: list) -> tuple[Optional[int], str]:
+    """(bytes a run on ``devices`` can still allocate, where the figure comes from), or (None,
+    why not known). Accelerators: the smallest ``bytes_limit - bytes_in_use`` over the devices
+    (per device). CPU (all devices share the host): the smallest of /proc/meminfo's
+    MemAvailable, the cgroup's ``memory.max - memory.current`` and the address-space limit
+    (``ulimit -v``) minus this process's size."""
+    if devices and devices[0].platform != "cpu":
+        free = []
+        for d in devices:
+            stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+            if not stats or "bytes_limit" not in stats:
+                return None, f"{d.platform} devices report no memory limit"
+            free.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+        return min(free), f"free memory of the smallest {devices[0].device_kind} device"
+    found: list[tuple[int, str]] = []
+    meminfo = _read_kib("/proc/meminfo", "MemAvailable:")
+    if meminfo is not None:
+        found.append((meminfo, "MemAvailable"))
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+        if limit != "max":
+            found.append((int(limit) - used, "the cgroup's memory.max"))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        vm = _read_kib("/proc/self/status", "VmSize:")
+        if soft != resource.RLIM_INFINITY and vm is not None:
+            found.append((soft - vm, "the address-space limit (ulimit -v)"))
+    except (ImportError, OSError, ValueError):
+        pass
+    if not found:
+        return None, "no memory figure on this system"
+    return min(found)
+
+
+def _read_kib(path: str, field: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(setup: Any, abstract_state: Any = None) -> Optional[str]:
+    """A one-line reason when the compiled train step of ``setup`` will not fit in the
+    available memory (:func:`available_bytes`), else None. Compiles the step (the run's own
+    compilation is then reused). On CPU this process's devices share the host, so the
+    per-device peak counts once per local device."""
+    import jax
+
+    # this process's share: the devices of the mesh that live on this host
+    devices = [d for d in setup.mesh.devices.flat if d.process_index == jax.process_index()]
+    need = peak_memory(setup, abstract_state).get("peak_estimate")
+    have, source = available_bytes(devices)
+    if need is None or have is None:
+        return None
+    shared = devices[0].platform == "cpu"
+    total = need * (len(devices) if shared else 1)
+    if total <= have:
+        return None
+    per = f" ({len(devices)} devices x {_mib(need)})" if shared and len(devices) > 1 else ""
+    return (f"the compiled train step needs about {_mib(total)}{per} "
+            f"{'in all' if shared else 'per device'}, but {_mib(max(have, 0))} is available "
+            f"({source}); lower train.batch_size or data.seq_len, raise train.grad_accum, or "
+            f"set train.memory_check=false to start anyway")

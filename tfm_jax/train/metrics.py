@@ -1,28 +1,29 @@
 """Run telemetry: ``metrics.jsonl``, TensorBoard event files and a progress bar.
 
-Only process 0 writes. On resume, rows past the resumed step are dropped (from the JSONL file and,
+Only process 0 writes, without following links (:mod:`tfm_jax.core.rundir`). On resume, rows past the resumed step are dropped (from the JSONL file and,
 via ``purge_step``, from TensorBoard), so a resumed run's logs read as one uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 from typing import Any
 
 import jax
 from tqdm.auto import tqdm
 
+from tfm_jax.core import rundir
+
 
 def _truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
+    if path.is_symlink():                 # never read or rewrite a link's target
+        rundir.atomic_write(path, b"")    # raises RunDirError
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    rundir.atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 class MetricsLogger:
@@ -39,7 +40,7 @@ class MetricsLogger:
             _truncate_jsonl(self.path, resume_step)
         elif self.path.exists():
             self.path.unlink()
-        self._file = self.path.open("a")
+        self._file = rundir.open_append(self.path)     # refuses a symbolic link
         if tensorboard:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "events"),

@@ -144,6 +144,24 @@ def test_expressions():
         report.evaluate("ppl", AGG)
 
 
+def test_expressions_are_bounded():
+    """The audit: '7**7**8' took 1.9 s (an unbounded integer) and "'a'*10**9" built 1 GB.
+    Powers compute in floats (an overflow is an error), text never enters arithmetic, and an
+    expression is one short formula."""
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="overflows"):
+        report.evaluate("7**7**8", AGG)
+    for bad in ("'a' * 10**9", "'a' * kv[mha]", "'x' + 'y'"):
+        with pytest.raises(ValueError, match="numbers only"):
+            report.evaluate(bad, AGG)
+    assert time.perf_counter() - t0 < 0.5
+    assert report.evaluate("kv[mha] ** 2", AGG) == 64.0
+    with pytest.raises(ValueError, match="at most 1000"):
+        report.parse_expression("1 + " * 300 + "1")
+
+
 @pytest.mark.parametrize("claim, verdict", [
     ({"metric": "ppl[gqa] - ppl[mha]", "expected": 0.12, "check": "<="}, "does not hold"),
     ({"metric": "ppl[gqa] - ppl[mha]", "expected": 0.3, "check": "<="}, "holds"),

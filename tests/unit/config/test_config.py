@@ -301,9 +301,6 @@ def test_platform_hpu_validates_plugin_checked_at_configure():
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["backend.pjrt_plugin=/x.so"], ["backend.pjrt_plugin", "backend.platform=auto",
-                                     "backend.platform=hpu"]),
-    (["backend.pjrt_plugin=/x.so", "backend.platform=cpu"], ["backend.platform=cpu"]),
     (["backend.profile=gaudi2"], ["backend.profile=gaudi2", "backend.platform=hpu",
                                   "backend.emulate=gaudi2"]),
     (["backend.profile=nvidia-hopper", "backend.platform=cpu"],

@@ -49,23 +49,56 @@ def test_hpu_without_plugin_says_what_to_install(no_plugin_env, monkeypatch):
     with pytest.raises(ConfigError) as e:
         backends.configure(BackendConfig(platform="hpu"))
     msg = str(e.value)
-    for w in ("backend.platform=hpu", "backend.pjrt_plugin=", backends.PLUGIN_ENV,
+    for w in ("backend.platform=hpu", "--pjrt-plugin", backends.PLUGIN_ENV,
               "jax_plugins", "No public JAX PJRT plugin for Gaudi", "backend.emulate=gaudi2"):
         assert w in msg, (w, msg)
 
 
-def test_missing_plugin_path_from_config_and_env(no_plugin_env, monkeypatch, tmp_path):
+def test_missing_plugin_path_from_env(no_plugin_env, monkeypatch, tmp_path):
     missing = str(tmp_path / "nope.so")
-    with pytest.raises(ConfigError, match=r"backend.pjrt_plugin=.*nope.so: no such file"):
-        backends.configure(BackendConfig(platform="hpu", pjrt_plugin=missing))
     monkeypatch.setenv(backends.PLUGIN_ENV, missing)
     assert backends.plugin_path(BackendConfig(platform="hpu")) == (missing,
                                                                    f"${backends.PLUGIN_ENV}")
     assert backends.plugin_path(BackendConfig(platform="auto")) == (None, "")   # not for auto
     with pytest.raises(ConfigError, match=r"\$TFM_JAX_PJRT_PLUGIN=.*nope.so: no such file"):
         backends.configure(BackendConfig(platform="gpu"))
-    # the config key wins over the environment variable
-    assert backends.plugin_path(BackendConfig(platform="hpu", pjrt_plugin="/a.so"))[0] == "/a.so"
+
+
+def test_plugin_path_is_absolute(no_plugin_env, monkeypatch, tmp_path):
+    """A bare or relative name would go through the system library search when dlopened."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(backends.PLUGIN_ENV, "libplugin.so")
+    path, _ = backends.plugin_path(BackendConfig(platform="hpu"))
+    assert path == str(tmp_path / "libplugin.so")
+
+
+@pytest.mark.parametrize("where", ["override", "config file", "run config"])
+def test_plugin_path_in_a_config_is_refused(where, tmp_path):
+    """A config, an override or a run's saved config.yaml naming a library is refused before
+    anything could load it, with the way to pass it."""
+    from tfm_jax.config.schema import PLUGIN_FIX
+
+    lib = str(tmp_path / "libplugin.so")
+    with pytest.raises(ConfigError) as e:
+        if where == "override":
+            load_config(None, ["backend.platform=hpu", f"backend.pjrt_plugin={lib}"])
+        else:
+            f = tmp_path / ("config.yaml" if where == "run config" else "mine.yaml")
+            f.write_text(f"backend:\n  platform: hpu\n  pjrt_plugin: {lib}\n")
+            load_config(str(f), [])
+    assert "backend.pjrt_plugin" in str(e.value) and PLUGIN_FIX in str(e.value)
+    assert "\n" not in str(e.value)                                 # one line
+    assert "--pjrt-plugin" in PLUGIN_FIX and backends.PLUGIN_ENV in PLUGIN_FIX
+    with pytest.raises(ConfigError, match="never read from a config"):   # a hand-built one
+        backends.plugin_path(BackendConfig.model_construct(platform="hpu", pjrt_plugin=lib))
+
+
+def test_cli_flag_sets_absolute_plugin_env(no_plugin_env, monkeypatch, tmp_path):
+    """--pjrt-plugin reaches the backend as an absolute path (kv-cache runs no backend, so the
+    flag is tried on 'config show', which parses it and prints the config)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["config", "show", "--pjrt-plugin", "rel/lib.so"]) == 0
+    assert os.environ[backends.PLUGIN_ENV] == str(tmp_path / "rel" / "lib.so")
 
 
 def test_plugin_after_backends_started_is_refused(no_plugin_env):
@@ -110,7 +143,7 @@ def _configure_fresh(*overrides: str, timeout: int = 180,
 
 
 def test_library_that_is_not_a_pjrt_plugin_keeps_loader_message():
-    r = _configure_fresh("backend.platform=hpu", f"backend.pjrt_plugin={_libm()}")
+    r = _configure_fresh("backend.platform=hpu", extra_env={backends.PLUGIN_ENV: _libm()})
     assert r.returncode == 3, (r.stdout, r.stderr[-2000:])
     msg = r.stdout
     assert "did not load as a PJRT plugin" in msg and "GetPjrtApi" in msg, msg
@@ -147,13 +180,13 @@ def _cuda_plugin(tmp_path_factory) -> str:
 @pytest.mark.parametrize("platform, how", [("gpu", "config"), ("hpu", "config"),
                                            ("hpu", "jax_env")])
 def test_real_pjrt_plugin_loads_then_no_devices(platform, how, tmp_path_factory):
-    """A real PJRT plugin library (CUDA) registered by path -- by backend.pjrt_plugin (our
+    """A real PJRT plugin library (CUDA) registered by path -- by $TFM_JAX_PJRT_PLUGIN (our
     register_plugin call) or by jax's own PJRT_NAMES_AND_LIBRARY_PATHS --: it loads; on a
     machine without an NVIDIA GPU it reports no device (on a GPU machine it starts and lists
     the GPUs)."""
     so = _cuda_plugin(tmp_path_factory)
     if how == "config":
-        r = _configure_fresh(f"backend.platform={platform}", f"backend.pjrt_plugin={so}")
+        r = _configure_fresh(f"backend.platform={platform}", extra_env={backends.PLUGIN_ENV: so})
     else:
         r = _configure_fresh(f"backend.platform={platform}",
                              extra_env={"PJRT_NAMES_AND_LIBRARY_PATHS": f"hpu{os.pathsep}{so}"})

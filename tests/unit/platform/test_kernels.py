@@ -126,34 +126,6 @@ def test_use_blas_switches_the_library_between_calls():
     assert cpu.active_blas() is DEFAULT_BLAS
 
 
-def test_finder_in_a_fake_prefix(tmp_path):
-    """Pure path logic: libmkl_rt.so.<any version> (highest first, no decoys) and the OpenBLAS
-    libraries under a prefix's site-packages or a given site dir; nothing is loaded."""
-    lib = tmp_path / "lib"
-    lib.mkdir()
-    for name in ("libmkl_rt.so.2", "libmkl_rt.so.3", "libmkl_rt.so.10", "libmkl_rt.so.3.bak",
-                 "libmkl_core.so.3"):
-        (lib / name).write_bytes(b"")
-    (lib / "libmkl_rt.so").symlink_to("libmkl_rt.so.3")          # same file: listed once
-    sp = lib / "python3.11" / "site-packages"
-    (sp / "scipy_openblas32" / "lib").mkdir(parents=True)
-    (sp / "scipy_openblas32" / "lib" / "libscipy_openblas.so").write_bytes(b"\0")
-    (sp / "numpy.libs").mkdir()
-    (sp / "numpy.libs" / "libscipy_openblas64_-0123abcd.so").write_bytes(b"\0")
-    found = cpu.find_blas(prefixes=[tmp_path], site_dirs=[], metadata=False)
-    assert [p.name for p in found["mkl"]] == ["libmkl_rt.so.10", "libmkl_rt.so.3",
-                                              "libmkl_rt.so.2"]
-    assert found["openblas"] == [sp / "scipy_openblas32" / "lib" / "libscipy_openblas.so"]
-    assert found["numpy-openblas"] == [sp / "numpy.libs" / "libscipy_openblas64_-0123abcd.so"]
-    # a site dir outside any prefix (user site, PYTHONPATH) is searched as given
-    other = tmp_path / "elsewhere"
-    (other / "scipy_openblas32" / "lib").mkdir(parents=True)
-    (other / "scipy_openblas32" / "lib" / "libscipy_openblas.so").write_bytes(b"\0")
-    found = cpu.find_blas(prefixes=[tmp_path / "empty"], site_dirs=[other], metadata=False)
-    assert found["openblas"] == [other / "scipy_openblas32" / "lib" / "libscipy_openblas.so"]
-    assert found["mkl"] == [] and found["numpy-openblas"] == []
-
-
 def test_a_blas_asked_for_by_name_but_missing_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(cpu, "find_blas", lambda *a, **k: {"openblas": [], "mkl": [],
                                                            "numpy-openblas": []})

@@ -9,9 +9,13 @@ forward/backward removes both; SwiGLU and RMSNorm were the largest elementwise c
 
 **Build.** The library is compiled on first use with the system C++ compiler (``-O3
 -march=native``: the binary is specific to this host, so the cache key includes the CPU's model
-and flags) against XLA's FFI headers from jaxlib, into ``$TFM_JAX_CACHE/kernels/<key>/``
-(default ``~/.cache/tfm_jax``), written atomically (temporary file + ``os.replace``). It links
-**no BLAS**, so the key does not depend on one.
+and flags, the compile flags and the compiler's path and version) against XLA's FFI headers from
+jaxlib, into ``$TFM_JAX_CACHE/kernels/<key>/`` (default ``~/.cache/tfm_jax``), written
+atomically (temporary file + ``os.replace``), with a time limit (:data:`BUILD_TIMEOUT_S`). It
+links **no BLAS**, so the key does not depend on one. A cached library is loaded only when the
+cache folders and the file are owned by this user and not writable by group or others, and its
+sha256 equals the one recorded beside it at build time; a cache that fails the first check is
+reported (the kernels fall back to XLA with the reason), a mismatching hash is rebuilt.
 
 **BLAS at run time.** :func:`load` opens a maintained BLAS with ``ctypes``, makes it
 single-threaded inside a call and hands its ``cblas_sgemm`` to the library (``tfm_set_sgemm(fn,
@@ -24,8 +28,11 @@ argument / ``$TFM_JAX_CPU_BLAS`` (first given wins):
   (``openblas_get_corename``; forced by ``$OPENBLAS_CORETYPE`` where set) is part of
   :func:`available`'s detail.
 * ``mkl`` -- ``libmkl_rt.so.<any version>`` from the optional ``mkl`` wheel
-  (``pip install 'tfm-jax[mkl]'``, ~0.9 GB), a conda env or the user site, run with the
+  (``pip install 'tfm-jax[mkl]'``, ~0.9 GB) or the interpreter's conda env, run with the
   sequential threading layer.
+
+Libraries are located through the installed packages' metadata (:func:`find_blas`), never by
+scanning ``sys.path`` or the current directory.
 * ``auto`` -- the first of :data:`AUTO_ORDER` that is available and opens; the order depends
   on the CPU vendor (:func:`auto_order`: MKL first on Intel, OpenBLAS first elsewhere;
   ``benchmarks/README.md`` has the measurements behind it). A default install has OpenBLAS
@@ -116,21 +123,36 @@ _state: dict = {"blas": {}}
 # Finding BLAS libraries (pure path logic; nothing is loaded here)
 
 _MKL_RT = re.compile(r"^libmkl_rt\.so(?:\.(\d+(?:\.\d+)*))?$")
+# Where each kind's library comes from: (distribution, pattern of the file it installs).
+_BLAS_DISTS = {
+    "openblas": (("scipy-openblas32", re.compile(r"(^|/)scipy_openblas32/lib/libscipy_openblas[^/]*\.so$")),),
+    "numpy-openblas": (("numpy", re.compile(r"(^|/)numpy\.libs/libscipy_openblas64_[^/]*\.so$")),),
+    "mkl": (("mkl", re.compile(r"(^|/)libmkl_rt\.so(\.\d+)*$")),),
+}
 
 
-def _default_prefixes() -> list[Path]:
-    roots = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(sys.executable)),
-             site.getuserbase(), os.environ.get("CONDA_PREFIX")]
-    return [Path(r) for r in roots if r]
+def _trusted_install_dirs() -> list[Path]:
+    """Where this interpreter installs packages: its purelib/platlib (and the user site when
+    Python itself enables it) -- never the current directory or an arbitrary ``sys.path`` entry."""
+    import sysconfig
+
+    dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    if site.ENABLE_USER_SITE:
+        dirs.add(site.getusersitepackages())
+    return [Path(os.path.realpath(d)) for d in dirs if d]
 
 
-def _default_site_dirs() -> list[Path]:
-    dirs = [p for p in sys.path if p]
-    try:
-        dirs += site.getsitepackages() + [site.getusersitepackages()]
-    except AttributeError:          # some embedded interpreters
-        pass
-    return [Path(d) for d in dirs]
+def _installed(name: str) -> list:
+    """The installed distributions called ``name`` whose metadata sits in one of
+    :func:`_trusted_install_dirs` (a ``*.dist-info`` planted in the working directory, which
+    ``python -m`` puts on ``sys.path``, is not one)."""
+    trusted = _trusted_install_dirs()
+    out = []
+    for dist in importlib.metadata.distributions(name=name):
+        root = Path(os.path.realpath(str(dist.locate_file(""))))
+        if any(root == t or t in root.parents for t in trusted):
+            out.append(dist)
+    return out
 
 
 def _unique_files(paths: Iterable[Path]) -> list[Path]:
@@ -150,43 +172,35 @@ def _mkl_version_key(p: Path) -> tuple:
     return tuple(int(x) for x in m.group(1).split(".")) if m and m.group(1) else ()
 
 
-def find_blas(prefixes: Optional[Iterable[Path]] = None,
-              site_dirs: Optional[Iterable[Path]] = None,
-              metadata: bool = True) -> dict[str, list[Path]]:
-    """Candidate BLAS libraries by kind, best first, without loading anything:
+def find_blas(dists: Optional[dict[str, Iterable]] = None,
+              prefixes: Optional[Iterable[Path]] = None) -> dict[str, list[Path]]:
+    """Candidate BLAS libraries by kind, best first, without loading anything, located through
+    the files the installed packages' metadata lists (``importlib.metadata``), never by scanning
+    ``sys.path``, the current directory, ``$CONDA_PREFIX`` or ``~/.local``:
 
-    * ``openblas``: ``<site>/scipy_openblas32/lib/libscipy_openblas*.so`` (scipy-openblas32),
-    * ``numpy-openblas``: ``<site>/numpy.libs/libscipy_openblas64_*.so`` (numpy's own ILP64
+    * ``openblas``: ``scipy_openblas32/lib/libscipy_openblas*.so`` of ``scipy-openblas32``,
+    * ``numpy-openblas``: ``numpy.libs/libscipy_openblas64_*.so`` of ``numpy`` (its own ILP64
       copy; measured by ``benchmarks/blas_compare.py`` only, see :func:`open_blas`),
-    * ``mkl``: ``<prefix>/lib{,64}/libmkl_rt.so[.N...]`` (any soname version, highest first) and,
-      with ``metadata``, the files the installed ``mkl`` distribution lists.
+    * ``mkl``: ``libmkl_rt.so[.N...]`` of the ``mkl`` wheel (highest soname version first), then
+      the interpreter's own ``<sys.prefix>/lib/libmkl_rt.so*`` (a conda env's MKL package
+      has no Python metadata).
 
-    ``prefixes`` default to the interpreter's prefix, base prefix, the user base and
-    ``$CONDA_PREFIX``; ``site_dirs`` to ``sys.path`` and the site-packages folders. Passing a
-    fake prefix (and ``metadata=False``) makes this pure path logic.
+    ``dists`` (distribution name -> distributions) and ``prefixes`` replace the installed ones
+    and ``[sys.prefix]`` (tests: fake ``*.dist-info`` folders).
     """
-    prefixes = list(_default_prefixes() if prefixes is None else prefixes)
-    sites = list(_default_site_dirs() if site_dirs is None else site_dirs)
-    for pre in prefixes:       # <prefix>/lib/pythonX.Y/site-packages of every prefix
-        sites += [Path(p) for p in glob.glob(str(pre / "lib*" / "python3*" / "site-packages"))]
+    def of(name: str) -> list:
+        return list(dists.get(name, ())) if dists is not None else _installed(name)
+
     found: dict[str, list[Path]] = {}
-    found["openblas"] = _unique_files(
-        Path(p) for d in sites
-        for p in sorted(glob.glob(str(d / "scipy_openblas32" / "lib" / "libscipy_openblas*.so"))))
-    found["numpy-openblas"] = _unique_files(
-        Path(p) for d in sites
-        for p in sorted(glob.glob(str(d / "numpy.libs" / "libscipy_openblas64_*.so"))))
-    mkl = [Path(p) for pre in prefixes for lib in ("lib", "lib64")
-           for p in glob.glob(str(pre / lib / "libmkl_rt.so*"))]
-    if metadata:
-        try:
-            dist = importlib.metadata.distribution("mkl")
-            mkl += [Path(dist.locate_file(f)) for f in (dist.files or ())
-                    if _MKL_RT.match(Path(str(f)).name)]
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    mkl = [p for p in mkl if _MKL_RT.match(p.name)]
-    found["mkl"] = _unique_files(sorted(mkl, key=_mkl_version_key, reverse=True))
+    for kind, sources in _BLAS_DISTS.items():
+        paths = [Path(str(d.locate_file(f))) for name, pattern in sources for d in of(name)
+                 for f in (d.files or ()) if pattern.search(str(f).replace(os.sep, "/"))]
+        if kind == "mkl":
+            pre = [Path(sys.prefix)] if prefixes is None else list(prefixes)
+            paths += [Path(p) for r in pre for p in glob.glob(str(r / "lib" / "libmkl_rt.so*"))]
+            paths = sorted((p for p in paths if _MKL_RT.match(p.name)), key=_mkl_version_key,
+                           reverse=True)
+        found[kind] = _unique_files(paths)
     return found
 
 
@@ -329,31 +343,117 @@ def _cpu_id() -> str:
     return "\n".join(keep)
 
 
-def _build(cache_root: Path) -> Path:
-    if sys.platform != "linux":
-        raise RuntimeError(f"native CPU kernels are built for Linux only (this is {sys.platform})")
+BUILD_TIMEOUT_S = 300          # a compiler that hangs must not hang the run
+_LIB_NAME = "libtfm_cpu_kernels.so"
+
+
+def _compiler_version(cxx: str) -> str:
+    """The first line of ``cxx --version`` (part of the cache key)."""
+    try:
+        proc = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"{cxx} --version failed: {e}") from None
+    return (proc.stdout.splitlines() or ["?"])[0]
+
+
+def trusted_dir(path: Path) -> None:
+    """RuntimeError unless ``path`` is a folder owned by this user and not writable by group or
+    others (a cache others can write could hand this process a library to load); a folder
+    that is not is never created, fixed or used, only reported."""
+    st = os.lstat(path)
+    import stat as stat_lib
+
+    if stat_lib.S_ISLNK(st.st_mode):
+        st = os.stat(path)
+    problems = []
+    if not stat_lib.S_ISDIR(st.st_mode):
+        problems.append("not a folder")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        problems.append(f"owned by uid {st.st_uid}, not by you (uid {os.getuid()})")
+    if st.st_mode & 0o022:
+        problems.append(f"writable by group or others (mode {st.st_mode & 0o777:o})")
+    if problems:
+        raise RuntimeError(f"kernel cache {path}: {'; '.join(problems)}; nothing is loaded from "
+                           f"it. Use a cache of your own ($TFM_JAX_CACHE) or chmod go-w it")
+
+
+def _trusted_file(path: Path) -> None:
+    st = os.lstat(path)
+    import stat as stat_lib
+
+    if not stat_lib.S_ISREG(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()) \
+            or st.st_mode & 0o022:
+        raise RuntimeError(f"kernel cache file {path}: not a regular file of yours that only you "
+                           f"can write; nothing is loaded from it (remove it to rebuild)")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _makedirs_private(path: Path, root: Path) -> None:
+    """Create ``path`` (under ``root``) with mode 0700 where missing; check every level."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for p in [path, *path.relative_to(root).parents]:
+        trusted_dir(root / p if p != path else p)
+
+
+def _build_plan(cache_root: Path) -> tuple[str, list[str], Path]:
+    """(compiler, flags, the cache folder of this build): the key is the source, jax (FFI
+    headers), the compiler's path and version, the flags and the CPU (the library links no
+    BLAS)."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise RuntimeError("no C++ compiler (g++/c++) on PATH to build tfm_jax's CPU kernels")
-    include = jax.ffi.include_dir()
-    # The library links no BLAS: the key is the source, jax (FFI headers), compiler and CPU.
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+             "-Wl,--no-undefined", f"-I{jax.ffi.include_dir()}"]
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jax.__version__.encode(),
-                                     cxx.encode(), _cpu_id().encode()])).hexdigest()[:16]
-    out_dir = cache_root / "kernels" / key
-    lib = out_dir / "libtfm_cpu_kernels.so"
-    if lib.exists():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
+                                     cxx.encode(), _compiler_version(cxx).encode(),
+                                     " ".join(flags).encode(), _cpu_id().encode()])
+                         ).hexdigest()[:16]
+    return cxx, flags, cache_root / "kernels" / key
+
+
+def _build(cache_root: Path) -> Path:
+    """The kernel library for this host, built into the cache or taken from it only when the
+    cache folders and file are this user's, not writable by others, and the library's sha256
+    equals the one recorded at build time (``<lib>.sha256``); otherwise rebuilt."""
+    if sys.platform != "linux":
+        raise RuntimeError(f"native CPU kernels are built for Linux only (this is {sys.platform})")
+    cxx, flags, out_dir = _build_plan(cache_root)
+    cache_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _makedirs_private(out_dir, cache_root)
+    trusted_dir(cache_root)
+    lib, digest = out_dir / _LIB_NAME, out_dir / (_LIB_NAME + ".sha256")
+    if lib.exists() or lib.is_symlink():
+        _trusted_file(lib)
+        if digest.is_file() and not digest.is_symlink():
+            _trusted_file(digest)
+            if digest.read_text().strip() == _sha256(lib):
+                return lib
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build.", suffix=".so")
     os.close(fd)
-    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-           "-Wl,--no-undefined", f"-I{include}", str(SOURCE), "-o", tmp]
+    cmd = [cxx, *flags, str(SOURCE), "-o", tmp]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"building {SOURCE.name} took more than {BUILD_TIMEOUT_S} s "
+                               f"({' '.join(cmd)}); stopped") from None
         if proc.returncode != 0:
             raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n"
                                f"{proc.stderr[-2000:]}")
+        os.chmod(tmp, 0o700)
+        sha = _sha256(Path(tmp))
+        fd, tmp_digest = tempfile.mkstemp(dir=out_dir, prefix=".build.", suffix=".sha256")
+        with os.fdopen(fd, "w") as f:
+            f.write(sha + "\n")
         os.replace(tmp, lib)                       # atomic: never a half-written library
+        os.replace(tmp_digest, digest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -364,6 +464,15 @@ def _cache_root() -> Path:
     return Path(os.environ.get("TFM_JAX_CACHE") or "~/.cache/tfm_jax").expanduser()
 
 
+def _verify(lib: Path) -> None:
+    """RuntimeError unless ``lib`` is still this user's file with the recorded sha256."""
+    _trusted_file(lib)
+    digest = lib.with_name(lib.name + ".sha256")
+    if digest.is_symlink() or not digest.is_file() or digest.read_text().strip() != _sha256(lib):
+        raise RuntimeError(f"{lib}: its sha256 does not match the one recorded when it was "
+                           f"built; not loaded")
+
+
 def _load_library() -> None:
     if _state.get("lib") is not None:
         return
@@ -371,6 +480,7 @@ def _load_library() -> None:
         raise RuntimeError(_state["error"])
     try:
         path = _build(_cache_root())
+        _verify(path)                              # checked again just before the load
         lib = ctypes.CDLL(str(path))
         lib.tfm_set_sgemm.argtypes = (ctypes.c_void_p, ctypes.c_int)
         for name in TARGETS:
