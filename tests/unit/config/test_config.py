@@ -250,11 +250,6 @@ def test_batch_size_not_divisible_by_grad_accum():
     assert "divisible" in line
 
 
-def test_warmup_exceeds_steps():
-    line = _one_problem(["train.steps=600", "train.warmup_steps=700"])
-    assert "train.warmup_steps=700" in line and "train.steps=600" in line
-
-
 def test_vocab_too_small_for_byte_tokenizer():
     line = _one_problem(["model.vocab_size=100"])
     assert "model.vocab_size=100" in line and "259" in line and "byte" in line
