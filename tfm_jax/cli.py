@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 from tfm_jax.core import interrupts, rundir
 from tfm_jax.config import WEIGHT_ONLY_RECIPES, Config, ConfigError, load_config
 from tfm_jax.config.schema import PLUGIN_ENV
-from tfm_jax.core.errors import CheckpointMismatch, DataError
+from tfm_jax.core.errors import CheckpointDamaged, CheckpointMismatch, DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +59,22 @@ def _run_config(args) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def _restore(cfg: Config, calib_batches: int = 16):
+def _add_step(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help=f"{what} checkpoint step N (default: the newest intact one; a damaged "
+                   "newer step is skipped with one line)")
+
+
+def _restore(cfg: Config, calib_batches: int = 16, step: Optional[int] = None):
     from tfm_jax.platform import backends
     from tfm_jax.train.checkpoint import Checkpointer
     from tfm_jax.tools import calibrate
     from tfm_jax.tools.quantize import is_quantized_run, restore_quantized
     from tfm_jax.train import build
 
+    if step is not None and (is_quantized_run(cfg) or calibrate.needs_recipe_change(cfg)):
+        raise ConfigError("--step picks a checkpoint of a trained run; a quantized or "
+                          "recalibrated run is read from its newest checkpoint")
     if is_quantized_run(cfg):      # written by `tfm-jax quantize`: int8/int4 kernels, dequantized
         return restore_quantized(cfg)
     if calibrate.needs_recipe_change(cfg):   # e.g. FP8 inference of an fp32-trained run
@@ -76,7 +85,7 @@ def _restore(cfg: Config, calib_batches: int = 16):
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint under {cfg.run_dir / 'checkpoints'}; train first "
                                 "('tfm-jax train') or pass --run-dir of a trained run")
-    state = ckpt.restore(setup.abstract_state())
+    state = ckpt.restore(setup.abstract_state(), step=step)
     ckpt.close()
     return setup, state
 
@@ -101,6 +110,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
     _add_common(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    _add_step(p, "with --resume: continue from")
     distributed.add_args(p)
 
 
@@ -112,6 +122,8 @@ def run_train(args) -> int:
             "quantized run cannot be trained or resumed (quantization-aware training is not "
             "supported). Train the full-precision run (quant.recipe=none) and quantize it "
             "afterwards with 'tfm-jax quantize'")
+    if args.step is not None and not args.resume:
+        raise ConfigError("--step N continues a run from checkpoint N: use it with --resume")
     from tfm_jax.parallel import distributed
 
     dist = distributed.from_args(args)      # before any jax backend starts
@@ -121,7 +133,7 @@ def run_train(args) -> int:
     from tfm_jax import train as train_lib
 
     try:
-        result = train_lib.train(cfg, resume=args.resume)
+        result = train_lib.train(cfg, resume=args.resume, resume_step=args.step)
     except train_lib.Interrupted as err:
         print(f"\ntfm-jax: interrupted by {err}", file=sys.stderr)
         return 128 + err.signum
@@ -172,6 +184,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     distributed.add_args(p)
     p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
+    _add_step(p, "evaluate")
     p.add_argument("--calib-batches", type=int, default=16,
                    help="quant.recipe=fp8_delayed on a run trained without it: the training "
                    "batches whose amaxes fill the delayed-scaling histories (default 16)")
@@ -189,7 +202,7 @@ def run_eval(args) -> int:
     from tfm_jax import data as data_lib
     from tfm_jax.train import eval_span, evaluate
 
-    setup, state = _restore(cfg, args.calib_batches)
+    setup, state = _restore(cfg, args.calib_batches, args.step)
     corpus = data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.data.cache_dir,
                                   include=cfg.data.include)
     row = evaluate(setup, state, corpus.val)
@@ -208,6 +221,7 @@ CONTEXT_FACTOR = 8      # generate: prompt + new tokens <= 8 x the trained lengt
 def _generate_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
+    _add_step(p, "generate from")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text; repeat for several prompts, generated as one batch "
                    "(default train.sample_prompt)")
@@ -274,7 +288,7 @@ def run_generate(args) -> int:
             + ("(--max-context)" if args.max_context else f"({CONTEXT_FACTOR} x data.seq_len="
                f"{cfg.data.seq_len}, the length the model was trained on)")
             + "; shorten the prompt, lower --tokens or raise --max-context")
-    setup, state = _restore(cfg)
+    setup, state = _restore(cfg, step=args.step)
     from tfm_jax.generate import bytes_of_cache, generate, make_decoder
 
     shards = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
@@ -677,7 +691,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except ConfigError as err:
         print(f"tfm-jax: {err}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointMismatch, FileNotFoundError, FileExistsError) as err:
+    except (DataError, CheckpointMismatch, CheckpointDamaged, FileNotFoundError,
+            FileExistsError) as err:
         print(f"tfm-jax: error: {err}", file=sys.stderr)
         return 2
 

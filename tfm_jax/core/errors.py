@@ -11,3 +11,8 @@ class DataError(ValueError):
 
 class CheckpointMismatch(ValueError):
     """The checkpoint's tree does not match the configured model/optimizer."""
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint step folder that cannot be read (a truncated or corrupt file); the message
+    names the step folder and the cause."""

@@ -136,7 +136,8 @@ def _last_logged_loss(run_dir, up_to_step: int) -> tuple[float, Optional[int]]:
     return (float(row["loss"]), int(row["step"])) if row else (float("nan"), None)
 
 
-def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
+def train(cfg: Config, *, resume: bool = False, resume_step: Optional[int] = None,
+          devices: Optional[list] = None,
           corpus: Optional[data_lib.Corpus] = None,
           step_hook: Optional[Callable[[int], None]] = None) -> TrainResult:
     """Run training as configured; writes the run directory. ``step_hook(step)`` is called after
@@ -156,7 +157,7 @@ def train(cfg: Config, *, resume: bool = False, devices: Optional[list] = None,
                         async_save=cfg.train.async_checkpoint)
     try:   # closed on every exit: an orbax manager left open prints asyncio tracebacks at exit
         trainer = Trainer(cfg, ckpt, devices, step_hook)
-        trainer.open(resume, corpus)
+        trainer.open(resume, corpus, resume_step)
         return trainer.run()
     finally:
         ckpt.close()
@@ -196,7 +197,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- start
 
-    def open(self, resume: bool, corpus: Optional[data_lib.Corpus]) -> None:
+    def open(self, resume: bool, corpus: Optional[data_lib.Corpus],
+             resume_step: Optional[int] = None) -> None:
         """Check the run directory, load the corpus, build, restore or initialize the state,
         write config.yaml and the run header."""
         cfg, ckpt, run_dir = self.cfg, self.ckpt, self.run_dir
@@ -216,17 +218,25 @@ class Trainer:
             if too_big:
                 raise ConfigError(too_big)
         self.start_step = 0
+        self.resume_notes: list[str] = []
         if resume:
             # Restore before writing anything: a resume with an incompatible config must leave
             # the run directory (its config.yaml above all) exactly as it was.
             try:
-                self.state = ckpt.restore(self.setup.abstract_state())
+                self.state = ckpt.restore(self.setup.abstract_state(), step=resume_step,
+                                          say=self.resume_notes.append)
             except CheckpointMismatch as err:
                 diff = _model_diff(run_dir / "config.yaml", cfg)
                 raise CheckpointMismatch(
                     f"{err}" + (f"\n  differences from the run's config.yaml: {'; '.join(diff)}"
                                 if diff else "")) from None
             self.start_step = int(self.state.step)
+            moved = ckpt.set_aside_after(self.start_step)
+            if moved:
+                self.resume_notes.append(
+                    f"checkpoints after step {self.start_step} set aside (kept, not deleted; the "
+                    f"run continues from step {self.start_step}): "
+                    + ", ".join(f"{p.parent.name}/{p.name}" for p in moved))
             interrupts.note(f"before training resumed from step {self.start_step}; the run's "
                             "checkpoints are unchanged")
             # the count goes on from the resumed run's last train row (exact when the resumed
@@ -273,6 +283,8 @@ class Trainer:
         if self.start_step:
             log.info(f"resumed from step {self.start_step} of {cfg.train.steps} "
                      f"({self.ckpt.directory / str(self.start_step)})")
+            for note in self.resume_notes:
+                log.info(note)
         log.info(f"kernels: {setup.ops.describe()}")
         if cfg.train.warmup_steps > cfg.train.steps:
             log.info(f"train.warmup_steps={cfg.train.warmup_steps} exceeds train.steps="

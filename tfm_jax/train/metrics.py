@@ -7,6 +7,7 @@ via ``purge_step``, from TensorBoard), so a resumed run's logs read as one unint
 from __future__ import annotations
 
 import json
+import sys
 import pathlib
 from typing import Any
 
@@ -45,10 +46,13 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "events"),
                                      purge_step=resume_step or None)
-        # The bar opens at start_progress() (or the first row), after the run's header lines:
-        # a line written through an open bar re-draws it, once per line in a log file.
+        # The bar opens at start_progress() (or the first row), after the run's header lines.
+        # Only on a terminal: in a log file a bar is a stream of redraws, so there each row is
+        # one plain line instead (``progress`` False: neither).
+        self._progress, self._total = progress, total_steps
         self._bar_args = (dict(total=total_steps, initial=initial_step, unit="step",
-                               dynamic_ncols=True, desc="train") if progress else None)
+                               dynamic_ncols=True, desc="train")
+                          if progress and sys.stderr.isatty() else None)
 
     def start_progress(self) -> None:
         """Open the progress bar (a no-op without one, or once open)."""
@@ -82,10 +86,15 @@ class MetricsLogger:
                     post["mfu"] = f"{100 * row['mfu']:.1f}%"
                 self._bar.set_postfix(post, refresh=False)
             self._bar.update(step - self._bar.n)
-            if kind != "train":
-                self.info(f"step {step}: " + ", ".join(
-                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in row.items() if k != "step"))
+        if kind == "train" and self._bar is None and self._progress:
+            self.info(f"step {step}/{self._total}: " + ", ".join(
+                [f"loss {'n/a' if row.get('loss') is None else format(row['loss'], '.4f')}"]
+                + ([f"tok/s {row['tokens_per_s']:,.0f}"] if row.get("tokens_per_s") else [])
+                + ([f"mfu {100 * row['mfu']:.1f}%"] if row.get("mfu") else [])))
+        elif kind != "train" and (self._bar is not None or self._progress):
+            self.info(f"step {step}: " + ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in row.items() if k != "step"))
 
     def info(self, msg: str) -> None:
         if self.enabled:

@@ -1,6 +1,8 @@
 """Checkpointer: a shape mismatch is reported from the checkpoint's metadata, before any array is
 read (a failing orbax restore leaves reader threads that print tracebacks at exit)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -53,3 +55,69 @@ def test_interrupted_save_is_cleaned_before_the_manager_is_used(tmp_path):
     run.save(4, state)
     run.close()
     assert Checkpointer(tmp_path / "ck").all_steps() == [2, 4]
+
+
+def _two_steps(tmp_path):
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=5, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, {"w": jnp.full((64, 64), float(step)), "b": jnp.arange(8.0) + step})
+    ckpt.wait()
+    ckpt.close()
+    return tmp_path / "checkpoints"
+
+
+def _truncate_data(step_dir):
+    files = [p for p in step_dir.rglob("*") if p.is_file() and "/d/" in p.as_posix()]
+    assert files
+    for p in files:
+        os.truncate(p, p.stat().st_size // 2)
+
+
+ABSTRACT = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32),
+            "b": jax.ShapeDtypeStruct((8,), jnp.float32)}
+
+
+@pytest.mark.parametrize("damage", ["data", "metadata"])
+def test_damaged_step_falls_back_to_the_newest_intact_one(tmp_path, damage):
+    """A truncated data file or _METADATA in the newest step: the latest-step restore says so
+    in one line (naming the step folder and the cause) and restores the step before; the
+    damaged folder is left in place; asking for it by number raises CheckpointDamaged; with
+    every step damaged the error names them all."""
+    from tfm_jax.core.errors import CheckpointDamaged
+
+    root = _two_steps(tmp_path)
+    if damage == "data":
+        _truncate_data(root / "2")
+    else:
+        (root / "2" / "default" / "_METADATA").write_text("")
+    said = []
+    ckpt = Checkpointer(root, read_only=True)
+    state = ckpt.restore(ABSTRACT, say=said.append)
+    assert float(state["w"][0, 0]) == 1.0 and ckpt.restored_step == 1
+    assert ckpt.damaged_steps == [2] and len(said) == 1 and "\n" not in said[0]
+    assert f"{root}/2 is damaged" in said[0] and "restored step 1" in said[0]
+    assert (root / "2").is_dir()                                   # nothing deleted
+    with pytest.raises(CheckpointDamaged, match=f"{root}/2 is damaged"):
+        ckpt.restore(ABSTRACT, step=2)
+    _truncate_data(root / "1")
+    with pytest.raises(CheckpointDamaged, match="no intact checkpoint.*/2 is damaged.*/1 is "
+                                                "damaged"):
+        ckpt.restore(ABSTRACT)
+    ckpt.close()
+
+
+def test_logger_off_a_terminal_prints_each_row_once(tmp_path, capsys):
+    """In a log file (stdout/stderr not a terminal) there is no progress bar to redraw: each
+    train row is one line with that row's own window loss, each eval row one line."""
+    from tfm_jax.train.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, tensorboard=False, progress=True, total_steps=4)
+    log.log(2, {"loss": 1.5, "tokens_per_s": 100.0, "mfu": None})
+    log.log(4, {"loss": 1.25, "tokens_per_s": 120.0, "mfu": 0.5})
+    log.log(4, {"val_loss": 1.0}, kind="eval")
+    log.close()
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["step 2/4: loss 1.5000, tok/s 100",
+                                         "step 4/4: loss 1.2500, tok/s 120, mfu 50.0%",
+                                         "step 4: val_loss 1.0000"]
+    assert "train:" not in captured.err                     # no bar redraws
