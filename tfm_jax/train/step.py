@@ -22,6 +22,7 @@ from flax import linen as nn
 from tfm_jax.config import Config
 from tfm_jax.core import roles as param_roles, telemetry
 from tfm_jax.layers.moe import balance_bias_update
+from tfm_jax.train import precision
 from tfm_jax.train.state import TrainState, lr_schedule
 
 
@@ -87,8 +88,8 @@ def _accumulate(acc, g, over: bool):
 
 
 def _acc_init(p, over: bool):
-    if not over:
-        return jnp.zeros_like(p)
+    if not over:     # gradients sum in float32 whatever the parameter dtype
+        return jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32))
     low = jnp.finfo(p.dtype).min if jnp.issubdtype(p.dtype, jnp.floating) else jnp.iinfo(
         p.dtype).min
     return jnp.full_like(p, low)
@@ -132,13 +133,18 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
         from tfm_jax.quant import storage
         spec = storage.spec_from_config(cfg.quant)
 
+    pol = precision.policy(cfg.model)
+
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        round_key = (jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.train.seed),
+                                                           state.step), 1)
+                     if pol.rounding == "stochastic" else None)
         over = param_roles.overwrite_mask(state.params)     # Python bools: static routing
         # MoE balancing bias: its "gradient" is the load, summed over micro-batches; updated by
         # its own rule below, outside the division, the norm, the clip and AdamW
         bal = param_roles.balance_mask(state.params)
         held = jax.tree.map(lambda o, b: o or b, over, bal)
-        n_tokens = jnp.maximum(batch["mask"].sum(), 1.0)
+        n_tokens = jnp.maximum(batch["mask"].sum(dtype=jnp.float32), 1.0)
         # FP8-stored kernels: gradients, clip and AdamW act on their dequantized float32 view
         params = storage.dequantized_view(state.params) if stored else state.params
         if n_micro == 1:
@@ -161,7 +167,9 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
                 body, (jnp.zeros((), jnp.float32), init, state.model_state), micro)
             sown = telemetry.reduce_micro(sown)
         loss = loss_sum / n_tokens
-        grads = jax.tree.map(lambda g, o: g if o else g / n_tokens, grads, held)
+        # float32 from here on (precision policy): the division, the clip and the optimizer
+        grads = jax.tree.map(lambda g, o: g if o else g.astype(jnp.float32) / n_tokens,
+                             grads, held)
         # overwritten / balance leaves: zeros here, so they add nothing to the norm and are
         # never flagged
         sumsq = leaf_sumsq(jax.tree.map(lambda g, o: jnp.zeros_like(g) if o else g, grads, held))
@@ -174,7 +182,7 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
 
         def apply(_):
             updates, opt_state = tx.update(grads, state.opt_state, params)
-            new_params = optax.apply_updates(params, updates)
+            new_params = precision.new_params(pol, params, updates, opt_state, round_key)
             # the new quantization state, as computed (not p + (new - p), which rounds)
             new_params = jax.tree.map(lambda p, g, o: g.astype(p.dtype) if o else p,
                                       new_params, grads, over)
