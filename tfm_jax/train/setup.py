@@ -60,13 +60,15 @@ class Setup:
         return data_lib.shard_batch(batch, self.batch_sharding, self.cfg.train.batch_size)
 
 
-def build(cfg: Config, devices: Optional[list] = None) -> Setup:
-    """Mesh, model, optimizer, state shardings and jitted steps for ``cfg``."""
+def build(cfg: Config, devices: Optional[list] = None, ops: Optional[Ops] = None) -> Setup:
+    """Mesh, model, optimizer, state shardings and jitted steps for ``cfg``. ``ops``: the ops
+    set to use instead of the devices' own (:func:`tfm_jax.platform.backends.resolve_ops`),
+    e.g. a GPU run's set to lower its step on CPU (:func:`tfm_jax.tools.inspect.lower_step`)."""
     devices = list(jax.devices() if devices is None else devices)
     check_runtime(cfg, len(devices))
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     rules = mesh_lib.rules_tuple(cfg.mesh.rules)
-    ops = backends.resolve_ops(cfg, devices)
+    ops = ops if ops is not None else backends.resolve_ops(cfg, devices)
     model = TransformerLM(cfg.model, ops=ops, moe=cfg.moe)
     tx = make_optimizer(cfg)
     dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
