@@ -70,6 +70,16 @@ def _to_f32(tree: Any) -> Any:
                         if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def _exact_f32(x: jax.Array) -> jax.Array:
+    """bfloat16 -> float32 on the bits. At init the parameters are a float32 draw cast to
+    bfloat16, and XLA folds ``float32(bfloat16(draw))`` back into the draw: a master copy made
+    with ``astype`` would not start equal to the parameters (measured on XLA:CPU)."""
+    if jnp.dtype(x.dtype) != jnp.dtype(jnp.bfloat16):
+        return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 class MasterState(NamedTuple):
     """Optimizer state with a float32 master copy (the params' tree structure, so it takes the
     params' sharding) beside the inner optimizer's state."""
@@ -86,7 +96,7 @@ def float32_optimizer(inner: optax.GradientTransformation, master: bool
     copy, and the new parameters are its cast (:func:`new_params`). Otherwise the inner state
     alone, and the new parameters are ``round(float32(p) + update)``."""
     def init(params):
-        p32 = _to_f32(params)
+        p32 = jax.tree.map(_exact_f32, params)
         return MasterState(p32, inner.init(p32)) if master else inner.init(p32)
 
     def update(grads, state, params=None):
@@ -126,8 +136,9 @@ def new_params(pol: Policy, params: Any, updates: Any, opt_state: Any,
     out = []
     for i, (p, u) in enumerate(zip(leaves, ups)):
         y = p.astype(jnp.float32) + u
-        if (pol.rounding == "stochastic" and key is not None
-                and jnp.dtype(p.dtype) == jnp.dtype(jnp.bfloat16)):
+        if jnp.dtype(p.dtype) != jnp.dtype(jnp.bfloat16):
+            out.append(y.astype(p.dtype))
+        elif pol.rounding == "stochastic" and key is not None:
             out.append(stochastic_round_bf16(y, jax.random.fold_in(key, i)))
         else:
             out.append(y.astype(p.dtype))
