@@ -1,6 +1,5 @@
-"""The mixed-precision policy: stochastic rounding against ml_dtypes' bf16 neighbours, the
-policy from config, and one train step with bf16 parameters in each policy cross-checked
-against the others (the master copy's cast is the nearest-even update, bit for bit)."""
+"""The mixed-precision policy: stochastic rounding against ml_dtypes' bf16 neighbours and the
+policy from config. (Train steps with bf16 parameters: tests/integration/test_mixed_precision.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -9,11 +8,7 @@ import numpy as np
 import pytest
 
 from tfm_jax.config import ConfigError, load_config
-from tfm_jax.train import build, precision
-from train_support import small_cfg
-
-ONE_LAYER = ["model.n_layers=1", "data.seq_len=16", "train.batch_size=4", "train.warmup_steps=0"]
-
+from tfm_jax.train import precision
 
 def test_stochastic_round_bf16_is_unbiased_between_neighbours():
     rng = np.random.default_rng(0)
@@ -49,48 +44,16 @@ def test_policy_from_config():
         load_config(None, ["model.master_weights=none"])
 
 
-def _one_step(tmp_path, *extra):
-    cfg = small_cfg(tmp_path, *ONE_LAYER, "model.dtype=bfloat16", "model.param_dtype=bfloat16",
-                    *extra)
-    setup = build(cfg, jax.devices()[:1])
-    state = setup.init_state()
-    rng = np.random.default_rng(0)
-    toks = rng.integers(0, 256, (4, 17)).astype(np.int32)
-    batch = setup.shard_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:],
-                               "mask": np.ones((4, 16), np.float32)})
-    before = jax.device_get(state.params)        # (the step donates the state)
-    with setup.context():
-        new, m = setup.train_step(state, batch)
-    assert bool(m["finite"])
-    return before, new
+def test_bf16_step_lowered_for_gpu_has_only_bf16_gemms():
+    """The 2-layer bf16 step lowered with the GPU op set: no dot with a float32 operand (the
+    score einsum's dQ/dK and the head's backward included). Every structure, remat policy and
+    attention core: tests/integration/test_mixed_precision.py."""
+    from tfm_jax.tools.inspect import dot_dtypes, lower_step
 
-
-def test_bf16_parameters_train_in_each_policy(tmp_path):
-    s0, master = _one_step(tmp_path, "model.master_weights=float32")
-    _, nearest = _one_step(tmp_path, "model.master_weights=none", "model.param_rounding=nearest")
-    _, stoch = _one_step(tmp_path, "model.master_weights=none", "model.param_rounding=stochastic")
-    leaves = lambda s: jax.tree.leaves(jax.device_get(getattr(s, "params", s)))   # noqa: E731
-    assert {x.dtype for x in leaves(master)} == {jnp.dtype(jnp.bfloat16)}
-    # master copy: float32, its cast is the parameters, and it moved
-    m32 = jax.tree.leaves(jax.device_get(master.opt_state.master))
-    assert {x.dtype for x in m32} == {jnp.dtype(jnp.float32)}
-    for p, m in zip(leaves(master), m32):
-        np.testing.assert_array_equal(p, m.astype(ml_dtypes.bfloat16))
-    assert any(not np.array_equal(a, b) for a, b in zip(leaves(master), leaves(s0)))
-    # moments in float32 (not the parameter dtype)
-    moments = [x for x in jax.tree.leaves(jax.device_get(master.opt_state.inner))
-               if getattr(x, "ndim", 0) >= 1]
-    assert moments and {x.dtype for x in moments} == {jnp.dtype(jnp.float32)}
-    # first step from the same bf16 start (the master copy starts equal to the parameters):
-    # the cast of the master p + u is the nearest-even rounding of p + u, bit for bit
-    for a, b in zip(leaves(master), leaves(nearest)):
-        np.testing.assert_array_equal(a, b)
-    # stochastic: within one bf16 ulp of the float32 value p + u, not always the nearest one
-    same = total = 0
-    for s, m in zip(leaves(stoch), m32):
-        cast = m.astype(ml_dtypes.bfloat16)
-        ulp = np.abs(np.nextafter(cast, np.inf).astype(np.float32) - cast.astype(np.float32))
-        assert np.all(np.abs(s.astype(np.float32) - m) <= ulp)
-        same += int(np.sum(s == cast))
-        total += m.size
-    assert 0.3 * total < same < total, (same, total)
+    cfg = load_config(None, ["model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+                             "model.n_kv_heads=2", "model.multiple_of=16", "data.seq_len=32",
+                             "train.batch_size=2", "model.dtype=bfloat16",
+                             "model.attn_block_q=16"])
+    dots = dot_dtypes(lower_step(cfg, "gpu"))
+    assert len(dots) > 40
+    assert all(d[:2] == ("bf16", "bf16") for d in dots), [d for d in dots if "f32" in d[:2]]
