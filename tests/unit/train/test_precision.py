@@ -57,3 +57,33 @@ def test_bf16_step_lowered_for_gpu_has_only_bf16_gemms():
     dots = dot_dtypes(lower_step(cfg, "gpu"))
     assert len(dots) > 40
     assert all(d[:2] == ("bf16", "bf16") for d in dots), [d for d in dots if "f32" in d[:2]]
+
+
+def test_evaluate_dispatches_every_batch_before_one_sync():
+    """``evaluate`` reads no batch's result on the host before the last batch is dispatched."""
+    import contextlib
+    import types
+
+    from tfm_jax.train import evaluate
+
+    cfg = load_config(None, ["data.seq_len=8", "train.batch_size=2", "train.eval_batches=4"])
+    events = []
+
+    class Lazy:                      # a device scalar: reading it is a host sync
+        def __init__(self, v):
+            self.v = v
+
+        def __float__(self):
+            events.append("sync")
+            return float(self.v)
+
+    def eval_step(state, batch):
+        events.append("dispatch")
+        return Lazy(3.0 * batch["mask"].sum()), Lazy(batch["mask"].sum())
+
+    setup = types.SimpleNamespace(cfg=cfg, context=contextlib.nullcontext,
+                                  shard_batch=lambda b: b, eval_step=eval_step)
+    out = evaluate(setup, None, np.arange(200, dtype=np.int32) % 7)
+    assert events.count("dispatch") == 4
+    assert events.index("sync") > max(i for i, e in enumerate(events) if e == "dispatch")
+    assert out["val_loss"] == pytest.approx(3.0)
