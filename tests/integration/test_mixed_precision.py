@@ -100,9 +100,11 @@ SHRINK = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv
 def test_every_shipped_config_trains(config, tmp_path, text_corpus):
     """Each config's own dtypes / remat / scan / MoE with shrunken dims: llama3-8b keeps its
     bf16 parameters (float32 master weights), its 128k vocabulary and full remat."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
-    extra = ["model.loss_chunk=32"] if config == "llama3-8b.yaml" else []
+    devices = 8 if config == "moe-tiny.yaml" else 1      # its mesh: expert 4 x data 2
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    extra = {"llama3-8b.yaml": ["model.loss_chunk=32"],
+             "moe-tiny.yaml": ["train.batch_size=8"]}.get(config, [])
     proc = subprocess.run([sys.executable, "-m", "tfm_jax", "train", "--config", config,
                            *SHRINK, *extra, f"data.path={text_corpus}",
                            f"run.dir={tmp_path / 'run'}"],
