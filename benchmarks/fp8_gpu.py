@@ -13,7 +13,9 @@ Three parts, each written to ``OUT/fp8_gpu.json`` and ``OUT/fp8_gpu.txt`` as soo
 2. **Train step** of the tfm-jax model at a ~1B-parameter shape (d_model 2048, 20 layers, GQA
    16/8, SwiGLU 5632, vocab 32000, seq 2048, batch 4, scanned layers): ``bf16`` (model.dtype
    bfloat16), ``fp8_delayed`` (+ FP8 dots) and ``fp8_delayed_ws`` (+ FP8 weight storage):
-   median step time, tokens/s, the step's dot mode and its memory analysis.
+   median step time, tokens/s, the step's dot mode and its memory plan (compiled from shapes,
+   printed and checked against the card before anything is allocated; remat ``dots``, full
+   remat when that does not fit).
 3. Targets of the issue: FP8 GEMM >= 1.6x bf16 at 8192^3; FP8 train step >= 1.2x bf16.
 
 Without a GPU it says so and runs a tiny CPU smoke of every part (exit 0): the script is tested
@@ -38,9 +40,16 @@ _ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+# remat "dots": the scan saves only the projections' outputs (bf16), never the f32 softmax /
+# norm residuals that made the un-rematerialised step need ~66 GiB; step_bench falls back to
+# full remat when the compiled plan still does not fit the card.
 SHAPE_1B = {"model.d_model": 2048, "model.n_layers": 20, "model.n_heads": 16,
             "model.n_kv_heads": 8, "model.ffn_hidden": 5632, "model.vocab_size": 32000,
-            "model.scan_layers": True, "data.seq_len": 2048, "train.batch_size": 4}
+            "model.scan_layers": True, "model.remat": "dots", "data.seq_len": 2048,
+            "train.batch_size": 4}
+# Share of the card's memory a compiled step may plan for (XLA_PYTHON_CLIENT_MEM_FRACTION is
+# set to 0.9 by benchmarks/device_check.py: jax's pool is then bytes_limit).
+FIT_FRACTION = 0.95
 SHAPE_SMOKE = {"model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4,
                "model.n_kv_heads": 2, "model.ffn_hidden": 128, "model.vocab_size": 264,
                "model.scan_layers": True, "data.seq_len": 32, "train.batch_size": 2}
@@ -111,11 +120,46 @@ def gemm_bench(n: int, reps: int, inner: int) -> dict[str, Any]:
     return out
 
 
+def memory_plan(compiled, device) -> dict[str, Any]:
+    """The compiled step's memory analysis against the device's memory: arguments + outputs -
+    aliased (donated state) + temporaries = what the step needs at its peak, vs jax's pool
+    (``memory_stats()["bytes_limit"]``; None on CPU, where nothing is checked)."""
+    stats = compiled.memory_analysis()
+    get = lambda k: int(getattr(stats, k, 0) or 0) if stats is not None else 0  # noqa: E731
+    plan = {k.removesuffix("_size_in_bytes"): get(k) for k in
+            ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+             "temp_size_in_bytes")}
+    plan["total"] = plan["argument"] + plan["output"] - plan["alias"] + plan["temp"]
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:   # noqa: BLE001 -- CPU devices may not report
+        limit = None
+    plan["limit"] = int(limit) if limit else None
+    plan["fits"] = None if not limit else plan["total"] <= FIT_FRACTION * limit
+    return plan
+
+
+def describe_plan(plan: dict[str, Any]) -> str:
+    gib = lambda b: f"{b / 2**30:.2f} GiB"   # noqa: E731
+    text = (f"memory plan: arguments {gib(plan['argument'])} + outputs {gib(plan['output'])} - "
+            f"donated {gib(plan['alias'])} + temporaries {gib(plan['temp'])} = "
+            f"{gib(plan['total'])}")
+    if plan["limit"]:
+        text += (f" of {gib(plan['limit'])} ({plan['total'] / plan['limit']:.0%}; "
+                 f"{'fits' if plan['fits'] else 'does NOT fit'} under {FIT_FRACTION:.0%})")
+    return text
+
+
 def step_bench(shape: dict, variant: str, steps: int, *, extra: Optional[dict] = None,
-               devices: Optional[list] = None) -> dict[str, Any]:
+               devices: Optional[list] = None, say: Callable[[str], None] = print
+               ) -> dict[str, Any]:
     """Median step time of the tfm-jax train step for one variant at ``shape`` (``extra``:
     more overrides, e.g. MoE or mesh settings; ``devices``: default the first device), its
-    model FLOPs/token and MFU against :func:`tfm_jax.platform.backends.peak_flops_info`."""
+    model FLOPs/token and MFU against :func:`tfm_jax.platform.backends.peak_flops_info`.
+
+    The step is compiled from shapes first and its memory plan (:func:`memory_plan`) printed
+    and checked against the card before any state exists: a plan that does not fit is compiled
+    again with full remat, and if that does not fit either nothing runs (``error`` says why)."""
     import jax
     import numpy as np
 
@@ -132,22 +176,39 @@ def step_bench(shape: dict, variant: str, steps: int, *, extra: Optional[dict] =
                  "mesh.data": 1, **(extra or {})}
     cfg = load_config(None, [f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
                              for k, v in overrides.items()])
-    setup = build(cfg, devices)
-    rng = np.random.default_rng(0)
     b, t = cfg.train.batch_size, cfg.data.seq_len
+    out: dict[str, Any] = {"params": count_params(cfg.model, cfg.moe)["total"],
+                           "flops_per_token": train_flops_per_token(cfg.model, t, cfg.moe)}
+
+    def compile_plan(cfg):
+        setup = build(cfg, devices)
+        shapes = {k: jax.ShapeDtypeStruct((b, t), np.float32 if k == "mask" else np.int32,
+                                          sharding=setup.batch_sharding)
+                  for k in ("inputs", "targets", "mask")}
+        with setup.context():
+            compiled = setup.train_step.lower(setup.abstract_state(), shapes).compile()
+        plan = memory_plan(compiled, devices[0])
+        say(f"{variant} (remat {cfg.model.remat}) " + describe_plan(plan))
+        return setup, compiled, plan
+
+    setup, compiled, plan = compile_plan(cfg)
+    if plan["fits"] is False and cfg.model.remat != "full":
+        cfg = load_config(None, [f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
+                                 for k, v in {**overrides, "model.remat": "full"}.items()])
+        setup, compiled, plan = compile_plan(cfg)
+        out["remat_fallback"] = "full"
+    out["remat"], out["memory_plan"] = cfg.model.remat, plan
+    out["temp_bytes"] = plan["temp"]
+    if plan["fits"] is False:
+        raise MemoryError("the compiled step does not fit the card: " + describe_plan(plan))
+    rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.model.vocab_size, (b, t + 1)).astype(np.int32)
     batch = setup.shard_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                                "mask": np.ones((b, t), np.float32)})
-    out: dict[str, Any] = {"params": count_params(cfg.model, cfg.moe)["total"],
-                           "flops_per_token": train_flops_per_token(cfg.model, t, cfg.moe)}
     with setup.context():
         state = setup.init_state()
         out["state_bytes"] = memory.state_bytes(state)["total"]
-        compiled = setup.train_step.lower(state, batch).compile()
         out["dot_mode"] = fp8.fp8_dot_mode(compiled.as_text())
-        stats = compiled.memory_analysis()
-        if stats is not None:
-            out["temp_bytes"] = getattr(stats, "temp_size_in_bytes", None)
         state, m = compiled(state, batch)        # first step (the jit cache would compile again)
         jax.block_until_ready(m["loss"])
         times = []
@@ -210,7 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         res["step"] = {"shape": shape}
         for v in VARIANTS:
             try:
-                r = step_bench(shape, v, args.steps if gpu else 2)
+                r = step_bench(shape, v, args.steps if gpu else 2, say=say)
             except Exception as err:  # noqa: BLE001 -- recorded, next variant
                 r = {"error": f"{type(err).__name__}: {str(err)[:400]}"}
             res["step"][v] = r

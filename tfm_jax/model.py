@@ -150,6 +150,8 @@ class TransformerLM(nn.Module):
     * prefill (``cache=...``): the same causal forward over a right-padded prompt batch
       (``token_mask`` (B, T) marks each row's prompt, a prefix) that also writes every layer's
       K/V at positions [0, T); returns ``(logits, cache)`` with ``lengths`` = prompt lengths.
+    * ``hidden_only=True`` (no cache): the final hidden states (B, T, d) instead of the logits,
+      for a loss that applies the head in chunks (:func:`head_weight`).
     * decode (``cache=..., decode=True``): T new tokens per row at positions
       ``lengths[b] + 0..T-1`` (RoPE at those absolute positions) attend to the cache; returns
       ``(logits, cache)`` with their K/V written and ``lengths + T``.
@@ -166,7 +168,8 @@ class TransformerLM(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, *, positions: Optional[jax.Array] = None,
                  token_mask: Optional[jax.Array] = None, train: bool = False,
-                 cache: Optional[Cache] = None, decode: bool = False):
+                 cache: Optional[Cache] = None, decode: bool = False,
+                 hidden_only: bool = False):
         cfg = self.cfg
         dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         b, t = tokens.shape
@@ -247,13 +250,15 @@ class TransformerLM(nn.Module):
                           bn_masked=cfg.bn_masked, param_dtype=pdtype, name="final_norm",
                           ops=self.ops)(
                 x, token_mask, train=train)
+        if hidden_only:     # (B, T, d): a chunked loss applies the head itself (head_weight)
+            return nn.with_logical_constraint(x.astype(dtype), axes.ACT_BTD)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
             # high precision under quantization recipes (quantized=False): the set's own GEMM
             logits = Linear(cfg.vocab_size, (axes.EMBED, axes.VOCAB), init_std=cfg.init_std,
                             dtype=dtype, param_dtype=pdtype, ops=self.ops, quantized=False,
-                            name="lm_head")(x)
+                            f32_out=True, name="lm_head")(x)
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), axes.ACT_BTV)
         if cache is None:
             return logits
@@ -277,6 +282,14 @@ class TransformerLM(nn.Module):
                              n_kv_heads=cfg.n_kv_heads, head_dim=cfg.resolved_head_dim,
                              dtype=DTYPES[cfg.dtype], kv_cache=kv_cache, kv_scale=kv_scale,
                              stacked=cfg.scan_layers)
+
+
+def head_weight(cfg: ModelConfig, params) -> jax.Array:
+    """The LM head's (d, V) weight in a params tree: ``lm_head/kernel``, or the embedding table
+    transposed when tied (what ``hidden_only`` callers multiply the hidden states by)."""
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
 
 
 def count_params(cfg: ModelConfig, moe: Optional[MoEConfig] = None) -> dict[str, int]:

@@ -117,3 +117,48 @@ def test_dry_every_part_through_the_shell_script(tmp_path):
     assert parts["decode"]["tfm_jax"]["tokens_per_s"] > 0
     for name in ("env.txt", "device_check.log"):
         assert (tmp_path / name).is_file()
+
+
+def test_dry_mfu_prints_memory_plan_and_precision_compares_with_f32(tmp_path):
+    """The mfu part compiles from shapes and prints the step's memory plan before running; the
+    precision part records each policy's loss against f32."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--out",
+                        str(tmp_path), "--dry", "--parts", "mfu,precision"], env=_env(),
+                       capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((tmp_path / "device_check.json").read_text())
+    log = (tmp_path / "device_check.log").read_text()
+    bf16 = res["parts"]["mfu"]["bf16"]
+    assert bf16["status"] == "ok", bf16
+    plan = bf16["memory_plan"]
+    assert plan["total"] == plan["argument"] + plan["output"] - plan["alias"] + plan["temp"]
+    assert plan["argument"] > 0 and plan["limit"] is None and plan["fits"] is None   # CPU
+    # printed before the step ran (the first timed line comes after it)
+    assert log.index("bf16 (remat none) memory plan:") < log.index("mfu bf16:")
+    prec = res["parts"]["precision"]["results"]
+    assert set(prec) == {"f32", "bf16-master"}
+    assert abs(prec["bf16-master"]["train_vs_f32_pct"]) < 2.0, prec
+
+
+def test_memory_plan_checks_the_card_limit():
+    from benchmarks import fp8_gpu
+
+    class Stats:
+        argument_size_in_bytes, output_size_in_bytes = 10 * 2**30, 10 * 2**30
+        alias_size_in_bytes, temp_size_in_bytes = 9 * 2**30, 50 * 2**30
+
+    class Compiled:
+        def memory_analysis(self):
+            return Stats()
+
+    class Card:
+        def __init__(self, gib):
+            self.gib = gib
+
+        def memory_stats(self):
+            return {"bytes_limit": self.gib * 2**30}
+
+    big = fp8_gpu.memory_plan(Compiled(), Card(127))
+    assert big["total"] == 61 * 2**30 and big["fits"] is True
+    small = fp8_gpu.memory_plan(Compiled(), Card(64))       # 61 > 0.95 * 64
+    assert small["fits"] is False and "does NOT fit" in fp8_gpu.describe_plan(small)

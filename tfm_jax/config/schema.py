@@ -153,7 +153,22 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="compute dtype of activations and matmuls")
     param_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="dtype the parameters are stored in")
+        "float32", description="dtype the parameters are stored in (and gathered in under "
+        "FSDP); the compute dtype is model.dtype")
+    master_weights: Literal["auto", "float32", "none"] = Field(
+        "auto", description="low-precision parameters (param_dtype bfloat16): float32 = the "
+        "optimizer keeps a float32 master copy, updates it and casts it to the parameters; none "
+        "= the float32 update is rounded into the stored parameters (model.param_rounding); "
+        "auto = float32 when param_dtype is below float32. Float32 parameters are their own "
+        "master copy")
+    param_rounding: Literal["nearest", "stochastic"] = Field(
+        "stochastic", description="master_weights=none: how the float32 update is rounded into "
+        "bfloat16 parameters -- stochastic (unbiased: small updates survive on average) or "
+        "nearest-even (updates below half a bfloat16 ulp are lost)")
+    loss_chunk: Int = Field(
+        0, ge=0, description="cross-entropy over blocks of this many tokens, each block's "
+        "logits recomputed in the backward pass (never the whole (tokens, vocab) logits at "
+        "once; for large vocabularies); 0: one block")
     scan_layers: bool = Field(False, description="stack the blocks under nn.scan (one compiled "
                               "block; parameters gain a leading layers axis)")
     remat: Literal["none", "full", "dots"] = Field(
@@ -180,6 +195,10 @@ class ModelConfig(_Section):
             raise ValueError(
                 f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads="
                 f"{self.n_kv_heads} (MHA: equal, GQA: divisor, MQA: 1)")
+        if self.param_dtype == "float32" and self.master_weights == "none":
+            raise ValueError("model.master_weights=none needs low-precision parameters "
+                             "(model.param_dtype=bfloat16); float32 parameters are their own "
+                             "master copy: use master_weights=auto")
         if self.resolved_head_dim % 2:
             raise ValueError(f"model.head_dim={self.resolved_head_dim} must be even for RoPE "
                              "(default: model.d_model // model.n_heads)")
@@ -694,6 +713,11 @@ class Config(_Section):
             if moe.n_experts and self.quant.recipe != "none":
                 raise ValueError(f"quant.recipe={self.quant.recipe} does not cover the MoE "
                                  "experts yet; use quant.recipe=none with moe.n_experts > 0")
+        if self.quant.fp8_weight_storage and self.model.param_dtype != "float32":
+            raise ValueError("quant.fp8_weight_storage stores the kernels in FP8 with their own "
+                             "float32 view for the optimizer; the other parameters need "
+                             "model.param_dtype=float32 (got "
+                             f"{self.model.param_dtype})")
         _check_backend(self.backend)
         attn = self.backend.attention
         if attn != "auto" and self.model.attn_block_q == 0:

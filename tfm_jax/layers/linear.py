@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from tfm_jax.layers.cross_entropy import head_logits
 from tfm_jax.layers.ops import Ops, resolve as resolve_ops
 
 def _canon(x: Union[int, Sequence[int]]) -> tuple[int, ...]:
@@ -31,7 +32,9 @@ class Linear(nn.Module):
     else ``ops.dot_general_cls``, else ``ops.matmul``) always sees 2-D operands: (tokens, in)
     and (in, out). ``quantized=False`` keeps a projection (the LM head) out of a quantization
     recipe and out of FP8 weight storage (``ops.weight_storage``, :mod:`tfm_jax.quant.storage`:
-    then ``kernel`` is FP8 bytes with a float32 ``storage_scale`` beside it).
+    then ``kernel`` is FP8 bytes with a float32 ``storage_scale`` beside it). ``f32_out``: the
+    result in float32; with low-precision operands straight from the GEMM
+    (:func:`tfm_jax.layers.cross_entropy.head_logits`), never rounded to the compute dtype first.
     """
 
     features: Union[int, Sequence[int]]
@@ -43,6 +46,7 @@ class Linear(nn.Module):
     ops: Optional[Ops] = None        # None: the XLA ops of jax's default backend
     dot_general_cls: Optional[Callable[[], nn.Module]] = None
     quantized: bool = True
+    f32_out: bool = False            # float32 result straight from the GEMM (the LM head)
 
     def _stored_kernel(self, init, kernel_shape, n_in: int, spec) -> jax.Array:
         """FP8 weight storage (:mod:`tfm_jax.quant.storage`): params ``kernel`` in ``spec.fmt``
@@ -91,6 +95,11 @@ class Linear(nn.Module):
         kernel = jnp.asarray(kernel, self.dtype).reshape(k_in, k_out)
         dot_cls = (self.dot_general_cls or (ops.quant_dot_cls if self.quantized else None)
                    or ops.dot_general_cls)
+        if (self.f32_out and dot_cls is None
+                and jnp.dtype(self.dtype) != jnp.dtype(jnp.float32)):
+            # low-precision operands, float32 logits; its backward keeps bf16 GEMMs
+            return head_logits(x2, kernel).reshape(lead + features)
         dot_general = dot_cls() if dot_cls else ops.matmul
         y = dot_general(x2, kernel, (((1,), (0,)), ((), ())), precision=None)
+        y = y.astype(jnp.float32) if self.f32_out else y
         return y.reshape(lead + features)

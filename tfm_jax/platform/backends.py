@@ -42,10 +42,17 @@ from tfm_jax.config.schema import PLUGIN_ENV, PLUGIN_FIX
 from tfm_jax.layers.ops import Ops
 from tfm_jax.platform import xla_cpu
 
-# Dense peak FLOP/s per device (vendor figures) by device_kind substring, for MFU on accelerators.
+# Dense (no 2:4 sparsity) peak FLOP/s per device, NVIDIA's figures, by device_kind substring for
+# MFU on accelerators; the first key found in the device kind wins, so card variants come before
+# their family. jax's device kinds: "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe",
+# "NVIDIA H100 NVL", "NVIDIA H200" (SXM), "NVIDIA H200 NVL". Tensor-core bf16; float32 is the
+# CUDA-core (non-tensor) rate.
 _PEAKS = {
+    "H100 PCIe": {"bfloat16": 756e12, "float32": 51e12},
+    "H100 NVL": {"bfloat16": 835e12, "float32": 60e12},
+    "H200 NVL": {"bfloat16": 835e12, "float32": 60e12},
     "H200": {"bfloat16": 989e12, "float32": 67e12},
-    "H100": {"bfloat16": 989e12, "float32": 67e12},
+    "H100": {"bfloat16": 989e12, "float32": 67e12},      # SXM5
     "A100": {"bfloat16": 312e12, "float32": 19.5e12},
 }
 

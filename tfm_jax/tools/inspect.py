@@ -132,3 +132,55 @@ def format_report(rep: dict[str, Any]) -> str:
     for kind, c in rep["collectives"].items():
         lines.append(f"{kind:<20}{c['count']:>7}{c['bytes']:>16,}{c['in_loop']:>9}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# dot dtypes of a step lowered with another platform's op set (mixed-precision checks on CPU)
+
+_DOT = re.compile(r"stablehlo\.dot_general\b.*?:\s*\(tensor<([^>]*)>,\s*tensor<([^>]*)>\)\s*->"
+                  r"\s*tensor<([^>]*)>")
+
+
+class _PlatformDevice:
+    """Stands for a device of ``platform`` when choosing an ops set (nothing runs on it)."""
+
+    def __init__(self, platform: str):
+        self.platform = platform
+
+
+def lower_step(cfg, platform: str = "gpu", which: str = "train") -> str:
+    """StableHLO text of ``cfg``'s train (or eval) step built with the op set a run on
+    ``platform`` gets (:func:`tfm_jax.platform.backends.resolve_ops`), lowered from shapes
+    only on one local device: what XLA receives on that platform before its own passes."""
+    import jax
+    import jax.numpy as jnp
+
+    from tfm_jax.platform import backends
+    from tfm_jax import train as train_lib
+
+    ops = backends.resolve_ops(cfg, [_PlatformDevice(platform)])
+    setup = train_lib.build(cfg, jax.devices()[:1], ops=ops)
+    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
+                                     jnp.float32 if k == "mask" else jnp.int32,
+                                     sharding=setup.batch_sharding)
+             for k in ("inputs", "targets", "mask")}
+    step = setup.train_step if which == "train" else setup.eval_step
+    with setup.context():
+        return step.lower(setup.abstract_state(), batch).as_text()
+
+
+_ALGO = re.compile(r"lhs_precision_type\s*=\s*(\w+),\s*rhs_precision_type\s*=\s*(\w+)")
+
+
+def dot_dtypes(stablehlo_text: str) -> list[tuple[str, str, str]]:
+    """(lhs, rhs, result) element types of every ``dot_general`` in a lowered program, as the
+    GEMM runs them: a dot with an ``algorithm`` (e.g. ``jax.nn.dot_product_attention``'s
+    BF16_BF16_F32) rounds its operands to the algorithm's precision types first, so those count."""
+    out = []
+    for m in _DOT.finditer(stablehlo_text):
+        lhs, rhs, res = (t.rsplit("x", 1)[-1] for t in m.groups())
+        algo = _ALGO.search(m.group(0))
+        if algo:
+            lhs, rhs = algo.groups()
+        out.append((lhs, rhs, res))
+    return out

@@ -60,13 +60,15 @@ class Setup:
         return data_lib.shard_batch(batch, self.batch_sharding, self.cfg.train.batch_size)
 
 
-def build(cfg: Config, devices: Optional[list] = None) -> Setup:
-    """Mesh, model, optimizer, state shardings and jitted steps for ``cfg``."""
+def build(cfg: Config, devices: Optional[list] = None, ops: Optional[Ops] = None) -> Setup:
+    """Mesh, model, optimizer, state shardings and jitted steps for ``cfg``. ``ops``: the ops
+    set to use instead of the devices' own (:func:`tfm_jax.platform.backends.resolve_ops`),
+    e.g. a GPU run's set to lower its step on CPU (:func:`tfm_jax.tools.inspect.lower_step`)."""
     devices = list(jax.devices() if devices is None else devices)
     check_runtime(cfg, len(devices))
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     rules = mesh_lib.rules_tuple(cfg.mesh.rules)
-    ops = backends.resolve_ops(cfg, devices)
+    ops = ops if ops is not None else backends.resolve_ops(cfg, devices)
     model = TransformerLM(cfg.model, ops=ops, moe=cfg.moe)
     tx = make_optimizer(cfg)
     dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
@@ -139,16 +141,20 @@ def fp8_dot_line(setup: Setup, state: TrainState) -> str:
 
 
 def evaluate(setup: Setup, state: TrainState, val_tokens: np.ndarray) -> dict[str, float]:
-    """Mean validation loss (nats/token) and perplexity over ``train.eval_batches`` batches."""
+    """Mean validation loss (nats/token) and perplexity over ``train.eval_batches`` batches.
+    The batches are dispatched back to back and fetched once at the end (no host round trip
+    per batch); the sums are taken on the host in float64, as before."""
     cfg = setup.cfg
-    total, count = 0.0, 0.0
+    sums = []                    # device scalars: no host sync per batch, one at the end
     with setup.context():
         for batch in data_lib.eval_batches(val_tokens, batch_size=cfg.train.batch_size,
                                            seq_len=cfg.data.seq_len,
                                            max_batches=cfg.train.eval_batches,
                                            rows=data_lib.process_rows(cfg.train.batch_size)):
-            s, n = setup.eval_step(state, setup.shard_batch(batch))
-            total, count = total + float(s), count + float(n)
+            sums.append(setup.eval_step(state, setup.shard_batch(batch)))
+    host = jax.device_get(sums)  # [(loss sum, tokens)] per batch
+    total = math.fsum(float(s) for s, _ in host)
+    count = math.fsum(float(n) for _, n in host)
     val_loss = total / max(count, 1.0)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
             "val_tokens": int(count)}

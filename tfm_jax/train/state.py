@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from tfm_jax.config import Config
 from tfm_jax.core import roles as param_roles
+from tfm_jax.train import precision
 
 
 @struct.dataclass
@@ -45,7 +46,9 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     (:func:`make_train_step`). The moments of an FP8-stored kernel are float arrays of its
     shape (the optimizer sees the dequantized view,
     :func:`tfm_jax.quant.storage.dequantized_view`). ``train.opt_moments`` bf16 / int8 store
-    the moments in low precision (:mod:`tfm_jax.quant.optim`)."""
+    the moments in low precision (:mod:`tfm_jax.quant.optim`). Low-precision parameters: the
+    whole optimizer runs in float32, with a float32 master copy when the policy names one
+    (:func:`tfm_jax.train.precision.float32_optimizer`)."""
     t = cfg.train
     if t.opt_moments == "fp32":
         adamw = optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
@@ -55,14 +58,18 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
         adamw = optim.adamw_lowp(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
                                  weight_decay=t.weight_decay, mask=param_roles.decay_mask,
                                  moments=t.opt_moments, block=t.opt_block)
-    return optax.multi_transform({param_roles.TRAINED: adamw,
-                                  param_roles.OVERWRITTEN: optax.set_to_zero()},
-                                 param_roles.optimizer_labels)
+    tx = optax.multi_transform({param_roles.TRAINED: adamw,
+                                param_roles.OVERWRITTEN: optax.set_to_zero()},
+                               param_roles.optimizer_labels)
+    pol = precision.policy(cfg.model)
+    if pol.low_precision_params:   # float32 gradients, moments (and master copy)
+        tx = precision.float32_optimizer(tx, master=pol.master)
+    return tx
 
 
 def lowp_opt_specs(opt_state: Any, param_specs: Any) -> Any:
     """Partition specs of a :mod:`tfm_jax.quant.optim` state from the params' specs, by path: a
-    moment leaf (under ``mu``/``nu``, then the parameter's dict path) takes its parameter's
+    moment leaf (or a master-weights leaf) (under ``mu``/``nu``, then the parameter's dict path) takes its parameter's
     spec; an 8-bit moment's block ``scale`` (same rank, last axis in blocks) the same with the
     last axis replicated; everything else (counts) is replicated."""
     flat_specs = {tuple(getattr(k, "key", None) for k in path): sp for path, sp in
@@ -71,7 +78,8 @@ def lowp_opt_specs(opt_state: Any, param_specs: Any) -> Any:
 
     def spec(path, leaf):
         names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
-        cut = max((i for i, n in enumerate(names) if n in ("mu", "nu")), default=None)
+        cut = max((i for i, n in enumerate(names) if n in ("mu", "nu", "master")),
+                  default=None)
         if cut is None:
             return P()
         dict_keys = tuple(k.key for k in path[cut + 1:] if isinstance(k, jax.tree_util.DictKey))

@@ -21,7 +21,10 @@ from flax import linen as nn
 
 from tfm_jax.config import Config
 from tfm_jax.core import roles as param_roles, telemetry
+from tfm_jax.layers.cross_entropy import chunked_ce_sum
 from tfm_jax.layers.moe import balance_bias_update
+from tfm_jax.model import head_weight
+from tfm_jax.train import precision
 from tfm_jax.train.state import TrainState, lr_schedule
 
 
@@ -37,14 +40,33 @@ def masked_ce_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax
     return jnp.sum(ce * mask)
 
 
-def _forward(model: nn.Module, params, model_state, batch, *, train: bool):
+def loss_sum_and_state(model: nn.Module, params, model_state, batch, *, train: bool):
+    """(masked cross-entropy sum, new model_state, telemetry): the plain loss of the logits, or
+    with ``model.loss_chunk`` the chunked, rematerialised one over the final hidden states
+    (:func:`tfm_jax.layers.cross_entropy.chunked_ce_sum`): never the whole logits at once."""
+    cfg = model.cfg
+    if not cfg.loss_chunk:
+        logits, new_state, sown = _forward(model, params, model_state, batch, train=train)
+        return masked_ce_sum(logits, batch["targets"], batch["mask"]), new_state, sown
+    h, new_state, sown = _forward(model, params, model_state, batch, train=train,
+                                  hidden_only=True)                             # (B, T, d)
+    loss = chunked_ce_sum(h.reshape(-1, h.shape[-1]), head_weight(cfg, params),
+                          batch["targets"].reshape(-1), batch["mask"].reshape(-1),
+                          cfg.loss_chunk)
+    return loss, new_state, sown
+
+
+def _forward(model: nn.Module, params, model_state, batch, *, train: bool,
+             hidden_only: bool = False):
     """(logits, new model_state, telemetry); telemetry (:mod:`tfm_jax.core.telemetry`) is collected
-    in training only, and is ``{}`` when no module sows."""
+    in training only, and is ``{}`` when no module sows. ``hidden_only``: the final hidden
+    states instead of the logits."""
     variables = {"params": params, **model_state}
     mutable = ((list(model_state) if model_state else []) + list(telemetry.COLLECTIONS)
                if train else False)
+    kw = {"hidden_only": True} if hidden_only else {}
     out = model.apply(variables, batch["inputs"], token_mask=input_mask(batch["mask"]),
-                      train=train, mutable=mutable)
+                      train=train, mutable=mutable, **kw)
     logits, new_state = out if mutable else (out, model_state)
     new_state, sown = telemetry.split(new_state)
     return logits, new_state, sown
@@ -87,8 +109,8 @@ def _accumulate(acc, g, over: bool):
 
 
 def _acc_init(p, over: bool):
-    if not over:
-        return jnp.zeros_like(p)
+    if not over:     # gradients sum in float32 whatever the parameter dtype
+        return jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32))
     low = jnp.finfo(p.dtype).min if jnp.issubdtype(p.dtype, jnp.floating) else jnp.iinfo(
         p.dtype).min
     return jnp.full_like(p, low)
@@ -118,8 +140,8 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
     clip = cfg.train.grad_clip
 
     def micro_loss(params, model_state, batch):
-        logits, new_state, sown = _forward(model, params, model_state, batch, train=True)
-        loss_sum = masked_ce_sum(logits, batch["targets"], batch["mask"])
+        loss_sum, new_state, sown = loss_sum_and_state(model, params, model_state, batch,
+                                                       train=True)
         aux = telemetry.aux_loss(sown)     # sown auxiliary losses (MoE), per token; None if none
         if aux is not None:
             loss_sum = loss_sum + aux * jnp.sum(batch["mask"])
@@ -132,13 +154,18 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
         from tfm_jax.quant import storage
         spec = storage.spec_from_config(cfg.quant)
 
+    pol = precision.policy(cfg.model)
+
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        round_key = (jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.train.seed),
+                                                           state.step), 1)
+                     if pol.rounding == "stochastic" else None)
         over = param_roles.overwrite_mask(state.params)     # Python bools: static routing
         # MoE balancing bias: its "gradient" is the load, summed over micro-batches; updated by
         # its own rule below, outside the division, the norm, the clip and AdamW
         bal = param_roles.balance_mask(state.params)
         held = jax.tree.map(lambda o, b: o or b, over, bal)
-        n_tokens = jnp.maximum(batch["mask"].sum(), 1.0)
+        n_tokens = jnp.maximum(batch["mask"].sum(dtype=jnp.float32), 1.0)
         # FP8-stored kernels: gradients, clip and AdamW act on their dequantized float32 view
         params = storage.dequantized_view(state.params) if stored else state.params
         if n_micro == 1:
@@ -161,7 +188,9 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
                 body, (jnp.zeros((), jnp.float32), init, state.model_state), micro)
             sown = telemetry.reduce_micro(sown)
         loss = loss_sum / n_tokens
-        grads = jax.tree.map(lambda g, o: g if o else g / n_tokens, grads, held)
+        # float32 from here on (precision policy): the division, the clip and the optimizer
+        grads = jax.tree.map(lambda g, o: g if o else g.astype(jnp.float32) / n_tokens,
+                             grads, held)
         # overwritten / balance leaves: zeros here, so they add nothing to the norm and are
         # never flagged
         sumsq = leaf_sumsq(jax.tree.map(lambda g, o: jnp.zeros_like(g) if o else g, grads, held))
@@ -174,7 +203,7 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
 
         def apply(_):
             updates, opt_state = tx.update(grads, state.opt_state, params)
-            new_params = optax.apply_updates(params, updates)
+            new_params = precision.new_params(pol, params, updates, opt_state, round_key)
             # the new quantization state, as computed (not p + (new - p), which rounds)
             new_params = jax.tree.map(lambda p, g, o: g.astype(p.dtype) if o else p,
                                       new_params, grads, over)
@@ -204,8 +233,9 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
 
 def make_eval_step(model: nn.Module) -> Callable[[TrainState, dict], tuple[jax.Array, jax.Array]]:
     def step(state: TrainState, batch: dict):
-        logits, _, _ = _forward(model, state.params, state.model_state, batch, train=False)
-        return masked_ce_sum(logits, batch["targets"], batch["mask"]), batch["mask"].sum()
+        loss, _, _ = loss_sum_and_state(model, state.params, state.model_state, batch,
+                                        train=False)
+        return loss, batch["mask"].sum()
     return step
 
 

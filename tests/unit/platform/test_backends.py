@@ -434,3 +434,19 @@ def test_fp8_support_by_device():
     assert environment.matching_profile(D("gpu", "NVIDIA H100 80GB HBM3")) == "nvidia-hopper"
     assert environment.matching_profile(D("hpu", "GAUDI3")) == "gaudi3"
     assert environment.matching_profile(D("gpu", "NVIDIA A100")) is None
+
+
+@pytest.mark.parametrize("kind, bf16", [("NVIDIA H100 80GB HBM3", 989e12),
+                                        ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA H200 NVL", 835e12)])
+def test_peak_flops_per_card_variant(kind, bf16, monkeypatch):
+    """Each H100/H200 variant gets its own dense bf16 peak (a PCIe card is not an SXM one)."""
+    from tfm_jax.config import load_config
+
+    class Dev:
+        platform, device_kind = "gpu", kind
+
+    monkeypatch.setattr(backends.jax, "devices", lambda *a: [Dev()])
+    peak, source = backends.peak_flops_info(load_config(None, ["model.dtype=bfloat16"]), 2)
+    assert peak == 2 * bf16 and "vendor figure" in source

@@ -7,6 +7,7 @@ K/V head. Query head ``h`` uses K/V head ``h // G`` (groups are contiguous).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -25,6 +26,28 @@ def make_attention_mask(q_positions: jax.Array, k_positions: jax.Array,
     return mask
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def scores_einsum(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum(eq, a, b)`` with a float32 result (the attention scores). Its backward casts the
+    cotangent (dS) to the operands' dtype first, so dQ and dK are GEMMs in that dtype (bf16
+    tensor cores), not float32 x float32 dots as the plain ``preferred_element_type`` einsum's
+    transpose gives -- the cast of dS that the flash and block cores make too."""
+    return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+
+
+def _scores_fwd(eq, a, b):
+    return scores_einsum(eq, a, b), (a, b)
+
+
+def _scores_bwd(eq, res, g):
+    a, b = res
+    _, vjp = jax.vjp(lambda x, y: jnp.einsum(eq, x, y), a, b)
+    return vjp(g.astype(jnp.result_type(a, b)))
+
+
+scores_einsum.defvjp(_scores_fwd, _scores_bwd)
+
+
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax attention with grouped K/V heads.
 
@@ -36,8 +59,7 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     if h % hkv:
         raise ValueError(f"{h} query heads are not a multiple of {hkv} kv heads")
     qg = q.reshape(b, t, hkv, h // hkv, d)                                      # (B, T, K, G, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
-                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+    scores = scores_einsum("btkgd,bskd->bkgts", qg, k) / jnp.sqrt(jnp.float32(d))
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)              # (B, K, G, T, S)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)                             # (B, T, K, G, D)
