@@ -117,7 +117,8 @@ class ModelConfig(_Section):
     """Decoder-only Transformer LM shape and component choices."""
 
     vocab_size: Int = Field(264, gt=0, description="embedding rows; at least the tokenizer's "
-                            "vocabulary (259 for the byte tokenizer)")
+                            "vocabulary (259 for the byte tokenizer); auto: the tokenizer's size "
+                            "rounded up to a multiple of 128")
     d_model: Int = Field(128, gt=0, description="model width (residual stream)")
     n_layers: Int = Field(4, gt=0, description="decoder blocks")
     n_heads: Int = Field(4, gt=0, description="query heads")
@@ -237,8 +238,12 @@ class DataConfig(_Section):
         None, description="folder/glob data.path only: keep files whose name or relative path "
         "matches one of these globs, e.g. ['*.py', '*.md']; None: all files (non-text files -- "
         "a NUL byte in the first 8 KiB, or not UTF-8 -- are always skipped and counted)")
-    tokenizer: Literal["byte", "none"] = Field(
-        "byte", description="none: the caller feeds token ids itself (benchmarks, synthetic)")
+    tokenizer: str = Field(
+        "byte", description="byte (UTF-8 bytes + 3 specials), a Hugging Face tokenizer.json or a "
+        "folder holding one, or a sentencepiece .model; none: the caller feeds token ids itself "
+        "(benchmarks, synthetic)")
+    text_field: str = Field("text", description="jsonl/parquet/datasets sources: the field "
+                            "(column) holding each document's text")
     seq_len: Int = Field(128, gt=1, description="tokens per training row")
     val_fraction: Float = Field(0.05, gt=0, le=0.5, description="share of the corpus held "
                                 "out for validation (the tail)")
@@ -633,7 +638,7 @@ class Config(_Section):
     @classmethod
     def _profile_defaults(cls, raw: Any) -> Any:
         # backend.profile / backend.emulate fill the keys the config leaves unset
-        return profiles.apply_defaults(raw)
+        return _auto_vocab(profiles.apply_defaults(raw))
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
@@ -689,6 +694,11 @@ class Config(_Section):
         if self.data.tokenizer == "byte" and self.model.vocab_size < BYTE_VOCAB_SIZE:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the byte "
                              f"tokenizer's {BYTE_VOCAB_SIZE} ids; use >= {BYTE_VOCAB_SIZE}")
+        tok_size = _tokenizer_size(self.data.tokenizer)
+        if tok_size is not None and self.model.vocab_size < tok_size:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the "
+                             f"{tok_size} ids of the tokenizer {self.data.tokenizer}; set "
+                             f"model.vocab_size=auto or >= {tok_size}")
         if self.train.on_nonfinite == "reload" and not self.quant.fp8:
             raise ValueError(f"train.on_nonfinite=reload raises quant.margin after a reload, "
                              f"which only an fp8 recipe uses (quant.recipe={self.quant.recipe}): "
@@ -752,6 +762,36 @@ def _format_errors(err: pydantic.ValidationError) -> str:
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _tokenizer_size(spec: str) -> Optional[int]:
+    """Vocabulary size of ``data.tokenizer`` (None: byte/none, or a path not here -- a run's
+    config read elsewhere; loading its data then names the problem)."""
+    if spec in ("byte", "none") or not pathlib.Path(spec).expanduser().exists():
+        return None
+    from tfm_jax.data import tokenizer as tokenizer_lib   # layer 1 (imports core only)
+
+    try:
+        return tokenizer_lib.cached_vocab_size(spec)
+    except Exception as err:  # DataError: one line, shown as a config error
+        raise ValueError(str(err)) from None
+
+
+def _auto_vocab(raw: Any) -> Any:
+    """``model.vocab_size: auto`` -> the tokenizer's size rounded up to a multiple of 128."""
+    if not (isinstance(raw, dict) and isinstance(raw.get("model"), dict)
+            and raw["model"].get("vocab_size") == "auto"):
+        return raw
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    spec = str(data.get("tokenizer", "byte"))
+    if spec == "none":
+        raise ValueError("model.vocab_size=auto needs a tokenizer, but data.tokenizer=none; "
+                         "give model.vocab_size as a number")
+    size = BYTE_VOCAB_SIZE if spec == "byte" else _tokenizer_size(spec)
+    if size is None:
+        raise ValueError(f"model.vocab_size=auto: data.tokenizer={spec!r} is not 'byte' nor an "
+                         "existing tokenizer file or folder")
+    return {**raw, "model": {**raw["model"], "vocab_size": -(-size // 128) * 128}}
 
 
 def validate(raw: dict[str, Any]) -> Config:

@@ -193,8 +193,10 @@ class Trainer:
                 f"{ckpt.latest_step()}); pass --resume to continue it, or choose another run.dir")
         if resume and ckpt.latest_step() is None:
             raise FileNotFoundError(_nothing_to_resume(cfg, ckpt.directory))
-        self.corpus = corpus or data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction,
-                                                     cfg.data.cache_dir, include=cfg.data.include)
+        self.tokenizer = data_lib.load_tokenizer(
+            None if cfg.data.tokenizer == "none" else cfg.data.tokenizer)
+        data_lib.check_vocab(self.tokenizer, cfg.model.vocab_size)
+        self.corpus = corpus or data_lib.corpus_for(cfg.data, self.tokenizer)
         self.setup = build(cfg, self.devices)
         self.start_step = 0
         if resume:
@@ -218,13 +220,14 @@ class Trainer:
         self.step = self.start_step
         run_dir.mkdir(parents=True, exist_ok=True)
         data_lib.atomic_write(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
+        data_lib.tokenizer.copy_into(self.tokenizer, run_dir)    # eval/generate/convert read it
         self.param_paths = [jax.tree_util.keystr(p, simple=True, separator="/")
                             for p, _ in jax.tree_util.tree_flatten_with_path(self.state.params)[0]]
         self.flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len, cfg.moe)
         self.peak, peak_source = backends.peak_flops_info(
             cfg, n_devices=len(self.setup.mesh.devices.flat))
-        self.unigram = data_lib.unigram_entropy(self.corpus.train,
-                                                eval_span(cfg, self.corpus.val))
+        self.unigram = data_lib.unigram_entropy(self.corpus.train, eval_span(cfg, self.corpus.val),
+                                                vocab_size=self.tokenizer.vocab_size)
         self.rows = data_lib.process_rows(self.t.batch_size)
         self.logger = self._new_logger(self.start_step)
         self._header(peak_source)
@@ -242,6 +245,8 @@ class Trainer:
         log.info(f"run dir {self.run_dir} | params {count_params(cfg.model, cfg.moe)['total']:,} "
                  f"| mesh {dict(setup.mesh.shape)} | corpus {corpus.num_train_tokens:,} train / "
                  f"{corpus.num_val_tokens:,} val tokens | unigram baseline {self.unigram:.3f} nats")
+        if corpus.build_summary:
+            log.info(corpus.build_summary)
         if corpus.skipped_files:
             log.info(f"corpus {corpus.source}: {corpus.skipped_summary()}")
         log.info(f"kernels: {setup.ops.describe()}")

@@ -154,6 +154,14 @@ def evaluate(setup: Setup, state: TrainState, val_tokens: np.ndarray) -> dict[st
             "val_tokens": int(count)}
 
 
+def eval_positions(cfg: Config, val_tokens: np.ndarray) -> np.ndarray:
+    """Positions in the val stream of the target tokens :func:`evaluate` scores."""
+    starts = data_lib.eval_window_starts(val_tokens, batch_size=cfg.train.batch_size,
+                                         seq_len=cfg.data.seq_len,
+                                         max_batches=cfg.train.eval_batches)
+    return (starts[:, None] + np.arange(1, cfg.data.seq_len + 1)).ravel()
+
+
 def eval_span(cfg: Config, val_tokens: np.ndarray) -> np.ndarray:
     """The validation tokens :func:`evaluate` scores (its baseline must use the same text): the
     target tokens of every evaluation window."""
