@@ -247,7 +247,11 @@ class DataConfig(_Section):
     seq_len: Int = Field(128, gt=1, description="tokens per training row")
     val_fraction: Float = Field(0.05, gt=0, le=0.5, description="share of the corpus held "
                                 "out for validation (the tail)")
-    packing: bool = Field(True, description="False: one document per row, padded (masked)")
+    packing: Union[Literal["concat", "segments", "pad"], bool] = Field(
+        True, description="concat (true): rows are windows of the document stream; segments: "
+        "documents packed first-fit into rows with segment ids and per-document positions, "
+        "attention and loss stay inside each document; pad (false): one document per row, "
+        "padded (masked)")
     random_truncate: Float = Field(
         0.0, ge=0, lt=1, description="packed rows only: cut each row at a uniform random length "
         "in [(1-f)*seq_len, seq_len] and pad the rest (masked): variable-length batches")
@@ -256,7 +260,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _truncate_needs_packing(self) -> "DataConfig":
-        if self.random_truncate and not self.packing:
+        if self.random_truncate and self.packing not in (True, "concat"):
             raise ValueError(f"data.random_truncate={self.random_truncate} applies to packed rows; "
                              "with data.packing=false rows are already padded documents: set "
                              "data.random_truncate=0 or data.packing=true")
@@ -677,6 +681,10 @@ class Config(_Section):
             raise ValueError(f"backend.attention={attn} never runs with model.attn_block_q=0 "
                              "(which forces the general masked path); set model.attn_block_q "
                              "> 0 (e.g. 64) or backend.attention=auto")
+        if attn == "cudnn" and self.data.packing == "segments":
+            raise ValueError("data.packing=segments needs an attention core that masks across "
+                             "documents; backend.attention=cudnn takes no segment ids here: use "
+                             "backend.attention=flash, xla_sdpa or auto")
         if attn == "cudnn":
             if self.backend.platform in ("cpu", "tpu"):
                 raise ValueError(f"backend.attention=cudnn needs a GPU, but backend.platform="

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from tfm_jax import data as data_lib
+from tfm_jax.data import loader as loader_lib
 from tfm_jax.config import Config, check_runtime, check_trainable
 from tfm_jax.core import interrupts, telemetry
 from tfm_jax.model import count_params, train_flops_per_token
@@ -218,6 +219,7 @@ class Trainer:
         else:
             self.state = self.setup.init_state()
         self.step = self.start_step
+        self.loader = self._open_loader(resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         data_lib.atomic_write(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
         data_lib.tokenizer.copy_into(self.tokenizer, run_dir)    # eval/generate/convert read it
@@ -232,6 +234,20 @@ class Trainer:
         self.logger = self._new_logger(self.start_step)
         self._header(peak_source)
         self.logger.start_progress()
+
+    def _open_loader(self, resume: bool) -> "loader_lib.TrainLoader":
+        """This process's batches from ``start_step`` on; on resume the iterator state saved
+        with the checkpoint (checked against this run's data and seed)."""
+        t = self.t
+        make = loader_lib.batch_fn(self.corpus, self.cfg.data, seed=t.seed,
+                                   batch_size=t.batch_size,
+                                   rows=data_lib.process_rows(t.batch_size))
+        loader = loader_lib.TrainLoader(make, steps=t.steps, seed=t.seed,
+                                        source=self.corpus.cache_dir.name, start=self.start_step)
+        saved = loader_lib.load_state(self.ckpt.directory, self.start_step) if resume else None
+        if saved is not None:
+            loader.set_state(saved)
+        return loader
 
     def _new_logger(self, step: int) -> MetricsLogger:
         return MetricsLogger(self.run_dir, resume_step=step, tensorboard=self.cfg.run.tensorboard,
@@ -285,10 +301,9 @@ class Trainer:
     def _steps(self, sig: "_SignalFlag") -> None:
         t, cfg, ckpt = self.t, self.cfg, self.ckpt
         while self.step < t.steps:
-            batch = data_lib.train_batch(
-                self.corpus.train, self.corpus.train_doc_starts, step=self.step, seed=t.seed,
-                batch_size=t.batch_size, seq_len=cfg.data.seq_len, packing=cfg.data.packing,
-                rows=self.rows, random_truncate=cfg.data.random_truncate)
+            if self.loader.step != self.step:      # reloaded from a checkpoint
+                self.loader.seek(self.step)
+            batch = next(self.loader)
             self.state, metrics = self.setup.train_step(self.state, self.setup.shard_batch(batch))
             self.step += 1
             step = self.step
@@ -307,15 +322,21 @@ class Trainer:
                 self.eval_row = evaluate(self.setup, self.state, self.corpus.val)
                 self.logger.log(step, self.eval_row, kind="eval")
             if save_now:
-                ckpt.save(step, self.state)
+                self._save(step)
             self.window.t0 += time.perf_counter() - t_pause      # eval/save: not training time
             if stop is not None:
                 if ckpt.latest_step() != step:
-                    ckpt.save(step, self.state)
+                    self._save(step)
                 ckpt.wait()
                 raise Interrupted(f"{signal.Signals(stop).name} at step {step}: checkpoint saved "
                                   f"to {ckpt.directory}; continue with --resume", stop)
         self._flush()
+
+    def _save(self, step: int) -> None:
+        """Checkpoint ``step`` with the loader state beside it (the batches it has handed out)."""
+        loader_lib.save_state(self.ckpt.directory, step, self.loader.get_state())
+        self.ckpt.save(step, self.state)
+        loader_lib.prune_states(self.ckpt.directory, self.ckpt.all_steps() + [step])
 
     def _flush(self) -> None:
         if self.pending is not None:

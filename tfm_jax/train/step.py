@@ -43,8 +43,9 @@ def _forward(model: nn.Module, params, model_state, batch, *, train: bool):
     variables = {"params": params, **model_state}
     mutable = ((list(model_state) if model_state else []) + list(telemetry.COLLECTIONS)
                if train else False)
+    packed = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}  # segments packing
     out = model.apply(variables, batch["inputs"], token_mask=input_mask(batch["mask"]),
-                      train=train, mutable=mutable)
+                      train=train, mutable=mutable, **packed)
     logits, new_state = out if mutable else (out, model_state)
     new_state, sown = telemetry.split(new_state)
     return logits, new_state, sown
