@@ -231,6 +231,15 @@ def ffn_hidden_size(d_model: int, ffn_type: str, ffn_mult: float = 4.0,
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
+class MixtureSource(_Section):
+    """One source of ``data.mixture``."""
+    path: str = Field(description="text file/folder/glob, .jsonl/.parquet file or glob, or a "
+                      "datasets save_to_disk folder")
+    weight: Float = Field(1.0, gt=0, description="share of training rows drawn from this "
+                          "source (weights are normalized)")
+    text_field: Optional[str] = Field(None, description="default: data.text_field")
+
+
 class DataConfig(_Section):
     """Training text, tokenization and batching."""
     path: Optional[str] = Field(None, description="text file, folder or glob; None: built-in corpus")
@@ -244,6 +253,10 @@ class DataConfig(_Section):
         "(benchmarks, synthetic)")
     text_field: str = Field("text", description="jsonl/parquet/datasets sources: the field "
                             "(column) holding each document's text")
+    mixture: Optional[list[MixtureSource]] = Field(
+        None, description="several sources, each row drawn from one with probability "
+        "proportional to its weight, e.g. [{path: a.jsonl, weight: 3}, {path: docs/}]; "
+        "replaces data.path (validation: all sources' held-out parts)")
     seq_len: Int = Field(128, gt=1, description="tokens per training row")
     val_fraction: Float = Field(0.05, gt=0, le=0.5, description="share of the corpus held "
                                 "out for validation (the tail)")
@@ -260,6 +273,10 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _truncate_needs_packing(self) -> "DataConfig":
+        if self.mixture is not None and self.path is not None:
+            raise ValueError("data.mixture replaces data.path: set one of the two")
+        if self.mixture is not None and not self.mixture:
+            raise ValueError("data.mixture is an empty list: give at least one source, or null")
         if self.random_truncate and self.packing not in (True, "concat"):
             raise ValueError(f"data.random_truncate={self.random_truncate} applies to packed rows; "
                              "with data.packing=false rows are already padded documents: set "

@@ -337,7 +337,16 @@ def bits_per_byte(mean_loss: float, n_tokens: int, n_bytes: int) -> float:
 
 
 def corpus_for(data_cfg, tokenizer: Tokenizer | None = None) -> Corpus:
-    """:func:`load_corpus` with a ``DataConfig``'s path, split, cache, include and text field."""
+    """:func:`load_corpus` with a ``DataConfig``'s path, split, cache, include and text field;
+    with ``data.mixture`` a :class:`~tfm_jax.data.mixture.Mixture` of its sources."""
+    if getattr(data_cfg, "mixture", None):
+        from tfm_jax.data import mixture
+
+        parts = [load_corpus(m.path, data_cfg.val_fraction, data_cfg.cache_dir,
+                             include=data_cfg.include, tokenizer=tokenizer,
+                             text_field=m.text_field or data_cfg.text_field)
+                 for m in data_cfg.mixture]
+        return mixture.combine(parts, [m.weight for m in data_cfg.mixture])
     return load_corpus(data_cfg.path, data_cfg.val_fraction, data_cfg.cache_dir,
                        include=data_cfg.include, tokenizer=tokenizer,
                        text_field=getattr(data_cfg, "text_field", "text"))

@@ -27,9 +27,14 @@ STATE_DIR = "loader_state"
 def batch_fn(corpus: data_lib.Corpus, data_cfg, *, seed: int, batch_size: int,
              rows: Optional[slice]) -> Callable[[int], dict[str, np.ndarray]]:
     """step -> this process's rows of global training batch ``step``."""
-    from tfm_jax.data import packing
+    from tfm_jax.data import mixture, packing
 
     mode = packing.mode_of(data_cfg.packing)
+    if isinstance(corpus, mixture.Mixture):
+        parts = [batch_fn(c, data_cfg, seed=seed, batch_size=batch_size, rows=rows)
+                 for c in corpus.parts]
+        return lambda step: mixture.mixed_batch(parts, corpus.weights, step=int(step), seed=seed,
+                                                batch_size=batch_size, rows=rows)
 
     def make(step: int) -> dict[str, np.ndarray]:
         if mode == "segments":

@@ -220,7 +220,10 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids[keep]])
 
     def token_bytes(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        proto = self._sp.encode(text, out_type="immutable_proto")
+        try:     # sentencepiece >= 0.2.1 (immutable_proto is gone there); older: out_type
+            proto = self._sp.encode(text, return_type="proto")
+        except TypeError:
+            proto = self._sp.encode(text, out_type="immutable_proto")
         ids = np.asarray([p.id for p in proto.pieces], np.int32)
         # begin/end are byte offsets into the (normalized) input; own each byte once
         ends = np.asarray([p.end for p in proto.pieces], np.int64)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tfm_jax.core.errors import DataError
-from tfm_jax.data import load_corpus
+from tfm_jax.data import corpus_for
 from tfm_jax.data.tokenizer import ByteTokenizer, train_bpe
 
 
@@ -19,9 +19,7 @@ class _Texts:
         self.data_cfg, self.bytes = data_cfg, 0
 
     def __iter__(self) -> Iterator[str]:
-        corpus = load_corpus(self.data_cfg.path, self.data_cfg.val_fraction,
-                             self.data_cfg.cache_dir, include=self.data_cfg.include,
-                             text_field=self.data_cfg.text_field, tokenizer=ByteTokenizer())
+        corpus = corpus_for(self.data_cfg, ByteTokenizer())
         tok = ByteTokenizer()
         starts = list(map(int, corpus.train_doc_starts)) + [corpus.num_train_tokens]
         for a, b in zip(starts[:-1], starts[1:]):
