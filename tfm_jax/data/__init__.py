@@ -320,6 +320,14 @@ def _document_corpus(files: list[Path], root: Path, label: str, explicit: bool, 
     return documents.open_corpus(_cache_root(cache_dir) / key, docs(), tok, val_fraction, label)
 
 
+def batch_keys(packing) -> tuple[str, ...]:
+    """The arrays of a training batch under ``data.packing`` (evaluation: the first three)."""
+    from tfm_jax.data.packing import mode_of
+
+    extra = ("segment_ids", "positions") if mode_of(packing) == "segments" else ()
+    return ("inputs", "targets", "mask") + extra
+
+
 def check_vocab(tok: Tokenizer, vocab_size: int) -> None:
     """``DataError`` when ``model.vocab_size`` cannot hold the tokenizer's ids."""
     if vocab_size < tok.vocab_size:
