@@ -242,7 +242,9 @@ class MixtureSource(_Section):
 
 class DataConfig(_Section):
     """Training text, tokenization and batching."""
-    path: Optional[str] = Field(None, description="text file, folder or glob; None: built-in corpus")
+    path: Optional[str] = Field(None, description="text file, folder or glob; .jsonl or .parquet "
+                                "file or glob; a datasets save_to_disk folder; None: built-in "
+                                "corpus")
     include: Optional[list[str]] = Field(
         None, description="folder/glob data.path only: keep files whose name or relative path "
         "matches one of these globs, e.g. ['*.py', '*.md']; None: all files (non-text files -- "

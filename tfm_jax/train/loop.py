@@ -23,7 +23,7 @@ from tfm_jax.model import count_params, train_flops_per_token
 from tfm_jax.platform import backends
 from tfm_jax.train.checkpoint import CheckpointMismatch, Checkpointer
 from tfm_jax.train.metrics import MetricsLogger, read_metrics
-from tfm_jax.train.setup import Setup, build, eval_span, evaluate, fp8_dot_line
+from tfm_jax.train.setup import Setup, build, eval_positions, eval_span, evaluate, fp8_dot_line
 from tfm_jax.train.state import TrainState
 from tfm_jax.train.step import _jit_nonfinite_flags, describe_nonfinite
 
@@ -230,6 +230,8 @@ class Trainer:
             cfg, n_devices=len(self.setup.mesh.devices.flat))
         self.unigram = data_lib.unigram_entropy(self.corpus.train, eval_span(cfg, self.corpus.val),
                                                 vocab_size=self.tokenizer.vocab_size)
+        # UTF-8 bytes of the evaluated text: every evaluation also reports bits per byte
+        self.eval_bytes = self.corpus.bytes_of(eval_positions(cfg, self.corpus.val))
         self.rows = data_lib.process_rows(self.t.batch_size)
         self.logger = self._new_logger(self.start_step)
         self._header(peak_source)
@@ -285,7 +287,7 @@ class Trainer:
                     except _Reload as err:
                         self._reload(str(err))
                 if not self.eval_row:       # resumed at the last step: report its evaluation
-                    self.eval_row = evaluate(self.setup, self.state, self.corpus.val)
+                    self.eval_row = self._evaluate()
             finally:
                 self.ckpt.wait()
                 self.ckpt.close()
@@ -319,7 +321,7 @@ class Trainer:
                 self._flush()    # never evaluate or save a state not checked finite
             t_pause = time.perf_counter()
             if evaluate_now:
-                self.eval_row = evaluate(self.setup, self.state, self.corpus.val)
+                self.eval_row = self._evaluate()
                 self.logger.log(step, self.eval_row, kind="eval")
             if save_now:
                 self._save(step)
@@ -331,6 +333,14 @@ class Trainer:
                 raise Interrupted(f"{signal.Signals(stop).name} at step {step}: checkpoint saved "
                                   f"to {ckpt.directory}; continue with --resume", stop)
         self._flush()
+
+    def _evaluate(self) -> dict:
+        """The validation row: loss, perplexity, tokens and bits per byte (``val_bpb``)."""
+        row = evaluate(self.setup, self.state, self.corpus.val)
+        if self.eval_bytes:
+            row["val_bpb"] = data_lib.bits_per_byte(row["val_loss"], row["val_tokens"],
+                                                    self.eval_bytes)
+        return row
 
     def _save(self, step: int) -> None:
         """Checkpoint ``step`` with the loader state beside it (the batches it has handed out)."""
