@@ -11,6 +11,7 @@ token stream is cut at ``1 - val_fraction`` instead ("by_tokens").
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from pathlib import Path
@@ -37,10 +38,14 @@ def _tokenize(docs: Iterable[tuple[str, str]], tok: Tokenizer
               ) -> Iterator[tuple[str, np.ndarray, np.ndarray, int]]:
     """(name, ids, bytes per id, utf-8 bytes) per document, EOS appended (0 bytes)."""
     eos = np.asarray([tok.eos_id], np.int64)
-    for name, text in docs:
-        ids, nbytes = tok.token_bytes(text)
-        yield (name, np.concatenate([ids.astype(np.int64), eos]),
-               np.concatenate([nbytes, [0]]), int(nbytes.sum()))
+    batched = getattr(tok, "token_bytes_batch", None)
+    it = iter(docs)
+    while chunk := list(itertools.islice(it, _BATCH_DOCS)):
+        names, texts = zip(*chunk)
+        encoded = batched(list(texts)) if batched else [tok.token_bytes(t) for t in texts]
+        for name, (ids, nbytes) in zip(names, encoded):
+            yield (name, np.concatenate([ids.astype(np.int64), eos]),
+                   np.concatenate([nbytes, [0]]), int(nbytes.sum()))
 
 
 def build(out: Path, docs: Iterable[tuple[str, str]], tok: Tokenizer, val_fraction: float,

@@ -160,19 +160,21 @@ class HFTokenizer:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return _wrap(np.asarray(ids, np.int32), self.bos_id, self.eos_id, add_bos, add_eos)
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, np.int32)
-                for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         ids = _int_ids(ids)
         ids = ids[(ids >= 0) & (ids < self.vocab_size) & ~np.isin(ids, self._specials)]
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def token_bytes(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        enc = self._tok.encode(text, add_special_tokens=False)
-        ends = np.asarray([e for _, e in enc.offsets], np.int64)
-        return np.asarray(enc.ids, np.int32), _bytes_from_char_spans(text, ends)
+        return self.token_bytes_batch([text])[0]
+
+    def token_bytes_batch(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`token_bytes` of several texts in one call (the library encodes in parallel)."""
+        out = []
+        for text, enc in zip(texts, self._tok.encode_batch(texts, add_special_tokens=False)):
+            ends = np.asarray([e for _, e in enc.offsets], np.int64)
+            out.append((np.asarray(enc.ids, np.int32), _bytes_from_char_spans(text, ends)))
+        return out
 
     def save(self, directory: str | Path) -> Path:
         return save_hf_folder(self._tok, directory, self._tok.id_to_token(self.bos_id),

@@ -183,3 +183,14 @@ def test_packed_loss_is_the_sum_of_per_document_losses():
     lg = jax.jit(model.apply)(params, jnp.asarray(np.stack(inputs)))
     alone = float(masked_ce_sum(lg, jnp.asarray(np.stack(targets)), jnp.asarray(np.stack(mask))))
     assert len(inputs) >= 3 and packed == pytest.approx(alone, rel=1e-5)
+
+
+def test_cudnn_core_refuses_segments_with_one_line():
+    from tfm_jax.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="data.packing=segments needs an attention core"):
+        load_config(None, ["data.packing=segments", "backend.attention=cudnn",
+                           "backend.platform=gpu", "model.dtype=bfloat16"])
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(ValueError, match="cuDNN attention core takes no segment ids"):
+        flash.sdpa_seq_lengths_attention(q, q, q, segment_ids=jnp.ones((1, 4), jnp.int32),
+                                         implementation="xla")
