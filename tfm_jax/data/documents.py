@@ -10,9 +10,11 @@ token stream is cut at ``1 - val_fraction`` instead ("by_tokens").
 
 from __future__ import annotations
 
+import array
 import hashlib
 import itertools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -48,57 +50,100 @@ def _tokenize(docs: Iterable[tuple[str, str]], tok: Tokenizer
                    np.concatenate([nbytes, [0]]), int(nbytes.sum()))
 
 
+class _Split:
+    """One split's token and byte streams, appended to temp files in ``out`` (memory does not
+    grow with the corpus), then published (``commit``) or cut in two (``cut``)."""
+
+    def __init__(self, out: Path, name: str, dtype: np.dtype):
+        self.out, self.name, self.dtype = out, name, dtype
+        self.tmp = {k: out / f".{name}.{k}.{os.getpid()}.tmp" for k in ("tokens", "bytes")}
+        self.fh = {k: open(p, "wb") for k, p in self.tmp.items()}
+        self.n, self.starts, self.names = 0, array.array("q"), []
+
+    def add(self, name: str, ids: np.ndarray, nbytes: np.ndarray) -> None:
+        self.starts.append(self.n)
+        if len(self.names) < _NAMES_KEPT:
+            self.names.append(name)
+        self.fh["tokens"].write(ids.astype(self.dtype).tobytes())
+        self.fh["bytes"].write(np.minimum(nbytes, 65535).astype(_BYTES_DTYPE).tobytes())
+        self.n += ids.size
+
+    def close(self) -> None:
+        for f in self.fh.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+
+    def commit(self) -> tuple[int, int, list]:
+        for k, p in self.tmp.items():
+            os.replace(p, self.out / f"{self.name}.{k}")
+        atomic_write(self.out / f"{self.name}.starts", np.asarray(self.starts, _STARTS_DTYPE).tobytes())
+        return self.n, len(self.starts), self.names
+
+    def cut(self, at: int) -> dict[str, tuple[int, int, list]]:
+        """Publishes tokens [0, at) as train and [at, n) as val (documents of both kept)."""
+        for k, dt in (("tokens", self.dtype), ("bytes", _BYTES_DTYPE)):
+            mm = np.memmap(self.tmp[k], dtype=dt, mode="r", shape=(self.n,))
+            for split, part in (("train", mm[:at]), ("val", mm[at:])):
+                with open(self.out / f".{split}.{k}.cut", "wb") as f:
+                    for i in range(0, part.size, 1 << 24):     # 16 M tokens at a time
+                        f.write(np.asarray(part[i:i + (1 << 24)]).tobytes())
+                os.replace(self.out / f".{split}.{k}.cut", self.out / f"{split}.{k}")
+            del mm
+        starts = np.asarray(self.starts, _STARTS_DTYPE)
+        head = starts[starts < at]
+        tail = np.unique(np.concatenate([[0], starts[starts >= at] - at])).astype(_STARTS_DTYPE)
+        atomic_write(self.out / "train.starts", head.tobytes())
+        atomic_write(self.out / "val.starts", tail.tobytes())
+        self.abort()
+        return {"train": (at, head.size, self.names), "val": (self.n - at, tail.size,
+                                                              self.names[-1:])}
+
+    def abort(self) -> None:
+        for f in self.fh.values():
+            f.close()
+        for p in self.tmp.values():
+            p.unlink(missing_ok=True)
+
+
 def build(out: Path, docs: Iterable[tuple[str, str]], tok: Tokenizer, val_fraction: float,
           label: str) -> dict:
-    """Tokenizes ``docs`` into ``out`` (split as in the module docstring); returns its meta.
-
-    Raises ``DataError`` when the source holds no document with text."""
+    """Tokenizes ``docs`` into ``out`` (split as in the module docstring), streaming; returns
+    its meta. Raises ``DataError`` when the source holds no document with text."""
     dtype = np.dtype("<u2") if tok.vocab_size <= 1 << 16 else np.dtype("<u4")
-    parts: dict[str, dict] = {s: {"ids": [], "bytes": [], "starts": [], "names": [], "n": 0}
-                              for s in ("train", "val")}
-    t0, n_docs, n_bytes = time.perf_counter(), 0, 0
-    for name, ids, nbytes, size in _tokenize(docs, tok):
-        if ids.size == 1:                      # empty text: EOS alone is no document
-            continue
-        split = ("val" if int(hashlib.sha1(name.encode()).hexdigest(), 16) % 1000
-                 < val_fraction * 1000 else "train")
-        p = parts[split]
-        p["starts"].append(p["n"])
-        if len(p["names"]) < _NAMES_KEPT:
-            p["names"].append(name)
-        p["ids"].append(ids.astype(dtype))
-        p["bytes"].append(np.minimum(nbytes, 65535).astype(_BYTES_DTYPE))
-        p["n"] += ids.size
-        n_docs, n_bytes = n_docs + 1, n_bytes + size
-    seconds = time.perf_counter() - t0
-    if not n_docs:
-        raise DataError(f"data source {label} holds no document with text; {_HINT}")
-    streams = {s: (np.concatenate(p["ids"]) if p["ids"] else np.zeros(0, dtype),
-                   np.concatenate(p["bytes"]) if p["bytes"] else np.zeros(0, _BYTES_DTYPE),
-                   np.asarray(p["starts"], _STARTS_DTYPE), p["names"]) for s, p in parts.items()}
-    split = "by_file"
-    if not (streams["train"][0].size and streams["val"][0].size):   # one side empty: cut
-        split = "by_tokens"
-        ids, nbytes, starts, names = streams["train"] if streams["train"][0].size else streams["val"]
-        total = ids.size
-        if total < 2:
-            raise DataError(f"data source {label} holds a single token; {_HINT}")
-        cut = min(max(round(total * (1.0 - val_fraction)), 1), total - 1)
-        head = starts[starts < cut]
-        tail = np.concatenate([[0], starts[starts >= cut] - cut]).astype(_STARTS_DTYPE)
-        streams = {"train": (ids[:cut], nbytes[:cut], head, names),
-                   "val": (ids[cut:], nbytes[cut:], np.unique(tail), names[-1:])}
-    total_tokens = sum(v[0].size for v in streams.values())
     out.mkdir(parents=True, exist_ok=True)
-    for s, (ids, nbytes, starts, _) in streams.items():
-        atomic_write(out / f"{s}.tokens", ids.tobytes())
-        atomic_write(out / f"{s}.bytes", nbytes.tobytes())
-        atomic_write(out / f"{s}.starts", starts.tobytes())
+    splits = {s: _Split(out, s, dtype) for s in ("train", "val")}
+    t0, n_docs, n_bytes = time.perf_counter(), 0, 0
+    try:
+        for name, ids, nbytes, size in _tokenize(docs, tok):
+            if ids.size == 1:                      # empty text: EOS alone is no document
+                continue
+            split = ("val" if int(hashlib.sha1(name.encode()).hexdigest(), 16) % 1000
+                     < val_fraction * 1000 else "train")
+            splits[split].add(name, ids, nbytes)
+            n_docs, n_bytes = n_docs + 1, n_bytes + size
+        seconds = time.perf_counter() - t0
+        for sp in splits.values():
+            sp.close()
+        if not n_docs:
+            raise DataError(f"data source {label} holds no document with text; {_HINT}")
+        if splits["train"].n and splits["val"].n:
+            split, counts = "by_file", {s: sp.commit() for s, sp in splits.items()}
+        else:                                      # one side empty: cut the token stream
+            full = splits["train"] if splits["train"].n else splits["val"]
+            if full.n < 2:
+                raise DataError(f"data source {label} holds a single token; {_HINT}")
+            at = min(max(round(full.n * (1.0 - val_fraction)), 1), full.n - 1)
+            split, counts = "by_tokens", full.cut(at)
+    finally:
+        for sp in splits.values():
+            sp.abort()
+    total_tokens = sum(c[0] for c in counts.values())
     meta = {"format_version": FORMAT_VERSION, "source": label, "split": split,
             "token_dtype": dtype.str, "tokenizer": tok.name,
             "tokenize_seconds": seconds, "num_documents": n_docs, "num_bytes": n_bytes}
-    for s, (ids, _, starts, names) in streams.items():
-        meta.update({f"num_{s}_tokens": int(ids.size), f"num_{s}_docs": int(starts.size),
+    for s, (n_tokens, n_starts, names) in counts.items():
+        meta.update({f"num_{s}_tokens": n_tokens, f"num_{s}_docs": n_starts,
                      f"{s}_files": names})
     meta["summary"] = (f"tokenized {n_docs:,} documents ({n_bytes / 1e6:,.2f} MB) into "
                        f"{total_tokens:,} tokens with {tok.name} in {seconds:.2f} s: "

@@ -154,3 +154,24 @@ def test_loader_state_resumes_the_same_batches(tmp_path):
             assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
     with pytest.raises(DataError, match="resume with the run's own data"):
         loader.TrainLoader(make, steps=6, seed=6, source="k").set_state(first.get_state())
+
+
+def test_bits_per_byte_counts_the_evaluated_text():
+    tokens = np.array([104, 105, data.EOS_ID, 0xC3, 0xA9, data.EOS_ID], np.uint16)   # "hi", "é"
+    corpus = data.Corpus(train=tokens, val=tokens, train_doc_starts=np.array([0, 3]),
+                         val_doc_starts=np.array([0, 3]), train_files=(), val_files=(),
+                         split="by_file", source="t", cache_dir=None)
+    assert corpus.bytes_of(np.arange(6)) == 4 and corpus.bytes_of(np.array([2, 5])) == 0
+    assert data.bits_per_byte(np.log(2.0), 6, 4) == pytest.approx(1.5)      # 6 bits over 4 bytes
+    with pytest.raises(DataError, match="at least one byte"):
+        data.bits_per_byte(1.0, 2, 0)
+
+
+def test_one_document_is_cut_by_tokens(tmp_path):
+    f = _jsonl(tmp_path / "one.jsonl", [DOCS[3] * 5])
+    tok = tok_lib.ByteTokenizer()
+    c = data.load_corpus(str(f), 0.25, str(tmp_path / "cache"), tokenizer=tok)
+    assert c.split == "by_tokens" and list(c.val_doc_starts) == [0]
+    whole = np.concatenate([c.train, c.val])
+    assert tok.decode(whole) == DOCS[3] * 5 and c.num_val_tokens == round(whole.size * 0.25)
+    assert c.bytes_of(np.arange(c.num_val_tokens)) == c.num_val_tokens - 1    # its EOS: 0 bytes
