@@ -1,18 +1,25 @@
-"""Byte-level text data: tokenizer, cached memory-mapped corpus, stateless batching.
+"""Text data: tokenizers, sources, cached memory-mapped corpora, stateless batching.
 
 Pipeline::
 
-    corpus = load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.data.cache_dir)
+    tok = load_tokenizer(cfg.data.tokenizer)              # byte | tokenizer.json | .model
+    corpus = corpus_for(cfg.data, tok)                    # cached token streams (or a mixture)
     rows = process_rows(batch_size)                       # this process's slice
     local = train_batch(corpus.train, corpus.train_doc_starts, step=step, seed=seed,
                         batch_size=batch_size, seq_len=seq_len, rows=rows)
     batch = shard_batch(local, NamedSharding(mesh, P("data")), batch_size)
 
-Tokens are UTF-8 bytes plus PAD/BOS/EOS, so a file's bytes *are* its tokens. Each split
-is cached once as a flat ``uint16`` stream (every document followed by EOS) plus ``int64``
-document starts, written atomically and opened with ``np.memmap``. Batches are a pure
-function of ``(seed, step)``, so resumed and multi-process runs see identical rows.
-Numpy-only; jax is imported lazily by the two sharding helpers.
+Modules: :mod:`~tfm_jax.data.tokenizer` (the tokenizer protocol), :mod:`~tfm_jax.data.sources`
+(text, jsonl, parquet, datasets), :mod:`~tfm_jax.data.documents` (tokenized corpora of
+documents), :mod:`~tfm_jax.data.cache` (:class:`Corpus`), :mod:`~tfm_jax.data.batching`,
+:mod:`~tfm_jax.data.packing` (concat, segments, pad), :mod:`~tfm_jax.data.mixture`,
+:mod:`~tfm_jax.data.loader` (the checkpointable iterator). With the byte tokenizer and text
+files, tokens are UTF-8 bytes plus PAD/BOS/EOS, so a file's bytes *are* its tokens (this module
+builds that cache itself, streaming). Each split is cached once as a flat ``uint16`` stream
+(every document followed by EOS) plus ``int64`` document starts, written atomically and opened
+with ``np.memmap``. Batches are a pure function of ``(seed, step)``, so resumed and
+multi-process runs see identical rows. Numpy-only; jax is imported lazily by the two sharding
+helpers.
 """
 
 from __future__ import annotations
@@ -365,22 +372,20 @@ def unigram_entropy(train_tokens: np.ndarray, eval_tokens: np.ndarray,
     """Cross-entropy (nats/token) of ``eval_tokens`` under an add-one-smoothed unigram
     model over the ``vocab_size``-token vocabulary (default: the byte tokenizer's 259) fit on
     ``train_tokens``: the baseline an LM must beat."""
-    VOCAB_SIZE = vocab_size  # noqa: N806 (the name the formula below reads)
-
     def counts(tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens).reshape(-1)
-        total = np.zeros(VOCAB_SIZE, np.int64)
+        total = np.zeros(vocab_size, np.int64)
         for i in range(0, tokens.size, _READ_CHUNK):  # bincount upcasts; keep temporaries small
-            c = np.bincount(tokens[i:i + _READ_CHUNK], minlength=VOCAB_SIZE)
-            if c.size > VOCAB_SIZE:
-                raise DataError(f"token id {c.size - 1} is outside the vocabulary (size {VOCAB_SIZE})")
+            c = np.bincount(tokens[i:i + _READ_CHUNK], minlength=vocab_size)
+            if c.size > vocab_size:
+                raise DataError(f"token id {c.size - 1} is outside the vocabulary (size {vocab_size})")
             total += c
         return total
 
     train_counts, eval_counts = counts(train_tokens), counts(eval_tokens)
     if eval_counts.sum() == 0:
         raise DataError("unigram_entropy needs at least one eval token")
-    log_p = np.log(train_counts + 1.0) - np.log(train_counts.sum() + VOCAB_SIZE)
+    log_p = np.log(train_counts + 1.0) - np.log(train_counts.sum() + vocab_size)
     return float(-(eval_counts * log_p).sum() / eval_counts.sum())
 
 
