@@ -105,9 +105,17 @@ def _model_cfg(block_q: int) -> ModelConfig:
                        ffn_hidden=48, attn_block_q=block_q)
 
 
+@pytest.fixture(scope="module")
+def params():
+    """One initialization for every model test here: the op sets and attn_block_q share the
+    parameters (the model's init compile is the slow part)."""
+    model = TransformerLM(_model_cfg(4), ops=ops_lib.xla_ops())
+    return jax.jit(model.init)(jax.random.key(0), jnp.zeros((len(LENGTHS), T), jnp.int32))
+
+
 @pytest.mark.parametrize("ops_name,block_q", [("xla", 4), ("cpu-xla", 4), ("xla", 0),
                                               ("native", 4)])
-def test_model_packed_forward_equals_per_document_forwards(ops_name, block_q):
+def test_model_packed_forward_equals_per_document_forwards(ops_name, block_q, params):
     ops = {"xla": ops_lib.xla_ops, "cpu-xla": cpu_xla_ops}.get(ops_name)
     if ops_name == "native":
         _native_core()
@@ -120,7 +128,6 @@ def test_model_packed_forward_equals_per_document_forwards(ops_name, block_q):
     positions = jnp.asarray(np.concatenate(
         [np.concatenate([np.arange(n) for n in lens] + [np.arange(T - sum(lens))])[None]
          for lens in LENGTHS]), jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(0), tokens)
     packed = jax.jit(lambda p: model.apply(p, tokens, positions=positions, segment_ids=seg,
                                            token_mask=seg > 0))(params)
     spans = list(_spans())     # each document alone at the start of its own row, one call
@@ -157,7 +164,7 @@ def test_segment_batch_rows_are_whole_documents_and_the_loss_stays_inside_them()
     assert all(np.array_equal(b[k][2:4], part[k]) for k in b)
 
 
-def test_packed_loss_is_the_sum_of_per_document_losses():
+def test_packed_loss_is_the_sum_of_per_document_losses(params):
     model = TransformerLM(_model_cfg(4), ops=ops_lib.xla_ops())
     docs = [list(np.random.default_rng(i).integers(0, 60, size=n)) for i, n in
             enumerate([4, 6, 3, 8, 5])]
@@ -165,7 +172,6 @@ def test_packed_loss_is_the_sum_of_per_document_losses():
     stream = np.concatenate([d + [eos] for d in docs]).astype(np.uint16)
     starts = np.cumsum([0] + [len(d) + 1 for d in docs[:-1]])
     b = packing.segment_batch(stream, starts, step=0, seed=0, batch_size=2, seq_len=T)
-    params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(b["inputs"]))
     logits = jax.jit(functools.partial(model.apply, positions=jnp.asarray(b["positions"]),
                                        segment_ids=jnp.asarray(b["segment_ids"]),
                                        token_mask=jnp.asarray(b["mask"]) > 0))(
