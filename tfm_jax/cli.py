@@ -55,7 +55,9 @@ def _run_config(args) -> Config:
         if not saved.is_file():
             raise ConfigError(f"--run-dir {args.run_dir}: no config.yaml there; is it a run "
                               "directory written by 'tfm-jax train'?")
-        return load_config(str(saved), list(args.overrides) + [f"run.dir={args.run_dir}"])
+        stored = pathlib.Path(args.run_dir) / "tokenizer"   # the run's copy of its tokenizer
+        extra = [f"data.tokenizer={stored.absolute()}"] if stored.is_dir() else []
+        return load_config(str(saved), extra + list(args.overrides) + [f"run.dir={args.run_dir}"])
     return load_config(args.config, args.overrides)
 
 
@@ -92,14 +94,16 @@ def _restore(cfg: Config, calib_batches: int = 16, step: Optional[int] = None):
 
 def _sample(setup, state, prompt: str, tokens: int, temperature: float, top_k: int,
             seed: int) -> str:
+    from tfm_jax.data import run_tokenizer
     from tfm_jax.generate import generate_text
 
     variables = {"params": state.params, **state.model_state}
     q = setup.cfg.quant
+    tok = run_tokenizer(setup.cfg.run_dir, setup.cfg.data.tokenizer)
     with setup.context():
         return generate_text(setup.model, variables, prompt, max_new_tokens=tokens,
                              temperature=temperature, top_k=top_k, seed=seed,
-                             kv_cache=q.kv_cache, kv_scale=q.kv_scale)
+                             kv_cache=q.kv_cache, kv_scale=q.kv_scale, tokenizer=tok)
 
 
 # ----------------------------------------------------------------------------- train
@@ -200,14 +204,17 @@ def run_eval(args) -> int:
     dist = distributed.from_args(args)      # before any jax backend starts
     distributed.initialize(dist)
     from tfm_jax import data as data_lib
-    from tfm_jax.train import eval_span, evaluate
+    from tfm_jax.train import eval_positions, eval_span, evaluate
 
     setup, state = _restore(cfg, args.calib_batches, args.step)
-    corpus = data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.data.cache_dir,
-                                  include=cfg.data.include)
+    tok = data_lib.run_tokenizer(cfg.run_dir, cfg.data.tokenizer)
+    corpus = data_lib.corpus_for(cfg.data, tok)
     row = evaluate(setup, state, corpus.val)
     row["step"] = int(state.step)
-    row["unigram_baseline"] = data_lib.unigram_entropy(corpus.train, eval_span(cfg, corpus.val))
+    row["val_bpb"] = data_lib.bits_per_byte(row["val_loss"], row["val_tokens"], corpus.bytes_of(
+        eval_positions(cfg, corpus.val)))
+    row["unigram_baseline"] = data_lib.unigram_entropy(corpus.train, eval_span(cfg, corpus.val),
+                                                       vocab_size=tok.vocab_size)
     if cfg.quant.recipe != "none":
         row["quant_recipe"] = cfg.quant.recipe
     print(json.dumps(row, indent=2))
@@ -274,11 +281,11 @@ def run_generate(args) -> int:
     if len(prompts) > args.max_prompts:
         raise ConfigError(f"{len(prompts):,} prompts: at most --max-prompts {args.max_prompts} "
                           "in one batch; split the file or raise --max-prompts")
-    from tfm_jax.data import ByteTokenizer
+    from tfm_jax.data import run_tokenizer
 
-    tok = ByteTokenizer()
+    tok = run_tokenizer(cfg.run_dir, cfg.data.tokenizer)
     # Packed training streams separate documents with EOS: EOS is the "document start" context.
-    ids = [[tok.EOS_ID] + list(tok.encode(p)) for p in prompts]
+    ids = [[tok.eos_id] + list(tok.encode(p)) for p in prompts]
     limit = args.max_context or CONTEXT_FACTOR * cfg.data.seq_len
     longest = max(range(len(ids)), key=lambda i: len(ids[i]))
     if len(ids[longest]) + tokens > limit:
@@ -301,7 +308,7 @@ def run_generate(args) -> int:
                                kv_cache=q.kv_cache, kv_scale=q.kv_scale)
         g = generate(decoder, variables, ids, max_new_tokens=tokens,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     stop_ids=[tok.EOS_ID], seed=args.seed)
+                     stop_ids=[tok.eos_id], seed=args.seed)
     texts = [tok.decode(list(i) + list(new)) for i, new in zip(ids, g.tokens)]
     stats = {"prefill_s": g.prefill_s, "decode_s": g.decode_s,
              "decode_tokens_per_s": g.decode_tokens_per_s if g.decode_steps else None,
@@ -625,6 +632,22 @@ def _env_args(p: argparse.ArgumentParser) -> None:
                    "when none is cached")
 
 
+def _tokenizer_train_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary "
+                   "(256 bytes + 3 specials + merges)")
+    p.add_argument("--out", required=True, help="folder to write (tokenizer.json + the files "
+                   "transformers' AutoTokenizer reads); use it as data.tokenizer=OUT")
+
+
+def run_tokenizer_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from tfm_jax.data import tokenizer_train
+
+    print(tokenizer_train.train_from_config(cfg.data, args.vocab_size, args.out))
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(("train",), "train a model (default: tiny config, built-in corpus)", _train_args,
             run_train),
@@ -649,11 +672,14 @@ COMMANDS: tuple[Command, ...] = (
     Command(("claims",), "write CLAIMS.md: every claim of the seed document with the measured "
             "figure and a verdict (from studies/*/results.json + arithmetic)",
             _claims_args, run_claims),
+    Command(("tokenizer", "train"), "train a byte-level BPE tokenizer on the configured data "
+            "(data.* overrides), offline", _tokenizer_train_args, run_tokenizer_train),
     Command(("env",), "platforms, devices, PJRT plugins, versions, CPU kernels, FP8 native or "
             "emulated, matmul peak, recommended FP8 scaling", _env_args, run_env),
 )
 _GROUP_HELP = {"config": "config show: print the resolved config as YAML (--memory: train-state "
-                          "bytes)"}
+                          "bytes)",
+               "tokenizer": "tokenizer train: a byte-level BPE on the configured data"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ import optax
 from flax import linen as nn
 
 from tfm_jax.config import DEFAULT_RULES
-from tfm_jax.data import ByteTokenizer
+from tfm_jax.data import ByteTokenizer, Tokenizer
 from tfm_jax.layers import kv_cache as kv
 from tfm_jax.layers.kv_cache import Cache, bytes_of_cache
 from tfm_jax.parallel import axes
@@ -477,19 +477,20 @@ def eval_through_cache(model: Any, variables: Any, tokens: jax.Array, *,
 def generate_text(model: Any, variables: Any, prompt: str, *, max_new_tokens: int,
                   temperature: float = 0.8, top_k: int = 40, top_p: float = 1.0, seed: int = 0,
                   kv_cache: str = "none", kv_scale: str = "per_token_head",
-                  window: Optional[int] = None) -> str:
-    """prompt text -> prompt + up to ``max_new_tokens`` sampled bytes (stops at EOS), through
-    the KV cache. ``window`` is accepted for callers of the earlier sliding-window sampler and
-    not used: positions keep growing past the training length (RoPE extrapolates)."""
+                  window: Optional[int] = None, tokenizer: Optional[Tokenizer] = None) -> str:
+    """prompt text -> prompt + up to ``max_new_tokens`` sampled tokens (stops at EOS), through
+    the KV cache; ``tokenizer`` default: bytes. ``window`` is accepted for callers of the earlier
+    sliding-window sampler and not used: positions keep growing past the training length (RoPE
+    extrapolates)."""
     del window
-    tok = ByteTokenizer()
+    tok = tokenizer or ByteTokenizer()
     # Packed training streams separate documents with EOS, so EOS is the "document start" context.
-    ids = np.concatenate([[tok.EOS_ID], tok.encode(prompt)]).astype(np.int32)
+    ids = np.concatenate([[tok.eos_id], tok.encode(prompt)]).astype(np.int32)
     if max_new_tokens < 1:
         return tok.decode(ids)
     decoder = make_decoder(model, batch=1, max_len=len(ids) + max_new_tokens,
                            kv_cache=kv_cache, kv_scale=kv_scale)
     g = generate(decoder, variables, [ids], max_new_tokens=max_new_tokens,
-                 temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=[tok.EOS_ID],
+                 temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=[tok.eos_id],
                  seed=seed)
     return tok.decode(np.concatenate([ids, g.tokens[0]]))

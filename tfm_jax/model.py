@@ -26,7 +26,7 @@ from flax import linen as nn
 
 from tfm_jax.core import telemetry
 from tfm_jax.config import MoEConfig, ModelConfig, param_counts
-from tfm_jax.layers.attention import Attention
+from tfm_jax.layers.attention import Attention, Segments
 from tfm_jax.layers.attention_ops.dense import make_attention_mask
 from tfm_jax.layers.rope import rope_tables
 from tfm_jax.layers.embed import Embed
@@ -152,6 +152,8 @@ class TransformerLM(nn.Module):
       K/V at positions [0, T); returns ``(logits, cache)`` with ``lengths`` = prompt lengths.
     * ``hidden_only=True`` (no cache): the final hidden states (B, T, d) instead of the logits,
       for a loss that applies the head in chunks (:func:`head_weight`).
+    * packed documents (``segment_ids`` (B, T) and each document's ``positions``, from
+      ``data.packing=segments``): RoPE restarts per document and attention stays inside it;
     * decode (``cache=..., decode=True``): T new tokens per row at positions
       ``lengths[b] + 0..T-1`` (RoPE at those absolute positions) attend to the cache; returns
       ``(logits, cache)`` with their K/V written and ``lengths + T``.
@@ -169,7 +171,7 @@ class TransformerLM(nn.Module):
     def __call__(self, tokens: jax.Array, *, positions: Optional[jax.Array] = None,
                  token_mask: Optional[jax.Array] = None, train: bool = False,
                  cache: Optional[Cache] = None, decode: bool = False,
-                 hidden_only: bool = False):
+                 hidden_only: bool = False, segment_ids: Optional[jax.Array] = None):
         cfg = self.cfg
         dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         b, t = tokens.shape
@@ -188,12 +190,19 @@ class TransformerLM(nn.Module):
                 raise ValueError("decode: every new token is real, token_mask must be None")
             # (B, T): each row continues at its own length; the cache masks what it holds
             positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        if segment_ids is not None and (cache is not None or positions is None):
+            raise ValueError("segment_ids (packed documents) are for training/evaluation "
+                             "forwards and need each document's positions")
         # positions 0..T-1 (training, prefill): the block-causal path, no (B, T, T) mask at all
         causal_fast_path = positions is None and cfg.attn_block_q > 0
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        attn_mask = (None if causal_fast_path or decode
-                     else make_attention_mask(positions, positions, token_mask))   # (B, T, T)
+        if segment_ids is not None:     # packed documents: the core masks across segments
+            attn_mask = (Segments(segment_ids) if cfg.attn_block_q > 0 else make_attention_mask(
+                positions, positions, token_mask, segment_ids, segment_ids))
+        else:
+            attn_mask = (None if causal_fast_path or decode
+                         else make_attention_mask(positions, positions, token_mask))  # (B,T,T)
         rope_sincos = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
 
         embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype, pdtype, name="embed")

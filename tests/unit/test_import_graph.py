@@ -4,7 +4,7 @@ that (directly or not) imports it back. Every import counts, including those ins
 Layers, bottom first (a module may import its own layer or any below it):
 
 0. ``core`` (errors, run directories, parameter roles, telemetry collections), ``parallel.axes`` (axis names)
-1. ``config`` (schema, profiles, sizing)
+1. ``config`` (schema, profiles, sizing), ``data.tokenizer`` (config checks vocabulary sizes)
 2. ``parallel`` (mesh, distributed), ``data``
 3. ``quant`` (pure numerics)
 4. ``layers``
@@ -27,7 +27,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "tfm_jax"
 
 RANKS = {
     "tfm_jax.core": 0, "tfm_jax.parallel.axes": 0,
-    "tfm_jax.config": 1,
+    "tfm_jax.config": 1, "tfm_jax.data.tokenizer": 1,
     "tfm_jax.parallel": 2, "tfm_jax.data": 2,
     "tfm_jax.quant": 3,
     "tfm_jax.layers": 4,

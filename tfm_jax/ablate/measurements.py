@@ -141,13 +141,16 @@ def register(name: str, fn: Optional[Measurement] = None):
 
 @register("val_loss")
 def measure_val_loss(ctx: RunContext) -> dict[str, Any]:
-    """``val_loss`` (nats/token) and ``perplexity`` of the final evaluation, and
+    """``val_loss`` (nats/token), ``perplexity`` and ``val_bpb`` (bits per byte, the quality
+    metric across tokenizers) of the final evaluation, and
     ``final_train_loss`` (the last logged train loss). For runs started from another run
     (``init_from``): also ``init_val_loss`` / ``init_perplexity``, the evaluation right after
     conversion, before the first step (``convert.json``). Always measured."""
     ctx.check_options(set())
     ev = ctx.final_eval()
     out: dict[str, Any] = {"val_loss": float(ev["val_loss"]), "perplexity": float(ev["val_ppl"])}
+    if "val_bpb" in ev:     # bits per UTF-8 byte: comparable across tokenizers
+        out["val_bpb"] = float(ev["val_bpb"])
     train = [r for r in ctx.metrics() if r.get("loss") is not None]
     if train:
         out["final_train_loss"] = float(train[-1]["loss"])
@@ -161,6 +164,7 @@ def measure_val_loss(ctx: RunContext) -> dict[str, Any]:
 
 
 MEASUREMENTS["perplexity"] = measure_val_loss
+MEASUREMENTS["val_bpb"] = measure_val_loss
 
 
 @register("params")
@@ -352,8 +356,9 @@ def measure_divergence(ctx: RunContext) -> dict[str, Any]:
     if limit == "unigram":
         from tfm_jax import data as data_lib
         d = ctx.cfg.data
-        corpus = data_lib.load_corpus(d.path, d.val_fraction, d.cache_dir, include=d.include)
-        limit = data_lib.unigram_entropy(corpus.train, corpus.val)
+        tok = data_lib.load_tokenizer(None if d.tokenizer == "none" else d.tokenizer)
+        corpus = data_lib.corpus_for(d, tok)
+        limit = data_lib.unigram_entropy(corpus.train, corpus.val, vocab_size=tok.vocab_size)
     elif limit is not None and not isinstance(limit, (int, float)):
         raise ValueError(f"max_val_loss={limit!r}: give a number (nats/token) or 'unigram'")
     too_high = limit is not None and math.isfinite(val) and val > float(limit)

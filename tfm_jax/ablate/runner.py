@@ -229,12 +229,12 @@ class _Runner:
     def corpus(self, cfg: Config):
         from tfm_jax import data as data_lib
 
-        key = (cfg.data.path, cfg.data.val_fraction, cfg.data.cache_dir,
-               tuple(cfg.data.include or ()))
+        d = cfg.data    # variants may differ in source and tokenizer
+        key = (d.path, d.val_fraction, d.cache_dir, tuple(d.include or ()), d.tokenizer,
+               d.text_field, repr(d.mixture))
         if key not in self.corpora:
-            self.corpora[key] = data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction,
-                                                     cfg.data.cache_dir,
-                                                     include=cfg.data.include)
+            tok = data_lib.load_tokenizer(None if d.tokenizer == "none" else d.tokenizer)
+            self.corpora[key] = data_lib.corpus_for(d, tok)
         return self.corpora[key]
 
     def variant_config(self, variant: str, seed: int) -> Config:

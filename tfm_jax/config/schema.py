@@ -117,7 +117,8 @@ class ModelConfig(_Section):
     """Decoder-only Transformer LM shape and component choices."""
 
     vocab_size: Int = Field(264, gt=0, description="embedding rows; at least the tokenizer's "
-                            "vocabulary (259 for the byte tokenizer)")
+                            "vocabulary (259 for the byte tokenizer); auto: the tokenizer's size "
+                            "rounded up to a multiple of 128")
     d_model: Int = Field(128, gt=0, description="model width (residual stream)")
     n_layers: Int = Field(4, gt=0, description="decoder blocks")
     n_heads: Int = Field(4, gt=0, description="query heads")
@@ -249,19 +250,42 @@ def ffn_hidden_size(d_model: int, ffn_type: str, ffn_mult: float = 4.0,
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
+class MixtureSource(_Section):
+    """One source of ``data.mixture``."""
+    path: str = Field(description="text file/folder/glob, .jsonl/.parquet file or glob, or a "
+                      "datasets save_to_disk folder")
+    weight: Float = Field(1.0, gt=0, description="share of training rows drawn from this "
+                          "source (weights are normalized)")
+    text_field: Optional[str] = Field(None, description="default: data.text_field")
+
+
 class DataConfig(_Section):
     """Training text, tokenization and batching."""
-    path: Optional[str] = Field(None, description="text file, folder or glob; None: built-in corpus")
+    path: Optional[str] = Field(None, description="text file, folder or glob; .jsonl or .parquet "
+                                "file or glob; a datasets save_to_disk folder; None: built-in "
+                                "corpus")
     include: Optional[list[str]] = Field(
         None, description="folder/glob data.path only: keep files whose name or relative path "
         "matches one of these globs, e.g. ['*.py', '*.md']; None: all files (non-text files -- "
         "a NUL byte in the first 8 KiB, or not UTF-8 -- are always skipped and counted)")
-    tokenizer: Literal["byte", "none"] = Field(
-        "byte", description="none: the caller feeds token ids itself (benchmarks, synthetic)")
+    tokenizer: str = Field(
+        "byte", description="byte (UTF-8 bytes + 3 specials), a Hugging Face tokenizer.json or a "
+        "folder holding one, or a sentencepiece .model; none: the caller feeds token ids itself "
+        "(benchmarks, synthetic)")
+    text_field: str = Field("text", description="jsonl/parquet/datasets sources: the field "
+                            "(column) holding each document's text")
+    mixture: Optional[list[MixtureSource]] = Field(
+        None, description="several sources, each row drawn from one with probability "
+        "proportional to its weight, e.g. [{path: a.jsonl, weight: 3}, {path: docs/}]; "
+        "replaces data.path (validation: all sources' held-out parts)")
     seq_len: Int = Field(128, gt=1, description="tokens per training row")
     val_fraction: Float = Field(0.05, gt=0, le=0.5, description="share of the corpus held "
                                 "out for validation (the tail)")
-    packing: bool = Field(True, description="False: one document per row, padded (masked)")
+    packing: Union[Literal["concat", "segments", "pad"], bool] = Field(
+        True, description="concat (true): rows are windows of the document stream; segments: "
+        "documents packed first-fit into rows with segment ids and per-document positions, "
+        "attention and loss stay inside each document; pad (false): one document per row, "
+        "padded (masked)")
     random_truncate: Float = Field(
         0.0, ge=0, lt=1, description="packed rows only: cut each row at a uniform random length "
         "in [(1-f)*seq_len, seq_len] and pad the rest (masked): variable-length batches")
@@ -270,7 +294,11 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _truncate_needs_packing(self) -> "DataConfig":
-        if self.random_truncate and not self.packing:
+        if self.mixture is not None and self.path is not None:
+            raise ValueError("data.mixture replaces data.path: set one of the two")
+        if self.mixture is not None and not self.mixture:
+            raise ValueError("data.mixture is an empty list: give at least one source, or null")
+        if self.random_truncate and self.packing not in (True, "concat"):
             raise ValueError(f"data.random_truncate={self.random_truncate} applies to packed rows; "
                              "with data.packing=false rows are already padded documents: set "
                              "data.random_truncate=0 or data.packing=true")
@@ -686,7 +714,7 @@ class Config(_Section):
     @classmethod
     def _profile_defaults(cls, raw: Any) -> Any:
         # backend.profile / backend.emulate fill the keys the config leaves unset
-        return profiles.apply_defaults(raw)
+        return _auto_vocab(profiles.apply_defaults(raw))
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
@@ -724,6 +752,10 @@ class Config(_Section):
             raise ValueError(f"backend.attention={attn} never runs with model.attn_block_q=0 "
                              "(which forces the general masked path); set model.attn_block_q "
                              "> 0 (e.g. 64) or backend.attention=auto")
+        if attn == "cudnn" and self.data.packing == "segments":
+            raise ValueError("data.packing=segments needs an attention core that masks across "
+                             "documents; backend.attention=cudnn takes no segment ids here: use "
+                             "backend.attention=flash, xla_sdpa or auto")
         if attn == "cudnn":
             if self.backend.platform in ("cpu", "tpu"):
                 raise ValueError(f"backend.attention=cudnn needs a GPU, but backend.platform="
@@ -741,6 +773,11 @@ class Config(_Section):
         if self.data.tokenizer == "byte" and self.model.vocab_size < BYTE_VOCAB_SIZE:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the byte "
                              f"tokenizer's {BYTE_VOCAB_SIZE} ids; use >= {BYTE_VOCAB_SIZE}")
+        tok_size = _tokenizer_size(self.data.tokenizer)
+        if tok_size is not None and self.model.vocab_size < tok_size:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the "
+                             f"{tok_size} ids of the tokenizer {self.data.tokenizer}; set "
+                             f"model.vocab_size=auto or >= {tok_size}")
         if self.train.on_nonfinite == "reload" and not self.quant.fp8:
             raise ValueError(f"train.on_nonfinite=reload raises quant.margin after a reload, "
                              f"which only an fp8 recipe uses (quant.recipe={self.quant.recipe}): "
@@ -804,6 +841,36 @@ def _format_errors(err: pydantic.ValidationError) -> str:
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _tokenizer_size(spec: str) -> Optional[int]:
+    """Vocabulary size of ``data.tokenizer`` (None: byte/none, or a path not here -- a run's
+    config read elsewhere; loading its data then names the problem)."""
+    if spec in ("byte", "none") or not pathlib.Path(spec).expanduser().exists():
+        return None
+    from tfm_jax.data import tokenizer as tokenizer_lib   # layer 1 (imports core only)
+
+    try:
+        return tokenizer_lib.cached_vocab_size(spec)
+    except Exception as err:  # DataError: one line, shown as a config error
+        raise ValueError(str(err)) from None
+
+
+def _auto_vocab(raw: Any) -> Any:
+    """``model.vocab_size: auto`` -> the tokenizer's size rounded up to a multiple of 128."""
+    if not (isinstance(raw, dict) and isinstance(raw.get("model"), dict)
+            and raw["model"].get("vocab_size") == "auto"):
+        return raw
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    spec = str(data.get("tokenizer", "byte"))
+    if spec == "none":
+        raise ValueError("model.vocab_size=auto needs a tokenizer, but data.tokenizer=none; "
+                         "give model.vocab_size as a number")
+    size = BYTE_VOCAB_SIZE if spec == "byte" else _tokenizer_size(spec)
+    if size is None:
+        raise ValueError(f"model.vocab_size=auto: data.tokenizer={spec!r} is not 'byte' nor an "
+                         "existing tokenizer file or folder")
+    return {**raw, "model": {**raw["model"], "vocab_size": -(-size // 128) * 128}}
 
 
 def validate(raw: dict[str, Any]) -> Config:

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
 
 from tfm_jax.layers import kv_cache
 from tfm_jax.layers.attention_ops.dense import grouped_attention
@@ -20,6 +21,15 @@ from tfm_jax.layers.linear import Linear
 from tfm_jax.layers.ops import Ops, resolve as resolve_ops
 from tfm_jax.layers.rope import apply_rope, rope_tables
 from tfm_jax.parallel import axes
+
+
+@struct.dataclass
+class Segments:
+    """The attention mask of packed documents: ``ids`` (B, T) int segment ids (0: padding); a
+    query attends causally to the keys of its own segment only. Passed where a (B, T, T) mask
+    goes, it keeps the causal core's fast path (every core takes ``segment_ids``)."""
+
+    ids: jax.Array
 
 
 class Attention(nn.Module):
@@ -44,6 +54,7 @@ class Attention(nn.Module):
 
         ``mask`` bool (B, T, T): general masked attention. ``mask=None``: causal self-attention
         over positions 0..T-1 with optional key padding ``k_valid`` (B, T), block-causal path.
+        ``mask=Segments(ids)``: the same causal core, within each packed document only.
 
         With a KV ``cache`` (:class:`~tfm_jax.layers.kv_cache.LayerCache`, inference) it returns
         ``(out, new_cache)``. Prefill (``decode=False``): the attention above over the prompt,
@@ -77,6 +88,9 @@ class Attention(nn.Module):
                                        cache.v_scale)                          # (B, T, H, Dh)
         elif mask is None:
             out = ops.causal_attention(q, k, v, k_valid, block_q=self.block_q)  # (B,T,H,Dh)
+        elif isinstance(mask, Segments):
+            out = ops.causal_attention(q, k, v, k_valid, block_q=self.block_q,
+                                       segment_ids=mask.ids)                    # (B,T,H,Dh)
         else:
             out = grouped_attention(q, k, v, mask)                          # (B, T, H, Dh)
         out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.HEADS,

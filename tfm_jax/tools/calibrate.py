@@ -301,7 +301,9 @@ def calibration_batches(cfg: Config, corpus: Any, n: int) -> Iterable[dict]:
     for step in range(n):
         yield data_lib.train_batch(corpus.train, corpus.train_doc_starts, step=step,
                                    seed=cfg.train.seed, batch_size=cfg.train.batch_size,
-                                   seq_len=cfg.data.seq_len, packing=cfg.data.packing, rows=rows)
+                                   seq_len=cfg.data.seq_len,    # (segments: stream windows)
+                                   packing=cfg.data.packing in (True, "concat", "segments"),
+                                   rows=rows)
 
 
 def run_stats(cfg: Config, src_state: Any, n_batches: int, *, percentile: float = 99.99,

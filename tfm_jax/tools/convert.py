@@ -116,7 +116,9 @@ def load_run_config(run_dir: pathlib.Path | str, overrides: Optional[list[str]] 
     if not saved.is_file():
         raise ConfigError(f"--run-dir {run_dir}: no config.yaml there; is it a run directory "
                           "written by 'tfm-jax train'?")
-    return load_config(str(saved), list(overrides or []) + [f"run.dir={run_dir}"])
+    stored = run_dir / "tokenizer"         # the run's copy of its tokenizer
+    extra = [f"data.tokenizer={stored.absolute()}"] if stored.is_dir() else []
+    return load_config(str(saved), extra + list(overrides or []) + [f"run.dir={run_dir}"])
 
 
 def _check_target(src: Config, target: Config) -> None:
@@ -200,6 +202,8 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
         state = jax.jit(fresh, out_shardings=setup.state_shardings)(params, model_state)
     out_dir.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write(out_dir / "config.yaml", new_cfg.to_yaml())
+    tok = data_lib.run_tokenizer(run_dir, new_cfg.data.tokenizer)
+    data_lib.tokenizer.copy_into(tok, out_dir)
     ckpt = Checkpointer(out_dir / "checkpoints", keep=new_cfg.train.keep_checkpoints,
                         async_save=False)
     try:
@@ -210,9 +214,7 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
 
     ev = None
     if evaluate:
-        corpus = corpus or data_lib.load_corpus(new_cfg.data.path, new_cfg.data.val_fraction,
-                                                new_cfg.data.cache_dir,
-                                                include=new_cfg.data.include)
+        corpus = corpus or data_lib.corpus_for(new_cfg.data, tok)
         ev = eval_fn(setup, state, corpus.val)
     info = {"source_run": str(run_dir), "source_step": source_step,
             "source_n_kv_heads": src_cfg.model.n_kv_heads, "n_kv_heads": n_kv_heads,

@@ -77,6 +77,7 @@ def inspect_train_step(cfg, devices: Optional[list] = None) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
+    from tfm_jax import data as data_lib
     from tfm_jax.platform import backends
     from tfm_jax import train as train_lib
     from tfm_jax.model import count_params, train_flops_per_token
@@ -87,7 +88,7 @@ def inspect_train_step(cfg, devices: Optional[list] = None) -> dict[str, Any]:
     batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
                                      jnp.float32 if k == "mask" else jnp.int32,
                                      sharding=setup.batch_sharding)
-             for k in ("inputs", "targets", "mask")}
+             for k in data_lib.batch_keys(cfg.data.packing)}
     with setup.context():
         compiled = setup.train_step.lower(state, batch).compile()
     text = compiled.as_text()

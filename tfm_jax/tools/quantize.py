@@ -189,6 +189,8 @@ def quantize_run(run_dir: pathlib.Path | str, recipe: str,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write(out_dir / "config.yaml", new_cfg.to_yaml())
+    tok = data_lib.run_tokenizer(run_dir, src_cfg.data.tokenizer)
+    data_lib.tokenizer.copy_into(tok, out_dir)
     ckpt = Checkpointer(out_dir / "checkpoints", keep=1, async_save=False)
     try:
         ckpt.save(source_step, tree)
@@ -200,9 +202,7 @@ def quantize_run(run_dir: pathlib.Path | str, recipe: str,
     qwb = tree_bytes(qparams, lambda names: selects(names[:-1]))
     ev = None
     if evaluate:
-        corpus = corpus or data_lib.load_corpus(src_cfg.data.path, src_cfg.data.val_fraction,
-                                                src_cfg.data.cache_dir,
-                                                include=src_cfg.data.include)
+        corpus = corpus or data_lib.corpus_for(src_cfg.data, tok)
         src_ev = eval_fn(setup, src_state, corpus.val)
         del src_state
         q_setup, q_state = restore_quantized(new_cfg, devices)

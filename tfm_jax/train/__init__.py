@@ -7,12 +7,12 @@ memory accounting.
 """
 
 from tfm_jax.train.loop import Interrupted, NonFiniteError, Trainer, TrainResult, train
-from tfm_jax.train.setup import Setup, build, eval_span, evaluate, fp8_dot_line
+from tfm_jax.train.setup import Setup, build, eval_positions, eval_span, evaluate, fp8_dot_line
 from tfm_jax.train.state import TrainState, lowp_opt_specs, lr_schedule, make_optimizer
 from tfm_jax.train.step import (describe_nonfinite, input_mask, leaf_sumsq, make_eval_step,
                                 make_train_step, masked_ce_sum, nonfinite_flags)
 
 __all__ = ["Interrupted", "NonFiniteError", "Setup", "TrainResult", "TrainState", "Trainer",
-           "build", "describe_nonfinite", "eval_span", "evaluate", "fp8_dot_line", "input_mask",
+           "build", "describe_nonfinite", "eval_positions", "eval_span", "evaluate", "fp8_dot_line", "input_mask",
            "leaf_sumsq", "lowp_opt_specs", "lr_schedule", "make_eval_step", "make_optimizer",
            "make_train_step", "masked_ce_sum", "nonfinite_flags", "train"]

@@ -16,13 +16,14 @@ import jax
 import numpy as np
 
 from tfm_jax import data as data_lib
+from tfm_jax.data import loader as loader_lib
 from tfm_jax.config import Config, ConfigError, check_runtime, check_trainable
 from tfm_jax.core import interrupts, rundir, telemetry
 from tfm_jax.model import count_params, train_flops_per_token
 from tfm_jax.platform import backends
 from tfm_jax.train.checkpoint import CheckpointMismatch, Checkpointer
 from tfm_jax.train.metrics import MetricsLogger, read_metrics
-from tfm_jax.train.setup import Setup, build, eval_span, evaluate, fp8_dot_line
+from tfm_jax.train.setup import Setup, build, eval_positions, eval_span, evaluate, fp8_dot_line
 from tfm_jax.train.state import TrainState
 from tfm_jax.train.step import _jit_nonfinite_flags, describe_nonfinite
 
@@ -208,8 +209,10 @@ class Trainer:
                 f"{ckpt.latest_step()}); pass --resume to continue it, or choose another run.dir")
         if resume and ckpt.latest_step() is None:
             raise FileNotFoundError(_nothing_to_resume(cfg, ckpt.directory))
-        self.corpus = corpus or data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction,
-                                                     cfg.data.cache_dir, include=cfg.data.include)
+        self.tokenizer = data_lib.load_tokenizer(
+            None if cfg.data.tokenizer == "none" else cfg.data.tokenizer)
+        data_lib.check_vocab(self.tokenizer, cfg.model.vocab_size)
+        self.corpus = corpus or data_lib.corpus_for(cfg.data, self.tokenizer)
         self.setup = build(cfg, self.devices)
         if cfg.train.memory_check:           # before any state is allocated
             from tfm_jax.train import memory
@@ -245,15 +248,19 @@ class Trainer:
         else:
             self.state = self.setup.init_state()
         self.step = self.start_step
+        self.loader = self._open_loader(resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+        data_lib.tokenizer.copy_into(self.tokenizer, run_dir)    # eval/generate/convert read it
         self.param_paths = [jax.tree_util.keystr(p, simple=True, separator="/")
                             for p, _ in jax.tree_util.tree_flatten_with_path(self.state.params)[0]]
         self.flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len, cfg.moe)
         self.peak, peak_source = backends.peak_flops_info(
             cfg, n_devices=len(self.setup.mesh.devices.flat))
-        self.unigram = data_lib.unigram_entropy(self.corpus.train,
-                                                eval_span(cfg, self.corpus.val))
+        self.unigram = data_lib.unigram_entropy(self.corpus.train, eval_span(cfg, self.corpus.val),
+                                                vocab_size=self.tokenizer.vocab_size)
+        # UTF-8 bytes of the evaluated text: every evaluation also reports bits per byte
+        self.eval_bytes = self.corpus.bytes_of(eval_positions(cfg, self.corpus.val))
         self.rows = data_lib.process_rows(self.t.batch_size)
         self.logger = self._new_logger(self.start_step)
         if jax.process_index() == 0:          # what this run (or this resume) ran with
@@ -265,6 +272,20 @@ class Trainer:
                                        list(self.setup.mesh.devices.flat)), indent=1) + "\n")
         self._header(peak_source)
         self.logger.start_progress()
+
+    def _open_loader(self, resume: bool) -> "loader_lib.TrainLoader":
+        """This process's batches from ``start_step`` on; on resume the iterator state saved
+        with the checkpoint (checked against this run's data and seed)."""
+        t = self.t
+        make = loader_lib.batch_fn(self.corpus, self.cfg.data, seed=t.seed,
+                                   batch_size=t.batch_size,
+                                   rows=data_lib.process_rows(t.batch_size))
+        loader = loader_lib.TrainLoader(make, steps=t.steps, seed=t.seed,
+                                        source=self.corpus.cache_dir.name, start=self.start_step)
+        saved = loader_lib.load_state(self.ckpt.directory, self.start_step) if resume else None
+        if saved is not None:
+            loader.set_state(saved)
+        return loader
 
     def _new_logger(self, step: int) -> MetricsLogger:
         return MetricsLogger(self.run_dir, resume_step=step, tensorboard=self.cfg.run.tensorboard,
@@ -278,6 +299,8 @@ class Trainer:
         log.info(f"run dir {self.run_dir} | params {count_params(cfg.model, cfg.moe)['total']:,} "
                  f"| mesh {dict(setup.mesh.shape)} | corpus {corpus.num_train_tokens:,} train / "
                  f"{corpus.num_val_tokens:,} val tokens | unigram baseline {self.unigram:.3f} nats")
+        if corpus.build_summary:
+            log.info(corpus.build_summary)
         if corpus.skipped_files:
             log.info(f"corpus {corpus.source}: {corpus.skipped_summary()}")
         if self.start_step:
@@ -308,7 +331,7 @@ class Trainer:
                     except _Reload as err:
                         self._reload(str(err))
                 if not self.eval_row:       # resumed at the last step: report its evaluation
-                    self.eval_row = evaluate(self.setup, self.state, self.corpus.val)
+                    self.eval_row = self._evaluate()
             finally:
                 self.ckpt.wait()
                 self.ckpt.close()
@@ -324,10 +347,9 @@ class Trainer:
     def _steps(self, sig: "_SignalFlag") -> None:
         t, cfg, ckpt = self.t, self.cfg, self.ckpt
         while self.step < t.steps:
-            batch = data_lib.train_batch(
-                self.corpus.train, self.corpus.train_doc_starts, step=self.step, seed=t.seed,
-                batch_size=t.batch_size, seq_len=cfg.data.seq_len, packing=cfg.data.packing,
-                rows=self.rows, random_truncate=cfg.data.random_truncate)
+            if self.loader.step != self.step:      # reloaded from a checkpoint
+                self.loader.seek(self.step)
+            batch = next(self.loader)
             self.state, metrics = self.setup.train_step(self.state, self.setup.shard_batch(batch))
             self.step += 1
             step = self.step
@@ -343,18 +365,32 @@ class Trainer:
                 self._flush()    # never evaluate or save a state not checked finite
             t_pause = time.perf_counter()
             if evaluate_now:
-                self.eval_row = evaluate(self.setup, self.state, self.corpus.val)
+                self.eval_row = self._evaluate()
                 self.logger.log(step, self.eval_row, kind="eval")
             if save_now:
-                ckpt.save(step, self.state)
+                self._save(step)
             self.window.t0 += time.perf_counter() - t_pause      # eval/save: not training time
             if stop is not None:
                 if ckpt.latest_step() != step:
-                    ckpt.save(step, self.state)
+                    self._save(step)
                 ckpt.wait()
                 raise Interrupted(f"{signal.Signals(stop).name} at step {step}: checkpoint saved "
                                   f"to {ckpt.directory}; continue with --resume", stop)
         self._flush()
+
+    def _evaluate(self) -> dict:
+        """The validation row: loss, perplexity, tokens and bits per byte (``val_bpb``)."""
+        row = evaluate(self.setup, self.state, self.corpus.val)
+        if self.eval_bytes:
+            row["val_bpb"] = data_lib.bits_per_byte(row["val_loss"], row["val_tokens"],
+                                                    self.eval_bytes)
+        return row
+
+    def _save(self, step: int) -> None:
+        """Checkpoint ``step`` with the loader state beside it (the batches it has handed out)."""
+        loader_lib.save_state(self.ckpt.directory, step, self.loader.get_state())
+        self.ckpt.save(step, self.state)
+        loader_lib.prune_states(self.ckpt.directory, self.ckpt.all_steps() + [step])
 
     def _flush(self) -> None:
         if self.pending is not None:

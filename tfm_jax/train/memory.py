@@ -68,11 +68,13 @@ def _batch_struct(setup: Any) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from tfm_jax import data as data_lib
+
     cfg = setup.cfg
     return {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
                                     jnp.float32 if k == "mask" else jnp.int32,
                                     sharding=setup.batch_sharding)
-            for k in ("inputs", "targets", "mask")}
+            for k in data_lib.batch_keys(cfg.data.packing)}
 
 
 def peak_memory(setup: Any, abstract_state: Optional[Any] = None) -> dict[str, Optional[int]]:

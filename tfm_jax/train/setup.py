@@ -115,9 +115,11 @@ def build(cfg: Config, devices: Optional[list] = None, ops: Optional[Ops] = None
     mesh_lib.check_divisible(abstract, state_shardings)
     batch_sharding = mesh_lib.data_sharding(mesh, rules)
     batch_shardings = {k: batch_sharding for k in ("inputs", "targets", "mask")}
+    train_keys = data_lib.batch_keys(cfg.data.packing)   # + segment ids/positions (segments)
+    train_shardings = {k: batch_sharding for k in train_keys}
 
     train_step = jax.jit(make_train_step(cfg, model, tx),
-                         in_shardings=(state_shardings, batch_shardings),
+                         in_shardings=(state_shardings, train_shardings),
                          out_shardings=(state_shardings, None), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings, batch_shardings))
     jit_init = jax.jit(init_fn, out_shardings=state_shardings)
@@ -134,7 +136,7 @@ def fp8_dot_line(setup: Setup, state: TrainState) -> str:
     batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
                                      jnp.float32 if k == "mask" else jnp.int32,
                                      sharding=setup.batch_sharding)
-             for k in ("inputs", "targets", "mask")}
+             for k in data_lib.batch_keys(cfg.data.packing)}
     with setup.context():
         text = setup.train_step.lower(state, batch).compile().as_text()
     return fp8.describe_dot_mode(fp8.fp8_dot_mode(text), setup.mesh.devices.flat[0].platform)
@@ -158,6 +160,14 @@ def evaluate(setup: Setup, state: TrainState, val_tokens: np.ndarray) -> dict[st
     val_loss = total / max(count, 1.0)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
             "val_tokens": int(count)}
+
+
+def eval_positions(cfg: Config, val_tokens: np.ndarray) -> np.ndarray:
+    """Positions in the val stream of the target tokens :func:`evaluate` scores."""
+    starts = data_lib.eval_window_starts(val_tokens, batch_size=cfg.train.batch_size,
+                                         seq_len=cfg.data.seq_len,
+                                         max_batches=cfg.train.eval_batches)
+    return (starts[:, None] + np.arange(1, cfg.data.seq_len + 1)).ravel()
 
 
 def eval_span(cfg: Config, val_tokens: np.ndarray) -> np.ndarray:

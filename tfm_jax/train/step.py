@@ -65,8 +65,9 @@ def _forward(model: nn.Module, params, model_state, batch, *, train: bool,
     mutable = ((list(model_state) if model_state else []) + list(telemetry.COLLECTIONS)
                if train else False)
     kw = {"hidden_only": True} if hidden_only else {}
+    packed = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}  # segments packing
     out = model.apply(variables, batch["inputs"], token_mask=input_mask(batch["mask"]),
-                      train=train, mutable=mutable, **kw)
+                      train=train, mutable=mutable, **kw, **packed)
     logits, new_state = out if mutable else (out, model_state)
     new_state, sown = telemetry.split(new_state)
     return logits, new_state, sown

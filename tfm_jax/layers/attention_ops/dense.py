@@ -17,12 +17,18 @@ NEG_INF = -1e30  # finite, so fully-masked rows give a uniform (not NaN) softmax
 
 
 def make_attention_mask(q_positions: jax.Array, k_positions: jax.Array,
-                        k_valid: Optional[jax.Array] = None) -> jax.Array:
-    """Causal (+ key padding) mask. q_positions (B, T), k_positions (B, S), k_valid (B, S)
-    -> bool (B, T, S): query t may attend key s iff pos_k[s] <= pos_q[t] and key s is valid."""
+                        k_valid: Optional[jax.Array] = None,
+                        q_segments: Optional[jax.Array] = None,
+                        k_segments: Optional[jax.Array] = None) -> jax.Array:
+    """Causal (+ key padding, + same document) mask. q_positions (B, T), k_positions (B, S),
+    k_valid (B, S), segment ids q_segments (B, T) / k_segments (B, S) -> bool (B, T, S): query t
+    may attend key s iff pos_k[s] <= pos_q[t], key s is valid and (with segment ids) both lie in
+    the same segment (document)."""
     mask = k_positions[:, None, :] <= q_positions[:, :, None]
     if k_valid is not None:
         mask = mask & k_valid[:, None, :].astype(bool)
+    if q_segments is not None:
+        mask = mask & (q_segments[:, :, None] == k_segments[:, None, :])
     return mask
 
 
@@ -108,13 +114,16 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
 
 
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                           k_valid: Optional[jax.Array] = None, *, block_q: int = 0) -> jax.Array:
+                           k_valid: Optional[jax.Array] = None, *, block_q: int = 0,
+                           segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """Causal self-attention over positions 0..T-1 (+ key padding) as one masked softmax.
 
     Same contract as :func:`causal_attention` (``block_q`` is accepted and unused): q (B, T, H, D),
-    k, v (B, T, Hkv, D), k_valid (B, T) or None -> (B, T, H, D). Materialises the (T, T) scores;
-    on GPU/TPU XLA fuses mask, softmax and both einsums around it.
+    k, v (B, T, Hkv, D), k_valid (B, T) or None, segment_ids (B, T) int or None (packed
+    documents: a query sees only keys of its own segment) -> (B, T, H, D). Materialises the
+    (T, T) scores; on GPU/TPU XLA fuses mask, softmax and both einsums around it.
     """
     b, t = q.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return grouped_attention(q, k, v, make_attention_mask(positions, positions, k_valid))
+    return grouped_attention(q, k, v, make_attention_mask(positions, positions, k_valid,
+                                                          segment_ids, segment_ids))

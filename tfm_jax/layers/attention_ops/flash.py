@@ -65,26 +65,36 @@ def flash_blocks(t: int, block_q: int, block_k: int) -> tuple[int, int, int]:
     return block_q, block_k, -(-t // big) * big
 
 
-def _tile_scores(q_blk, k_blk, valid_blk, q0, k0, scale):
+def _tile_scores(q_blk, k_blk, valid_blk, q0, k0, scale, qseg_blk=None):
     """Masked float32 scores of one tile: q_blk (B, K, G, bq, D), k_blk (B, K, bk, D),
-    valid_blk (B, bk) bool; the tile's first query/key positions q0/k0 -> (B, K, G, bq, bk)."""
+    valid_blk (B, bk) bool -- or, with ``qseg_blk`` (B, bq) int (the queries' segment ids), the
+    keys' segment ids (-1: padding); the tile's first query/key positions q0/k0
+    -> (B, K, G, bq, bk)."""
     bq, bk = q_blk.shape[3], k_blk.shape[2]
     s = jnp.einsum("bkgqd,bksd->bkgqs", q_blk, k_blk,
                    preferred_element_type=jnp.float32) * scale
     qpos = q0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     kpos = k0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    allowed = (kpos <= qpos)[None, None, None] & valid_blk[:, None, None, None, :]
+    if qseg_blk is None:
+        allowed = (kpos <= qpos)[None, None, None] & valid_blk[:, None, None, None, :]
+    else:
+        same = qseg_blk[:, :, None] == valid_blk[:, None, :]                   # (B, bq, bk)
+        allowed = (kpos <= qpos)[None, None, None] & same[:, None, None]
     return jnp.where(allowed, s, NEG_INF)
 
 
-def _tile_scores_t(q_blk, k_blk, valid_blk, q0, k0, scale):
+def _tile_scores_t(q_blk, k_blk, valid_blk, q0, k0, scale, qseg_blk=None):
     """:func:`_tile_scores` transposed, keys first: (B, K, bk, G, bq)."""
     bq, bk = q_blk.shape[3], k_blk.shape[2]
     s = jnp.einsum("bksd,bkgqd->bksgq", k_blk, q_blk,
                    preferred_element_type=jnp.float32) * scale
     kpos = k0 + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
     qpos = q0 + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
-    allowed = (kpos <= qpos)[None, None, :, None, :] & valid_blk[:, None, :, None, None]
+    if qseg_blk is None:
+        allowed = (kpos <= qpos)[None, None, :, None, :] & valid_blk[:, None, :, None, None]
+    else:
+        same = valid_blk[:, :, None] == qseg_blk[:, None, :]                   # (B, bk, bq)
+        allowed = (kpos <= qpos)[None, None, :, None, :] & same[:, None, :, None, :]
     return jnp.where(allowed, s, NEG_INF)
 
 
@@ -126,24 +136,27 @@ def _to_k_blocks(x, nk, bk):
     return jnp.moveaxis(x, (1, 2), (0, -2)) if x.ndim == 5 else jnp.moveaxis(x, 1, 0)
 
 
-def _flash_fwd(q, k, v, valid, bq, bk):
-    """q (B, Tp, K, G, D), k/v (B, Tp, K, D), valid (B, Tp) bool -> o (B, Tp, K, G, D) in q's
-    dtype, lse (B, Tp, K, G) float32."""
+def _flash_fwd(q, k, v, valid, bq, bk, qseg=None):
+    """q (B, Tp, K, G, D), k/v (B, Tp, K, D), valid (B, Tp) bool (or, with ``qseg`` (B, Tp) int,
+    the keys' segment ids, -1 padding) -> o (B, Tp, K, G, D) in q's dtype, lse (B, Tp, K, G)
+    float32."""
     b, tp, kh, g, d = q.shape
     nq, nk = tp // bq, tp // bk
     scale = np.float32(1.0 / np.sqrt(d))
     qb = _to_q_blocks(q, nq, bq)                         # (nq, B, K, G, bq, D)
     kb, vb = _to_k_blocks(k, nk, bk), _to_k_blocks(v, nk, bk)   # (nk, B, K, bk, D)
     validb = _to_k_blocks(valid, nk, bk)                 # (nk, B, bk)
+    qsegb = None if qseg is None else _to_k_blocks(qseg, nq, bq)   # (nq, B, bq)
 
     def q_block(args):
         i, q_i = args
         q0 = i * bq
+        qseg_i = None if qsegb is None else _at(qsegb, i)
 
         def body(j, carry):
             m, l, acc = carry                            # (B,K,G,bq), same, (B,K,G,bq,D)
             k_j, v_j, valid_j = (_at(x, j) for x in (kb, vb, validb))
-            s = _tile_scores(q_i, k_j, valid_j, q0, j * bk, scale)
+            s = _tile_scores(q_i, k_j, valid_j, q0, j * bk, scale, qseg_i)
             m_new = jnp.maximum(m, s.max(-1))
             alpha = jnp.exp(m - m_new)
             p = jnp.exp(s - m_new[..., None])             # (B, K, G, bq, bk)
@@ -163,7 +176,7 @@ def _flash_fwd(q, k, v, valid, bq, bk):
     return _from_q_blocks(ob), _from_q_blocks(lseb)
 
 
-def _flash_bwd(q, k, v, valid, o, lse, do, bq, bk):
+def _flash_bwd(q, k, v, valid, o, lse, do, bq, bk, qseg=None):
     """Gradients wrt q (B, Tp, K, G, D), k and v (B, Tp, K, D), recomputing score tiles."""
     b, tp, kh, g, d = q.shape
     nq, nk = tp // bq, tp // bk
@@ -173,6 +186,7 @@ def _flash_bwd(q, k, v, valid, o, lse, do, bq, bk):
     lseb, deltab = _to_q_blocks(lse, nq, bq), _to_q_blocks(delta, nq, bq)   # (nq, B,K,G,bq)
     kb, vb = _to_k_blocks(k, nk, bk), _to_k_blocks(v, nk, bk)     # (nk, B, K, bk, D)
     validb = _to_k_blocks(valid, nk, bk)
+    qsegb = None if qseg is None else _to_k_blocks(qseg, nq, bq)   # (nq, B, bq)
 
     def k_block(dq, args):
         j, k_j, v_j, valid_j = args
@@ -183,7 +197,8 @@ def _flash_bwd(q, k, v, valid, o, lse, do, bq, bk):
             # dK = dS^T Q are plain GEMMs and no (bk, G*bq) tile is transposed (see _dq_tile).
             dk, dv, dq = carry
             q_i, do_i, lse_i, delta_i = (_at(x, i) for x in (qb, dob, lseb, deltab))
-            s_t = _tile_scores_t(q_i, k_j, valid_j, i * bq, k0, scale)     # (B, K, bk, G, bq)
+            s_t = _tile_scores_t(q_i, k_j, valid_j, i * bq, k0, scale,
+                                 None if qsegb is None else _at(qsegb, i))  # (B,K,bk,G,bq)
             p_t = jnp.exp(s_t - lse_i[:, :, None])      # P^T of the forward
             dv = dv + jnp.einsum("bksgq,bkgqd->bksd", p_t.astype(do.dtype), do_i,
                                  preferred_element_type=jnp.float32)
@@ -209,19 +224,19 @@ def _flash_bwd(q, k, v, valid, o, lse, do, bq, bk):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash_core(q, k, v, valid, bq, bk):
-    return _flash_fwd(q, k, v, valid, bq, bk)[0]
+def _flash_core(q, k, v, valid, bq, bk, qseg=None):
+    return _flash_fwd(q, k, v, valid, bq, bk, qseg)[0]
 
 
-def _flash_core_fwd(q, k, v, valid, bq, bk):
-    o, lse = _flash_fwd(q, k, v, valid, bq, bk)
-    return o, (q, k, v, valid, o, lse)        # all O(T): inputs, output, one float per row
+def _flash_core_fwd(q, k, v, valid, bq, bk, qseg=None):
+    o, lse = _flash_fwd(q, k, v, valid, bq, bk, qseg)
+    return o, (q, k, v, valid, qseg, o, lse)   # all O(T): inputs, output, one float per row
 
 
 def _flash_core_bwd(bq, bk, res, do):
-    q, k, v, valid, o, lse = res
-    dq, dk, dv = _flash_bwd(q, k, v, valid, o, lse, do, bq, bk)
-    return dq, dk, dv, None
+    q, k, v, valid, qseg, o, lse = res
+    dq, dk, dv = _flash_bwd(q, k, v, valid, o, lse, do, bq, bk, qseg)
+    return dq, dk, dv, None, None
 
 
 _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
@@ -229,14 +244,17 @@ _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                     k_valid: Optional[jax.Array] = None, *, block_q: int = DEFAULT_BLOCK_Q,
-                    block_k: int = DEFAULT_BLOCK_K) -> jax.Array:
+                    block_k: int = DEFAULT_BLOCK_K,
+                    segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """Causal self-attention for positions 0..T-1 (+ optional key padding), key-tiled online
     softmax with a FlashAttention-2 backward: memory O(T * block) both ways.
 
     q: (B, T, H, D); k, v: (B, T, Hkv, D); k_valid: (B, T) (nonzero = valid) or None.
     Returns (B, T, H, D). Same result as ``grouped_attention`` with
-    ``make_attention_mask(arange, arange, k_valid)``. ``block_q``/``block_k``: query/key tile
-    (one must divide the other); any T works (padded internally).
+    ``make_attention_mask(arange, arange, k_valid, segment_ids, segment_ids)``; ``segment_ids``
+    (B, T) int or None: packed documents, a query sees only keys of its own segment.
+    ``block_q``/``block_k``: query/key tile (one must divide the other); any T works (padded
+    internally).
     """
     b, t, h, d = q.shape
     if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d:
@@ -249,13 +267,19 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         raise ValueError(f"flash attention: k_valid {k_valid.shape} must be (B, T) = ({b}, {t})")
     bq, bk, tp = flash_blocks(t, block_q, block_k)
     valid = jnp.ones((b, t), bool) if k_valid is None else k_valid.astype(bool)
+    qseg = None
+    if segment_ids is not None:      # keys carry their segment id (-1: padding), queries theirs
+        qseg = segment_ids.astype(jnp.int32)
+        valid = jnp.where(valid, qseg, -1)
     qg = q.reshape(b, t, hkv, h // hkv, d)                                   # (B, T, K, G, D)
     if tp != t:
         pad = ((0, 0), (0, tp - t))
         qg = jnp.pad(qg, pad + ((0, 0),) * 3)
         k, v = (jnp.pad(x, pad + ((0, 0),) * 2) for x in (k, v))
-        valid = jnp.pad(valid, pad)                  # padded keys invalid, padded rows dropped
-    o = _flash_core(qg, k, v, valid, bq, bk)                                 # (B, Tp, K, G, D)
+        # padded keys invalid (False / segment -1), padded rows dropped
+        valid = jnp.pad(valid, pad, constant_values=False if qseg is None else -1)
+        qseg = None if qseg is None else jnp.pad(qseg, pad)
+    o = _flash_core(qg, k, v, valid, bq, bk, qseg)                           # (B, Tp, K, G, D)
     return o[:, :t].reshape(b, t, h, d)
 
 
@@ -271,22 +295,30 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def xla_sdpa_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                       k_valid: Optional[jax.Array] = None, *, block_q: int = 0) -> jax.Array:
+                       k_valid: Optional[jax.Array] = None, *, block_q: int = 0,
+                       segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """``jax.nn.dot_product_attention(..., is_causal=True, implementation="xla")`` with the
-    key padding as a boolean mask (exact for any ``k_valid``). Materialises the (T, T) scores;
-    ``block_q`` is accepted and unused."""
+    key padding (and the segment ids of packed documents) as a boolean mask (exact for any
+    ``k_valid``). Materialises the (T, T) scores; ``block_q`` is accepted and unused."""
     mask = None if k_valid is None else k_valid.astype(bool)[:, None, None, :]   # (B,1,1,T)
+    if segment_ids is not None:
+        same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]      # (B,1,T,T)
+        mask = same if mask is None else mask & same
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                         implementation="xla")
 
 
 def sdpa_seq_lengths_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                                k_valid: Optional[jax.Array] = None, *, block_q: int = 0,
-                               implementation: str = "cudnn") -> jax.Array:
+                               implementation: str = "cudnn",
+                               segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """``jax.nn.dot_product_attention(..., is_causal=True)`` with the key padding given as
     ``key_value_seq_lengths = k_valid.sum(-1)``: ``k_valid`` must be right-padded (each row's
     valid keys a prefix, as tfm_jax.data produces). cuDNN (GPU, bf16/fp16, head_dim a multiple
     of 8) by default; ``implementation="xla"`` runs the same call anywhere (tests)."""
+    if segment_ids is not None:
+        raise ValueError("the cuDNN attention core takes no segment ids (data.packing=segments); "
+                         "use backend.attention=flash or xla_sdpa, or data.packing=concat")
     lengths = (None if k_valid is None
                else jnp.sum(k_valid.astype(bool), axis=-1, dtype=jnp.int32))         # (B,)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True,

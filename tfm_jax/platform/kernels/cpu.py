@@ -686,47 +686,51 @@ _rms.defvjp(_rms_fwd, _rms_bwd)
 # Causal attention
 
 
-def _attn_fwd_call(q, k, v, k_valid, block):
+def _attn_fwd_call(q, k, v, k_seg, q_seg, block):
     load()
     b, t, h, _ = q.shape
     return jax.ffi.ffi_call(
         "tfm_attn_fwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                          jax.ShapeDtypeStruct((2, b, h, t), jnp.float32)))(
-        q, k, v, k_valid, block=np.int64(block))
+        q, k, v, k_seg, q_seg, block=np.int64(block))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, k_valid, block):
-    return _attn_fwd_call(q, k, v, k_valid, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, k_seg, q_seg, block):
+    return _attn_fwd_call(q, k, v, k_seg, q_seg, block)[0]
 
 
-def _attention_fwd(q, k, v, k_valid, block):
-    o, stats = _attn_fwd_call(q, k, v, k_valid, block)
-    return o, (q, k, v, k_valid, o, stats)
+def _attention_fwd(q, k, v, k_seg, q_seg, block):
+    o, stats = _attn_fwd_call(q, k, v, k_seg, q_seg, block)
+    return o, (q, k, v, k_seg, q_seg, o, stats)
 
 
 def _attention_bwd(block, res, do):
-    q, k, v, k_valid, o, stats = res
+    q, k, v, k_seg, q_seg, o, stats = res
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     dq, dk, dv = jax.ffi.ffi_call("tfm_attn_bwd", shapes)(
-        q, k, v, k_valid, o, stats, do.astype(jnp.float32), block=np.int64(block))
-    return dq, dk, dv, jnp.zeros_like(k_valid)
+        q, k, v, k_seg, q_seg, o, stats, do.astype(jnp.float32), block=np.int64(block))
+    return dq, dk, dv, jnp.zeros_like(k_seg), jnp.zeros_like(q_seg)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     k_valid: Optional[jax.Array] = None, *, block_q: int = 64) -> jax.Array:
+                     k_valid: Optional[jax.Array] = None, *, block_q: int = 64,
+                     segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """Drop-in for :func:`tfm_jax.layers.attention_ops.block.causal_attention` (fp32): same blocks of
-    ``block_q`` queries, same masking (incl. fully masked rows), one custom call each way."""
+    ``block_q`` queries, same masking (incl. fully masked rows and the segment ids of packed
+    documents), one custom call each way. The kernel compares each key's segment (-1: padding)
+    with its query's; without ``segment_ids`` every position is segment 1."""
     if q.dtype != jnp.float32 or k.dtype != jnp.float32 or v.dtype != jnp.float32:
         raise ValueError(f"native attention is fp32 only, got {q.dtype}/{k.dtype}/{v.dtype}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
-    kv = (jnp.ones(q.shape[:2], jnp.float32) if k_valid is None
-          else k_valid.astype(jnp.float32))
-    return _attention(q, k, v, kv, int(block_q))
+    q_seg = (jnp.ones(q.shape[:2], jnp.float32) if segment_ids is None
+             else segment_ids.astype(jnp.float32))                                   # (B, T)
+    k_seg = q_seg if k_valid is None else jnp.where(k_valid > 0, q_seg, -1.0)
+    return _attention(q, k, v, k_seg, q_seg, int(block_q))
 
 
 # --------------------------------------------------------------------------------------------

@@ -138,21 +138,22 @@ static void Gather(const float* x, const Dims& d, int b, int kh, const Block& bl
                   sizeof(float) * d.D);
 }
 
-// S (M, end) = scale * Qs K[:end]^T with masked entries (key > query, or k_valid == 0) set to
-// -1e30 (finite, as in the XLA path).
-static void Scores(const float* Qs, const float* kb, const float* kv, const Dims& d,
-                   const Block& blk, float scale, float* S) {
+// S (M, end) = scale * Qs K[:end]^T with masked entries set to -1e30 (finite, as in the XLA
+// path): key > query, or the key's segment kseg[j] differs from the query's qseg[t] (a padded
+// key has segment -1; without packed documents every query and valid key has segment 1).
+static void Scores(const float* Qs, const float* kb, const float* kseg, const float* qseg,
+                   const Dims& d, const Block& blk, float scale, float* S) {
   cblas_sgemm(kRow, kN, kT, blk.M, blk.end, d.D, scale, Qs, d.D, kb, d.K * d.D, 0.f, S, blk.end);
   for (int r = 0; r < blk.M; ++r) {
     float* s = S + (int64_t)r * blk.end;
     int t = blk.t0 + r % blk.rows;
     for (int j = 0; j < blk.end; ++j)
-      if (j > t || kv[j] <= 0.f) s[j] = kNegInf;
+      if (j > t || kseg[j] != qseg[t]) s[j] = kNegInf;
   }
 }
 
 static ffi::Error AttnFwd(ffi::ThreadPool pool, F32 q, F32 k,
-                          F32 v, F32 kvalid,
+                          F32 v, F32 kvalid, F32 qsegs,
                           F32Out o, F32Out stats,
                           int64_t block) {
   if (NoBlas()) return NoBlasError();
@@ -160,7 +161,7 @@ static ffi::Error AttnFwd(ffi::ThreadPool pool, F32 q, F32 k,
   Dims d{(int)qd[0], (int)qd[1], (int)qd[2], (int)kd[2], (int)qd[3], (int)(qd[2] / kd[2])};
   float scale = 1.0f / std::sqrt((float)d.D);
   const float *Q = q.typed_data(), *Kp = k.typed_data(), *V = v.typed_data(),
-              *KV = kvalid.typed_data();
+              *KV = kvalid.typed_data(), *QS = qsegs.typed_data();
   float *O = o->typed_data(), *L = stats->typed_data();
   int64_t bht = (int64_t)d.B * d.H * d.T;
   int nb = (d.T + block - 1) / block, ldk = d.K * d.D;
@@ -175,7 +176,8 @@ static ffi::Error AttnFwd(ffi::ThreadPool pool, F32 q, F32 k,
       int t0 = bi * block, rows = std::min<int>(d.T, t0 + block) - t0;
       Block blk{t0, rows, t0 + rows, d.G * rows};
       Gather(Q, d, b, kh, blk, Qs.data());
-      Scores(Qs.data(), kb, KV + (int64_t)b * d.T, d, blk, scale, S.data());
+      Scores(Qs.data(), kb, KV + (int64_t)b * d.T, QS + (int64_t)b * d.T, d, blk, scale,
+             S.data());
       std::vector<float> inv(blk.M);
       for (int r = 0; r < blk.M; ++r) {
         float* s = S.data() + (int64_t)r * blk.end;
@@ -206,7 +208,7 @@ static ffi::Error AttnFwd(ffi::ThreadPool pool, F32 q, F32 k,
 }
 
 static ffi::Error AttnBwd(ffi::ThreadPool pool, F32 q, F32 k,
-                          F32 v, F32 kvalid,
+                          F32 v, F32 kvalid, F32 qsegs,
                           F32 o, F32 stats,
                           F32 dout, F32Out dq,
                           F32Out dk, F32Out dv,
@@ -216,8 +218,8 @@ static ffi::Error AttnBwd(ffi::ThreadPool pool, F32 q, F32 k,
   Dims d{(int)qd[0], (int)qd[1], (int)qd[2], (int)kd[2], (int)qd[3], (int)(qd[2] / kd[2])};
   float scale = 1.0f / std::sqrt((float)d.D);
   const float *Q = q.typed_data(), *Kp = k.typed_data(), *V = v.typed_data(),
-              *KV = kvalid.typed_data(), *O = o.typed_data(), *L = stats.typed_data(),
-              *DO = dout.typed_data();
+              *KV = kvalid.typed_data(), *QS = qsegs.typed_data(), *O = o.typed_data(),
+              *L = stats.typed_data(), *DO = dout.typed_data();
   float *DQ = dq->typed_data(), *DK = dk->typed_data(), *DV = dv->typed_data();
   int64_t bht = (int64_t)d.B * d.H * d.T;
   int nb = (d.T + block - 1) / block, ldk = d.K * d.D;
@@ -241,7 +243,8 @@ static ffi::Error AttnBwd(ffi::ThreadPool pool, F32 q, F32 k,
       Gather(Q, d, b, kh, blk, Qs.data());
       Gather(O, d, b, kh, blk, Os.data());
       Gather(DO, d, b, kh, blk, dOs.data());
-      Scores(Qs.data(), kb, KV + (int64_t)b * d.T, d, blk, scale, S.data());
+      Scores(Qs.data(), kb, KV + (int64_t)b * d.T, QS + (int64_t)b * d.T, d, blk, scale,
+             S.data());
       for (int r = 0; r < blk.M; ++r) {
         int g = r / rows, i = r % rows;
         int64_t li = ((int64_t)b * d.H + kh * d.G + g) * d.T + t0 + i;
@@ -281,11 +284,12 @@ static ffi::Error AttnBwd(ffi::ThreadPool pool, F32 q, F32 k,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_attn_fwd, AttnFwd,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
-        .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>().Attr<int64_t>("block"));
+        .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()
+        .Attr<int64_t>("block"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_attn_bwd, AttnBwd,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
         .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-        .Ret<F32>().Ret<F32>().Ret<F32>().Attr<int64_t>("block"));
+        .Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>().Attr<int64_t>("block"));
 
 // C (m, n) = op(A) @ op(B); A stored (m, k), or (k, m) if ta; B stored (k, n), or (n, k) if tb.
 static ffi::Error Gemm(ffi::ThreadPool pool, F32 a, F32 b,
