@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from tfm_jax.quant.formats import fmt_max, saturating_cast
+from tfm_jax.quant.formats import fmt_dtype, fmt_max, saturating_cast
 from tfm_jax.quant.scaling import (amax_from_history, compute_amax, compute_scale,
                                    round_scale_for, update_amax_history)
 
@@ -68,7 +68,8 @@ CALIBRATION_VERSION = 1
 
 class QSpec(NamedTuple):
     """Static description of one tensor's quantization (hashable: a custom-VJP static arg).
-    ``mode``: dynamic | delayed | static | off (not quantized); ``axis``: None (per tensor) or the kept axes;
+    ``mode``: dynamic | delayed | static | stored (FP8 weight storage: its bytes and scale) | off
+    (not quantized); ``axis``: None (per tensor) or the kept axes;
     ``scale_set``: the hardware scales the scale is rounded down to (``quant.scale_set``)."""
 
     mode: str
@@ -83,6 +84,8 @@ def _scale(x: jax.Array, state: dict, spec: QSpec) -> jax.Array:
     """The multiplicative scale used for ``x`` this step (float32, amax's shape), rounded down
     to ``spec.scale_set`` (:func:`~tfm_jax.quant.scaling.round_scale_for`; a static scale from
     calibration is normally in the set already: rounding is idempotent)."""
+    if spec.mode == "stored":          # FP8 weight storage: the bytes' own scale, as it is
+        return jnp.asarray(state["scale"], jnp.float32)
     if spec.mode == "dynamic":
         s = compute_scale(compute_amax(x, axis=spec.axis), spec.fmt, margin=spec.margin)
     elif spec.mode == "static":
@@ -94,7 +97,10 @@ def _scale(x: jax.Array, state: dict, spec: QSpec) -> jax.Array:
 
 
 def _new_state(x: jax.Array, state: dict, scale: jax.Array, spec: QSpec) -> dict:
-    """The state after this step: delayed records amax(x); static keeps its scale."""
+    """The state after this step: delayed records amax(x); static keeps its scale; a storage
+    scale gets a zero cotangent (the optimizer step updates it, :mod:`tfm_jax.quant.storage`)."""
+    if spec.mode == "stored":
+        return jax.tree.map(jnp.zeros_like, state)
     if spec.mode == "delayed":
         return {"amax_history": update_amax_history(state["amax_history"],
                                                     compute_amax(x, axis=spec.axis)),
@@ -102,10 +108,20 @@ def _new_state(x: jax.Array, state: dict, scale: jax.Array, spec: QSpec) -> dict
     return dict(state)
 
 
-def qdq(x: jax.Array, scale: jax.Array, fmt: str) -> jax.Array:
-    """Quantize (saturating) then dequantize, in x's dtype: ``cast(x*s -> fmt) * (1/s)``."""
-    q = saturating_cast(x.astype(jnp.float32) * scale, fmt)
-    return (q.astype(jnp.float32) * (1.0 / scale)).astype(x.dtype)
+def quantize(x: jax.Array, scale: jax.Array, fmt: str) -> jax.Array:
+    """``cast(x * s -> fmt)``, saturating, computed in float32; FP8 bytes (stored weights) are
+    returned as they are."""
+    if x.dtype == fmt_dtype(fmt):
+        return x
+    return saturating_cast(x.astype(jnp.float32) * scale, fmt)
+
+
+def qdq(x: jax.Array, scale: jax.Array, fmt: str, dtype: Any = None) -> jax.Array:
+    """Quantize (saturating) then dequantize, in ``dtype`` (x's by default):
+    ``cast(x*s -> fmt) * (1/s)``."""
+    q = quantize(x, scale, fmt)
+    dtype = x.dtype if dtype is None else dtype
+    return (q.astype(jnp.float32) * (1.0 / scale)).astype(dtype)
 
 
 # Operands (input, kernel): quantized in forward, straight-through in backward; the state's
@@ -163,6 +179,96 @@ def quantization_stats(x: jax.Array, scale: jax.Array, fmt: str) -> jax.Array:
 qdq_grad.defvjp(_qdq_grad_fwd, _qdq_grad_bwd)
 
 
+# --------------------------------------------------------------------------------------------
+# The direct form: every GEMM takes the FP8 bytes, the scales act on its output.
+
+_NN = (((1,), (0,)), ((), ()))          # (N, K) @ (K, M)
+_NT = (((1,), (1,)), ((), ()))          # (N, M) . (K, M)^T -> (N, K): the input gradient
+_TN = (((0,), (0,)), ((), ()))          # (N, K)^T . (N, M) -> (K, M): the kernel gradient
+
+
+def _inv(*scales: jax.Array) -> jax.Array:
+    """The product of the scales' reciprocals (float32): turns the GEMM of FP8 bytes into the
+    product of the dequantized operands (``q_a / s_a . q_b / s_b``)."""
+    out = jnp.float32(1.0)
+    for s in scales:
+        out = out * (1.0 / jnp.asarray(s, jnp.float32))
+    return out
+
+
+def _f8_gemm(a: jax.Array, b: jax.Array, dims, dtype) -> jax.Array:
+    """XLA's dot on FP8 operands, accumulated and returned in ``dtype`` (what XLA:GPU's GEMM
+    rewriter turns into ``__cublas$lt$matmul$f8``; XLA:CPU upcasts)."""
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fp8_dot(x: jax.Array, kernel: jax.Array, states: tuple, specs: tuple,
+            matmul: Optional[Callable]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``x (N, K) @ kernel (K, M)`` in the direct FP8 form; returns (y, input scale, kernel
+    scale) -- the scales for telemetry (their cotangents are ignored).
+
+    Forward ``y = gemm(q_x, q_k) * (1/s_x * 1/s_k)``; backward ``dx = gemm(q_g, q_k^T) *
+    (1/s_g * 1/s_k)``, ``dk = gemm(q_x^T, q_g) * (1/s_x * 1/s_g)``, with ``q = cast(t * s)``
+    (saturating) of each tensor and its scale from ``states`` / ``specs`` (input, kernel,
+    output_grad; :class:`QSpec`). The residuals are the FP8 bytes ``q_x``, ``q_k`` and the
+    scales. ``matmul`` None: the GEMMs are ``lax.dot_general`` on the FP8 operands with
+    ``preferred_element_type`` the compute dtype (x's); otherwise the given GEMM (a CPU set's)
+    on the operands upcast to the compute dtype -- exact, the same products. A per-channel
+    kernel scale (1, M) scales the output's columns in forward; in the input gradient it lies
+    along the contracted axis, so that GEMM takes the dequantized kernel and gradient.
+    The state's cotangent is its new value, as in :func:`qdq_operand`."""
+    return _fp8_dot_fwd(x, kernel, states, specs, matmul)[0]
+
+
+def _fp8_dot_fwd(x, kernel, states, specs, matmul):
+    x_spec, k_spec, _ = specs
+    dtype = x.dtype
+    sx, sk = _scale(x, states[0], x_spec), _scale(kernel, states[1], k_spec)
+    qx, qk = quantize(x, sx, x_spec.fmt), quantize(kernel, sk, k_spec.fmt)
+    if matmul is None:
+        y = _f8_gemm(qx, qk, _NN, dtype)
+    else:
+        y = matmul(qx.astype(dtype), qk.astype(dtype), _NN)
+    y = y * _inv(sx, sk).astype(dtype)
+    new = (_new_state(x, states[0], sx, x_spec), _new_state(kernel, states[1], sk, k_spec))
+    carrier = jnp.zeros((0,), kernel.dtype)        # the kernel's dtype, for its cotangent
+    return (y, sx, sk), (qx, qk, sx, sk, states[2], new, carrier)
+
+
+def _fp8_dot_bwd(specs, matmul, res, cts):
+    qx, qk, sx, sk, g_state, (new_x, new_k), carrier = res
+    gy = cts[0]
+    dtype = gy.dtype
+    g_spec = specs[2]
+    scaling = {k: v for k, v in g_state.items() if k != "stats"}
+    sg = _scale(gy, scaling, g_spec)
+    qg = quantize(gy, sg, g_spec.fmt)
+    new_g = _new_state(gy, scaling, sg, g_spec)
+    if "stats" in g_state:
+        new_g["stats"] = quantization_stats(gy, sg, g_spec.fmt)
+    per_channel = jnp.size(sk) > 1
+    if per_channel:     # the kernel scale runs along the contracted axis of the input gradient
+        k_in = (qk.astype(jnp.float32) * (1.0 / sk)).astype(dtype)
+    if matmul is None:
+        if per_channel:
+            g_deq = (qg.astype(jnp.float32) * _inv(sg)).astype(dtype)
+            dx = jax.lax.dot_general(g_deq, k_in, _NT, preferred_element_type=dtype)
+        else:
+            dx = _f8_gemm(qg, qk, _NT, dtype) * _inv(sg, sk).astype(dtype)
+        dk = _f8_gemm(qx, qg, _TN, dtype) * _inv(sx, sg).astype(dtype)
+    else:               # the set's own backward (its transposes), its forward GEMM unused
+        b = k_in if per_channel else qk.astype(dtype)
+        _, pull = jax.vjp(lambda u, v: matmul(u, v, _NN), qx.astype(dtype), b)
+        dxu, dku = pull(qg.astype(dtype))
+        dx = dxu * (_inv(sg) if per_channel else _inv(sg, sk)).astype(dtype)
+        dk = dku * _inv(sx, sg).astype(dtype)
+    return dx.astype(dtype), dk.astype(carrier.dtype), (new_x, new_k, new_g)
+
+
+fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
+
+
 def _plain_dot(x, w, dimension_numbers, precision=None, preferred_element_type=None):
     return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
@@ -200,7 +306,7 @@ class Fp8DotGeneral(nn.Module):
         return QSpec(mode, fmt, self.amax_compute, self.margin, axis, self.scale_set)
 
     def _state_vars(self, role: str, spec: QSpec, scale_shape: tuple) -> dict:
-        if spec.mode in ("dynamic", "off"):
+        if spec.mode in ("dynamic", "off", "stored"):
             return {}
         replicated = lambda init, ndim: nn.with_logical_partitioning(  # noqa: E731
             init, (None,) * ndim)
@@ -216,7 +322,11 @@ class Fp8DotGeneral(nn.Module):
 
     @nn.compact
     def __call__(self, x, kernel, dimension_numbers, precision=None,
-                 preferred_element_type=None):
+                 preferred_element_type=None, *, kernel_scale=None, kernel_format=None):
+        """``kernel_scale`` / ``kernel_format``: the kernel is FP8 weight storage
+        (:mod:`tfm_jax.quant.storage`) -- its FP8 bytes, or the train step's float view of them
+        (``bytes / kernel_scale``, recovered exactly by one cast) -- and its bytes and scale are
+        the GEMM's kernel operand: no kernel scaling state, no requantization."""
         if dimension_numbers != (((1,), (0,)), ((), ())) or x.ndim != 2 or kernel.ndim != 2:
             raise ValueError("Fp8DotGeneral takes Linear's 2-D (tokens, in) @ (in, out) dot; got "
                              f"shapes {x.shape} @ {kernel.shape}, {dimension_numbers}")
@@ -224,9 +334,16 @@ class Fp8DotGeneral(nn.Module):
             raise ValueError(f"Fp8DotGeneral recipe {self.recipe!r}; valid: fp8_dynamic, "
                              "fp8_delayed, fp8_static")
         specs = {r: self._qspec(r) for r in ROLES}
+        if kernel_scale is not None and specs["kernel"].mode != "off":
+            specs["kernel"] = QSpec("stored", kernel_format,
+                                    axis=(1,) if jnp.size(kernel_scale) > 1 else None)
+        direct = all(specs[r].mode != "off" for r in ROLES)
+        if kernel_scale is not None and kernel.dtype == fmt_dtype(kernel_format) and not direct:
+            kernel = (kernel.astype(jnp.float32) * (1.0 / kernel_scale)).astype(x.dtype)
         k_scale_shape = (1, kernel.shape[1]) if specs["kernel"].axis else ()
         states = {"input": self._state_vars("input", specs["input"], ()),
-                  "kernel": self._state_vars("kernel", specs["kernel"], k_scale_shape),
+                  "kernel": ({"scale": kernel_scale} if specs["kernel"].mode == "stored" else
+                             self._state_vars("kernel", specs["kernel"], k_scale_shape)),
                   "output_grad": self._state_vars("output_grad", specs["output_grad"], ())}
         if self.telemetry and specs["output_grad"].mode != "off":
             # [saturated, flushed] of the output gradient, written by the backward pass as an
@@ -234,6 +351,16 @@ class Fp8DotGeneral(nn.Module):
             states["output_grad"]["stats"] = self.param(
                 "output_grad_stats", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                   (None,)), (2,), jnp.float32)
+        if direct:      # every GEMM on FP8 bytes (the form XLA:GPU makes FP8 GEMMs of)
+            y, x_scale, k_scale = fp8_dot(x, kernel, tuple(states[r] for r in ROLES),
+                                          tuple(specs[r] for r in ROLES), self.matmul)
+            if self.telemetry:
+                self._sow_operand("input", x, x_scale, specs["input"])
+                self._sow_operand("kernel", kernel, k_scale, specs["kernel"])
+                self._sow_grad_state(states["output_grad"], specs["output_grad"])
+            return y
+        # a subset of the tensors quantized (quant.fp8_operands, a numerics study): each
+        # quantized tensor is quantized and dequantized, the GEMM runs in the compute dtype
         xq, kq = x, kernel
         if specs["input"].mode != "off":
             xq, x_scale = qdq_operand(x, states["input"], specs["input"])
