@@ -187,8 +187,7 @@ class _Module:
     def resolve(self, node: Node) -> Optional[Node]:
         """The node XLA sees once calls are inlined: a call is its callee's root, a callee's
         parameter the call site's operand, get-tuple-element of a tuple that operand, a sharding
-        annotation its operand. None where the value leaves the inlined view (a loop
-        parameter, the entry's parameters)."""
+        annotation its operand."""
         for _ in range(10_000):
             ins = self.instr(node)
             ctx, comp = node[0], node[1]
@@ -196,8 +195,8 @@ class _Module:
                 callee = ins.attr("to_apply").lstrip("%")
                 node = (ctx + ((comp, ins.name),), callee, self.roots[callee].name)
             elif ins.opcode == "parameter":
-                if not ctx:
-                    return None
+                if not ctx:          # the entry's or a loop's: a value of its own
+                    return node
                 site_comp, site = ctx[-1]
                 k = int(ins.operands[0])
                 node = (ctx[:-1], site_comp, self.comps[site_comp][site].operands[k])
@@ -330,11 +329,30 @@ def _is_broadcast_zero(mod: _Module, node: Optional[Node]) -> bool:
     if node is None or mod.instr(node).opcode != "broadcast":
         return False
     c = mod.operands(node)[0]
+    while c is not None and mod.instr(c).opcode == "convert":   # constant folding
+        c = mod.operands(c)[0]
     if c is None:
         return False
     ci = mod.instr(c)
     m = re.match(r"\s*\(?\s*(-?[0-9.e+\-]+)", ci.operands[0] if ci.operands else "")
     return ci.opcode == "constant" and m is not None and float(m.group(1)) == 0.0
+
+
+def _broadcast_source(mod: _Module, node: Node) -> Optional[Node]:
+    """What a broadcast broadcasts, as XLA's algebraic simplifier leaves it before the rewriter
+    runs: chains of broadcast / reshape / bitcast of a one-element value become one broadcast
+    of that (then scalar) value; otherwise the broadcast's operand."""
+    first = mod.operands(node)[0]
+    cur = first
+    while cur is not None and mod.instr(cur).opcode in ("broadcast", "reshape", "bitcast"):
+        dims = mod.instr(cur).dims
+        if dims is not None and all(d == 1 for d in dims):
+            return cur
+        cur = mod.operands(cur)[0]
+    if cur is not None and (mod.instr(cur).dims or []) and all(d == 1 for d in
+                                                               mod.instr(cur).dims):
+        return cur
+    return first
 
 
 def _match_param(mod: _Module, node: Optional[Node]):
@@ -359,7 +377,7 @@ def _match_param(mod: _Module, node: Optional[Node]):
         pairs = [(a, b), (b, a)] if mod.instr(path[2][0]).opcode == "multiply" else [(a, b)]
         for conv, bc in pairs:
             if is_convert_of_f8(conv) and bc is not None and mod.instr(bc).opcode == "broadcast":
-                scale = mod.operands(bc)[0]
+                scale = _broadcast_source(mod, bc)
                 n_deq = 2
                 break
     if n_deq == 0 and len(path) > 1 and is_convert_of_f8(path[1][0]):
@@ -378,7 +396,8 @@ def _match_param(mod: _Module, node: Optional[Node]):
         if ins.opcode == "select" and not _is_broadcast_zero(mod, mod.operands(n)[2 if k == 1
                                                                                 else 1]):
             return "select after the dequantize whose other branch is not a broadcast zero"
-    if scale is not None and mod.instr(scale).dims != []:
+    sdims = mod.instr(scale).dims if scale is not None else []
+    if sdims is None or any(d != 1 for d in sdims):
         return f"non-scalar scale {mod.instr(scale).shape}: the rewriter wants scalars"
     last = path[-1][0] if len(path) > 1 + n_deq else f8
     return f8_type, scale, last
