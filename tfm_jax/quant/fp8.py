@@ -338,8 +338,10 @@ class Fp8DotGeneral(nn.Module):
             specs["kernel"] = QSpec("stored", kernel_format,
                                     axis=(1,) if jnp.size(kernel_scale) > 1 else None)
         direct = all(specs[r].mode != "off" for r in ROLES)
-        if kernel_scale is not None and kernel.dtype == fmt_dtype(kernel_format) and not direct:
-            kernel = (kernel.astype(jnp.float32) * (1.0 / kernel_scale)).astype(x.dtype)
+        if not direct:      # the kernel in the compute dtype (stored bytes dequantized)
+            if kernel_scale is not None and kernel.dtype == fmt_dtype(kernel_format):
+                kernel = kernel.astype(jnp.float32) * (1.0 / kernel_scale)
+            kernel = kernel.astype(x.dtype)
         k_scale_shape = (1, kernel.shape[1]) if specs["kernel"].axis else ()
         states = {"input": self._state_vars("input", specs["input"], ()),
                   "kernel": ({"scale": kernel_scale} if specs["kernel"].mode == "stored" else
