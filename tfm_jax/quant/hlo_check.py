@@ -48,6 +48,7 @@ class Instr:
     operands: list[str]
     attrs: str
     root: bool = False
+    literal: str = ""          # constant: its value text; parameter: its number
 
     @property
     def element_type(self) -> str:
@@ -126,7 +127,10 @@ def _parse_instr(line: str) -> Optional[Instr]:
         name = op.split()[-1].lstrip("%") if op else ""
         if name:
             operands.append(name)
-    return Instr(m.group(2), shape, opcode, operands, rest[end:], bool(m.group(1)))
+    literal = ""
+    if opcode in ("constant", "parameter"):     # a literal / the parameter number, no operand
+        literal, operands = rest[k + 1:end - 1].strip(), []
+    return Instr(m.group(2), shape, opcode, operands, rest[end:], bool(m.group(1)), literal)
 
 
 def parse_hlo(text: str) -> tuple[dict[str, dict[str, Instr]], str]:
@@ -198,7 +202,7 @@ class _Module:
                 if not ctx:          # the entry's or a loop's: a value of its own
                     return node
                 site_comp, site = ctx[-1]
-                k = int(ins.operands[0])
+                k = int(ins.literal)
                 node = (ctx[:-1], site_comp, self.comps[site_comp][site].operands[k])
             elif ins.opcode == "custom-call" and any(
                     f'"{t}"' in ins.attrs for t in _TRANSPARENT_CALLS):
@@ -268,7 +272,7 @@ class _Module:
                 else:
                     stack.extend((comp, o, ()) for o in ins.operands)
             elif op == "parameter":
-                k = int(ins.operands[0])
+                k = int(ins.literal)
                 for caller_comp, site in self.callers.get(comp, []):
                     if site.opcode == "call":
                         stack.append((caller_comp, site.operands[k], path))
@@ -334,7 +338,7 @@ def _is_broadcast_zero(mod: _Module, node: Optional[Node]) -> bool:
     if c is None:
         return False
     ci = mod.instr(c)
-    m = re.match(r"\s*\(?\s*(-?[0-9.e+\-]+)", ci.operands[0] if ci.operands else "")
+    m = re.match(r"\s*\(?\s*(-?[0-9.e+\-]+)", ci.literal)
     return ci.opcode == "constant" and m is not None and float(m.group(1)) == 0.0
 
 
