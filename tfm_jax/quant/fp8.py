@@ -1,14 +1,30 @@
 """FP8 dot for the projections: e4m3 operands, e5m2 output gradients, scales in the params tree.
 
 :class:`Fp8DotGeneral` is a ``dot_general_cls`` for :class:`~tfm_jax.layers.linear.Linear`
-(2-D ``(tokens, in) @ (in, out)``). Forward: the input and the kernel are quantized to
-``fwd_format`` (saturating, each with its own multiplicative scale ``fmt_max / amax``,
-:mod:`tfm_jax.quant.scaling`), dequantized, and multiplied by the run's GEMM in the compute dtype.
-Backward: the output gradient is quantized to ``bwd_format`` with its own scale before the dot's
-backward uses it; the operand quantizers pass gradients straight through (as Flax and Transformer
-Engine do). On CPU the dot therefore runs on upcast values (*emulated*: the numerics of FP8, no
-speed-up); on GPUs with FP8 GEMMs XLA rewrites the quantize -> dequantize -> dot pattern into one
-FP8 GEMM (:func:`fp8_dot_mode` reports which happened).
+(2-D ``(tokens, in) @ (in, out)``). The input and the kernel are quantized to ``fwd_format``
+(saturating, each with its own multiplicative scale ``fmt_max / amax``,
+:mod:`tfm_jax.quant.scaling`), the output gradient to ``bwd_format``; quantization is
+straight-through for gradients (as in Flax and Transformer Engine).
+
+**The direct form** (:func:`fp8_dot`, all three tensors quantized -- the default): every GEMM
+takes the FP8 bytes -- forward ``q_x @ q_k``, input gradient ``q_g @ q_k^T``, kernel gradient
+``q_x^T @ q_g`` -- accumulated in the compute dtype, and the product of the two scales'
+reciprocals multiplies the output. The custom VJP saves the FP8 bytes (half the residual memory
+of bf16). This is the HLO form XLA:GPU's GEMM rewriter turns into cuBLASLt FP8 GEMMs in every
+configuration (scanned layers, remat, gradient accumulation, f32 or bf16;
+:mod:`tfm_jax.quant.hlo_check` checks it); on the ``xla`` op set the GEMM is ``lax.dot_general``
+on the FP8 operands, on a CPU set its own GEMM on the bytes upcast to the compute dtype (exact:
+the same products; *emulated*, no speed-up). In bf16 the scale factor is applied in bf16 (as
+XLA fuses it into the GEMM), so it is rounded to 8 significant bits: the output of a projection
+is off by the same factor (at most 2^-9) everywhere, on top of the GEMM's own bf16 rounding.
+Per-channel kernel scales (``kernel_granularity=per_channel`` or per-channel weight storage) are
+column scales of the forward output and do not touch the kernel gradient, but in the input
+gradient they run along the contracted axis: that GEMM takes the dequantized kernel and gradient
+in the compute dtype (XLA's rewriter wants scalar scales), so 2 of the 3 GEMMs are FP8.
+
+With a subset of the tensors quantized (``quant.fp8_operands``, a numerics study), each one is
+quantized and dequantized in the compute dtype and the run's GEMM multiplies them (no FP8 GEMM).
+:func:`fp8_dot_mode` counts what a compiled step runs per projection.
 
 Recipes (``quant.recipe``):
 
@@ -435,35 +451,39 @@ def dot_general_factory(quant_cfg: Any, matmul: Optional[Callable] = None) -> Ca
 
 
 # --------------------------------------------------------------------------------------------
-# HLO check: native FP8 GEMMs or emulated.
-
-_NATIVE_PATTERNS = (
-    re.compile(r"__cublas\$lt\$matmul\$f8"),                    # XLA:GPU's FP8 cuBLASLt GEMM
-    re.compile(r"=\s*[^=\n]*\bdot\((?:[^)\n]*)f8e[45]m[23]"),   # a dot taking f8 operands
-    re.compile(r"\bf8e[45]m[23][a-z]*\[[^\]]*\][^\n]*\bdot\("),
-)
+# HLO check: native FP8 GEMMs or emulated, counted per projection.
 
 
 def fp8_dot_mode(compiled_text: str) -> str:
-    """``"native"`` if the compiled HLO text runs a dot on FP8 operands (an f8 ``dot`` or XLA's
-    cuBLASLt FP8 GEMM custom call), ``"emulated"`` if FP8 types appear but every dot takes
-    upcast values (XLA:CPU), ``"none"`` if no FP8 type appears at all."""
-    if any(p.search(compiled_text) for p in _NATIVE_PATTERNS):
+    """What the compiled program's quantized projections run, from its GEMMs counted per
+    projection (:func:`tfm_jax.quant.hlo_check.gemm_counts`): ``"native"`` if every one runs at
+    least 3 FP8 GEMMs (forward, input and kernel gradient; cuBLASLt FP8 calls or FP8 Triton /
+    cuDNN fusions) and no plain GEMM; ``"partial"`` if FP8 GEMMs exist but not so; ``"emulated"``
+    if FP8 types appear but no FP8 GEMM (XLA:CPU upcasts); ``"none"`` without FP8 types."""
+    from tfm_jax.quant import hlo_check
+
+    counts = hlo_check.gemm_counts(compiled_text)
+    if hlo_check.fp8_gemm_verdict(counts)[0]:
         return "native"
+    if any(c["fp8"] for c in counts.values()):
+        return "partial"
     if re.search(r"\bf8e[45]m[23]", compiled_text):
         return "emulated"
     return "none"
 
 
 def fp8_native_in_hlo(compiled_text: str) -> bool:
-    """Whether FP8 dots appear in the compiled HLO (:func:`fp8_dot_mode` == native)."""
+    """Whether every quantized projection runs FP8 GEMMs (:func:`fp8_dot_mode` == native)."""
     return fp8_dot_mode(compiled_text) == "native"
 
 
 def describe_dot_mode(mode: str, platform: str) -> str:
     """The line printed at train start for an fp8 recipe."""
     return {
-        "native": f"fp8: native FP8 GEMMs in the compiled step ({platform})",
+        "native": f"fp8: native FP8 GEMMs in the compiled step ({platform}): every quantized "
+                  "projection runs its 3 GEMMs in FP8",
+        "partial": (f"fp8: some FP8 GEMMs in the compiled step ({platform}), but some quantized "
+                    "projections run plain GEMMs (see tfm_jax.quant.hlo_check.gemm_counts)"),
         "emulated": (f"fp8: emulated -- the compiled step casts to FP8 and back but its dots run "
                      f"on upcast values ({platform}: no FP8 GEMM); FP8 numerics, no speed-up"),
         "none": f"fp8: no FP8 type in the compiled step ({platform}); check quant.recipe",

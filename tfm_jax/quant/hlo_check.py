@@ -477,3 +477,73 @@ def check_hlo(text: str) -> Report:
             continue
         out.append(judge_dot(mod, node))
     return Report(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Counting the GEMMs of a compiled (optimized) program, per projection
+
+
+FP8_GEMM_TARGETS = ("__cublas$lt$matmul$f8",)
+PLAIN_GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul")
+_GEMM_FUSION_KINDS = ("__triton_gemm", "__cudnn$fusion", "__triton_nested_gemm_fusion")
+_WRAPPERS = {"while", "body", "cond", "checkpoint", "rematted_computation", "remat", "scan"}
+
+
+def projection_of(op_name: str) -> Optional[str]:
+    """The quantized projection an op belongs to, from its metadata ``op_name`` (the FP8 dot is
+    the sub-module ``fp8`` of its projection): ``jit(step)/transpose(jvp(TransformerLM))/
+    layers_0/attn/q_proj/fp8/dot_general`` -> ``layers_0/attn/q_proj``; None outside one."""
+    if "/fp8/" not in op_name:
+        return None
+    head = op_name.split("/fp8/")[0]
+    parts = [p for p in head.split("/") if p and "(" not in p and ")" not in p
+             and p not in _WRAPPERS]
+    return "/".join(parts) or None
+
+
+def gemm_counts(compiled_text: str) -> dict[str, dict[str, int]]:
+    """{projection (or ``"other"``): {"fp8": n, "plain": n}}: the GEMMs of a compiled program --
+    cuBLASLt FP8 custom calls and Triton / cuDNN GEMM fusions with FP8 operands count as FP8;
+    other cuBLAS GEMM calls, GEMM fusions and dots left in the program count as plain. Ops inside
+    fused computations are not counted again (their fusion is)."""
+    comps, _ = parse_hlo(compiled_text)
+    fused = set()
+    for ins_map in comps.values():
+        for ins in ins_map.values():
+            if ins.opcode == "fusion":
+                callee = ins.attr("calls")
+                if callee:
+                    fused.add(callee.lstrip("%"))
+    out: dict[str, dict[str, int]] = {}
+    for comp, ins_map in comps.items():
+        if comp in fused:
+            continue
+        for ins in ins_map.values():
+            kind = None
+            target = ins.attr("custom_call_target") or ""
+            target = target.strip('"')
+            if ins.opcode == "custom-call" and target in FP8_GEMM_TARGETS:
+                kind = "fp8"
+            elif ins.opcode == "custom-call" and target in PLAIN_GEMM_TARGETS:
+                kind = "plain"
+            elif ins.opcode == "fusion" and any(k in ins.attrs for k in _GEMM_FUSION_KINDS):
+                types = [ins_map[o].element_type for o in ins.operands if o in ins_map]
+                kind = "fp8" if any(F8_TYPE.match(t) for t in types) else "plain"
+            elif ins.opcode == "dot":
+                kind = "plain"
+            if kind is None:
+                continue
+            m = re.search(r'op_name="([^"]*)"', ins.attrs)
+            proj = projection_of(m.group(1)) if m else None
+            row = out.setdefault(proj or "other", {"fp8": 0, "plain": 0})
+            row[kind] += 1
+    return out
+
+
+def fp8_gemm_verdict(counts: dict[str, dict[str, int]], min_per_projection: int = 3
+                     ) -> tuple[bool, list[str]]:
+    """(every quantized projection runs >= ``min_per_projection`` FP8 GEMMs and no plain GEMM,
+    the projections that do not). False with no projection at all."""
+    projs = {p: c for p, c in counts.items() if p != "other"}
+    bad = sorted(p for p, c in projs.items() if c["fp8"] < min_per_projection or c["plain"])
+    return bool(projs) and not bad, bad

@@ -445,15 +445,43 @@ def test_static_scales_from_calibration_stay_fixed(tmp_path, corpus, devices):
         fp8.load_calibration(bad)
 
 
-def test_fp8_dot_mode_reads_hlo():
-    assert fp8.fp8_dot_mode("%d = f32[4,4] dot(f32[4,8] %a, f32[8,4] %b)") == "none"
+def _gemm_line(i, target, proj, types=("f8e4m3fn", "f8e5m2")):
+    name = f"layers_0/attn/{proj}/fp8/dot_general" if proj else "lm_head/dot_general"
+    return (f'  %g{i} = (bf16[16,16]{{1,0}}, s8[0]{{0}}) custom-call({types[0]}[16,32]{{1,0}} %a, '
+            f'{types[1]}[16,32]{{1,0}} %b), custom_call_target="{target}", '
+            f'metadata={{op_name="jit(step)/transpose(jvp(TransformerLM))/{name}"}}')
+
+
+def _module(lines):
+    return ("HloModule m\n\nENTRY %main (a: f8e4m3fn[16,32], b: f8e5m2[16,32]) -> bf16[] {\n"
+            "  %a = f8e4m3fn[16,32]{1,0} parameter(0)\n  %b = f8e5m2[16,32]{1,0} parameter(1)\n"
+            + "\n".join(lines) + "\n  ROOT %r = bf16[] constant(0)\n}\n")
+
+
+def test_fp8_dot_mode_counts_fp8_gemms_per_projection():
+    """native = every quantized projection runs >= 3 FP8 GEMMs and no plain one (not: "an FP8
+    dot exists somewhere")."""
+    from tfm_jax.quant import hlo_check
+
+    f8 = "__cublas$lt$matmul$f8"
+    full = [_gemm_line(i, f8, p) for i, p in enumerate(["q_proj"] * 3 + ["k_proj"] * 3)]
+    full.append(_gemm_line(9, "__cublas$gemm", None, ("bf16", "bf16")))    # the LM head
+    counts = hlo_check.gemm_counts(_module(full))
+    assert counts == {"layers_0/attn/q_proj": {"fp8": 3, "plain": 0},
+                      "layers_0/attn/k_proj": {"fp8": 3, "plain": 0},
+                      "other": {"fp8": 0, "plain": 1}}
+    assert fp8.fp8_dot_mode(_module(full)) == "native" and fp8.fp8_native_in_hlo(_module(full))
+    # one projection's input gradient on a bf16 GEMM: partial, and it is named
+    part = full[:5] + [_gemm_line(5, "__cublas$gemm", "k_proj", ("bf16", "bf16"))]
+    assert fp8.fp8_dot_mode(_module(part)) == "partial"
+    assert hlo_check.fp8_gemm_verdict(hlo_check.gemm_counts(_module(part))) == (
+        False, ["layers_0/attn/k_proj"])
+    # a single FP8 GEMM is not enough
+    assert fp8.fp8_dot_mode(_module(full[:1])) == "partial"
     cpu = ("%c = f8e4m3fn[4,8] convert(f32[4,8] %a)\n%u = f32[4,8] convert(f8e4m3fn[4,8] %c)\n"
            "%d = f32[4,4] dot(f32[4,8] %u, f32[8,4] %b)")
     assert fp8.fp8_dot_mode(cpu) == "emulated" and not fp8.fp8_native_in_hlo(cpu)
-    gpu = ('%g = (f32[16,16], s8[0]) custom-call(f8e4m3fn[16,32] %a, f8e4m3fn[16,32] %b), '
-           'custom_call_target="__cublas$lt$matmul$f8"')
-    assert fp8.fp8_native_in_hlo(gpu)
-    assert fp8.fp8_dot_mode("%d = f32[4,4] dot(f8e4m3fn[4,8] %a, f8e4m3fn[8,4] %b)") == "native"
+    assert fp8.fp8_dot_mode("%d = f32[4,4] dot(f32[4,8] %a, f32[8,4] %b)") == "none"
 
 
 @pytest.mark.slow
