@@ -14,8 +14,9 @@ mfu        bf16 train step of a ~1.07B-parameter shape (``fp8_gpu.SHAPE_1B``): s
            tokens/s, MFU against the card's bf16 dense peak (:func:`tfm_jax.platform.backends.
            peak_flops_info`: H100/H200 989 TFLOP/s); default attention, then cuDNN attention,
            then the ``fp8_delayed`` step (its speed-up over bf16, issue #11's step check)
-fp8        ``benchmarks/fp8_gpu.py --skip-step``: FP8 vs bf16 GEMM TFLOP/s and the FP8 dots'
-           mode in the compiled HLO (native = an FP8 GEMM custom call)
+fp8        ``benchmarks/fp8_gpu.py --skip-step``: FP8 (tfm-jax's own dot) vs bf16 GEMM TFLOP/s,
+           and the FP8 GEMMs counted per quantized projection of a compiled fp8_delayed step
+           (>= 3 each, no plain GEMM)
 moe        MoE train step times of the three dispatch paths (dense reference, shard_map
            all_to_all, implicit sharding) on all local devices
 decode     ``benchmarks/decode.py`` decode throughput (tokens/s, KV cache, no torch peer)
@@ -455,7 +456,8 @@ def _headline(part: str, r: dict[str, Any]) -> str:
                          if isinstance(r.get(v), dict) and "mfu" in r[v])
     if part == "fp8":
         return "; ".join(f"{g['n']}: fp8/bf16 {g.get('fp8_over_bf16', 0):.2f}x "
-                         f"({g.get('fp8_qdq', {}).get('dot_mode')})" for g in r.get("gemm", []))
+                         f"({g.get('fp8_tfm', {}).get('gemms')})" for g in r.get("gemm", [])) + (
+            f"; every projection FP8: {r.get('projection_gemms', {}).get('every_projection_fp8')}")
     if part == "moe":
         return "; ".join(f"{d} {r[d]['step_s'] * 1e3:.1f} ms" for d in
                          ("dense", "all_to_all", "implicit")

@@ -486,7 +486,8 @@ def check_hlo(text: str) -> Report:
 FP8_GEMM_TARGETS = ("__cublas$lt$matmul$f8",)
 PLAIN_GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul")
 _GEMM_FUSION_KINDS = ("__triton_gemm", "__cudnn$fusion", "__triton_nested_gemm_fusion")
-_WRAPPERS = {"while", "body", "cond", "checkpoint", "rematted_computation", "remat", "scan"}
+_WRAPPERS = {"while", "body", "cond", "checkpoint", "rematted_computation", "remat", "scan",
+             "closed_call"}
 
 
 def projection_of(op_name: str) -> Optional[str]:
@@ -499,6 +500,11 @@ def projection_of(op_name: str) -> Optional[str]:
     parts = [p for p in head.split("/") if p and "(" not in p and ")" not in p
              and p not in _WRAPPERS]
     return "/".join(parts) or None
+
+
+def _calls_dot(comps: dict, ins: Instr) -> bool:
+    callee = (ins.attr("calls") or "").lstrip("%")
+    return any(i.opcode == "dot" for i in comps.get(callee, {}).values())
 
 
 def gemm_counts(compiled_text: str) -> dict[str, dict[str, int]]:
@@ -529,6 +535,8 @@ def gemm_counts(compiled_text: str) -> dict[str, dict[str, int]]:
             elif ins.opcode == "fusion" and any(k in ins.attrs for k in _GEMM_FUSION_KINDS):
                 types = [ins_map[o].element_type for o in ins.operands if o in ins_map]
                 kind = "fp8" if any(F8_TYPE.match(t) for t in types) else "plain"
+            elif ins.opcode == "fusion" and _calls_dot(comps, ins):
+                kind = "plain"          # e.g. XLA:CPU's GEMM fusions (on upcast operands)
             elif ins.opcode == "dot":
                 kind = "plain"
             if kind is None:

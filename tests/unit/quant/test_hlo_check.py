@@ -120,3 +120,33 @@ def test_train_step_dots_take_the_fp8_gemm_form(tmp_path, devices):
                     "model.remat=dots", "train.grad_accum=2")
     rep = hlo_check.check_hlo(text)
     assert rep.total == 3 * 7 and rep.all_accepted, rep.summary()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scan", [False, True])
+def test_compiled_step_runs_three_fp8_gemms_per_projection(tmp_path, devices, scan):
+    """On a GPU with FP8 GEMMs (H100/H200): the compiled bf16 fp8_delayed step runs at least 3
+    FP8 GEMMs (cuBLASLt FP8 calls or FP8 Triton fusions) on every quantized projection and no
+    plain GEMM on any of them (benchmarks/fp8_gpu.py reports the same count)."""
+    import jax.numpy as jnp
+
+    from tfm_jax.quant import fp8
+    from tfm_jax.train import build
+
+    from fp8_support import cfg_of
+
+    cfg = cfg_of(tmp_path, "mesh.data=1", "model.dtype=bfloat16", "model.d_model=128",
+                 "model.multiple_of=64", "data.seq_len=64",
+                 f"model.scan_layers={str(scan).lower()}")
+    setup = build(cfg, devices=devices[:1])
+    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
+                                     jnp.float32 if k == "mask" else jnp.int32,
+                                     sharding=setup.batch_sharding)
+             for k in ("inputs", "targets", "mask")}
+    with setup.context():
+        text = setup.train_step.lower(setup.abstract_state(), batch).compile().as_text()
+    counts = hlo_check.gemm_counts(text)
+    ok, bad = hlo_check.fp8_gemm_verdict(counts)
+    assert len([p for p in counts if p != "other"]) == 7 * (1 if scan else 2), counts
+    assert ok, (bad, counts)
+    assert fp8.fp8_dot_mode(text) == "native"
