@@ -58,7 +58,7 @@ PARTS = ("env", "plugin", "tests", "mfu", "fp8", "moe", "decode")
 BUDGET_S = 450
 DRY_SLACK = 5
 CAPS_S = {"env": 20, "plugin": 45, "tests": 70, "mfu": 150, "fp8": 55, "moe": 75, "decode": 45}
-GPU_TEST_FILES = ("tests/unit/quant/test_fp8.py", "tests/unit/layers/test_flash.py", "tests/unit/quant/test_quant_formats.py",
+GPU_TEST_FILES = ("tests/unit/quant/test_fp8.py", "tests/unit/quant/test_hlo_check.py", "tests/unit/layers/test_flash.py", "tests/unit/quant/test_quant_formats.py",
                   "tests/unit/layers/test_ops.py", "tests/unit/layers/test_layers.py")
 DRY_TEST_FILES = ("tests/unit/quant/test_quant_formats.py::test_format_limits_come_from_ml_dtypes",)
 MFU_TARGET = 0.45
