@@ -13,8 +13,10 @@ reciprocals multiplies the output. The custom VJP saves the FP8 bytes (half the 
 of bf16). This is the HLO form XLA:GPU's GEMM rewriter turns into cuBLASLt FP8 GEMMs in every
 configuration (scanned layers, remat, gradient accumulation, f32 or bf16;
 :mod:`tfm_jax.quant.hlo_check` checks it); on the ``xla`` op set the GEMM is ``lax.dot_general``
-on the FP8 operands, on a CPU set its own GEMM on the bytes upcast to the compute dtype (exact:
-the same products; *emulated*, no speed-up). In bf16 the scale factor is applied in bf16 (as
+on the FP8 operands. A CPU set's GEMM wants float operands: there the saved bytes are
+dequantized (``q * (1/s)``, compute dtype) and the set's GEMM multiplies them -- the same
+quantized values, the numerics of quantize -> dequantize -> GEMM bit for bit (*emulated*, no
+speed-up; the GPU's sums differ only by float rounding). In bf16 the scale factor is applied in bf16 (as
 XLA fuses it into the GEMM), so it is rounded to 8 significant bits: the output of a projection
 is off by the same factor (at most 2^-9) everywhere, on top of the GEMM's own bf16 rounding.
 Per-channel kernel scales (``kernel_granularity=per_channel`` or per-channel weight storage) are
@@ -212,6 +214,11 @@ def _inv(*scales: jax.Array) -> jax.Array:
     return out
 
 
+def _deq(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """FP8 bytes -> ``q * (1/s)`` in ``dtype`` (computed in float32, as :func:`qdq`)."""
+    return (q.astype(jnp.float32) * (1.0 / scale)).astype(dtype)
+
+
 def _f8_gemm(a: jax.Array, b: jax.Array, dims, dtype) -> jax.Array:
     """XLA's dot on FP8 operands, accumulated and returned in ``dtype`` (what XLA:GPU's GEMM
     rewriter turns into ``__cublas$lt$matmul$f8``; XLA:CPU upcasts)."""
@@ -229,10 +236,13 @@ def fp8_dot(x: jax.Array, kernel: jax.Array, states: tuple, specs: tuple,
     (saturating) of each tensor and its scale from ``states`` / ``specs`` (input, kernel,
     output_grad; :class:`QSpec`). The residuals are the FP8 bytes ``q_x``, ``q_k`` and the
     scales. ``matmul`` None: the GEMMs are ``lax.dot_general`` on the FP8 operands with
-    ``preferred_element_type`` the compute dtype (x's); otherwise the given GEMM (a CPU set's)
-    on the operands upcast to the compute dtype -- exact, the same products. A per-channel
-    kernel scale (1, M) scales the output's columns in forward; in the input gradient it lies
-    along the contracted axis, so that GEMM takes the dequantized kernel and gradient.
+    ``preferred_element_type`` the compute dtype (x's). Otherwise (a CPU set's GEMM, which
+    wants float operands) the operands are dequantized from the saved bytes, ``q * (1/s)`` in
+    the compute dtype, and the set's GEMM and its own backward multiply them: the numerics of
+    quantize -> dequantize -> GEMM, bit for bit what :func:`qdq` gives, with no extra pass over
+    any GEMM output. A per-channel kernel scale (1, M) scales the output's columns in forward;
+    in the input gradient it lies along the contracted axis, so that GEMM takes the dequantized
+    kernel and gradient.
     The state's cotangent is its new value, as in :func:`qdq_operand`."""
     return _fp8_dot_fwd(x, kernel, states, specs, matmul)[0]
 
@@ -243,10 +253,9 @@ def _fp8_dot_fwd(x, kernel, states, specs, matmul):
     sx, sk = _scale(x, states[0], x_spec), _scale(kernel, states[1], k_spec)
     qx, qk = quantize(x, sx, x_spec.fmt), quantize(kernel, sk, k_spec.fmt)
     if matmul is None:
-        y = _f8_gemm(qx, qk, _NN, dtype)
+        y = _f8_gemm(qx, qk, _NN, dtype) * _inv(sx, sk).astype(dtype)
     else:
-        y = matmul(qx.astype(dtype), qk.astype(dtype), _NN)
-    y = y * _inv(sx, sk).astype(dtype)
+        y = matmul(_deq(qx, sx, dtype), _deq(qk, sk, dtype), _NN)
     new = (_new_state(x, states[0], sx, x_spec), _new_state(kernel, states[1], sk, k_spec))
     carrier = jnp.zeros((0,), kernel.dtype)        # the kernel's dtype, for its cotangent
     return (y, sx, sk), (qx, qk, sx, sk, states[2], new, carrier)
@@ -263,22 +272,17 @@ def _fp8_dot_bwd(specs, matmul, res, cts):
     new_g = _new_state(gy, scaling, sg, g_spec)
     if "stats" in g_state:
         new_g["stats"] = quantization_stats(gy, sg, g_spec.fmt)
-    per_channel = jnp.size(sk) > 1
-    if per_channel:     # the kernel scale runs along the contracted axis of the input gradient
-        k_in = (qk.astype(jnp.float32) * (1.0 / sk)).astype(dtype)
-    if matmul is None:
-        if per_channel:
-            g_deq = (qg.astype(jnp.float32) * _inv(sg)).astype(dtype)
-            dx = jax.lax.dot_general(g_deq, k_in, _NT, preferred_element_type=dtype)
-        else:
-            dx = _f8_gemm(qg, qk, _NT, dtype) * _inv(sg, sk).astype(dtype)
+    if matmul is not None:      # the set's own backward (its transposes; its forward unused)
+        _, pull = jax.vjp(lambda u, v: matmul(u, v, _NN), _deq(qx, sx, dtype),
+                          _deq(qk, sk, dtype))
+        dx, dk = pull(_deq(qg, sg, dtype))
+    elif jnp.size(sk) > 1:      # per-channel kernel scales run along dx's contracted axis
+        dx = jax.lax.dot_general(_deq(qg, sg, dtype), _deq(qk, sk, dtype), _NT,
+                                 preferred_element_type=dtype)
         dk = _f8_gemm(qx, qg, _TN, dtype) * _inv(sx, sg).astype(dtype)
-    else:               # the set's own backward (its transposes), its forward GEMM unused
-        b = k_in if per_channel else qk.astype(dtype)
-        _, pull = jax.vjp(lambda u, v: matmul(u, v, _NN), qx.astype(dtype), b)
-        dxu, dku = pull(qg.astype(dtype))
-        dx = dxu * (_inv(sg) if per_channel else _inv(sg, sk)).astype(dtype)
-        dk = dku * _inv(sx, sg).astype(dtype)
+    else:
+        dx = _f8_gemm(qg, qk, _NT, dtype) * _inv(sg, sk).astype(dtype)
+        dk = _f8_gemm(qx, qg, _TN, dtype) * _inv(sx, sg).astype(dtype)
     return dx.astype(dtype), dk.astype(carrier.dtype), (new_x, new_k, new_g)
 
 

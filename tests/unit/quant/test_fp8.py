@@ -111,6 +111,31 @@ def test_fp8_dot_forward_backward_vs_numpy(recipe):
         assert "fp8" not in dp
 
 
+def _xla_dot(a, b, dimension_numbers, precision=None, preferred_element_type=None):
+    return jax.lax.dot_general(a, b, dimension_numbers)
+
+
+def test_cpu_gemm_path_is_quantize_dequantize_bit_for_bit():
+    """With a set's GEMM (a CPU set: float operands) the direct form dequantizes the saved FP8
+    bytes and multiplies them: y, dx and d kernel equal, bit for bit, the same GEMM on the
+    numpy + ml_dtypes quantize -> dequantize of x, kernel and output gradient."""
+    model, params, x, g = _setup("fp8_dynamic", matmul=_xla_dot)
+    k = np.asarray(params["kernel"])
+    y, dp, dx = _vjp(model, params, x, g)
+
+    def deq(t, fmax, dtype):
+        s = np.float32(fmax) / np.float32(np.max(np.abs(t)))
+        q = np.clip((t * s).astype(np.float32), -fmax, fmax).astype(dtype)
+        return q.astype(np.float32) * np.float32(np.float32(1.0) / s)
+
+    xd, kd, gd = deq(x, E4M3_MAX, E4M3), deq(k, E4M3_MAX, E4M3), deq(g, E5M2_MAX, E5M2)
+    np.testing.assert_array_equal(y, np.asarray(_xla_dot(xd, kd, (((1,), (0,)), ((), ())))))
+    _, pull = jax.vjp(lambda a, b: _xla_dot(a, b, (((1,), (0,)), ((), ()))), xd, kd)
+    rdx, rdk = pull(jnp.asarray(gd))
+    np.testing.assert_array_equal(dx, np.asarray(rdx))
+    np.testing.assert_array_equal(dp["kernel"], np.asarray(rdk))
+
+
 @pytest.mark.parametrize("operands", [("input",), ("kernel",), ("output_grad",),
                                       ("input", "kernel")])
 def test_fp8_operands_quantize_only_the_named_tensors(operands):
