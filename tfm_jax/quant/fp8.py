@@ -240,7 +240,8 @@ def fp8_dot(x: jax.Array, kernel: jax.Array, states: tuple, specs: tuple,
     wants float operands) the operands are dequantized from the saved bytes, ``q * (1/s)`` in
     the compute dtype, and the set's GEMM and its own backward multiply them: the numerics of
     quantize -> dequantize -> GEMM, bit for bit what :func:`qdq` gives, with no extra pass over
-    any GEMM output. A per-channel kernel scale (1, M) scales the output's columns in forward;
+    any GEMM output (there the dequantized operands are the residuals, as before: CPU
+    emulation trades the FP8 residuals' memory for one pass less). A per-channel kernel scale (1, M) scales the output's columns in forward;
     in the input gradient it lies along the contracted axis, so that GEMM takes the dequantized
     kernel and gradient.
     The state's cotangent is its new value, as in :func:`qdq_operand`."""
@@ -254,8 +255,9 @@ def _fp8_dot_fwd(x, kernel, states, specs, matmul):
     qx, qk = quantize(x, sx, x_spec.fmt), quantize(kernel, sk, k_spec.fmt)
     if matmul is None:
         y = _f8_gemm(qx, qk, _NN, dtype) * _inv(sx, sk).astype(dtype)
-    else:
-        y = matmul(_deq(qx, sx, dtype), _deq(qk, sk, dtype), _NN)
+    else:   # (the dequantized operands are the residuals: no second pass in backward)
+        qx, qk = _deq(qx, sx, dtype), _deq(qk, sk, dtype)
+        y = matmul(qx, qk, _NN)
     new = (_new_state(x, states[0], sx, x_spec), _new_state(kernel, states[1], sk, k_spec))
     carrier = jnp.zeros((0,), kernel.dtype)        # the kernel's dtype, for its cotangent
     return (y, sx, sk), (qx, qk, sx, sk, states[2], new, carrier)
@@ -273,8 +275,7 @@ def _fp8_dot_bwd(specs, matmul, res, cts):
     if "stats" in g_state:
         new_g["stats"] = quantization_stats(gy, sg, g_spec.fmt)
     if matmul is not None:      # the set's own backward (its transposes; its forward unused)
-        _, pull = jax.vjp(lambda u, v: matmul(u, v, _NN), _deq(qx, sx, dtype),
-                          _deq(qk, sk, dtype))
+        _, pull = jax.vjp(lambda u, v: matmul(u, v, _NN), qx, qk)   # dequantized in forward
         dx, dk = pull(_deq(qg, sg, dtype))
     elif jnp.size(sk) > 1:      # per-channel kernel scales run along dx's contracted axis
         dx = jax.lax.dot_general(_deq(qg, sg, dtype), _deq(qk, sk, dtype), _NT,
