@@ -36,3 +36,19 @@ STORAGE = ["quant.fp8_weight_storage=true", "train.lr=1e-2"]
 def storage_cfg_of(tmp_path, *extra, recipe="fp8_delayed"):
     """:func:`cfg_of` with the kernels kept in FP8 (and a larger lr, so updates show)."""
     return cfg_of(tmp_path, *STORAGE, *extra, recipe=recipe)
+
+
+def step_hlo(tmp_path, devices, *extra, recipe="fp8_delayed", platform="gpu") -> str:
+    """Unoptimized HLO text of the train step lowered with ``platform``'s op set (one device,
+    abstract state: nothing runs), for :func:`tfm_jax.quant.hlo_check.check_hlo`."""
+    import jax.numpy as jnp
+
+    from tfm_jax.train import build
+
+    cfg = cfg_of(tmp_path, "mesh.data=1", *extra, recipe=recipe)
+    setup = build(cfg, devices=devices[:1], ops_platform=platform)
+    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
+                                     jnp.float32 if k == "mask" else jnp.int32)
+             for k in ("inputs", "targets", "mask")}
+    with setup.context():
+        return setup.train_step.lower(setup.abstract_state(), batch).as_text(dialect="hlo")

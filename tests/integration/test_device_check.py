@@ -37,7 +37,7 @@ def _check_quick_parts(parts):
     assert tests["counts"]["passed"] >= 1 and tests["platform"] == "cpu"
     g = parts["fp8"]["gemm"][0]
     assert parts["fp8"]["mode"] == "cpu-smoke" and g["bf16"]["tflops"] > 0
-    assert g["fp8_qdq"].get("dot_mode", "emulated") == "emulated"
+    assert g["fp8_tfm"].get("dot_mode", "emulated") == "emulated"
 
 
 def test_dry_quick_parts(tmp_path):

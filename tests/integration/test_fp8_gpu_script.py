@@ -27,8 +27,12 @@ def test_fp8_gpu_cpu_smoke(tmp_path):
     g = res["gemm"][0]
     assert g["bf16"]["tflops"] > 0 and g["bf16"]["dot_mode"] == "none"
     # on CPU an FP8 dot is never native: emulated (or an error the script records)
-    for k in ("fp8_direct", "fp8_qdq"):
+    for k in ("fp8_direct", "fp8_tfm", "fp8_tfm_train"):
         assert g[k].get("dot_mode", "emulated") == "emulated", g[k]
+        assert g[k].get("gemms", {}).get("fp8", 0) == 0, g[k]
+    # the per-projection count ran (on CPU: no FP8 GEMM anywhere)
+    pg = res["projection_gemms"]
+    assert pg["counts"] and not pg["every_projection_fp8"], pg
     for v in ("bf16", "fp8_delayed", "fp8_delayed_ws"):
         assert "step_s" in res["step"][v], res["step"][v]
     assert res["step"]["fp8_delayed"]["dot_mode"] == "emulated"

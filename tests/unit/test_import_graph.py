@@ -6,7 +6,7 @@ Layers, bottom first (a module may import its own layer or any below it):
 0. ``core`` (errors, run directories, parameter roles, telemetry collections), ``parallel.axes`` (axis names)
 1. ``config`` (schema, profiles, sizing), ``data.tokenizer`` (config checks vocabulary sizes)
 2. ``parallel`` (mesh, distributed), ``data``
-3. ``quant`` (pure numerics)
+3. ``quant`` (pure numerics; ``quant.hlo_check`` reads HLO text)
 4. ``layers``
 5. ``platform`` (backends, environment, native kernels)
 6. ``model``
@@ -30,6 +30,7 @@ RANKS = {
     "tfm_jax.config": 1, "tfm_jax.data.tokenizer": 1,
     "tfm_jax.parallel": 2, "tfm_jax.data": 2,
     "tfm_jax.quant": 3,
+    "tfm_jax.quant.hlo_check": 3,      # HLO text only: imports no tfm_jax module
     "tfm_jax.layers": 4,
     "tfm_jax.platform": 5,
     "tfm_jax.model": 6,

@@ -48,11 +48,11 @@ class Linear(nn.Module):
     quantized: bool = True
     f32_out: bool = False            # float32 result straight from the GEMM (the LM head)
 
-    def _stored_kernel(self, init, kernel_shape, n_in: int, spec) -> jax.Array:
+    def _stored_kernel(self, init, kernel_shape, n_in: int, spec) -> tuple[jax.Array, jax.Array]:
         """FP8 weight storage (:mod:`tfm_jax.quant.storage`): params ``kernel`` in ``spec.fmt``
-        and ``storage_scale`` (float32); returns the float32 kernel. At init both come from one
-        float32 draw (the scale is its dynamic scale); a float kernel given at apply time (the
-        train step's dequantized view) is used as it is."""
+        and ``storage_scale`` (float32); returns both as they are (a float kernel given at
+        apply time is the train step's dequantized view). At init both come from one float32
+        draw (the scale is its dynamic scale)."""
         from tfm_jax.quant import storage
 
         sshape = storage.scale_shape(kernel_shape, n_in, spec.granularity)
@@ -66,9 +66,7 @@ class Linear(nn.Module):
                                                rne), tuple(self.kernel_axes)))
         scale = self.param(storage.STORAGE_SCALE, nn.with_logical_partitioning(
             lambda *_: storage.initial_scale(draw(), spec, n_in), saxes))
-        if jnp.issubdtype(kernel.dtype, jnp.floating) and jnp.dtype(kernel.dtype).itemsize == 1:
-            return storage.dequantize_weight(kernel, scale)
-        return kernel
+        return kernel, scale
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -81,8 +79,9 @@ class Linear(nn.Module):
         init = nn.initializers.normal(self.init_std)
         ops = resolve_ops(self.ops)
         spec = ops.weight_storage if self.quantized else None
+        scale = None
         if spec is not None:
-            kernel = self._stored_kernel(init, kernel_shape, len(in_shape), spec)
+            kernel, scale = self._stored_kernel(init, kernel_shape, len(in_shape), spec)
         else:
             kernel = self.param("kernel", nn.with_logical_partitioning(
                 init, tuple(self.kernel_axes)), kernel_shape, self.param_dtype)
@@ -92,14 +91,27 @@ class Linear(nn.Module):
         lead = x.shape[:x.ndim - self.in_axes]
         k_in, k_out = math.prod(in_shape), math.prod(features)
         x2 = x.astype(self.dtype).reshape(math.prod(lead), k_in)
+        dims = (((1,), (0,)), ((), ()))
+        quant_cls = None if self.dot_general_cls else (ops.quant_dot_cls if self.quantized
+                                                       else None)
+        if scale is not None and quant_cls is not None:
+            # FP8 storage into the FP8 dot: its bytes (or the train step's float view of
+            # them, which one cast turns back into the same bytes) and their scale are the
+            # GEMM's kernel operand -- no dequantize, no second rounding
+            y = quant_cls()(x2, kernel.reshape(k_in, k_out), dims, precision=None,
+                            kernel_scale=jnp.reshape(scale, (1, k_out) if jnp.ndim(scale)
+                                                     else ()), kernel_format=spec.fmt)
+            return y.reshape(lead + features)
+        if scale is not None and jnp.dtype(kernel.dtype).itemsize == 1:
+            from tfm_jax.quant import storage
+            kernel = storage.dequantize_weight(kernel, scale)
         kernel = jnp.asarray(kernel, self.dtype).reshape(k_in, k_out)
-        dot_cls = (self.dot_general_cls or (ops.quant_dot_cls if self.quantized else None)
-                   or ops.dot_general_cls)
+        dot_cls = self.dot_general_cls or quant_cls or ops.dot_general_cls
         if (self.f32_out and dot_cls is None
                 and jnp.dtype(self.dtype) != jnp.dtype(jnp.float32)):
             # low-precision operands, float32 logits; its backward keeps bf16 GEMMs
             return head_logits(x2, kernel).reshape(lead + features)
         dot_general = dot_cls() if dot_cls else ops.matmul
-        y = dot_general(x2, kernel, (((1,), (0,)), ((), ())), precision=None)
+        y = dot_general(x2, kernel, dims, precision=None)
         y = y.astype(jnp.float32) if self.f32_out else y
         return y.reshape(lead + features)

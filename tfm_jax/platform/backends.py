@@ -199,7 +199,10 @@ def resolve_ops(cfg: Config, devices: list) -> Ops:
     ops = _resolve_set(cfg, devices)
     if cfg.quant.fp8:
         from tfm_jax.quant import fp8
-        ops = ops.with_quant_dot(fp8.dot_general_factory(cfg.quant, ops.matmul))
+        # the xla set (GPU/TPU): the FP8 dot's GEMMs are XLA dots on the FP8 bytes (what
+        # XLA:GPU makes FP8 GEMMs of); a CPU set: its own GEMM on upcast bytes
+        ops = ops.with_quant_dot(fp8.dot_general_factory(
+            cfg.quant, None if ops.name == "xla" else ops.matmul))
     if cfg.quant.fp8_weight_storage:
         from tfm_jax.quant import storage
         ops = ops.with_weight_storage(storage.spec_from_config(cfg.quant))

@@ -1,14 +1,32 @@
 """FP8 dot for the projections: e4m3 operands, e5m2 output gradients, scales in the params tree.
 
 :class:`Fp8DotGeneral` is a ``dot_general_cls`` for :class:`~tfm_jax.layers.linear.Linear`
-(2-D ``(tokens, in) @ (in, out)``). Forward: the input and the kernel are quantized to
-``fwd_format`` (saturating, each with its own multiplicative scale ``fmt_max / amax``,
-:mod:`tfm_jax.quant.scaling`), dequantized, and multiplied by the run's GEMM in the compute dtype.
-Backward: the output gradient is quantized to ``bwd_format`` with its own scale before the dot's
-backward uses it; the operand quantizers pass gradients straight through (as Flax and Transformer
-Engine do). On CPU the dot therefore runs on upcast values (*emulated*: the numerics of FP8, no
-speed-up); on GPUs with FP8 GEMMs XLA rewrites the quantize -> dequantize -> dot pattern into one
-FP8 GEMM (:func:`fp8_dot_mode` reports which happened).
+(2-D ``(tokens, in) @ (in, out)``). The input and the kernel are quantized to ``fwd_format``
+(saturating, each with its own multiplicative scale ``fmt_max / amax``,
+:mod:`tfm_jax.quant.scaling`), the output gradient to ``bwd_format``; quantization is
+straight-through for gradients (as in Flax and Transformer Engine).
+
+**The direct form** (:func:`fp8_dot`, all three tensors quantized -- the default): every GEMM
+takes the FP8 bytes -- forward ``q_x @ q_k``, input gradient ``q_g @ q_k^T``, kernel gradient
+``q_x^T @ q_g`` -- accumulated in the compute dtype, and the product of the two scales'
+reciprocals multiplies the output. The custom VJP saves the FP8 bytes (half the residual memory
+of bf16). This is the HLO form XLA:GPU's GEMM rewriter turns into cuBLASLt FP8 GEMMs in every
+configuration (scanned layers, remat, gradient accumulation, f32 or bf16;
+:mod:`tfm_jax.quant.hlo_check` checks it); on the ``xla`` op set the GEMM is ``lax.dot_general``
+on the FP8 operands. A CPU set's GEMM wants float operands: there the saved bytes are
+dequantized (``q * (1/s)``, compute dtype) and the set's GEMM multiplies them -- the same
+quantized values, the numerics of quantize -> dequantize -> GEMM bit for bit (*emulated*, no
+speed-up; the GPU's sums differ only by float rounding). In bf16 the scale factor is applied in bf16 (as
+XLA fuses it into the GEMM), so it is rounded to 8 significant bits: the output of a projection
+is off by the same factor (at most 2^-9) everywhere, on top of the GEMM's own bf16 rounding.
+Per-channel kernel scales (``kernel_granularity=per_channel`` or per-channel weight storage) are
+column scales of the forward output and do not touch the kernel gradient, but in the input
+gradient they run along the contracted axis: that GEMM takes the dequantized kernel and gradient
+in the compute dtype (XLA's rewriter wants scalar scales), so 2 of the 3 GEMMs are FP8.
+
+With a subset of the tensors quantized (``quant.fp8_operands``, a numerics study), each one is
+quantized and dequantized in the compute dtype and the run's GEMM multiplies them (no FP8 GEMM).
+:func:`fp8_dot_mode` counts what a compiled step runs per projection.
 
 Recipes (``quant.recipe``):
 
@@ -57,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from tfm_jax.quant.formats import fmt_max, saturating_cast
+from tfm_jax.quant.formats import fmt_dtype, fmt_max, saturating_cast
 from tfm_jax.quant.scaling import (amax_from_history, compute_amax, compute_scale,
                                    round_scale_for, update_amax_history)
 
@@ -68,7 +86,8 @@ CALIBRATION_VERSION = 1
 
 class QSpec(NamedTuple):
     """Static description of one tensor's quantization (hashable: a custom-VJP static arg).
-    ``mode``: dynamic | delayed | static | off (not quantized); ``axis``: None (per tensor) or the kept axes;
+    ``mode``: dynamic | delayed | static | stored (FP8 weight storage: its bytes and scale) | off
+    (not quantized); ``axis``: None (per tensor) or the kept axes;
     ``scale_set``: the hardware scales the scale is rounded down to (``quant.scale_set``)."""
 
     mode: str
@@ -83,6 +102,8 @@ def _scale(x: jax.Array, state: dict, spec: QSpec) -> jax.Array:
     """The multiplicative scale used for ``x`` this step (float32, amax's shape), rounded down
     to ``spec.scale_set`` (:func:`~tfm_jax.quant.scaling.round_scale_for`; a static scale from
     calibration is normally in the set already: rounding is idempotent)."""
+    if spec.mode == "stored":          # FP8 weight storage: the bytes' own scale, as it is
+        return jnp.asarray(state["scale"], jnp.float32)
     if spec.mode == "dynamic":
         s = compute_scale(compute_amax(x, axis=spec.axis), spec.fmt, margin=spec.margin)
     elif spec.mode == "static":
@@ -94,7 +115,10 @@ def _scale(x: jax.Array, state: dict, spec: QSpec) -> jax.Array:
 
 
 def _new_state(x: jax.Array, state: dict, scale: jax.Array, spec: QSpec) -> dict:
-    """The state after this step: delayed records amax(x); static keeps its scale."""
+    """The state after this step: delayed records amax(x); static keeps its scale; a storage
+    scale gets a zero cotangent (the optimizer step updates it, :mod:`tfm_jax.quant.storage`)."""
+    if spec.mode == "stored":
+        return jax.tree.map(jnp.zeros_like, state)
     if spec.mode == "delayed":
         return {"amax_history": update_amax_history(state["amax_history"],
                                                     compute_amax(x, axis=spec.axis)),
@@ -102,10 +126,20 @@ def _new_state(x: jax.Array, state: dict, scale: jax.Array, spec: QSpec) -> dict
     return dict(state)
 
 
-def qdq(x: jax.Array, scale: jax.Array, fmt: str) -> jax.Array:
-    """Quantize (saturating) then dequantize, in x's dtype: ``cast(x*s -> fmt) * (1/s)``."""
-    q = saturating_cast(x.astype(jnp.float32) * scale, fmt)
-    return (q.astype(jnp.float32) * (1.0 / scale)).astype(x.dtype)
+def quantize(x: jax.Array, scale: jax.Array, fmt: str) -> jax.Array:
+    """``cast(x * s -> fmt)``, saturating, computed in float32; FP8 bytes (stored weights) are
+    returned as they are."""
+    if x.dtype == fmt_dtype(fmt):
+        return x
+    return saturating_cast(x.astype(jnp.float32) * scale, fmt)
+
+
+def qdq(x: jax.Array, scale: jax.Array, fmt: str, dtype: Any = None) -> jax.Array:
+    """Quantize (saturating) then dequantize, in ``dtype`` (x's by default):
+    ``cast(x*s -> fmt) * (1/s)``."""
+    q = quantize(x, scale, fmt)
+    dtype = x.dtype if dtype is None else dtype
+    return (q.astype(jnp.float32) * (1.0 / scale)).astype(dtype)
 
 
 # Operands (input, kernel): quantized in forward, straight-through in backward; the state's
@@ -163,6 +197,99 @@ def quantization_stats(x: jax.Array, scale: jax.Array, fmt: str) -> jax.Array:
 qdq_grad.defvjp(_qdq_grad_fwd, _qdq_grad_bwd)
 
 
+# --------------------------------------------------------------------------------------------
+# The direct form: every GEMM takes the FP8 bytes, the scales act on its output.
+
+_NN = (((1,), (0,)), ((), ()))          # (N, K) @ (K, M)
+_NT = (((1,), (1,)), ((), ()))          # (N, M) . (K, M)^T -> (N, K): the input gradient
+_TN = (((0,), (0,)), ((), ()))          # (N, K)^T . (N, M) -> (K, M): the kernel gradient
+
+
+def _inv(*scales: jax.Array) -> jax.Array:
+    """The product of the scales' reciprocals (float32): turns the GEMM of FP8 bytes into the
+    product of the dequantized operands (``q_a / s_a . q_b / s_b``)."""
+    out = jnp.float32(1.0)
+    for s in scales:
+        out = out * (1.0 / jnp.asarray(s, jnp.float32))
+    return out
+
+
+def _deq(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """FP8 bytes -> ``q * (1/s)`` in ``dtype`` (computed in float32, as :func:`qdq`)."""
+    return (q.astype(jnp.float32) * (1.0 / scale)).astype(dtype)
+
+
+def _f8_gemm(a: jax.Array, b: jax.Array, dims, dtype) -> jax.Array:
+    """XLA's dot on FP8 operands, accumulated and returned in ``dtype`` (what XLA:GPU's GEMM
+    rewriter turns into ``__cublas$lt$matmul$f8``; XLA:CPU upcasts)."""
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fp8_dot(x: jax.Array, kernel: jax.Array, states: tuple, specs: tuple,
+            matmul: Optional[Callable]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``x (N, K) @ kernel (K, M)`` in the direct FP8 form; returns (y, input scale, kernel
+    scale) -- the scales for telemetry (their cotangents are ignored).
+
+    Forward ``y = gemm(q_x, q_k) * (1/s_x * 1/s_k)``; backward ``dx = gemm(q_g, q_k^T) *
+    (1/s_g * 1/s_k)``, ``dk = gemm(q_x^T, q_g) * (1/s_x * 1/s_g)``, with ``q = cast(t * s)``
+    (saturating) of each tensor and its scale from ``states`` / ``specs`` (input, kernel,
+    output_grad; :class:`QSpec`). The residuals are the FP8 bytes ``q_x``, ``q_k`` and the
+    scales. ``matmul`` None: the GEMMs are ``lax.dot_general`` on the FP8 operands with
+    ``preferred_element_type`` the compute dtype (x's). Otherwise (a CPU set's GEMM, which
+    wants float operands) the operands are dequantized from the saved bytes, ``q * (1/s)`` in
+    the compute dtype, and the set's GEMM and its own backward multiply them: the numerics of
+    quantize -> dequantize -> GEMM, bit for bit what :func:`qdq` gives, with no extra pass over
+    any GEMM output (there the dequantized operands are the residuals, as before: CPU
+    emulation trades the FP8 residuals' memory for one pass less). A per-channel kernel scale (1, M) scales the output's columns in forward;
+    in the input gradient it lies along the contracted axis, so that GEMM takes the dequantized
+    kernel and gradient.
+    The state's cotangent is its new value, as in :func:`qdq_operand`."""
+    return _fp8_dot_fwd(x, kernel, states, specs, matmul)[0]
+
+
+def _fp8_dot_fwd(x, kernel, states, specs, matmul):
+    x_spec, k_spec, _ = specs
+    dtype = x.dtype
+    sx, sk = _scale(x, states[0], x_spec), _scale(kernel, states[1], k_spec)
+    qx, qk = quantize(x, sx, x_spec.fmt), quantize(kernel, sk, k_spec.fmt)
+    if matmul is None:
+        y = _f8_gemm(qx, qk, _NN, dtype) * _inv(sx, sk).astype(dtype)
+    else:   # (the dequantized operands are the residuals: no second pass in backward)
+        qx, qk = _deq(qx, sx, dtype), _deq(qk, sk, dtype)
+        y = matmul(qx, qk, _NN)
+    new = (_new_state(x, states[0], sx, x_spec), _new_state(kernel, states[1], sk, k_spec))
+    carrier = jnp.zeros((0,), kernel.dtype)        # the kernel's dtype, for its cotangent
+    return (y, sx, sk), (qx, qk, sx, sk, states[2], new, carrier)
+
+
+def _fp8_dot_bwd(specs, matmul, res, cts):
+    qx, qk, sx, sk, g_state, (new_x, new_k), carrier = res
+    gy = cts[0]
+    dtype = gy.dtype
+    g_spec = specs[2]
+    scaling = {k: v for k, v in g_state.items() if k != "stats"}
+    sg = _scale(gy, scaling, g_spec)
+    qg = quantize(gy, sg, g_spec.fmt)
+    new_g = _new_state(gy, scaling, sg, g_spec)
+    if "stats" in g_state:
+        new_g["stats"] = quantization_stats(gy, sg, g_spec.fmt)
+    if matmul is not None:      # the set's own backward (its transposes; its forward unused)
+        _, pull = jax.vjp(lambda u, v: matmul(u, v, _NN), qx, qk)   # dequantized in forward
+        dx, dk = pull(_deq(qg, sg, dtype))
+    elif jnp.size(sk) > 1:      # per-channel kernel scales run along dx's contracted axis
+        dx = jax.lax.dot_general(_deq(qg, sg, dtype), _deq(qk, sk, dtype), _NT,
+                                 preferred_element_type=dtype)
+        dk = _f8_gemm(qx, qg, _TN, dtype) * _inv(sx, sg).astype(dtype)
+    else:
+        dx = _f8_gemm(qg, qk, _NT, dtype) * _inv(sg, sk).astype(dtype)
+        dk = _f8_gemm(qx, qg, _TN, dtype) * _inv(sx, sg).astype(dtype)
+    return dx.astype(dtype), dk.astype(carrier.dtype), (new_x, new_k, new_g)
+
+
+fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
+
+
 def _plain_dot(x, w, dimension_numbers, precision=None, preferred_element_type=None):
     return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
@@ -200,7 +327,7 @@ class Fp8DotGeneral(nn.Module):
         return QSpec(mode, fmt, self.amax_compute, self.margin, axis, self.scale_set)
 
     def _state_vars(self, role: str, spec: QSpec, scale_shape: tuple) -> dict:
-        if spec.mode in ("dynamic", "off"):
+        if spec.mode in ("dynamic", "off", "stored"):
             return {}
         replicated = lambda init, ndim: nn.with_logical_partitioning(  # noqa: E731
             init, (None,) * ndim)
@@ -216,7 +343,11 @@ class Fp8DotGeneral(nn.Module):
 
     @nn.compact
     def __call__(self, x, kernel, dimension_numbers, precision=None,
-                 preferred_element_type=None):
+                 preferred_element_type=None, *, kernel_scale=None, kernel_format=None):
+        """``kernel_scale`` / ``kernel_format``: the kernel is FP8 weight storage
+        (:mod:`tfm_jax.quant.storage`) -- its FP8 bytes, or the train step's float view of them
+        (``bytes / kernel_scale``, recovered exactly by one cast) -- and its bytes and scale are
+        the GEMM's kernel operand: no kernel scaling state, no requantization."""
         if dimension_numbers != (((1,), (0,)), ((), ())) or x.ndim != 2 or kernel.ndim != 2:
             raise ValueError("Fp8DotGeneral takes Linear's 2-D (tokens, in) @ (in, out) dot; got "
                              f"shapes {x.shape} @ {kernel.shape}, {dimension_numbers}")
@@ -224,9 +355,18 @@ class Fp8DotGeneral(nn.Module):
             raise ValueError(f"Fp8DotGeneral recipe {self.recipe!r}; valid: fp8_dynamic, "
                              "fp8_delayed, fp8_static")
         specs = {r: self._qspec(r) for r in ROLES}
+        if kernel_scale is not None and specs["kernel"].mode != "off":
+            specs["kernel"] = QSpec("stored", kernel_format,
+                                    axis=(1,) if jnp.size(kernel_scale) > 1 else None)
+        direct = all(specs[r].mode != "off" for r in ROLES)
+        if not direct:      # the kernel in the compute dtype (stored bytes dequantized)
+            if kernel_scale is not None and kernel.dtype == fmt_dtype(kernel_format):
+                kernel = kernel.astype(jnp.float32) * (1.0 / kernel_scale)
+            kernel = kernel.astype(x.dtype)
         k_scale_shape = (1, kernel.shape[1]) if specs["kernel"].axis else ()
         states = {"input": self._state_vars("input", specs["input"], ()),
-                  "kernel": self._state_vars("kernel", specs["kernel"], k_scale_shape),
+                  "kernel": ({"scale": kernel_scale} if specs["kernel"].mode == "stored" else
+                             self._state_vars("kernel", specs["kernel"], k_scale_shape)),
                   "output_grad": self._state_vars("output_grad", specs["output_grad"], ())}
         if self.telemetry and specs["output_grad"].mode != "off":
             # [saturated, flushed] of the output gradient, written by the backward pass as an
@@ -234,6 +374,16 @@ class Fp8DotGeneral(nn.Module):
             states["output_grad"]["stats"] = self.param(
                 "output_grad_stats", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                   (None,)), (2,), jnp.float32)
+        if direct:      # every GEMM on FP8 bytes (the form XLA:GPU makes FP8 GEMMs of)
+            y, x_scale, k_scale = fp8_dot(x, kernel, tuple(states[r] for r in ROLES),
+                                          tuple(specs[r] for r in ROLES), self.matmul)
+            if self.telemetry:
+                self._sow_operand("input", x, x_scale, specs["input"])
+                self._sow_operand("kernel", kernel, k_scale, specs["kernel"])
+                self._sow_grad_state(states["output_grad"], specs["output_grad"])
+            return y
+        # a subset of the tensors quantized (quant.fp8_operands, a numerics study): each
+        # quantized tensor is quantized and dequantized, the GEMM runs in the compute dtype
         xq, kq = x, kernel
         if specs["input"].mode != "off":
             xq, x_scale = qdq_operand(x, states["input"], specs["input"])
@@ -306,35 +456,39 @@ def dot_general_factory(quant_cfg: Any, matmul: Optional[Callable] = None) -> Ca
 
 
 # --------------------------------------------------------------------------------------------
-# HLO check: native FP8 GEMMs or emulated.
-
-_NATIVE_PATTERNS = (
-    re.compile(r"__cublas\$lt\$matmul\$f8"),                    # XLA:GPU's FP8 cuBLASLt GEMM
-    re.compile(r"=\s*[^=\n]*\bdot\((?:[^)\n]*)f8e[45]m[23]"),   # a dot taking f8 operands
-    re.compile(r"\bf8e[45]m[23][a-z]*\[[^\]]*\][^\n]*\bdot\("),
-)
+# HLO check: native FP8 GEMMs or emulated, counted per projection.
 
 
 def fp8_dot_mode(compiled_text: str) -> str:
-    """``"native"`` if the compiled HLO text runs a dot on FP8 operands (an f8 ``dot`` or XLA's
-    cuBLASLt FP8 GEMM custom call), ``"emulated"`` if FP8 types appear but every dot takes
-    upcast values (XLA:CPU), ``"none"`` if no FP8 type appears at all."""
-    if any(p.search(compiled_text) for p in _NATIVE_PATTERNS):
+    """What the compiled program's quantized projections run, from its GEMMs counted per
+    projection (:func:`tfm_jax.quant.hlo_check.gemm_counts`): ``"native"`` if every one runs at
+    least 3 FP8 GEMMs (forward, input and kernel gradient; cuBLASLt FP8 calls or FP8 Triton /
+    cuDNN fusions) and no plain GEMM; ``"partial"`` if FP8 GEMMs exist but not so; ``"emulated"``
+    if FP8 types appear but no FP8 GEMM (XLA:CPU upcasts); ``"none"`` without FP8 types."""
+    from tfm_jax.quant import hlo_check
+
+    counts = hlo_check.gemm_counts(compiled_text)
+    if hlo_check.fp8_gemm_verdict(counts)[0]:
         return "native"
+    if any(c["fp8"] for c in counts.values()):
+        return "partial"
     if re.search(r"\bf8e[45]m[23]", compiled_text):
         return "emulated"
     return "none"
 
 
 def fp8_native_in_hlo(compiled_text: str) -> bool:
-    """Whether FP8 dots appear in the compiled HLO (:func:`fp8_dot_mode` == native)."""
+    """Whether every quantized projection runs FP8 GEMMs (:func:`fp8_dot_mode` == native)."""
     return fp8_dot_mode(compiled_text) == "native"
 
 
 def describe_dot_mode(mode: str, platform: str) -> str:
     """The line printed at train start for an fp8 recipe."""
     return {
-        "native": f"fp8: native FP8 GEMMs in the compiled step ({platform})",
+        "native": f"fp8: native FP8 GEMMs in the compiled step ({platform}): every quantized "
+                  "projection runs its 3 GEMMs in FP8",
+        "partial": (f"fp8: some FP8 GEMMs in the compiled step ({platform}), but some quantized "
+                    "projections run plain GEMMs (see tfm_jax.quant.hlo_check.gemm_counts)"),
         "emulated": (f"fp8: emulated -- the compiled step casts to FP8 and back but its dots run "
                      f"on upcast values ({platform}: no FP8 GEMM); FP8 numerics, no speed-up"),
         "none": f"fp8: no FP8 type in the compiled step ({platform}); check quant.recipe",

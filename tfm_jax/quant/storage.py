@@ -10,6 +10,10 @@ hidden high-precision master copy exists anywhere in the persistent state.
 One optimizer step (:func:`tfm_jax.train.make_train_step`):
 
 1. :func:`dequantized_view`: each stored kernel -> float32 ``kernel / storage_scale`` (transient);
+   with an FP8 recipe the model's FP8 dot casts ``view * storage_scale`` back -- exactly the
+   stored bytes (no rounding step can move a value by half an FP8 step) -- and feeds them and
+   the scale to its GEMM (:class:`tfm_jax.quant.fp8.Fp8DotGeneral`, ``kernel_scale``): no kernel
+   scaling state, no second rounding; evaluation and generation feed the bytes directly;
 2. gradients, clip and AdamW act on that view (the moments are float32 / bf16 / 8-bit arrays of
    the kernel's shape, :mod:`tfm_jax.quant.optim`);
 3. :func:`requantize`: the updated float32 weight ``w`` gets the seed's EMA scale

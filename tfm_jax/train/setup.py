@@ -26,6 +26,12 @@ from tfm_jax.train.state import TrainState, lowp_opt_specs, make_optimizer
 from tfm_jax.train.step import make_eval_step, make_train_step
 
 
+@dataclasses.dataclass(frozen=True)
+class _PlatformOnly:
+    """A stand-in device for :func:`build`'s ``ops_platform`` (the op set reads the platform)."""
+    platform: str
+
+
 @dataclasses.dataclass
 class Setup:
     cfg: Config
@@ -60,15 +66,20 @@ class Setup:
         return data_lib.shard_batch(batch, self.batch_sharding, self.cfg.train.batch_size)
 
 
-def build(cfg: Config, devices: Optional[list] = None, ops: Optional[Ops] = None) -> Setup:
+def build(cfg: Config, devices: Optional[list] = None, ops: Optional[Ops] = None, *,
+          ops_platform: Optional[str] = None) -> Setup:
     """Mesh, model, optimizer, state shardings and jitted steps for ``cfg``. ``ops``: the ops
-    set to use instead of the devices' own (:func:`tfm_jax.platform.backends.resolve_ops`),
-    e.g. a GPU run's set to lower its step on CPU (:func:`tfm_jax.tools.inspect.lower_step`)."""
+    set to use instead of the devices' own (:func:`tfm_jax.platform.backends.resolve_ops`);
+    ``ops_platform`` (e.g. ``"gpu"``): the set that platform would resolve. Both serve to lower
+    a GPU run's step on CPU and read its HLO (:func:`tfm_jax.tools.inspect.lower_step`,
+    :mod:`tfm_jax.quant.hlo_check`)."""
     devices = list(jax.devices() if devices is None else devices)
     check_runtime(cfg, len(devices))
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     rules = mesh_lib.rules_tuple(cfg.mesh.rules)
-    ops = ops if ops is not None else backends.resolve_ops(cfg, devices)
+    if ops is None:
+        ops = backends.resolve_ops(cfg, devices if ops_platform is None else
+                                   [_PlatformOnly(ops_platform)] * len(devices))
     model = TransformerLM(cfg.model, ops=ops, moe=cfg.moe)
     tx = make_optimizer(cfg)
     dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)

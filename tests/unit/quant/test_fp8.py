@@ -111,6 +111,31 @@ def test_fp8_dot_forward_backward_vs_numpy(recipe):
         assert "fp8" not in dp
 
 
+def _xla_dot(a, b, dimension_numbers, precision=None, preferred_element_type=None):
+    return jax.lax.dot_general(a, b, dimension_numbers)
+
+
+def test_cpu_gemm_path_is_quantize_dequantize_bit_for_bit():
+    """With a set's GEMM (a CPU set: float operands) the direct form dequantizes the saved FP8
+    bytes and multiplies them: y, dx and d kernel equal, bit for bit, the same GEMM on the
+    numpy + ml_dtypes quantize -> dequantize of x, kernel and output gradient."""
+    model, params, x, g = _setup("fp8_dynamic", matmul=_xla_dot)
+    k = np.asarray(params["kernel"])
+    y, dp, dx = _vjp(model, params, x, g)
+
+    def deq(t, fmax, dtype):
+        s = np.float32(fmax) / np.float32(np.max(np.abs(t)))
+        q = np.clip((t * s).astype(np.float32), -fmax, fmax).astype(dtype)
+        return q.astype(np.float32) * np.float32(np.float32(1.0) / s)
+
+    xd, kd, gd = deq(x, E4M3_MAX, E4M3), deq(k, E4M3_MAX, E4M3), deq(g, E5M2_MAX, E5M2)
+    np.testing.assert_array_equal(y, np.asarray(_xla_dot(xd, kd, (((1,), (0,)), ((), ())))))
+    _, pull = jax.vjp(lambda a, b: _xla_dot(a, b, (((1,), (0,)), ((), ()))), xd, kd)
+    rdx, rdk = pull(jnp.asarray(gd))
+    np.testing.assert_array_equal(dx, np.asarray(rdx))
+    np.testing.assert_array_equal(dp["kernel"], np.asarray(rdk))
+
+
 @pytest.mark.parametrize("operands", [("input",), ("kernel",), ("output_grad",),
                                       ("input", "kernel")])
 def test_fp8_operands_quantize_only_the_named_tensors(operands):
@@ -445,15 +470,43 @@ def test_static_scales_from_calibration_stay_fixed(tmp_path, corpus, devices):
         fp8.load_calibration(bad)
 
 
-def test_fp8_dot_mode_reads_hlo():
-    assert fp8.fp8_dot_mode("%d = f32[4,4] dot(f32[4,8] %a, f32[8,4] %b)") == "none"
+def _gemm_line(i, target, proj, types=("f8e4m3fn", "f8e5m2")):
+    name = f"layers_0/attn/{proj}/fp8/dot_general" if proj else "lm_head/dot_general"
+    return (f'  %g{i} = (bf16[16,16]{{1,0}}, s8[0]{{0}}) custom-call({types[0]}[16,32]{{1,0}} %a, '
+            f'{types[1]}[16,32]{{1,0}} %b), custom_call_target="{target}", '
+            f'metadata={{op_name="jit(step)/transpose(jvp(TransformerLM))/{name}"}}')
+
+
+def _module(lines):
+    return ("HloModule m\n\nENTRY %main (a: f8e4m3fn[16,32], b: f8e5m2[16,32]) -> bf16[] {\n"
+            "  %a = f8e4m3fn[16,32]{1,0} parameter(0)\n  %b = f8e5m2[16,32]{1,0} parameter(1)\n"
+            + "\n".join(lines) + "\n  ROOT %r = bf16[] constant(0)\n}\n")
+
+
+def test_fp8_dot_mode_counts_fp8_gemms_per_projection():
+    """native = every quantized projection runs >= 3 FP8 GEMMs and no plain one (not: "an FP8
+    dot exists somewhere")."""
+    from tfm_jax.quant import hlo_check
+
+    f8 = "__cublas$lt$matmul$f8"
+    full = [_gemm_line(i, f8, p) for i, p in enumerate(["q_proj"] * 3 + ["k_proj"] * 3)]
+    full.append(_gemm_line(9, "__cublas$gemm", None, ("bf16", "bf16")))    # the LM head
+    counts = hlo_check.gemm_counts(_module(full))
+    assert counts == {"layers_0/attn/q_proj": {"fp8": 3, "plain": 0},
+                      "layers_0/attn/k_proj": {"fp8": 3, "plain": 0},
+                      "other": {"fp8": 0, "plain": 1}}
+    assert fp8.fp8_dot_mode(_module(full)) == "native" and fp8.fp8_native_in_hlo(_module(full))
+    # one projection's input gradient on a bf16 GEMM: partial, and it is named
+    part = full[:5] + [_gemm_line(5, "__cublas$gemm", "k_proj", ("bf16", "bf16"))]
+    assert fp8.fp8_dot_mode(_module(part)) == "partial"
+    assert hlo_check.fp8_gemm_verdict(hlo_check.gemm_counts(_module(part))) == (
+        False, ["layers_0/attn/k_proj"])
+    # a single FP8 GEMM is not enough
+    assert fp8.fp8_dot_mode(_module(full[:1])) == "partial"
     cpu = ("%c = f8e4m3fn[4,8] convert(f32[4,8] %a)\n%u = f32[4,8] convert(f8e4m3fn[4,8] %c)\n"
            "%d = f32[4,4] dot(f32[4,8] %u, f32[8,4] %b)")
     assert fp8.fp8_dot_mode(cpu) == "emulated" and not fp8.fp8_native_in_hlo(cpu)
-    gpu = ('%g = (f32[16,16], s8[0]) custom-call(f8e4m3fn[16,32] %a, f8e4m3fn[16,32] %b), '
-           'custom_call_target="__cublas$lt$matmul$f8"')
-    assert fp8.fp8_native_in_hlo(gpu)
-    assert fp8.fp8_dot_mode("%d = f32[4,4] dot(f8e4m3fn[4,8] %a, f8e4m3fn[8,4] %b)") == "native"
+    assert fp8.fp8_dot_mode("%d = f32[4,4] dot(f32[4,8] %a, f32[8,4] %b)") == "none"
 
 
 @pytest.mark.slow

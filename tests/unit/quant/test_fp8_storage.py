@@ -292,3 +292,108 @@ def test_config_refusals():
         load_config(None, ["quant.fp8_weight_storage=true", "quant.recipe=int8_weight"])
     with pytest.raises(ConfigError, match="reload"):
         load_config(None, ["train.on_nonfinite=reload"])
+
+
+# ------------------------------------------------------------------------------------------
+# Stored bytes straight into the FP8 GEMM
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "float8_e5m2"])
+def test_one_cast_of_the_view_gives_back_the_stored_bytes(fmt):
+    """The train step hands the model the float view ``q * (1/s)`` of each stored kernel; the FP8
+    dot casts ``view * s`` back. Every finite byte value, scales from 2^-12 to 2^12 (odd ones
+    too), the view in float32 and rounded to bfloat16: the stored bytes, bit for bit."""
+    from tfm_jax.quant import fp8
+
+    dt = np.dtype(getattr(ml_dtypes, fmt))
+    bits = np.arange(256, dtype=np.uint8)
+    finite = bits[np.isfinite(bits.view(dt).astype(np.float32))]
+    scales = np.array([2.0 ** -12, 0.37, 1.0, 3.3, 448 / 0.013, 12345.678, 2.0 ** 12],
+                      np.float32)[:, None]
+    q = jnp.asarray(np.tile(finite, (len(scales), 1)).view(dt))
+    view = storage.dequantize_weight(q, jnp.asarray(scales))
+    for v in (view, view.astype(jnp.bfloat16)):
+        back = np.asarray(fp8.quantize(v, jnp.asarray(scales), fmt))
+        np.testing.assert_array_equal(back.view(np.uint8), np.tile(finite, (len(scales), 1)))
+
+
+def _stored_linear(tmp_path, recipe):
+    import dataclasses
+
+    from tfm_jax.layers.linear import Linear
+    from tfm_jax.platform import backends
+
+    @dataclasses.dataclass
+    class Gpu:
+        platform: str = "gpu"
+
+    ops = backends.resolve_ops(cfg_of(tmp_path, "quant.telemetry=false", recipe=recipe),
+                               [Gpu()])
+    lin = Linear(24, ("embed", "mlp"), ops=ops)
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((16, 32)) * 3).astype(np.float32)
+    params = jax.tree.map(np.asarray, nn_unbox(lin.init(jax.random.key(0), jnp.asarray(x))))
+    # bytes whose amax (208) is not a power of two below e4m3's max: requantizing them with a
+    # scale of their own would round a second time
+    k = params["kernel"].astype(np.float32)
+    params["kernel"] = np.clip(k * (208.0 / np.abs(k).max()), -448, 448).astype(E4M3)
+    params["storage_scale"] = np.float32(3.7)
+    return lin, params, x
+
+
+def nn_unbox(variables):
+    from flax import linen as nn
+    return nn.meta.unbox(variables)["params"]
+
+
+def test_stored_bytes_and_scale_are_the_fp8_gemms_kernel(tmp_path):
+    """Linear with FP8 storage and an FP8 recipe (the GPU op set): the stored bytes and their
+    scale are the GEMM's kernel operand -- the output equals numpy's ``(q_x @ q) / (s_x s)``
+    (ml_dtypes casts), the same from the bytes (evaluation) and from the train step's float view,
+    the dot reads the kernel parameter directly, and no kernel scaling state exists."""
+    from tfm_jax.quant import hlo_check
+
+    lin, params, x = _stored_linear(tmp_path, "fp8_dynamic")
+    q, s = params["kernel"], params["storage_scale"]
+    y_bytes = np.asarray(lin.apply({"params": params}, jnp.asarray(x)))
+    y_view = np.asarray(lin.apply({"params": storage.dequantized_view(params)}, jnp.asarray(x)))
+    np.testing.assert_array_equal(y_bytes, y_view)
+    sx = np.float32(E4M3_MAX) / np.float32(np.abs(x).max())
+    qx = np.clip((x * sx).astype(np.float32), -E4M3_MAX, E4M3_MAX).astype(E4M3)
+    ref = (qx.astype(np.float64) @ q.astype(np.float64)) / (np.float64(sx) * np.float64(s))
+    np.testing.assert_allclose(y_bytes, ref, rtol=1e-6, atol=1e-6)
+    # what dequantize -> requantize with the kernel's own dynamic scale would give: different
+    w = q.astype(np.float32) * np.float32(1 / s)
+    sk = np.float32(E4M3_MAX) / np.float32(np.abs(w).max())
+    kq = np.clip((w * sk).astype(np.float32), -E4M3_MAX, E4M3_MAX).astype(E4M3)
+    old = (qx.astype(np.float64) @ kq.astype(np.float64)) / (np.float64(sx) * np.float64(sk))
+    assert np.max(np.abs(old - ref)) > 1e-4
+    # the dot's kernel operand is the parameter itself (no multiply, no cast)
+    text = jax.jit(lambda p, x: lin.apply({"params": p}, x)).lower(
+        params, jnp.asarray(x)).as_text(dialect="hlo")
+    comps, entry = hlo_check.parse_hlo(text)
+    dots = [(c, i) for c, ins in comps.items() for i in ins.values() if i.opcode == "dot"]
+    assert len(dots) == 1
+    c, dot = dots[0]
+    rhs = comps[c][dot.operands[1]]
+    assert rhs.opcode == "parameter" and rhs.element_type == "f8e4m3fn", rhs
+    # fp8_delayed: input and gradient state only; the kernel's scale is the storage scale
+    _, pd, _ = _stored_linear(tmp_path, "fp8_delayed")
+    assert not [n for n in pd["fp8"] if n.startswith("kernel_")] and "input_scale" in pd["fp8"]
+
+
+def test_stored_kernel_gradient_vs_numpy(tmp_path):
+    """The train step differentiates the float view: d view = (q_x^T q_g) / (s_x s_g), the
+    storage scale's cotangent is zero (the optimizer step updates it)."""
+    lin, params, x = _stored_linear(tmp_path, "fp8_dynamic")
+    view = storage.dequantized_view(params)
+    g = (np.random.default_rng(6).standard_normal((16, 24)) * 1e-3).astype(np.float32)
+    _, pull = jax.vjp(lambda p: lin.apply({"params": p}, jnp.asarray(x)), view)
+    (dp,) = pull(jnp.asarray(g))
+    sx = np.float32(E4M3_MAX) / np.float32(np.abs(x).max())
+    sg = np.float32(57344.0) / np.float32(np.abs(g).max())
+    qx = np.clip((x * sx).astype(np.float32), -E4M3_MAX, E4M3_MAX).astype(E4M3)
+    qg = np.clip((g * sg).astype(np.float32), -57344, 57344).astype(ml_dtypes.float8_e5m2)
+    ref = (qx.astype(np.float64).T @ qg.astype(np.float64)) / (np.float64(sx) * np.float64(sg))
+    np.testing.assert_allclose(np.asarray(dp["kernel"]), ref, rtol=1e-6, atol=1e-12)
+    assert float(dp["storage_scale"]) == 0.0

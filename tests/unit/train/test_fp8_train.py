@@ -141,7 +141,11 @@ def _hand_bytes(cfg, recipe, storage_on, moments):
     n_proj = m.n_layers * 7                                  # q k v o + gate up down
     params = 4 * total - (3 * proj if storage_on else 0)     # FP8 kernels: 1 byte instead of 4
     hist = cfg.quant.amax_history
-    fp8_state = {"none": 0, "fp8_dynamic": 0, "fp8_delayed": 3 * (hist + 1) * 4}[recipe] * n_proj
+    # delayed: (history + scale) per quantized tensor; an FP8-stored kernel uses its storage
+    # scale and has no state of its own
+    roles = 2 if storage_on else 3
+    fp8_state = {"none": 0, "fp8_dynamic": 0,
+                 "fp8_delayed": roles * (hist + 1) * 4}[recipe] * n_proj
     fp8_state += 4 * n_proj if storage_on else 0             # one float32 storage scale each
     opt = {"fp32": 8 * total, "bf16": 4 * total, "int8": 2 * total}[moments]
     return params, fp8_state, opt
