@@ -142,7 +142,7 @@ def run_train(args) -> int:
         print(f"\ntfm-jax: interrupted by {err}", file=sys.stderr)
         return 128 + err.signum
     except train_lib.NonFiniteError as err:
-        print(f"\ntraining stopped: {err}", file=sys.stderr)
+        print(f"\n{ERROR_PREFIX}training stopped: {err}", file=sys.stderr)
         return 1
     run_dir = pathlib.Path(result.run_dir)
     ev = result.eval
@@ -704,6 +704,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+ERROR_PREFIX = "tfm-jax: error: "       # every user-fixable error, every command: exit 2
 _NO_BACKEND = {("kv-cache",), ("claims",)}     # commands that start no jax backend
 
 
@@ -714,12 +715,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     interrupts.note(f"during 'tfm-jax {args._name}'")
     try:
         return args._run(args)
-    except ConfigError as err:
-        print(f"tfm-jax: {err}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointMismatch, CheckpointDamaged, FileNotFoundError,
+    except (ConfigError, DataError, CheckpointMismatch, CheckpointDamaged, FileNotFoundError,
             FileExistsError) as err:
-        print(f"tfm-jax: error: {err}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{err}", file=sys.stderr)     # one format for every command
         return 2
 
 

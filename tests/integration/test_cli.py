@@ -52,9 +52,10 @@ def _check(proc, code):
 
 
 def _config_error(proc) -> str:
-    """A config/input error: exit 2, one 'tfm-jax:' message on stderr, no traceback."""
+    """A config/input error: exit 2, one 'tfm-jax: error: ' message on stderr (the same prefix
+    for every command and error kind), no traceback."""
     _check(proc, 2)
-    assert proc.stderr.startswith("tfm-jax:"), proc.stderr
+    assert proc.stderr.startswith("tfm-jax: error: "), proc.stderr
     assert "Traceback" not in proc.stderr
     return proc.stderr
 

@@ -492,3 +492,18 @@ def test_a_mesh_larger_than_the_machine_names_the_cpu_device_flag():
     with pytest.raises(ConfigError, match="8 but 1 devices.*XLA_FLAGS=--xla_force_host_platform"
                                           "_device_count=8"):
         cfg.mesh.resolved_sizes(1)
+
+
+def test_every_command_reports_errors_with_one_prefix(tmp_path, capsys):
+    """A config error and a missing-checkpoint error, from different commands: exit 2 and the
+    same 'tfm-jax: error: ' prefix (no command-specific variants)."""
+    from tfm_jax import cli
+
+    cases = [["config", "show", "model.d_model=-1"],
+             ["kv-cache", "--seq", "0"],
+             ["eval", "--run-dir", str(tmp_path / "nothing-here")]]
+    for argv in cases:
+        capsys.readouterr()
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("tfm-jax: error: ") and "Traceback" not in err, (argv, err)

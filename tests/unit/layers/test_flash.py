@@ -106,8 +106,8 @@ def test_flash_default_blocks_long_sequence():
 
 def test_flash_bfloat16_and_fully_masked_rows():
     """bf16 inputs: float32 scores/statistics inside, bf16 output within bf16 rounding of the
-    fp32 reference. A row whose keys are all padding (k_valid[b, 0] = 0) gives finite values
-    and gradients (meaningless, as in every core) and leaves the other rows alone."""
+    fp32 reference. A row whose keys are all padding gives zeros and finite gradients and
+    leaves the other rows alone."""
     q, k, v, w = _inputs(2, 50, 4, 2, 16, seed=5)
     kv = jnp.asarray(np.arange(50)[None] < np.array([[40], [0]]))
     core = functools.partial(flash_attention, block_q=16, block_k=16)
@@ -116,6 +116,47 @@ def test_flash_bfloat16_and_fully_masked_rows():
     assert all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in (y, *grads))
     np.testing.assert_allclose(np.asarray(y[0], np.float32),
                                np.asarray(_reference(q, k, v, kv)[0]), atol=3e-2)
+    assert not np.asarray(y[1], np.float32).any()
+
+
+def _keyless_cores():
+    cores = {"dense": dense_causal_attention, "xla_sdpa": xla_sdpa_attention,
+             "block": functools.partial(causal_attention, block_q=8),
+             "flash": functools.partial(flash_attention, block_q=8, block_k=8)}
+    from tfm_jax.platform.kernels import cpu as native
+    ok, _ = native.available()
+    if ok:
+        cores["native"] = functools.partial(native.causal_attention, block_q=8)
+    return cores
+
+
+@pytest.mark.parametrize("name", ["dense", "xla_sdpa", "block", "flash", "native"])
+def test_rows_without_a_valid_key_are_zero_in_every_core(name):
+    """Left padding: the leading queries of a row see no valid key. Every core returns 0 there
+    and takes no gradient from those rows: values and gradients equal the masked reference with
+    those rows' output (and so their loss weight) set to 0 -- the rows found by numpy."""
+    cores = _keyless_cores()
+    if name not in cores:
+        pytest.skip("native kernels unavailable here")
+    t = 21
+    q, k, v, w = _inputs(3, t, 4, 2, 8, seed=23)
+    lead = np.array([5, 0, 20])                         # left padding per row (row 2: all but 1)
+    valid_np = np.arange(t)[None] >= lead[:, None]
+    valid_np[1, :] = False                              # row 1: no valid key at all
+    kv = jnp.asarray(valid_np)
+    has_key = np.cumsum(valid_np, axis=1) > 0           # numpy: a valid key at or before t
+
+    def reference(q, k, v, k_valid):
+        return jnp.where(jnp.asarray(has_key)[:, :, None, None], _reference(q, k, v, k_valid),
+                         0.0)
+
+    y, grads = _value_and_grads(cores[name], q, k, v, kv, w)
+    y_ref, g_ref = _value_and_grads(reference, q, k, v, kv, w)
+    assert not np.asarray(y)[~has_key].any() and (~has_key).sum() == 5 + 21 + 20
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=TOL, atol=TOL)
+    for n, g, gr in zip("qkv", grads, g_ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(gr), rtol=TOL, atol=TOL,
+                                   err_msg=f"d{n}")
 
 
 def test_flash_blocks_and_bad_input():

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tfm_jax.layers.attention_ops.dense import NEG_INF
+from tfm_jax.layers.attention_ops.dense import NEG_INF, zero_keyless_rows
 
 # --------------------------------------------------------------------------------------------
 # Training/prefill fast path: causal self-attention over positions 0..T-1, block-causal.
@@ -92,6 +92,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     segment_ids, segment_ids)``.
     """
     b, t, h, d = q.shape
+    given_valid = k_valid
     hkv = k.shape[2]
     g = h // hkv
     scale = jnp.asarray(1.0 / np.sqrt(d), q.dtype)
@@ -111,4 +112,5 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                          None if q_seg is None else q_seg[:, start:end])
         outs.append(ob.reshape(b, hkv, g, end - start, d))
     o = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]         # (B, K, G, T, D)
-    return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return zero_keyless_rows(o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d), given_valid,
+                             segment_ids)

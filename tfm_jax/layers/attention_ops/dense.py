@@ -113,6 +113,32 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
+def rows_with_keys(k_valid: jax.Array, segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    """(B, T) bool: causal query t has at least one valid key (``k_valid`` (B, T)) -- in its
+    own segment when ``segment_ids`` (B, T) are given (packed documents: contiguous runs of one
+    id). False for e.g. the leading rows of a left-padded sequence."""
+    valid = k_valid.astype(bool)
+    count = jnp.cumsum(valid.astype(jnp.int32), axis=-1)          # valid keys at or before t
+    if segment_ids is None:
+        return count > 0
+    start = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], dtype=bool),
+                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1)
+    before = jnp.where(start, count - valid.astype(jnp.int32), 0)  # count before each run
+    return count - jax.lax.cummax(before, axis=1) > 0
+
+
+def zero_keyless_rows(out: jax.Array, k_valid: Optional[jax.Array],
+                      segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    """The one rule of every causal core for a query with no valid key: output 0, and (the
+    cotangent of that row being 0 inside the core) no gradient from it. Without it each core
+    would return its own arbitrary value -- the mean of V (masked softmax), or a row the flash
+    backward differentiates as if every key had probability 1."""
+    if k_valid is None:
+        return out
+    keep = rows_with_keys(k_valid, segment_ids)[:, :, None, None]
+    return jnp.where(keep, out, jnp.zeros((), out.dtype))
+
+
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                            k_valid: Optional[jax.Array] = None, *, block_q: int = 0,
                            segment_ids: Optional[jax.Array] = None) -> jax.Array:
@@ -125,5 +151,6 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     """
     b, t = q.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return grouped_attention(q, k, v, make_attention_mask(positions, positions, k_valid,
-                                                          segment_ids, segment_ids))
+    out = grouped_attention(q, k, v, make_attention_mask(positions, positions, k_valid,
+                                                         segment_ids, segment_ids))
+    return zero_keyless_rows(out, k_valid, segment_ids)

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from tfm_jax.layers.attention_ops.dense import zero_keyless_rows
+
 NEG_INF = -1e30   # finite (as in tfm_jax.layers.attention): masked tiles never produce NaN
 
 # CPU defaults (benchmarks/long_context.py, T = 2k..8k, B=1, H=8, Hkv=2, D=32): the key block
@@ -280,7 +282,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         valid = jnp.pad(valid, pad, constant_values=False if qseg is None else -1)
         qseg = None if qseg is None else jnp.pad(qseg, pad)
     o = _flash_core(qg, k, v, valid, bq, bk, qseg)                           # (B, Tp, K, G, D)
-    return o[:, :t].reshape(b, t, h, d)
+    return zero_keyless_rows(o[:, :t].reshape(b, t, h, d), k_valid, segment_ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,8 +292,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 # * ``mask`` (B, 1, 1, T) bool, combined with ``is_causal``: exact for any k_valid;
 # * ``key_value_seq_lengths`` = number of valid keys per row: exact when every row's valid keys
 #   are a prefix (right padding, what tfm_jax.data produces), wrong for holes.
-# ``query_seq_lengths`` is never passed: it zeroes padded query rows, which the other cores
-# leave as they are. cuDNN turns a ``mask`` into a dense (T x T) bias, so it gets the lengths.
+# ``query_seq_lengths`` is never passed (it zeroes every padded query row; the cores zero only
+# the rows without a valid key, :func:`zero_keyless_rows`). cuDNN turns a ``mask`` into a dense
+# (T x T) bias, so it gets the lengths.
 
 
 def xla_sdpa_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -304,8 +307,9 @@ def xla_sdpa_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     if segment_ids is not None:
         same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]      # (B,1,T,T)
         mask = same if mask is None else mask & same
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                        implementation="xla")
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                       implementation="xla")
+    return zero_keyless_rows(out, k_valid, segment_ids)
 
 
 def sdpa_seq_lengths_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -321,9 +325,10 @@ def sdpa_seq_lengths_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                          "use backend.attention=flash or xla_sdpa, or data.packing=concat")
     lengths = (None if k_valid is None
                else jnp.sum(k_valid.astype(bool), axis=-1, dtype=jnp.int32))         # (B,)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                        key_value_seq_lengths=lengths,
-                                        implementation=implementation)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                       key_value_seq_lengths=lengths,
+                                       implementation=implementation)
+    return zero_keyless_rows(out, k_valid)
 
 
 cudnn_attention = partial(sdpa_seq_lengths_attention, implementation="cudnn")

@@ -730,7 +730,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     q_seg = (jnp.ones(q.shape[:2], jnp.float32) if segment_ids is None
              else segment_ids.astype(jnp.float32))                                   # (B, T)
     k_seg = q_seg if k_valid is None else jnp.where(k_valid > 0, q_seg, -1.0)
-    return _attention(q, k, v, k_seg, q_seg, int(block_q))
+    from tfm_jax.layers.attention_ops.dense import zero_keyless_rows
+    return zero_keyless_rows(_attention(q, k, v, k_seg, q_seg, int(block_q)), k_valid,
+                             segment_ids)
 
 
 # --------------------------------------------------------------------------------------------
