@@ -226,6 +226,8 @@ def cudnn_attention_unsupported(cfg: Config, devices: list) -> Optional[str]:
     m = cfg.model
     if m.dtype not in ("bfloat16", "float16"):
         return f"cuDNN fused attention takes bf16/fp16, model.dtype={m.dtype}"
+    if cfg.data.packing == "segments":
+        return "data.packing=segments: the cuDNN core takes no segment ids"
     if not isinstance(devices[0], jax.Device):   # a platform stand-in (lowering elsewhere)
         return "no GPU device to try cuDNN on"
     from tfm_jax.layers.attention_ops import flash

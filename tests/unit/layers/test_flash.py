@@ -321,6 +321,8 @@ def test_auto_on_gpu_is_cudnn_where_supported_else_says_why(devices, monkeypatch
     why = backends.cudnn_attention_unsupported(bf16, devices[:1])           # no cuDNN on CPU
     assert why and "\n" not in why and len(why) < 200
     assert "no GPU device" in backends.cudnn_attention_unsupported(bf16, gpu)
+    packed = load_config(overrides=["model.dtype=bfloat16", "data.packing=segments"])
+    assert "segments" in backends.cudnn_attention_unsupported(packed, devices[:1])
     monkeypatch.setattr(backends, "cudnn_attention_unsupported", lambda cfg, devs: None)
     ops = backends.resolve_ops(bf16, gpu)
     from tfm_jax.layers.attention_ops.flash import cudnn_attention
