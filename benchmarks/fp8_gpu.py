@@ -179,7 +179,6 @@ def projection_gemms(shape: Optional[dict] = None) -> dict[str, Any]:
     quantized projection (:func:`tfm_jax.quant.hlo_check.gemm_counts`) and the verdict -- every
     projection >= 3 FP8 GEMMs and no plain GEMM (:func:`~tfm_jax.quant.hlo_check.fp8_gemm_verdict`)."""
     import jax
-    import jax.numpy as jnp
 
     from tfm_jax.config import load_config
     from tfm_jax.quant import hlo_check
@@ -191,12 +190,9 @@ def projection_gemms(shape: Optional[dict] = None) -> dict[str, Any]:
                  "run.tensorboard": False, "mesh.data": 1}
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     setup = build(cfg, jax.devices()[:1])
-    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
-                                     jnp.float32 if k == "mask" else jnp.int32,
-                                     sharding=setup.batch_sharding)
-             for k in ("inputs", "targets", "mask")}
     with setup.context():
-        text = setup.train_step.lower(setup.abstract_state(), batch).compile().as_text()
+        text = setup.train_step.lower(setup.abstract_state(),
+                                      setup.abstract_batch()).compile().as_text()
     counts = hlo_check.gemm_counts(text)
     ok, bad = hlo_check.fp8_gemm_verdict(counts)
     return {"shape": shape, "counts": counts, "every_projection_fp8": ok, "not_fp8": bad}

@@ -89,17 +89,11 @@ def _cache_root(cache_dir: str | None) -> Path:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file and ``os.replace`` (readers never see it torn)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` via a temp file and ``os.replace`` (readers never see it torn;
+    private to the user, never through a link): :func:`tfm_jax.core.rundir.atomic_write`."""
+    from tfm_jax.core import rundir
+
+    rundir.atomic_write(path, data, mode=0o600)
 
 
 class _SplitWriter:

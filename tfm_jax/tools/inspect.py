@@ -74,10 +74,7 @@ def _memory(compiled) -> dict[str, Optional[int]]:
 
 def inspect_train_step(cfg, devices: Optional[list] = None) -> dict[str, Any]:
     """Compile ``cfg``'s train step (:func:`tfm_jax.train.build`) and report on it."""
-    import jax
-    import jax.numpy as jnp
 
-    from tfm_jax import data as data_lib
     from tfm_jax.platform import backends
     from tfm_jax import train as train_lib
     from tfm_jax.model import count_params, train_flops_per_token
@@ -85,12 +82,8 @@ def inspect_train_step(cfg, devices: Optional[list] = None) -> dict[str, Any]:
     backends.configure(cfg.backend)
     setup = train_lib.build(cfg, devices)
     state = setup.abstract_state()
-    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
-                                     jnp.float32 if k == "mask" else jnp.int32,
-                                     sharding=setup.batch_sharding)
-             for k in data_lib.batch_keys(cfg.data.packing)}
     with setup.context():
-        compiled = setup.train_step.lower(state, batch).compile()
+        compiled = setup.train_step.lower(state, setup.abstract_batch()).compile()
     text = compiled.as_text()
     try:
         cost = compiled.cost_analysis()
@@ -154,17 +147,15 @@ def lower_step(cfg, platform: str = "gpu", which: str = "train") -> str:
     ``platform`` gets (:func:`tfm_jax.platform.backends.resolve_ops`), lowered from shapes
     only on one local device: what XLA receives on that platform before its own passes."""
     import jax
-    import jax.numpy as jnp
 
     from tfm_jax.platform import backends
     from tfm_jax import train as train_lib
 
     ops = backends.resolve_ops(cfg, [_PlatformDevice(platform)])
     setup = train_lib.build(cfg, jax.devices()[:1], ops=ops)
-    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
-                                     jnp.float32 if k == "mask" else jnp.int32,
-                                     sharding=setup.batch_sharding)
-             for k in ("inputs", "targets", "mask")}
+    batch = setup.abstract_batch()
+    if which != "train":     # the eval step takes the plain (inputs, targets, mask) batch
+        batch = {k: batch[k] for k in ("inputs", "targets", "mask")}
     step = setup.train_step if which == "train" else setup.eval_step
     with setup.context():
         return step.lower(setup.abstract_state(), batch).as_text()

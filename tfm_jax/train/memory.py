@@ -65,16 +65,7 @@ def state_bytes(state: Any) -> dict[str, Any]:
 
 
 def _batch_struct(setup: Any) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from tfm_jax import data as data_lib
-
-    cfg = setup.cfg
-    return {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
-                                    jnp.float32 if k == "mask" else jnp.int32,
-                                    sharding=setup.batch_sharding)
-            for k in data_lib.batch_keys(cfg.data.packing)}
+    return setup.abstract_batch()
 
 
 def peak_memory(setup: Any, abstract_state: Optional[Any] = None) -> dict[str, Optional[int]]:

@@ -62,6 +62,15 @@ class Setup:
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, self.state_shardings)
 
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The train step's batch as shapes (with its sharding): what lowering the step from
+        shapes alone (memory plans, HLO checks, ``tfm-jax inspect``) passes for it."""
+        cfg = self.cfg
+        return {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
+                                        jnp.float32 if k == "mask" else jnp.int32,
+                                        sharding=self.batch_sharding)
+                for k in data_lib.batch_keys(cfg.data.packing)}
+
     def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return data_lib.shard_batch(batch, self.batch_sharding, self.cfg.train.batch_size)
 
@@ -143,13 +152,8 @@ def fp8_dot_line(setup: Setup, state: TrainState) -> str:
     HLO (:func:`tfm_jax.quant.fp8.fp8_dot_mode`); one line for the run log."""
     from tfm_jax.quant import fp8
 
-    cfg = setup.cfg
-    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
-                                     jnp.float32 if k == "mask" else jnp.int32,
-                                     sharding=setup.batch_sharding)
-             for k in data_lib.batch_keys(cfg.data.packing)}
     with setup.context():
-        text = setup.train_step.lower(state, batch).compile().as_text()
+        text = setup.train_step.lower(state, setup.abstract_batch()).compile().as_text()
     return fp8.describe_dot_mode(fp8.fp8_dot_mode(text), setup.mesh.devices.flat[0].platform)
 
 

@@ -128,7 +128,6 @@ def test_compiled_step_runs_three_fp8_gemms_per_projection(tmp_path, devices, sc
     """On a GPU with FP8 GEMMs (H100/H200): the compiled bf16 fp8_delayed step runs at least 3
     FP8 GEMMs (cuBLASLt FP8 calls or FP8 Triton fusions) on every quantized projection and no
     plain GEMM on any of them (benchmarks/fp8_gpu.py reports the same count)."""
-    import jax.numpy as jnp
 
     from tfm_jax.quant import fp8
     from tfm_jax.train import build
@@ -139,12 +138,9 @@ def test_compiled_step_runs_three_fp8_gemms_per_projection(tmp_path, devices, sc
                  "model.multiple_of=64", "data.seq_len=64",
                  f"model.scan_layers={str(scan).lower()}")
     setup = build(cfg, devices=devices[:1])
-    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
-                                     jnp.float32 if k == "mask" else jnp.int32,
-                                     sharding=setup.batch_sharding)
-             for k in ("inputs", "targets", "mask")}
     with setup.context():
-        text = setup.train_step.lower(setup.abstract_state(), batch).compile().as_text()
+        text = setup.train_step.lower(setup.abstract_state(),
+                                      setup.abstract_batch()).compile().as_text()
     counts = hlo_check.gemm_counts(text)
     ok, bad = hlo_check.fp8_gemm_verdict(counts)
     assert len([p for p in counts if p != "other"]) == 7 * (1 if scan else 2), counts
