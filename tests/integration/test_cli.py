@@ -85,7 +85,7 @@ def test_help_console_script(env, tmp_path):
     assert m, out
     listed = set(m.group(1).split(","))
     expected = {"train", "eval", "generate", "config", "kv-cache", "convert", "quantize",
-                "calibrate", "ablate", "inspect", "env", "claims"}
+                "calibrate", "ablate", "inspect", "env", "claims", "tokenizer"}
     assert listed == expected, (sorted(listed ^ expected), out)
 
 

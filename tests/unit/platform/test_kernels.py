@@ -202,7 +202,7 @@ def test_dot_general_refuses_what_it_cannot_do():
 
 def numpy_causal_attention(q, k, v, k_valid, block):
     """Independent float64 reference with the framework's semantics: query block i sees keys
-    [0, end_i), masked scores are -1e30 (finite), so a fully masked row is uniform over them."""
+    [0, end_i), masked scores are -1e30 (finite); a query with no valid key gives 0."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, t, h, d = q.shape
     g = h // k.shape[2]
@@ -216,7 +216,8 @@ def numpy_causal_attention(q, k, v, k_valid, block):
                 ok = (np.arange(end)[None] <= pos) & (np.asarray(k_valid)[bi, :end] > 0)[None]
                 s = np.where(ok, s, -1e30)
                 p = np.exp(s - s.max(-1, keepdims=True))
-                out[bi, t0:end, hi] = (p / p.sum(-1, keepdims=True)) @ v[bi, :end, hi // g]
+                rows = (p / p.sum(-1, keepdims=True)) @ v[bi, :end, hi // g]
+                out[bi, t0:end, hi] = np.where(ok.any(-1)[:, None], rows, 0.0)
     return out
 
 
