@@ -39,7 +39,8 @@ def _close(a, b, tol):
                                rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("padded", [False, True])
+# padded=False runs in the integration tier (tests/integration/test_heavy_unit_cases.py)
+@pytest.mark.parametrize("padded", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_causal_cores_agree_values_and_grads(padded):
     """dense (xla set) == block-causal (cpu-xla set) == the general masked reference, GQA."""
     r = np.random.default_rng(0)
@@ -68,7 +69,9 @@ def test_causal_cores_agree_values_and_grads(padded):
             _close(g, gr, 2e-4)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+# scan=False runs in the integration tier (tests/integration/test_heavy_unit_cases.py): the
+# default suite's time budget; the scanned case and the other op-set tests stay here.
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_every_op_set_computes_the_same_model(scan):
     """Same parameters (tree, shapes, init values) and, to fp32 rounding, the same logits and
     gradients with padding, for every op set available here."""
