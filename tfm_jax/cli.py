@@ -67,6 +67,12 @@ def _add_step(p: argparse.ArgumentParser, what: str) -> None:
                    "newer step is skipped with one line)")
 
 
+def _add_corpus_change(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--allow-corpus-change", action="store_true",
+                   help=f"{what} on a corpus whose fingerprint differs from the one the run "
+                   "recorded (corpus.json); without it that stops with both fingerprints")
+
+
 def _restore(cfg: Config, calib_batches: int = 16, step: Optional[int] = None):
     from tfm_jax.platform import backends
     from tfm_jax.train.checkpoint import Checkpointer
@@ -115,6 +121,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     _add_step(p, "with --resume: continue from")
+    _add_corpus_change(p, "with --resume: continue")
     distributed.add_args(p)
 
 
@@ -137,7 +144,8 @@ def run_train(args) -> int:
     from tfm_jax import train as train_lib
 
     try:
-        result = train_lib.train(cfg, resume=args.resume, resume_step=args.step)
+        result = train_lib.train(cfg, resume=args.resume, resume_step=args.step,
+                                 allow_corpus_change=args.allow_corpus_change)
     except train_lib.Interrupted as err:
         print(f"\ntfm-jax: interrupted by {err}", file=sys.stderr)
         return 128 + err.signum
@@ -189,6 +197,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     distributed.add_args(p)
     p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
     _add_step(p, "evaluate")
+    _add_corpus_change(p, "evaluate")
     p.add_argument("--calib-batches", type=int, default=16,
                    help="quant.recipe=fp8_delayed on a run trained without it: the training "
                    "batches whose amaxes fill the delayed-scaling histories (default 16)")
@@ -206,11 +215,16 @@ def run_eval(args) -> int:
     from tfm_jax import data as data_lib
     from tfm_jax.train import eval_positions, eval_span, evaluate
 
-    setup, state = _restore(cfg, args.calib_batches, args.step)
     tok = data_lib.run_tokenizer(cfg.run_dir, cfg.data.tokenizer)
     corpus = data_lib.corpus_for(cfg.data, tok)
+    note = data_lib.check_fingerprint(data_lib.run_corpus(cfg.run_dir), corpus.fingerprint,
+                                      what="eval", allow=args.allow_corpus_change)
+    if note:
+        print(note, file=sys.stderr)
+    setup, state = _restore(cfg, args.calib_batches, args.step)
     row = evaluate(setup, state, corpus.val)
     row["step"] = int(state.step)
+    row["corpus_digest"] = corpus.digest
     row["val_bpb"] = data_lib.bits_per_byte(row["val_loss"], row["val_tokens"], corpus.bytes_of(
         eval_positions(cfg, corpus.val)))
     row["unigram_baseline"] = data_lib.unigram_entropy(corpus.train, eval_span(cfg, corpus.val),

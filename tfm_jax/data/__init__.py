@@ -26,31 +26,29 @@ from __future__ import annotations
 
 import codecs
 import fnmatch
-import functools
 import glob
 import hashlib
 import itertools
 import json
 import math
 import os
-import sysconfig
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from tfm_jax.core.errors import DataError
-from tfm_jax.data import documents, sources
+from tfm_jax.data import builtin, documents, sources
 from tfm_jax.data.batching import (BOS_ID, EOS_ID, PAD_ID, eval_batches,  # noqa: F401
                                    eval_window_starts, process_rows, shard_batch, train_batch)
 from tfm_jax.data.cache import (_STARTS_DTYPE, _TOKEN_DTYPE, FORMAT_VERSION, Corpus,  # noqa: F401
-                                _cache_root, _read_meta, _SplitWriter, atomic_write)
+                                _cache_root, _read_meta, _SplitWriter, atomic_write,
+                                check_fingerprint, content_digest, describe_fingerprint,
+                                inherit_run_corpus, record_run_corpus, run_corpus)
 from tfm_jax.data.tokenizer import (ByteTokenizer, Tokenizer, auto_vocab_size,  # noqa: F401
                                     load_tokenizer, run_tokenizer)
 
 _READ_CHUNK = 1 << 23            # 8 MiB: bounds memory while building the cache
-_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
-                            "__pycache__"})
 _SKIPPED_DIRS = frozenset({"__pycache__"})   # user folders/globs (hidden dirs are skipped too)
 _SNIFF_BYTES = 8192
 # Identifies the rule of is_text_file in cache keys: change it when the rule changes.
@@ -64,10 +62,6 @@ VOCAB_SIZE = ByteTokenizer.vocab_size
 
 
 # ----------------------------------------------------------------------------- file discovery
-
-
-def _stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"]).absolute()
 
 
 def _walk(root: Path, skip_dirs: frozenset[str] = frozenset(), suffix: str = "") -> list[Path]:
@@ -109,21 +103,11 @@ def _is_utf8(path: Path) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=1)
-def _builtin_files() -> tuple[Path, ...]:  # the stdlib does not change under a running process
-    return tuple(p for p in _walk(_stdlib_root(), _EXCLUDED_DIRS, ".py") if _is_utf8(p))
-
-
-def builtin_corpus_files() -> list[Path]:
-    """The default corpus: this interpreter's standard-library ``.py`` sources.
-
-    Recursive under ``sysconfig.get_paths()["stdlib"]``, excluding any path with a
-    directory component in {site-packages, dist-packages, test, tests, idle_test,
-    __pycache__} or starting with ".", sorted by relative path. Files that are not
-    valid UTF-8 are silently dropped (for the built-in corpus only; user corpora
-    raise instead). CPython 3.11 on Linux: ~734 files, ~12 MB.
-    """
-    return list(_builtin_files())
+def builtin_corpus_files(cache_dir: str | None = None) -> list[Path]:
+    """The default corpus: the shipped snapshot of CPython 3.11's standard-library ``.py``
+    sources (:mod:`tfm_jax.data.builtin`; the same 734 files, 12.1 MB, on every Python),
+    unpacked once into the corpus cache folder, sorted by relative path."""
+    return _walk(builtin.root(_cache_root(cache_dir)), suffix=".py")
 
 
 def _included(rel: str, include: Sequence[str] | None) -> bool:
@@ -131,13 +115,13 @@ def _included(rel: str, include: Sequence[str] | None) -> bool:
                               or fnmatch.fnmatch(rel, pat) for pat in include)
 
 
-def _resolve(path: str | None, include: Sequence[str] | None = None
-             ) -> tuple[list[Path], Path, str, bool]:
+def _resolve(path: str | None, include: Sequence[str] | None = None,
+             cache_dir: str | None = None) -> tuple[list[Path], Path, str, bool]:
     """Returns (absolute files, root that relative names are taken from, label for messages,
     whether the user named this one file explicitly)."""
     if path is None:
-        root = _stdlib_root()
-        return builtin_corpus_files(), root, f"<built-in corpus: Python stdlib at {root}>", False
+        root = builtin.root(_cache_root(cache_dir))
+        return _walk(root, suffix=".py"), root, builtin.LABEL, False
     p = Path(os.path.expanduser(path)).absolute()
     if p.is_file():
         return [p], p.parent, path, True
@@ -161,14 +145,15 @@ def _resolve(path: str | None, include: Sequence[str] | None = None
     return files, Path(os.path.commonpath([f.parent for f in files])), path, False
 
 
-def resolve_files(path: str | None, include: Sequence[str] | None = None) -> list[Path]:
+def resolve_files(path: str | None, include: Sequence[str] | None = None,
+                  cache_dir: str | None = None) -> list[Path]:
     """Corpus files for ``data.path``: None -> built-in corpus; a file -> [it]; a folder ->
     all non-hidden regular files under it (recursive, sorted; hidden and ``__pycache__``
     folders skipped); otherwise a recursive glob (sorted; files under ``__pycache__`` skipped).
     ``include`` (folder/glob only): keep files whose name or relative path matches one of these
     globs. Raises ``DataError`` when nothing matches. (Text/binary is decided when the cache is
     built: :func:`is_text_file`.)"""
-    return _resolve(path, include)[0]
+    return _resolve(path, include, cache_dir)[0]
 
 
 def is_text_file(path: Path) -> bool:
@@ -219,7 +204,9 @@ def _build(out: Path, docs: list[tuple[Path, str, int]], val_fraction: float, la
     meta = {"format_version": FORMAT_VERSION, "source": label, "split": split,
             "val_fraction": val_fraction, "num_train_tokens": train.count, "num_val_tokens": val.count,
             "num_train_docs": len(train.starts), "num_val_docs": len(val.starts),
-            "train_files": train.names, "val_files": val.names, "skipped_files": list(skipped)}
+            "train_files": train.names, "val_files": val.names, "skipped_files": list(skipped),
+            "tokenizer": ByteTokenizer().name}
+    meta["digest"] = content_digest(out, meta)
     atomic_write(out / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))
     return meta
 
@@ -232,7 +219,7 @@ def load_corpus(path: str | None, val_fraction: float = 0.05, cache_dir: str | N
     Split: each non-empty file is a document and goes to validation iff
     ``int(sha1(relative_path).hexdigest(), 16) % 1000 < val_fraction * 1000``, so adding
     files never moves existing ones. Relative paths are taken from the folder (folder
-    path), the stdlib root (built-in), or the files' common parent (file or glob). If
+    path), the snapshot folder (built-in), or the files' common parent (file or glob). If
     that leaves a split empty (e.g. a single file) the split falls back to "by_bytes":
     the concatenated stream (documents + EOS) is cut so that the last ``val_fraction`` of
     it is validation.
@@ -261,7 +248,7 @@ def load_corpus(path: str | None, val_fraction: float = 0.05, cache_dir: str | N
         return documents.open_corpus(_cache_root(cache_dir) / key,
                                      sources.datasets_documents(path, text_field), tok,
                                      val_fraction, str(path))
-    files, root, label, explicit = _resolve(path, include)
+    files, root, label, explicit = _resolve(path, include, cache_dir)
     kind = sources.kind_of(files)
     if kind != "text" or not isinstance(tok, ByteTokenizer):
         return _document_corpus(files, root, label, explicit, kind, tok, val_fraction, cache_dir,
@@ -301,7 +288,7 @@ def load_corpus(path: str | None, val_fraction: float = 0.05, cache_dir: str | N
         val_doc_starts=mmap("val.starts", _STARTS_DTYPE, meta["num_val_docs"]),
         train_files=tuple(meta["train_files"]), val_files=tuple(meta["val_files"]),
         split=meta["split"], source=label, cache_dir=out,
-        skipped_files=tuple(meta.get("skipped_files", ())))
+        skipped_files=tuple(meta.get("skipped_files", ())), digest=meta["digest"])
 
 
 def _document_corpus(files: list[Path], root: Path, label: str, explicit: bool, kind: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                # 2: meta.json records the streams' digest
 _TOKEN_DTYPE = np.dtype("<u2")   # bytes + specials (EOS=258) do not fit uint8
 _STARTS_DTYPE = np.dtype("<i8")
 
@@ -33,6 +34,8 @@ class Corpus:
       source: the data path (or built-in label); cache_dir: where the streams live.
       skipped_files: relative names of the files a folder/glob matched that are not text
         (:func:`is_text_file`), left out of both splits.
+      digest: sha256 of both splits' token streams and document starts (:func:`content_digest`):
+        equal digests, equal training data, whatever the paths, Python or machine.
     """
 
     train: np.ndarray
@@ -48,6 +51,16 @@ class Corpus:
     val_bytes: np.ndarray | None = None    # UTF-8 bytes per val token (None: byte tokens)
     tokenizer: str = "byte"                # the tokenizer's name
     build_summary: str = ""                # the tokenization throughput line (built now only)
+    digest: str = ""
+
+    @property
+    def fingerprint(self) -> dict:
+        """What identifies this corpus in run directories and results files: the content digest
+        plus the figures a reader recognises it by."""
+        return {"digest": self.digest, "source": self.source, "tokenizer": self.tokenizer,
+                "split": self.split, "train_tokens": self.num_train_tokens,
+                "val_tokens": self.num_val_tokens, "train_documents": int(self.train_doc_starts.size),
+                "val_documents": int(self.val_doc_starts.size)}
 
     def bytes_of(self, positions: np.ndarray) -> int:
         """UTF-8 bytes of the validation tokens at ``positions`` (EOS and other specials: 0)."""
@@ -136,10 +149,85 @@ def _read_meta(out: Path) -> dict | None:
         expected = {f"{split}.{kind}": meta[f"num_{split}_{count}"] * dtype.itemsize
                     for split in ("train", "val") for kind, count, dtype in
                     [("tokens", "tokens", token_dtype(meta)), ("starts", "docs", _STARTS_DTYPE)]}
-        ok = meta["format_version"] == FORMAT_VERSION and all(
+        ok = meta["format_version"] == FORMAT_VERSION and "digest" in meta and all(
             (out / name).stat().st_size == size for name, size in expected.items())
         return meta if ok else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
+
+
+def content_digest(out: Path, meta: dict) -> str:
+    """sha256 over the published streams of a cache entry (train then val: tokens, starts),
+    each prefixed by its dtype and length."""
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        for kind, count, dtype in (("tokens", "tokens", token_dtype(meta)),
+                                   ("starts", "docs", _STARTS_DTYPE)):
+            h.update(f"{split}.{kind}:{dtype.str}:{meta[f'num_{split}_{count}']};".encode())
+            with open(out / f"{split}.{kind}", "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def describe_fingerprint(fp: dict) -> str:
+    """One line: digest prefix, token counts, tokenizer, source."""
+    return (f"{fp.get('digest', '?')[:12]} ({fp.get('train_tokens', 0):,} train + "
+            f"{fp.get('val_tokens', 0):,} val tokens, tokenizer {fp.get('tokenizer', '?')}, "
+            f"{fp.get('source', '?')})")
+
+
+def check_fingerprint(saved: dict | None, current: dict, *, what: str, allow: bool,
+                      flag: str = "--allow-corpus-change") -> str:
+    """Compares the corpus a run recorded (``saved``; None: the run predates fingerprints) with
+    the one loaded now. Different and not ``allow``: ``DataError`` naming both and ``flag``.
+    Returns a note to print ('' when they agree)."""
+    from tfm_jax.core.errors import DataError
+
+    if saved is None:
+        return (f"{what}: the run records no corpus fingerprint (an imported model, or a run of "
+                f"an older tfm-jax); using {describe_fingerprint(current)}")
+    if saved.get("digest") == current["digest"]:
+        return ""
+    if not allow:
+        raise DataError(f"{what}: the corpus differs from the one this run trained on: run "
+                        f"{describe_fingerprint(saved)}; now {describe_fingerprint(current)}. "
+                        f"Point data.* at the run's corpus, or pass {flag} to use this one")
+    return (f"{what} on a different corpus than the run trained on ({flag}): run "
+            f"{describe_fingerprint(saved)}; now {describe_fingerprint(current)}")
+
+
+RUN_CORPUS_FILE = "corpus.json"
+
+
+def run_corpus(run_dir: Path) -> dict | None:
+    """The fingerprint of the corpus a run last trained on (``<run>/corpus.json``), or None."""
+    try:
+        return json.loads((Path(run_dir) / RUN_CORPUS_FILE).read_text("utf-8"))["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def record_run_corpus(run_dir: Path, fingerprint: dict, step: int) -> None:
+    """Writes ``<run>/corpus.json``: the corpus the run trains on from ``step``, with the ones it
+    trained on before (a resume with ``--allow-corpus-change``)."""
+    path = Path(run_dir) / RUN_CORPUS_FILE
+    try:
+        history = json.loads(path.read_text("utf-8")).get("history", [])
+    except (OSError, ValueError, AttributeError):
+        history = []
+    if not history or history[-1]["fingerprint"].get("digest") != fingerprint["digest"]:
+        history.append({"from_step": int(step), "fingerprint": fingerprint})
+    atomic_write(path, json.dumps({"fingerprint": fingerprint, "history": history},
+                                  indent=1).encode("utf-8"))
+
+
+def inherit_run_corpus(src_run: Path, dst_run: Path) -> None:
+    """A run derived from another (convert, quantize) records the corpus its source trained on."""
+    try:
+        raw = (Path(src_run) / RUN_CORPUS_FILE).read_bytes()
+    except OSError:
+        return
+    atomic_write(Path(dst_run) / RUN_CORPUS_FILE, raw)

@@ -23,7 +23,7 @@ import numpy as np
 
 from tfm_jax.core.errors import DataError
 from tfm_jax.data.cache import (_STARTS_DTYPE, FORMAT_VERSION, Corpus, _read_meta, atomic_write,
-                                token_dtype)
+                                content_digest, token_dtype)
 from tfm_jax.data.tokenizer import Tokenizer
 
 _BYTES_DTYPE = np.dtype("<u2")
@@ -149,6 +149,7 @@ def build(out: Path, docs: Iterable[tuple[str, str]], tok: Tokenizer, val_fracti
                        f"{total_tokens:,} tokens with {tok.name} in {seconds:.2f} s: "
                        f"{total_tokens / max(seconds, 1e-9):,.0f} tokens/s, "
                        f"{n_bytes / 1e6 / max(seconds, 1e-9):,.2f} MB/s")
+    meta["digest"] = content_digest(out, meta)
     atomic_write(out / "meta.json", json.dumps(meta).encode("utf-8"))
     return meta
 
@@ -179,4 +180,4 @@ def open_corpus(out: Path, docs: Iterable[tuple[str, str]] | None, tok: Tokenize
         split=meta["split"], source=label, cache_dir=out,
         val_bytes=mmap("val.bytes", _BYTES_DTYPE, meta["num_val_tokens"]),
         tokenizer=meta.get("tokenizer", tok.name),
-        build_summary=meta["summary"] if fresh else "")
+        build_summary=meta["summary"] if fresh else "", digest=meta["digest"])

@@ -10,6 +10,8 @@ unigram baseline) use all sources' held-out streams, concatenated.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -53,7 +55,9 @@ def combine(parts: list[Corpus], weights: list[float]) -> Mixture:
         source=" + ".join(f"{w:g} x {c.source}" for c, w in zip(parts, weights)),
         cache_dir=Path("mixture-" + "-".join(c.cache_dir.name for c in parts)),
         val_bytes=val_bytes, tokenizer=parts[0].tokenizer, build_summary=summary,
-        parts=tuple(parts), weights=tuple(float(w) for w in weights))
+        parts=tuple(parts), weights=tuple(float(w) for w in weights),
+        digest=hashlib.sha256(json.dumps([[c.digest, float(w)] for c, w in zip(parts, weights)]
+                                         ).encode("utf-8")).hexdigest())
 
 
 def mixed_batch(per_source: list[Callable[[int], dict]], weights: tuple[float, ...], *,

@@ -204,6 +204,7 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
     rundir.atomic_write(out_dir / "config.yaml", new_cfg.to_yaml())
     tok = data_lib.run_tokenizer(run_dir, new_cfg.data.tokenizer)
     data_lib.tokenizer.copy_into(tok, out_dir)
+    data_lib.inherit_run_corpus(run_dir, out_dir)
     ckpt = Checkpointer(out_dir / "checkpoints", keep=new_cfg.train.keep_checkpoints,
                         async_save=False)
     try:

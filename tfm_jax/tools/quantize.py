@@ -191,6 +191,7 @@ def quantize_run(run_dir: pathlib.Path | str, recipe: str,
     rundir.atomic_write(out_dir / "config.yaml", new_cfg.to_yaml())
     tok = data_lib.run_tokenizer(run_dir, src_cfg.data.tokenizer)
     data_lib.tokenizer.copy_into(tok, out_dir)
+    data_lib.inherit_run_corpus(run_dir, out_dir)
     ckpt = Checkpointer(out_dir / "checkpoints", keep=1, async_save=False)
     try:
         ckpt.save(source_step, tree)

@@ -140,9 +140,11 @@ def _last_logged_loss(run_dir, up_to_step: int) -> tuple[float, Optional[int]]:
 def train(cfg: Config, *, resume: bool = False, resume_step: Optional[int] = None,
           devices: Optional[list] = None,
           corpus: Optional[data_lib.Corpus] = None,
-          step_hook: Optional[Callable[[int], None]] = None) -> TrainResult:
+          step_hook: Optional[Callable[[int], None]] = None,
+          allow_corpus_change: bool = False) -> TrainResult:
     """Run training as configured; writes the run directory. ``step_hook(step)`` is called after
-    each step (tests use it to inject interruptions)."""
+    each step (tests use it to inject interruptions). A resume on a corpus other than the one
+    the run recorded (``corpus.json``) stops unless ``allow_corpus_change``."""
     backends.configure(cfg.backend)
     check_trainable(cfg)
     check_runtime(cfg, len(jax.devices() if devices is None else devices))   # before any I/O
@@ -158,7 +160,7 @@ def train(cfg: Config, *, resume: bool = False, resume_step: Optional[int] = Non
                         async_save=cfg.train.async_checkpoint)
     try:   # closed on every exit: an orbax manager left open prints asyncio tracebacks at exit
         trainer = Trainer(cfg, ckpt, devices, step_hook)
-        trainer.open(resume, corpus, resume_step)
+        trainer.open(resume, corpus, resume_step, allow_corpus_change)
         return trainer.run()
     finally:
         ckpt.close()
@@ -199,7 +201,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------- start
 
     def open(self, resume: bool, corpus: Optional[data_lib.Corpus],
-             resume_step: Optional[int] = None) -> None:
+             resume_step: Optional[int] = None, allow_corpus_change: bool = False) -> None:
         """Check the run directory, load the corpus, build, restore or initialize the state,
         write config.yaml and the run header."""
         cfg, ckpt, run_dir = self.cfg, self.ckpt, self.run_dir
@@ -213,6 +215,15 @@ class Trainer:
             None if cfg.data.tokenizer == "none" else cfg.data.tokenizer)
         data_lib.check_vocab(self.tokenizer, cfg.model.vocab_size)
         self.corpus = corpus or data_lib.corpus_for(cfg.data, self.tokenizer)
+        self.resume_notes: list[str] = []
+        self.corpus_changed = False
+        if resume:       # the data must be the run's (before anything is built or written)
+            recorded = data_lib.run_corpus(run_dir)
+            note = data_lib.check_fingerprint(recorded, self.corpus.fingerprint,
+                                              what="--resume", allow=allow_corpus_change)
+            if note:
+                self.resume_notes.append(note)
+            self.corpus_changed = recorded is not None and bool(note)
         self.setup = build(cfg, self.devices)
         if cfg.train.memory_check:           # before any state is allocated
             from tfm_jax.train import memory
@@ -221,7 +232,6 @@ class Trainer:
             if too_big:
                 raise ConfigError(too_big)
         self.start_step = 0
-        self.resume_notes: list[str] = []
         if resume:
             # Restore before writing anything: a resume with an incompatible config must leave
             # the run directory (its config.yaml above all) exactly as it was.
@@ -252,6 +262,8 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.atomic_write(run_dir / "config.yaml", cfg.to_yaml())
         data_lib.tokenizer.copy_into(self.tokenizer, run_dir)    # eval/generate/convert read it
+        if jax.process_index() == 0:
+            data_lib.record_run_corpus(run_dir, self.corpus.fingerprint, self.start_step)
         self.param_paths = [jax.tree_util.keystr(p, simple=True, separator="/")
                             for p, _ in jax.tree_util.tree_flatten_with_path(self.state.params)[0]]
         self.flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len, cfg.moe)
@@ -283,7 +295,7 @@ class Trainer:
         loader = loader_lib.TrainLoader(make, steps=t.steps, seed=t.seed,
                                         source=self.corpus.cache_dir.name, start=self.start_step)
         saved = loader_lib.load_state(self.ckpt.directory, self.start_step) if resume else None
-        if saved is not None:
+        if saved is not None and not self.corpus_changed:   # (a new corpus: from start_step)
             loader.set_state(saved)
         return loader
 

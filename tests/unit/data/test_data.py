@@ -1,6 +1,7 @@
 """Tests for tfm_jax.data: tokenizer, corpus discovery/cache, stateless batching, sharding."""
 
 import hashlib
+import json
 import math
 import os
 import pathlib
@@ -12,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tfm_jax import data
 from tfm_jax.data import BOS_ID, EOS_ID, PAD_ID, ByteTokenizer, DataError
+from tfm_jax.data import builtin as builtin_lib
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -45,19 +47,51 @@ def builtin(tmp_path_factory):
     return data.load_corpus(None, cache_dir=str(tmp_path_factory.mktemp("cache")))
 
 
-def test_builtin_files_filtered_and_deterministic():
-    files = data.builtin_corpus_files()
-    root = data._stdlib_root()
+# The built-in corpus is a shipped snapshot: the same bytes, tokens and digest on every Python
+# (both CI legs check these figures, so a corpus that moved with the interpreter would fail one).
+BUILTIN_FILES, BUILTIN_BYTES = 734, 12_118_641
+BUILTIN_TOKENS = (11_569_340, 550_032)
+BUILTIN_DIGEST = "562bbe306d8313446bd58c9c8c51df9e131ef2cc80e313815837f5cdcd8f8ebb"
+
+
+def test_builtin_files_filtered_and_deterministic(builtin):
+    cache = str(builtin.cache_dir.parent)
+    files = data.builtin_corpus_files(cache)
+    root = builtin_lib.root(builtin.cache_dir.parent)
     rel = [f.relative_to(root) for f in files]
-    assert len(files) > 100 and files == data.builtin_corpus_files()
+    assert files == data.builtin_corpus_files(cache) == data.resolve_files(None, cache_dir=cache)
+    assert len(files) == BUILTIN_FILES and sum(f.stat().st_size for f in files) == BUILTIN_BYTES
     assert [r.as_posix() for r in rel] == sorted(r.as_posix() for r in rel)
-    excluded = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+    excluded = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
     assert all(f.suffix == ".py" and not excluded & set(r.parts) for f, r in zip(files, rel))
-    assert data.resolve_files(None) == files
+    assert "os.py" in {r.as_posix() for r in rel} and (builtin_lib.ARCHIVE.parent / "LICENSE.txt").is_file()
+
+
+def test_builtin_corpus_is_the_same_on_every_python(builtin):
+    assert builtin.source == builtin_lib.LABEL
+    assert (builtin.num_train_tokens, builtin.num_val_tokens) == BUILTIN_TOKENS
+    assert builtin.digest == BUILTIN_DIGEST
+    fp = builtin.fingerprint
+    assert fp["digest"] == BUILTIN_DIGEST and fp["tokenizer"] == "byte"
+    assert (fp["train_tokens"], fp["val_tokens"]) == BUILTIN_TOKENS
+    assert fp["train_documents"] + fp["val_documents"] == BUILTIN_FILES - 3   # 3 empty files
+
+
+def test_builtin_archive_damaged_is_one_clear_error(tmp_path, monkeypatch):
+    bad = tmp_path / "copy.tar.xz"
+    raw = bytearray(builtin_lib.ARCHIVE.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    bad.write_bytes(bytes(raw))
+    monkeypatch.setattr(builtin_lib, "ARCHIVE", bad)
+    with pytest.raises(DataError, match="damaged.*reinstall tfm-jax"):
+        data.load_corpus(None, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(builtin_lib, "ARCHIVE", tmp_path / "absent.tar.xz")
+    with pytest.raises(DataError, match="missing"):
+        data.load_corpus(None, cache_dir=str(tmp_path / "cache"))
 
 
 def test_builtin_corpus(builtin, tmp_path):
-    files = data.builtin_corpus_files()
+    files = data.builtin_corpus_files(str(builtin.cache_dir.parent))
     assert builtin.split == "by_file" and builtin.train_files and builtin.val_files
     assert not set(builtin.train_files) & set(builtin.val_files)
     nonempty = [f for f in files if f.stat().st_size > 0]
@@ -74,10 +108,10 @@ def test_builtin_corpus(builtin, tmp_path):
     assert sorted(expected_val) == sorted(builtin.val_files)
     again = data.load_corpus(None, cache_dir=str(tmp_path))  # fresh cache dir: a full rebuild
     assert again.cache_dir != builtin.cache_dir
-    assert again.files == builtin.files
+    assert again.files == builtin.files and again.digest == builtin.digest
     assert np.array_equal(again.val, builtin.val) and np.array_equal(again.train_doc_starts,
                                                                      builtin.train_doc_starts)
-    assert 2.5 < data.unigram_entropy(builtin.train, builtin.val) < 4.0  # ~3.3 nats on CPython 3.11 stdlib
+    assert 2.5 < data.unigram_entropy(builtin.train, builtin.val) < 4.0  # ~3.3 nats
 
 
 def test_builtin_batch_matches_stream(builtin):
@@ -369,3 +403,51 @@ def test_shard_batch_on_all_devices():
         assert out[k].shape == v.shape and out[k].dtype == v.dtype and out[k].sharding == sharding
         assert np.array_equal(np.asarray(out[k]), v)
     assert len(out["inputs"].addressable_shards) == len(devices)
+
+
+# ----------------------------------------------------------------------------- corpus fingerprint
+
+
+def test_fingerprint_follows_content_not_paths(tmp_path):
+    for where in ("a", "b"):
+        for i in range(12):
+            _write(tmp_path / where / f"doc{i}.txt", f"text number {i}\n" * 5)
+    a = data.load_corpus(str(tmp_path / "a"), val_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    b = data.load_corpus(str(tmp_path / "b"), val_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    assert a.cache_dir != b.cache_dir and a.digest == b.digest and len(a.digest) == 64
+    # the digest is sha256 over both splits' streams, recomputed here from the arrays
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        tok, starts = getattr(a, split), getattr(a, f"{split}_doc_starts")
+        h.update(f"{split}.tokens:<u2:{tok.size};".encode() + np.asarray(tok).tobytes())
+        h.update(f"{split}.starts:<i8:{starts.size};".encode() + np.asarray(starts).tobytes())
+    assert a.digest == h.hexdigest()
+    _write(tmp_path / "b" / "doc3.txt", "text number 3\n" * 5 + "one more line\n")
+    changed = data.load_corpus(str(tmp_path / "b"), val_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    assert changed.digest != a.digest
+    other_split = data.load_corpus(str(tmp_path / "a"), val_fraction=0.4, cache_dir=str(tmp_path / "c"))
+    assert other_split.digest != a.digest
+
+
+def test_check_fingerprint_names_both_and_honours_the_override(tmp_path):
+    run = {"digest": "a" * 64, "source": "old.txt", "tokenizer": "byte", "train_tokens": 10,
+           "val_tokens": 2}
+    now = dict(run, digest="b" * 64, source="new.txt", train_tokens=11)
+    assert data.check_fingerprint(run, dict(run), what="eval", allow=False) == ""
+    with pytest.raises(DataError) as err:
+        data.check_fingerprint(run, now, what="--resume", allow=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "aaaaaaaaaaaa" in msg and "bbbbbbbbbbbb" in msg
+    assert "old.txt" in msg and "new.txt" in msg and "--allow-corpus-change" in msg
+    note = data.check_fingerprint(run, now, what="eval", allow=True)
+    assert "aaaaaaaaaaaa" in note and "bbbbbbbbbbbb" in note
+    assert "no corpus fingerprint" in data.check_fingerprint(None, now, what="eval", allow=False)
+    # corpus.json keeps the history of corpora a run trained on
+    data.record_run_corpus(tmp_path, run, 0)
+    data.record_run_corpus(tmp_path, run, 5)          # a resume on the same corpus: no new entry
+    assert data.run_corpus(tmp_path) == run
+    data.record_run_corpus(tmp_path, now, 8)
+    saved = json.loads((tmp_path / "corpus.json").read_text())
+    assert saved["fingerprint"] == now == data.run_corpus(tmp_path)
+    assert [h["from_step"] for h in saved["history"]] == [0, 8]
+    assert data.run_corpus(tmp_path / "absent") is None
