@@ -5,6 +5,8 @@ skips them and CI still runs them once)."""
 import importlib.util
 import pathlib
 
+import pytest
+
 
 def _unit_module(rel: str):
     path = pathlib.Path(__file__).resolve().parents[1] / "unit" / rel
@@ -20,3 +22,36 @@ def test_every_op_set_computes_the_same_unscanned_model():
 
 def test_causal_cores_agree_without_padding():
     _unit_module("layers/test_ops.py").test_causal_cores_agree_values_and_grads(False)
+
+
+@pytest.fixture(scope="module")
+def builtin_corpus(tmp_path_factory):
+    from tfm_jax import data as data_lib
+
+    return data_lib.load_corpus(None, 0.05, str(tmp_path_factory.mktemp("cache")))
+
+
+def test_fp8_state_data_sharded_equals_single_device(tmp_path, builtin_corpus, devices):
+    _unit_module("quant/test_fp8.py").test_sharded_state_equals_single_device(
+        tmp_path, builtin_corpus, devices, ["mesh.data=8"])
+
+
+def test_fp8_dot_quantizing_nothing_trains_exactly_as_fp32(tmp_path, builtin_corpus, devices):
+    _unit_module("quant/test_fp8.py").test_fp8_dot_quantizing_nothing_trains_exactly_as_fp32(
+        tmp_path, builtin_corpus, devices)
+
+
+def test_train_sharded_equals_single_device(tmp_path, builtin_corpus, devices):
+    _unit_module("train/test_train.py").test_sharded_equals_single_device(
+        tmp_path, builtin_corpus, devices)
+
+
+def test_block_causal_path_equals_masked_path():
+    _unit_module("model/test_model.py").test_block_causal_path_equals_masked_path()
+
+
+def test_native_kernels_match_xla_unscanned():
+    kernels = _unit_module("platform/test_kernels.py")
+    if not kernels.OK:
+        pytest.skip(f"native kernels unavailable: {kernels.WHY}")
+    kernels.test_model_native_matches_xla(False, "openblas")

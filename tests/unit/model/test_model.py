@@ -379,6 +379,7 @@ def test_forward_and_loss_match_torch_peer():
     np.testing.assert_allclose(float(loss), t_loss.item(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow     # runs in tests/integration/test_heavy_unit_cases.py
 def test_block_causal_path_equals_masked_path():
     """attn_block_q > 0 (block-causal, custom VJP) vs 0 (full masked scores): same logits and
     gradients, with and without right padding."""

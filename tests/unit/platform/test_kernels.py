@@ -316,7 +316,7 @@ def test_attention_grads_match_finite_differences():
 
 @needs_kernels
 @pytest.mark.parametrize("blas", ["openblas", "mkl"])
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_model_native_matches_xla(scan, blas):
     with _blas(blas):
         _model_native_matches_xla(scan)

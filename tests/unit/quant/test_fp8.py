@@ -329,7 +329,7 @@ def test_state_is_overwritten_not_optimized(tmp_path, corpus, devices):
     assert p0["layers_0"]["attn"]["q_proj"]["fp8"]["input_scale"] == 1.0
 
 
-@pytest.mark.parametrize("mesh", [["mesh.data=8"],
+@pytest.mark.parametrize("mesh", [pytest.param(["mesh.data=8"], marks=pytest.mark.slow),
                                   pytest.param(["mesh.data=1", "mesh.fsdp=8"],
                                                marks=pytest.mark.slow)])
 def test_sharded_state_equals_single_device(tmp_path, corpus, devices, mesh):
@@ -410,6 +410,7 @@ def test_optimizer_labels_come_from_roles_not_flags(tmp_path, devices):
     assert type(sn.opt_state) is type(sd.opt_state)
 
 
+@pytest.mark.slow     # runs in tests/integration/test_heavy_unit_cases.py
 def test_fp8_dot_quantizing_nothing_trains_exactly_as_fp32(tmp_path, corpus, devices):
     """The control of quant.fp8_operands: the FP8 dot with no tensor quantized is the fp32
     model -- same losses and parameters, bit for bit -- so a study's differences come from

@@ -36,6 +36,7 @@ def _batch(cfg, corpus, step=0):
                                 batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len)
 
 
+@pytest.mark.slow     # runs in tests/integration/test_heavy_unit_cases.py
 def test_sharded_equals_single_device(tmp_path, corpus, devices):
     """data 2 x fsdp 2 x tensor 2 on 8 fake devices vs one device: same forward and steps."""
     base = ["train.steps=3"]
