@@ -98,7 +98,7 @@ def _installed(kind):
 @needs_kernels
 @pytest.mark.parametrize("kind", ["openblas", "mkl"])
 @pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
-@pytest.mark.parametrize("m,k,n", [(300, 40, 24), (17, 8, 5), (130, 257, 66)])
+@pytest.mark.parametrize("m,k,n", [(300, 40, 24), (17, 8, 5), (130, 257, 66), (3, 96, 300)])
 def test_gemm_with_each_installed_blas_matches_numpy(kind, ta, tb, m, k, n):
     blas = _installed(kind)
     rng = np.random.default_rng(m + k + n)

@@ -291,6 +291,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tfm_attn_bwd, AttnBwd,
         .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
         .Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>().Attr<int64_t>("block"));
 
+// Column chunk of tfm_gemm with fewer than 32 rows (a multiple of 64: whole BLAS tiles).
+static constexpr int kGemvCols = 128;
+
 // C (m, n) = op(A) @ op(B); A stored (m, k), or (k, m) if ta; B stored (k, n), or (n, k) if tb.
 static ffi::Error Gemm(ffi::ThreadPool pool, F32 a, F32 b,
                        F32Out c, bool ta, bool tb) {
@@ -305,6 +308,18 @@ static ffi::Error Gemm(ffi::ThreadPool pool, F32 a, F32 b,
   // multiple of 64 rows: the BLAS then sees the same row tiling and tail whatever the pool size,
   // so every output row is computed the same way (OpenBLAS rounds rows in a tail tile
   // differently; bitwise resume across processes with other pool sizes relies on this).
+  if (m < 32 && n > kGemvCols && pool.num_threads() > 1) {
+    // Few rows (KV-cache decode: one per sequence): split the columns instead, in fixed
+    // chunks of kGemvCols, so both the work and the result are independent of the pool size.
+    int parts = (n + kGemvCols - 1) / kGemvCols;
+    ParallelFor(pool, parts, [=](int i) {
+      int c0 = i * kGemvCols, c1 = std::min(n, c0 + kGemvCols);
+      const float* Bp = tb ? B + (int64_t)c0 * ldb : B + c0;
+      cblas_sgemm(kRow, ta ? kT : kN, tb ? kT : kN, m, c1 - c0, k, 1.0f, A, lda, Bp, ldb, 0.0f,
+                  C + c0, n);
+    });
+    return ffi::Error::Success();
+  }
   int parts = std::max<int>(1, std::min<int>((int)pool.num_threads(), m / 32));
   int chunk = ((m + parts - 1) / parts + 63) / 64 * 64;
   parts = (m + chunk - 1) / chunk;
