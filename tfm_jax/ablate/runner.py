@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from tfm_jax.core import interrupts, rundir
 from tfm_jax.ablate import plots as plots_lib
 from tfm_jax.ablate.measurements import MEASUREMENTS, RunContext, Series
+from tfm_jax.ablate.provenance import load_average, provenance
 from tfm_jax.ablate.report import aggregate, judge_claim, markdown
 from tfm_jax.ablate.spec import Experiment, MeasurementSpec, load_experiment
 from tfm_jax.config import Config, ConfigError, validate
@@ -204,17 +205,36 @@ def describe_scale(cfg: Config) -> str:
             f"{cfg.data.seq_len} tokens")
 
 
-def short_where(devices: Optional[list], cfg: Optional[Config], n_seeds: int) -> str:
-    """The claims table's default 'where measured': ``CPU x1, d128 L4, 600 steps, 3 seeds``."""
+def short_where(devices: Optional[list], cfg: Optional[Config], n_seeds: int,
+                configs: Optional[list[Config]] = None) -> str:
+    """The claims table's default 'where measured', from ALL variants' configs:
+    ``d128 L4/12/24, 300 steps, byte-level, CPU x1, 3 seeds`` (a key that differs between
+    variants lists its values)."""
     import jax
 
     devs = list(devices or jax.devices())
-    where = f"{devs[0].platform.upper()} x{len(devs)}"
+    dev = f"{devs[0].platform.upper()} x{len(devs)}"
     if devs[0].platform != "cpu":
-        where = f"{getattr(devs[0], 'device_kind', devs[0].platform)} x{len(devs)}"
-    if cfg is not None:
-        where += f", d{cfg.model.d_model} L{cfg.model.n_layers}, {cfg.train.steps} steps"
-    return where + f", {n_seeds} seed{'s' if n_seeds > 1 else ''}"
+        dev = f"{getattr(devs[0], 'device_kind', devs[0].platform)} x{len(devs)}"
+    cfgs = list(configs or ([cfg] if cfg is not None else []))
+    parts = [scale_of(cfgs)] if cfgs else []
+    return ", ".join(parts + [dev, f"{n_seeds} seed{'s' if n_seeds > 1 else ''}"])
+
+
+def scale_of(configs: list[Config]) -> str:
+    """``d128 L4/12/24, 300 steps, byte-level`` over the given runs' configs."""
+    def vals(get) -> str:
+        seen: list[Any] = []
+        for c in configs:
+            v = get(c)
+            if v not in seen:
+                seen.append(v)
+        return "/".join(str(v) for v in sorted(seen, key=lambda x: (str(type(x)), x)))
+
+    tok = vals(lambda c: "byte-level" if c.data.tokenizer == "byte" else
+               f"tokenizer {pathlib.Path(c.data.tokenizer).name}")
+    return (f"d{vals(lambda c: c.model.d_model)} L{vals(lambda c: c.model.n_layers)}, "
+            f"{vals(lambda c: c.train.steps)} steps, {tok}")
 
 
 class _Runner:
@@ -225,6 +245,7 @@ class _Runner:
         self.corpora: dict[tuple, Any] = {}
         self.once_done: set[str] = set()
         self.warnings: list[str] = []
+        self.provenance = provenance(command, devices)
 
     def corpus(self, cfg: Config):
         from tfm_jax import data as data_lib
@@ -278,11 +299,14 @@ class _Runner:
                 if var.init_from is not None:
                     rec["outcome"] += f" from converted {var.init_from.run}/seed{seed}"
             rec["steps"] = cfg.train.steps
+            rec["train_s"] = time.perf_counter() - t0 if result is not None else None
+            t1 = time.perf_counter()
             ctx = RunContext(cfg, cfg.run_dir, variant, seed, train_result=result,
                              devices=self.devices)
             rec["metrics"], rec["series"], errs = measure(
                 ctx, self.exp.measurements, skip_once=variant in self.once_done)
             self.once_done.add(variant)
+            rec["measure_s"] = time.perf_counter() - t1
             if errs:
                 rec["measurement_errors"] = errs
                 for name, e in errs.items():
@@ -337,17 +361,26 @@ class _Runner:
             where += "; " + describe_scale(common)
         except ConfigError:
             common = None
-        short = short_where(self.devices, common, len(exp.seeds))
-        claims = [judge_claim(c.model_dump(), agg, short) for c in exp.claims]
+        configs = []
+        for v in variants:
+            try:
+                configs.append(self.variant_config(v, exp.seeds[0]))
+            except ConfigError:
+                pass
+        short = short_where(self.devices, common, len(exp.seeds), configs)
+        kind = self.provenance["device"]["device_kind"]
+        claims = [judge_claim(c.model_dump(), agg, short, runs, kind) for c in exp.claims]
+        prov = {**self.provenance, "load_end": load_average()}
         return {
             "experiment": {"name": exp.name, "description": exp.description,
                            "variants": variants, "seeds": exp.seeds,
                            "variant_descriptions": {v: exp.variants[v].description
                                                     for v in variants},
+                           "derived_from": exp.derived_from,
                            "measurements": [m.model_dump() for m in exp.measurements],
                            "plots": [p.model_dump() for p in exp.plots],
                            "claims": [c.model_dump() for c in exp.claims]},
-            "command": self.command, "where": where,
+            "command": self.command, "where": where, "provenance": prov,
             "written": datetime.datetime.now().isoformat(timespec="seconds"),
             "runs": runs, "aggregates": agg, "claims": claims, "plots": [],
             "warnings": list(self.warnings)}
