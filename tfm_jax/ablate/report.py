@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import math
+import pathlib
 import re
 from typing import Any, Optional
 
@@ -348,15 +349,37 @@ def judge_claim(claim: dict[str, Any], agg: dict[str, Any], where: str,
             row["stand_in_verdict"] = verdict
             verdict = "not measurable here"
             on = device_kind or "another device"
-            row["why"] = (f"a {claim['device']} claim measured on {on}: the figure is a "
+            row["why"] = (f"a claim about {claim['device']} measured on {on}: the figure is a "
                           f"stand-in ({row['stand_in_verdict']} as such), not the verdict")
         row["verdict"] = verdict
     except NotMeasured as err:
+        if not device_matches(claim.get("device"), device_kind):
+            row["verdict"] = "not measurable here"
+            row["why"] = (f"a claim about {claim['device']}; the results are from "
+                          f"{device_kind or 'another device'} and keep no per-run stand-in "
+                          f"({err})")
+            return row
         row["verdict"] = "not measured"
         row["note"] = (f"{row['note']} [{err}]" if row["note"] else str(err))
     except (ValueError, TypeError, ZeroDivisionError, ArithmeticError) as err:
         row["verdict"] = f"error: {err}"
     return row
+
+
+def scale_of(configs: list[Any]) -> str:
+    """``d128 L4/12/24, 300 steps, byte-level`` over the given runs' configs."""
+    def vals(get) -> str:
+        seen: list[Any] = []
+        for c in configs:
+            v = get(c)
+            if v not in seen:
+                seen.append(v)
+        return "/".join(str(v) for v in sorted(seen, key=lambda x: (str(type(x)), x)))
+
+    tok = vals(lambda c: "byte-level" if c.data.tokenizer == "byte" else
+               f"tokenizer {pathlib.Path(c.data.tokenizer).name}")
+    return (f"d{vals(lambda c: c.model.d_model)} L{vals(lambda c: c.model.n_layers)}, "
+            f"{vals(lambda c: c.train.steps)} steps, {tok}")
 
 
 # --------------------------------------------------------------------------------------------

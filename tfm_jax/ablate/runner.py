@@ -38,7 +38,7 @@ from tfm_jax.core import interrupts, rundir
 from tfm_jax.ablate import plots as plots_lib
 from tfm_jax.ablate.measurements import MEASUREMENTS, RunContext, Series
 from tfm_jax.ablate.provenance import load_average, provenance
-from tfm_jax.ablate.report import aggregate, judge_claim, markdown
+from tfm_jax.ablate.report import aggregate, judge_claim, markdown, scale_of
 from tfm_jax.ablate.spec import Experiment, MeasurementSpec, load_experiment
 from tfm_jax.config import Config, ConfigError, validate
 
@@ -219,22 +219,6 @@ def short_where(devices: Optional[list], cfg: Optional[Config], n_seeds: int,
     cfgs = list(configs or ([cfg] if cfg is not None else []))
     parts = [scale_of(cfgs)] if cfgs else []
     return ", ".join(parts + [dev, f"{n_seeds} seed{'s' if n_seeds > 1 else ''}"])
-
-
-def scale_of(configs: list[Config]) -> str:
-    """``d128 L4/12/24, 300 steps, byte-level`` over the given runs' configs."""
-    def vals(get) -> str:
-        seen: list[Any] = []
-        for c in configs:
-            v = get(c)
-            if v not in seen:
-                seen.append(v)
-        return "/".join(str(v) for v in sorted(seen, key=lambda x: (str(type(x)), x)))
-
-    tok = vals(lambda c: "byte-level" if c.data.tokenizer == "byte" else
-               f"tokenizer {pathlib.Path(c.data.tokenizer).name}")
-    return (f"d{vals(lambda c: c.model.d_model)} L{vals(lambda c: c.model.n_layers)}, "
-            f"{vals(lambda c: c.train.steps)} steps, {tok}")
 
 
 class _Runner:

@@ -155,4 +155,18 @@ def describe(iv: Optional[Interval], level: float = LEVEL) -> str:
 
 
 __all__ = ["CONSISTENT", "DIRECTIONS", "INCONCLUSIVE", "INCONSISTENT", "Interval", "KINDS",
-           "LEVEL", "decide", "describe", "mde", "seeds_needed", "t_interval", "t_quantile"]
+           "LEVEL", "decide", "describe", "mde", "seeds_needed", "t_interval", "t_quantile",
+           "welch_interval"]
+
+
+def welch_interval(m1: float, s1: float, n1: int, m2: float, s2: float, n2: int,
+                   level: float = LEVEL) -> Interval:
+    """The Welch t interval of ``mean1 - mean2`` from summary statistics (unpaired: for
+    results that kept only each variant's mean and sd; wider than the paired interval when
+    seeds share data order)."""
+    v1, v2 = s1 ** 2 / n1, s2 ** 2 / n2
+    se = math.sqrt(v1 + v2)
+    df = (v1 + v2) ** 2 / (v1 ** 2 / (n1 - 1) + v2 ** 2 / (n2 - 1)) if se > 0 else n1 + n2 - 2
+    half = t_quantile(0.5 + level / 2, df) * se
+    d = m1 - m2
+    return Interval(min(n1, n2), d, se * math.sqrt(min(n1, n2)), d - half, d + half)
