@@ -382,6 +382,59 @@ def scale_of(configs: list[Any]) -> str:
             f"{vals(lambda c: c.train.steps)} steps, {tok}")
 
 
+def pilot_runs(path: str) -> list[dict[str, Any]]:
+    """The runs of a pilot's results.json (``--dry-run --pilot``); ExperimentError otherwise."""
+    import json
+
+    from tfm_jax.ablate.spec import ExperimentError
+
+    p = pathlib.Path(path)
+    try:
+        runs = json.loads(p.read_text()).get("runs")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ExperimentError(f"--pilot {path}: not a readable results.json ({err})") from None
+    if not runs:
+        raise ExperimentError(f"--pilot {path}: no runs in it (a results.json of tfm-jax "
+                              "ablate)")
+    return runs
+
+
+def seed_plan(exp: Any, runs: Optional[list[dict[str, Any]]] = None,
+              sd: Optional[float] = None) -> list[str]:
+    """Lines of ``--dry-run``: per declared claim, the per-seed sd (from the pilot's runs, or
+    the stated ``sd``), the minimum detectable effect at the experiment's seeds and the seeds
+    its margin needs (superiority: to detect the pilot's effect)."""
+    from tfm_jax.ablate import verdict as V
+
+    n = len(exp.seeds)
+    out = [f"seeds needed (paired 95 % t test, 80 % power; {n} seed(s) declared):"]
+    for c in exp.claims:
+        if c.kind is None:
+            continue
+        s, effect = sd, None
+        if runs is not None:
+            try:
+                vals = [v for _, v in per_seed_values(c.metric, runs, list(exp.variants))]
+            except (NotMeasured, ValueError, TypeError, ZeroDivisionError) as err:
+                out.append(f"  {c.claim[:70]}: pilot lacks it ({err})")
+                continue
+            iv = V.t_interval(vals)
+            if iv is None or iv.sd is None:
+                out.append(f"  {c.claim[:70]}: pilot has {len(vals)} seed(s); needs two")
+                continue
+            s = iv.sd
+            effect = abs(iv.mean - float(c.expected or 0))
+        if s is None:
+            continue
+        margin = c.margin_value() if c.kind != "superiority" else effect
+        need = V.seeds_needed(s, margin) if margin else None
+        out.append(f"  {c.claim[:70]}: sd {s:.3g}, min. detectable effect at {n} seeds "
+                   f"{V.mde(s, n):.3g}; "
+                   + (f"{need} seeds for {'margin' if c.kind != 'superiority' else 'effect'} "
+                      f"{margin:.3g}" if need else "no margin or effect to size against"))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Formatting and results.md.
 

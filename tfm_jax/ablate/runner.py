@@ -38,7 +38,8 @@ from tfm_jax.core import interrupts, rundir
 from tfm_jax.ablate import plots as plots_lib
 from tfm_jax.ablate.measurements import MEASUREMENTS, RunContext, Series
 from tfm_jax.ablate.provenance import load_average, provenance
-from tfm_jax.ablate.report import aggregate, judge_claim, markdown, scale_of
+from tfm_jax.ablate.report import (aggregate, judge_claim, markdown, pilot_runs, scale_of,
+                                   seed_plan)
 from tfm_jax.ablate.spec import Experiment, MeasurementSpec, load_experiment
 from tfm_jax.config import Config, ConfigError, validate
 
@@ -372,7 +373,8 @@ class _Runner:
 
 def run_experiment(experiment: str | pathlib.Path | Experiment, *, devices: Optional[list] = None,
                    dry_run: bool = False, command: Optional[str] = None,
-                   progress: bool = True) -> ExperimentResult:
+                   progress: bool = True, pilot: Optional[str] = None,
+                   sd: Optional[float] = None) -> ExperimentResult:
     """Run (or continue) an experiment; see the module docstring. ``devices``: the devices each
     run uses (default all). ``dry_run``: validate every run's config and print the plan."""
     exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
@@ -390,6 +392,8 @@ def run_experiment(experiment: str | pathlib.Path | Experiment, *, devices: Opti
                       + f" -> {cfg.run_dir}")
             except ConfigError as err:
                 print(f"{v}/seed{s}: INVALID: {err}")
+        if pilot is not None or sd is not None:
+            print("\n" + "\n".join(seed_plan(exp, pilot_runs(pilot) if pilot else None, sd)))
         return ExperimentResult({}, out, 0, {})
     rundir.check_run_dir(out)       # the experiment's folder and every run in it: no links
     out.mkdir(parents=True, exist_ok=True)

@@ -144,3 +144,19 @@ def test_bad_declarations_name_the_claim(claim, match):
     with pytest.raises(ExperimentError, match=match) as err:
         load_experiment("x.yaml", raw)
     assert "claims.0" in str(err.value)
+
+
+def test_seed_plan_from_a_pilot_and_a_stated_sd():
+    raw = {"name": "x", "variants": {"a": {}, "b": {}}, "seeds": [0, 1],
+           "claims": [{"claim": "b within 0.1 of a", "metric": "val_loss[b] - val_loss[a]",
+                       "kind": "equivalence", "margin": 0.1}]}
+    exp = load_experiment("x.yaml", raw)
+    d = [0.05, -0.02, 0.03, 0.0]
+    runs = _runs([1.0] * 4, [1.0 + x for x in d])
+    runs = [{**r, "metrics": {"val_loss": r["metrics"]["loss"]}} for r in runs]
+    lines = report.seed_plan(exp, runs)
+    sd = np.std(d, ddof=1)
+    want = V.seeds_needed(sd, 0.1)
+    assert f"sd {sd:.3g}" in lines[1] and f"{want} seeds for margin 0.1" in lines[1]
+    assert f"{V.mde(sd, 2):.3g}" in lines[1]
+    assert f"{V.seeds_needed(0.2, 0.1)} seeds" in report.seed_plan(exp, sd=0.2)[1]
