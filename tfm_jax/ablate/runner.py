@@ -381,7 +381,9 @@ def run_experiment(experiment: str | pathlib.Path | Experiment, *, devices: Opti
     exp.common_config()                      # base + overrides: an error here stops everything
     command = command or " ".join(["tfm-jax ablate", str(experiment)])
     runner = _Runner(exp, devices, command)
-    plan = [(v, s) for v in exp.order() for s in exp.seeds]
+    # seed-major: the variants of one seed run back to back (an init_from source first), so a
+    # change of machine load over the experiment spreads over every variant (timings compare)
+    plan = [(v, s) for s in exp.seeds for v in exp.order()]
     out = exp.out
     if dry_run:
         for v, s in plan:
