@@ -297,6 +297,10 @@ class _Runner:
                 for name, e in errs.items():
                     self.warnings.append(f"{variant}/seed{seed}: measurement {name} failed: {e}")
             rec["curves"] = _curves(cfg.run_dir)
+            val = rec["curves"].setdefault("val", [])
+            if "val_loss" in rec["metrics"] and (not val or val[-1][0] < cfg.train.steps):
+                # a short run (eval_every past its end): the final evaluation closes the curve
+                val.append([cfg.train.steps, rec["metrics"]["val_loss"]])
             if var.init_from is not None:
                 # plotted after the source run: steps continue from its last one, and the
                 # evaluation right after conversion is the first validation point
