@@ -99,7 +99,17 @@ def test_derived_experiment_from_the_command_line(tmp_path, capsys, monkeypatch)
         "fp32", 0).quant.recipe == "none"
     # claims naming a dropped variant are dropped, the others kept
     assert [c.metric for c in d.claims] == [exp.claims[0].metric]
-    assert exp.derive(seeds=[0]).claims == exp.claims and exp.derive(seeds=[0]).name == exp.name
+    assert [c.metric for c in exp.derive(seeds=[0]).claims] == [c.metric for c in exp.claims]
+    assert exp.derive(seeds=[0]).name == exp.name
+    # the derived experiment describes its own runs: its steps, seeds and variants, not the
+    # file's ("600 steps ... seeds 0-2"); the file's claim notes are marked as the file's
+    assert d.description.startswith("Derived from fp8_training_long (--set train.steps=1200")
+    assert "1200 steps (common config), seeds 3, 4, variants fp8_delayed, fp32" in d.description
+    assert "600" not in d.description and d.derived_from == "fp8_training_long"
+    noted = exp.model_copy(update={"claims": [exp.claims[0].model_copy(
+        update={"note": "runs trained 630 steps"})]}).derive(seeds=[0])
+    assert noted.claims[0].note == ("(written for fp8_training_long's own runs) runs trained "
+                                    "630 steps")
     assert exp.seeds == [0, 1, 2] and len(exp.variants) == 4      # the original is unchanged
     for bad, match in [(dict(variants=["fp32", "nope"]), "nope: not a variant"),
                        (dict(variants=["fp32", "fp32"]), "twice"),
