@@ -323,10 +323,6 @@ def judge_claim(claim: dict[str, Any], agg: dict[str, Any], where: str,
                 row["why"] = ("no per-run data: not judged" if kind else
                               "no declared kind: reported, not judged")
             return row
-        from tfm_jax.ablate.spec import ClaimSpec
-
-        spec = ClaimSpec.model_validate({k: v for k, v in claim.items()
-                                         if k in ClaimSpec.model_fields})
         pairs = per_seed_values(metric, runs, list(agg.get("scalars", {})) or
                                 sorted({r["variant"] for r in runs}))
         values = [v for _, v in pairs]
@@ -337,7 +333,8 @@ def judge_claim(claim: dict[str, Any], agg: dict[str, Any], where: str,
                           exact=bool(claim.get("deterministic")))
         expected = float(claim["expected"]) if isinstance(claim.get("expected"),
                                                           (int, float)) else 0.0
-        verdict, why = V.decide(kind, iv, expected=expected, margin=spec.margin_value(),
+        verdict, why = V.decide(kind, iv, expected=expected, margin=V.margin_value(claim.get("margin"), claim.get("expected"),
+                                                       f"claim {claim['claim'][:60]!r}"),
                                 direction=claim.get("direction"),
                                 timing=bool(claim.get("timing")))
         row.update(measured=sum(values) / len(values), values=values,
@@ -380,23 +377,6 @@ def scale_of(configs: list[Any]) -> str:
                f"tokenizer {pathlib.Path(c.data.tokenizer).name}")
     return (f"d{vals(lambda c: c.model.d_model)} L{vals(lambda c: c.model.n_layers)}, "
             f"{vals(lambda c: c.train.steps)} steps, {tok}")
-
-
-def pilot_runs(path: str) -> list[dict[str, Any]]:
-    """The runs of a pilot's results.json (``--dry-run --pilot``); ExperimentError otherwise."""
-    import json
-
-    from tfm_jax.ablate.spec import ExperimentError
-
-    p = pathlib.Path(path)
-    try:
-        runs = json.loads(p.read_text()).get("runs")
-    except (OSError, ValueError, AttributeError) as err:
-        raise ExperimentError(f"--pilot {path}: not a readable results.json ({err})") from None
-    if not runs:
-        raise ExperimentError(f"--pilot {path}: no runs in it (a results.json of tfm-jax "
-                              "ablate)")
-    return runs
 
 
 def seed_plan(exp: Any, runs: Optional[list[dict[str, Any]]] = None,

@@ -38,8 +38,7 @@ from tfm_jax.core import interrupts, rundir
 from tfm_jax.ablate import plots as plots_lib
 from tfm_jax.ablate.measurements import MEASUREMENTS, RunContext, Series
 from tfm_jax.ablate.provenance import load_average, provenance
-from tfm_jax.ablate.report import (aggregate, judge_claim, markdown, pilot_runs, scale_of,
-                                   seed_plan)
+from tfm_jax.ablate.report import aggregate, judge_claim, markdown, scale_of, seed_plan
 from tfm_jax.ablate.spec import Experiment, MeasurementSpec, load_experiment
 from tfm_jax.config import Config, ConfigError, validate
 
@@ -373,6 +372,23 @@ class _Runner:
             "written": datetime.datetime.now().isoformat(timespec="seconds"),
             "runs": runs, "aggregates": agg, "claims": claims, "plots": [],
             "warnings": list(self.warnings)}
+
+
+def pilot_runs(path: str) -> list[dict[str, Any]]:
+    """The runs of a pilot's results.json (``--dry-run --pilot``); ExperimentError otherwise."""
+    import json
+
+    from tfm_jax.ablate.spec import ExperimentError
+
+    p = pathlib.Path(path)
+    try:
+        runs = json.loads(p.read_text()).get("runs")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ExperimentError(f"--pilot {path}: not a readable results.json ({err})") from None
+    if not runs:
+        raise ExperimentError(f"--pilot {path}: no runs in it (a results.json of tfm-jax "
+                              "ablate)")
+    return runs
 
 
 def run_experiment(experiment: str | pathlib.Path | Experiment, *, devices: Optional[list] = None,

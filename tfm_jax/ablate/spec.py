@@ -180,22 +180,9 @@ class ClaimSpec(_Strict):
 
     def margin_value(self) -> Optional[float]:
         """The margin as a number (``"10%"`` -> 10 % of ``|expected|``)."""
-        m = self.margin
-        name = f"claim {self.claim[:60]!r}"
-        if m is None:
-            return None
-        if isinstance(m, str):
-            hit = re.fullmatch(r"\s*([0-9.eE+-]+)\s*%\s*", m)
-            if not hit or not isinstance(self.expected, (int, float)) or not self.expected:
-                raise ValueError(f"{name}: margin {m!r}: a number, or 'X%' of a non-zero "
-                                 "numeric expected")
-            try:
-                m = float(hit.group(1)) / 100 * abs(float(self.expected))
-            except ValueError:
-                raise ValueError(f"{name}: margin {m!r} is not a number") from None
-        if not m > 0:
-            raise ValueError(f"{name}: margin {m!r} must be > 0")
-        return float(m)
+        from tfm_jax.ablate.verdict import margin_value
+
+        return margin_value(self.margin, self.expected, f"claim {self.claim[:60]!r}")
 
 
 def _is_comparator(check: str) -> bool:

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+import re
+from typing import Any, Optional, Sequence
 
 CONSISTENT, INCONSISTENT, INCONCLUSIVE = "consistent", "inconsistent", "inconclusive"
 KINDS = ("superiority", "equivalence", "non_inferiority", "point")
@@ -102,6 +103,32 @@ def seeds_needed(sd: float, margin: float, *, level: float = LEVEL, power: float
         if mde(sd, n, level=level, power=power) <= margin:
             return n
     return None
+
+
+def margin_value(margin: Any, expected: Any, name: str = "claim") -> Optional[float]:
+    """A declared margin as a number: a number, a numeric string, or ``"X%"`` of
+    ``|expected|``; ValueError (naming ``name``) otherwise or when not > 0."""
+    if margin is None:
+        return None
+    m = margin
+    if isinstance(m, str):
+        hit = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(%?)\s*", m)
+        try:
+            num = float(hit.group(1)) if hit else None
+        except ValueError:
+            num = None
+        if num is None:
+            raise ValueError(f"{name}: margin {margin!r}: a number, or 'X%' of a non-zero "
+                             "numeric expected")
+        if hit.group(2):
+            if not isinstance(expected, (int, float)) or not expected:
+                raise ValueError(f"{name}: margin {margin!r}: 'X%' needs a non-zero numeric "
+                                 "expected")
+            num = num / 100 * abs(float(expected))
+        m = num
+    if not m > 0:
+        raise ValueError(f"{name}: margin {margin!r} must be > 0")
+    return float(m)
 
 
 def decide(kind: str, iv: Optional[Interval], *, expected: float = 0.0,
