@@ -323,7 +323,7 @@ def from_study(study: str, contains: str, *, measured: Optional[Callable[[Any], 
         elif v == NOT_MEASURABLE:
             try:
                 committed = src.claim_row(study, contains).get("measured")
-                text = f"stand-in (committed results, mean over seeds): {fmt(committed)}"
+                text = f"stand-in (committed results.md): {fmt(committed)}"
             except Missing:
                 text = "—"
         extra = [note, str(row.get("note") or "") if not note else "", row.get("why") or ""]

@@ -391,6 +391,9 @@ def seed_plan(exp: Any, runs: Optional[list[dict[str, Any]]] = None,
     for c in exp.claims:
         if c.kind is None:
             continue
+        if c.deterministic:
+            out.append(f"  {c.claim[:70]}: deterministic, one seed decides")
+            continue
         s, effect = sd, None
         if runs is not None:
             try:
@@ -407,11 +410,13 @@ def seed_plan(exp: Any, runs: Optional[list[dict[str, Any]]] = None,
         if s is None:
             continue
         margin = c.margin_value() if c.kind != "superiority" else effect
+        what = "margin" if c.kind != "superiority" else "effect"
         need = V.seeds_needed(s, margin) if margin else None
         out.append(f"  {c.claim[:70]}: sd {s:.3g}, min. detectable effect at {n} seeds "
                    f"{V.mde(s, n):.3g}; "
-                   + (f"{need} seeds for {'margin' if c.kind != 'superiority' else 'effect'} "
-                      f"{margin:.3g}" if need else "no margin or effect to size against"))
+                   + (f"{need} seeds for {what} {margin:.3g}" if need else
+                      f"more than 10,000 seeds for {what} {margin:.3g}" if margin else
+                      "no margin or effect to size against"))
     return out
 
 
