@@ -123,12 +123,15 @@ def _claims_from_markdown(text: str) -> list[dict[str, Any]]:
 def _runs_from_markdown(text: str) -> list[dict[str, Any]]:
     """Per-run validation loss of the ``## Runs`` table (4 significant digits; perplexity =
     exp(val_loss), the byte-level definition of the measurement)."""
-    runs = []
+    runs, col = [], None
     for c in _table_rows(text, "Runs"):
-        if c[0] == "variant" or len(c) < 6:
+        if c[0] == "variant":
+            col = c.index("val_loss") if "val_loss" in c else None
+            continue
+        if col is None or len(c) <= col:
             continue
         try:
-            loss = float(c[5].replace(",", ""))
+            loss = float(c[col].replace(",", ""))
         except ValueError:
             continue
         runs.append({"variant": c[0], "seed": int(c[1]), "status": c[2],

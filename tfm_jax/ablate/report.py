@@ -552,11 +552,12 @@ def markdown(results: dict[str, Any]) -> str:
             out += ["Notes: " + " ".join(f"({i}) {n}" for i, n in notes), ""]
     out += ["## Runs", ""]
     rows = [[r["variant"], str(r["seed"]), r["status"], r.get("outcome", ""),
-             fmt(r.get("wall_s")), fmt(r.get("metrics", {}).get("val_loss")),
+             fmt(r.get("wall_s")), fmt(r.get("train_s")), fmt(r.get("measure_s")),
+             fmt(r.get("metrics", {}).get("val_loss")),
              (r.get("error") or "").splitlines()[0][:160] if r.get("error") else ""]
             for r in results["runs"]]
-    out += [_table(["variant", "seed", "status", "outcome", "wall s", "val_loss", "error"],
-                   rows), ""]
+    out += [_table(["variant", "seed", "status", "outcome", "wall s", "train s", "measure s",
+                    "val_loss", "error"], rows), ""]
     if results.get("plots"):
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in results["plots"]] + [""]
     if results.get("warnings"):
