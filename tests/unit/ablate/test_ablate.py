@@ -110,7 +110,7 @@ def test_derived_experiment_from_the_command_line(tmp_path, capsys, monkeypatch)
         update={"note": "runs trained 630 steps"})]}).derive(seeds=[0])
     assert noted.claims[0].note == ("(written for fp8_training_long's own runs) runs trained "
                                     "630 steps")
-    assert exp.seeds == [0, 1, 2] and len(exp.variants) == 4      # the original is unchanged
+    assert exp.seeds == [0, 1, 2, 3, 4] and len(exp.variants) == 4      # the original stays
     for bad, match in [(dict(variants=["fp32", "nope"]), "nope: not a variant"),
                        (dict(variants=["fp32", "fp32"]), "twice"),
                        (dict(seeds=[1, 1]), "repeat"),
