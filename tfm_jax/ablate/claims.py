@@ -548,9 +548,14 @@ def depth_gradients(src: Sources) -> Finding:
             + ", ".join(f"{x:.3g}" for x in pre) + "; post24_w "
             + ", ".join(f"{x:.3g}" for x in post)
             + f"; log(post/pre) {V.describe(iv)}")
+    init = ""
+    if any("grad_norm_init" in r for r in rows):
+        pi, qi = spreads("pre24_w", "init"), spreads("post24_w", "init")
+        init = (f"; at initialisation the spreads are pre24_w {', '.join(f'{x:.3g}' for x in pi)}"
+                f", post24_w {', '.join(f'{x:.3g}' for x in qi)} (not judged)")
     return Finding(text, verdict, src.where("norm_depth"),
-                   "gradient L2 norm per block on one training batch; a large max/min is an "
-                   f"uneven gradient across depth; {why}")
+                   "gradient L2 norm per block on one training batch, judged after training; "
+                   f"a large max/min is an uneven gradient across depth; {why}{init}")
 
 
 # --------------------------------------------------------------------------------------------
