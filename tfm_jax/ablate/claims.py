@@ -164,35 +164,58 @@ TIMING_NO_SPREAD = ("timing without recorded spread: the results keep one median
                     "spread against effect cannot be checked (re-run with the repeats kept)")
 
 
+OP_CLAIM = {"kind": "point", "expected": 0.85, "margin": 0.10}   # "~15 % less": 5-25 %
+
+
+def _op_timing(rows: list[dict[str, Any]], num: str, den: str) -> tuple[str, str]:
+    """(verdict, reason) of "num / den ~ 0.85" from the interleaved rounds of every width:
+    per width the t interval of the per-round ratio (rounds pair the two ops in time) under
+    the timing rule; consistent when every width is, inconsistent when any is. Without the
+    rounds (an older file): inconclusive."""
+    if not all("repeats_ms" in r for r in rows):
+        return INCONCLUSIVE, TIMING_NO_SPREAD
+    verdicts, parts = [], []
+    for r in rows:
+        ratios = [a / b for a, b in zip(r["repeats_ms"][num], r["repeats_ms"][den])]
+        iv = V.t_interval(ratios)
+        v, why = V.decide(OP_CLAIM["kind"], iv, expected=OP_CLAIM["expected"],
+                          margin=OP_CLAIM["margin"], timing=True)
+        verdicts.append(v)
+        parts.append(f"d={r['d']}: {V.describe(iv)} -> {v}")
+    v = (INCONSISTENT if INCONSISTENT in verdicts else CONSISTENT
+         if all(x == CONSISTENT for x in verdicts) else INCONCLUSIVE)
+    return v, ("per-round ratio, claim 0.85 ± 0.10 (timing rule): " + "; ".join(parts))
+
+
 def norm_speed(src: Sources) -> Finding:
-    """The op timing of benchmarks/norm_speed.py: RMSNorm / LayerNorm per width. The file
-    keeps one median per width (no repeats), so the timing rule cannot decide: inconclusive,
-    with the figures."""
+    """The op timing of benchmarks/norm_speed.py: RMSNorm / LayerNorm (XLA ops) per width,
+    decided by :func:`_op_timing`."""
     res = src.results("norm_speed")
     rows = res["rows"]
     parts = [f"d={r['d']}: fwd {r['rms_over_ln_fwd']:.2f}x, fwd+bwd {r['rms_over_ln_fwd_bwd']:.2f}x"
              for r in rows]
     saving = 1 - sum(r["rms_over_ln_fwd"] for r in rows) / len(rows)
     saving_fb = 1 - sum(r["rms_over_ln_fwd_bwd"] for r in rows) / len(rows)
-    spread = any("spread" in r or "repeats_ms" in r for r in rows)
-    return Finding("RMSNorm / LayerNorm time (jitted XLA ops): " + "; ".join(parts),
-                   INCONCLUSIVE, res.get("where", ""),
+    verdict, why = _op_timing(rows, "rms_fwd", "ln_fwd")
+    return Finding("RMSNorm / LayerNorm time (jitted XLA ops, medians): " + "; ".join(parts),
+                   verdict, res.get("where", ""),
                    f"mean saving: forward {saving:.0%}, forward + backward {saving_fb:.0%} "
-                   "(claim: 15 %)" + ("" if spread else f"; {TIMING_NO_SPREAD}"))
+                   f"(claim: 15 %); {why}")
 
 
 def native_rmsnorm(src: Sources) -> Finding:
-    """The project's native CPU RMSNorm kernel against XLA's LayerNorm (same file): reported
-    beside the op claim; the same timing rule applies."""
+    """The project's native CPU RMSNorm kernel against XLA's LayerNorm (same file): the same
+    claim and timing rule."""
     res = src.results("norm_speed")
     rows = [r for r in res["rows"] if "rms_ops_over_ln_fwd" in r]
     if not rows:
         raise Missing("no native-kernel timing in norm_speed.json", STUDIES["norm_speed"][1])
     ratios = [r["rms_ops_over_ln_fwd"] for r in rows]
-    return Finding("native RMSNorm kernel / XLA LayerNorm, forward: " + "; ".join(
-        f"d={r['d']}: {r['rms_ops_over_ln_fwd']:.2f}x" for r in rows), INCONCLUSIVE,
-        res.get("where", ""), f"the native kernel is {min(ratios):.2f}-{max(ratios):.2f}x the "
-        f"LayerNorm time (slower, not 15 % faster); {TIMING_NO_SPREAD}")
+    verdict, why = _op_timing(rows, "rms_ops_fwd", "ln_fwd")
+    return Finding("native RMSNorm kernel / XLA LayerNorm, forward (medians): " + "; ".join(
+        f"d={r['d']}: {r['rms_ops_over_ln_fwd']:.2f}x" for r in rows), verdict,
+        res.get("where", ""), f"the native kernel takes {min(ratios):.2f}-{max(ratios):.2f}x "
+        f"the LayerNorm time (slower, not 15 % faster); {why}")
 
 
 def combined(study: str, parts: list[str], how: str = "all") -> Callable[[Sources], Finding]:

@@ -164,6 +164,21 @@ def test_norm_speed_rows_are_inconclusive_without_spread(tmp_path):
     assert f.verdict == INCONCLUSIVE and "1.40-2.00x" in f.note
 
 
+@pytest.mark.parametrize("rms, want", [
+    ([0.84, 0.86, 0.85, 0.85, 0.86], CONSISTENT),         # ratio ~0.85, tight
+    ([1.40, 1.42, 1.38, 1.41, 1.39], INCONSISTENT),       # the op is slower
+    ([0.5, 1.3, 0.7, 1.2, 0.6], INCONCLUSIVE),            # spread above the effect
+])
+def test_op_timing_from_interleaved_rounds(tmp_path, rms, want):
+    ln = [1.0, 1.1, 0.9, 1.0, 1.05]
+    row = {"d": 128, "rms_over_ln_fwd": 0.85, "rms_over_ln_fwd_bwd": 0.5,
+           "repeats_ms": {"ln_fwd": ln, "rms_fwd": [r * x for r, x in zip(rms, ln)]}}
+    _write(tmp_path, "norm_speed", {"where": "cpu", "rows": [row]})
+    f = claims.norm_speed(Sources(tmp_path))
+    iv = sps.ttest_1samp(rms, 0.85).confidence_interval(0.95)
+    assert f.verdict == want and claims.fmt(iv.low)[:5] in f.note
+
+
 def _quant(**over):
     base = {
         "reversed": {"max_amax": 34.0, "flushed": 0.19, "nonfinite": 0.0, "rel_err": 0.1},
