@@ -356,6 +356,8 @@ class _Runner:
             except ConfigError:
                 pass
         short = short_where(self.devices, common, len(exp.seeds), configs)
+        if len(configs) > 1:
+            where += f" (variants: {scale_of(configs)})"
         kind = self.provenance["device"]["device_kind"]
         claims = [judge_claim(c.model_dump(), agg, short, runs, kind) for c in exp.claims]
         prov = {**self.provenance, "load_end": load_average()}
