@@ -230,6 +230,8 @@ def test_provenance_and_times(ablation):
         if r["status"] == "ok" and "read back" not in r.get("outcome", ""):
             assert r["train_s"] > 0 and r["measure_s"] > 0
             assert r["train_s"] + r["measure_s"] <= r["wall_s"] + 1e-6
+        if r["status"] == "ok":      # the final evaluation closes every validation curve
+            assert r["curves"]["val"][-1][0] == r["steps"] + r.get("step_offset", 0)
 
 
 def test_rerun_skips_resumes_and_refuses_changes(ablation, corpus, monkeypatch):

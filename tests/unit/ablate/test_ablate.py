@@ -236,3 +236,23 @@ def test_paired_deltas_against_numpy():
     md = markdown(res)
     sem = np.std(want, ddof=1) / np.sqrt(2)
     assert f"| Δ% val_loss | {want.mean():+.2f} % ± {sem:.2f} (n 2) |" in md
+
+
+def test_layer_axes_get_integer_ticks():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tfm_jax.ablate import plots
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2, 3], [1.0, 2.0, 1.5, 1.2])
+    plots.integer_ticks(ax, "layer")
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    ax2 = fig.add_subplot(212)
+    ax2.plot([0, 1], [0, 1])
+    plots.integer_ticks(ax2, "kv_bytes")                 # other axes keep their ticks
+    fig.canvas.draw()
+    assert not all(float(t).is_integer() for t in ax2.get_xticks())
+    plt.close(fig)
