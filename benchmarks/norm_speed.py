@@ -92,6 +92,8 @@ def bench_dim(d: int, tokens: int, iters: int, repeats: int) -> dict:
             "rms_over_ln_fwd": med["rms_fwd"] / med["ln_fwd"],
             "rms_over_ln_fwd_bwd": med["rms_fwd_bwd"] / med["ln_fwd_bwd"],
             "rms_ops_over_ln_fwd": med["rms_ops_fwd"] / med["ln_fwd"],
+            # every interleaved round, so a reader can pair them and see the spread
+            "repeats_ms": {k: [1e3 * t for t in v] for k, v in times.items()},
             "ops": ops.describe()}
 
 
@@ -99,6 +101,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     import jax
 
+    from tfm_jax.ablate.provenance import provenance
     from tfm_jax.ablate.runner import describe_machine
 
     rows = []
@@ -111,11 +114,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f"{m['rms_ops_fwd']:7.3f} ms ({r['rms_ops_over_ln_fwd']:.2f}x) | fwd+bwd LN "
               f"{m['ln_fwd_bwd']:7.3f} ms, RMS {m['rms_fwd_bwd']:7.3f} ms "
               f"({r['rms_over_ln_fwd_bwd']:.2f}x)")
+    res_command = "python benchmarks/norm_speed.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
     res = {"where": describe_machine(jax.devices()[:1]) + "; shared machine, load average "
-           f"{os.getloadavg()[0]:.1f} at the end", "command": "python benchmarks/norm_speed.py "
-           + " ".join(argv if argv is not None else sys.argv[1:]),
+           f"{os.getloadavg()[0]:.1f} at the end", "command": res_command,
            "rows": rows, "note": "wall-clock, interleaved medians, on a CPU shared with other "
-           "jobs: indicative only"}
+           "jobs: indicative only",
+           "provenance": provenance(res_command, jax.devices()[:1])}
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.out).write_text(json.dumps(res, indent=1))

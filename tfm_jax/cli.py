@@ -539,7 +539,12 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="experiment YAML (e.g. experiments/attention.yaml) or the "
                    "name of a shipped one (attention, smoke)")
     p.add_argument("--dry-run", action="store_true", help="validate every run's config and "
-                   "show what would be trained, skipped or resumed; train nothing")
+                   "show what would be trained, skipped or resumed; train nothing. With --pilot "
+                   "or --sd: the seeds each declared claim needs for its margin")
+    p.add_argument("--pilot", metavar="RESULTS_JSON", help="with --dry-run: a pilot's "
+                   "results.json; each claim's per-seed sd comes from its runs")
+    p.add_argument("--sd", type=float, metavar="SD", help="with --dry-run: a stated per-seed "
+                   "standard deviation of every claim's metric (instead of --pilot)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every run, after the experiment's own (a "
                    "variant's value still wins); repeatable; needs --name")
@@ -574,7 +579,10 @@ def run_ablate(args) -> int:
                     if getattr(args, k)])
     interrupts.note("before the first run of the experiment; nothing trained")
     try:
-        res = run_experiment(experiment, dry_run=args.dry_run,
+        if (args.pilot or args.sd is not None) and not args.dry_run:
+            raise ExperimentError("--pilot and --sd size the seeds of a plan: use them with "
+                                  "--dry-run")
+        res = run_experiment(experiment, dry_run=args.dry_run, pilot=args.pilot, sd=args.sd,
                              command=shlex.join(["tfm-jax", "ablate", args.experiment])
                              + "".join(f" {f}" for f in flags))
     except train_lib.Interrupted as err:

@@ -275,27 +275,41 @@ def measure_decode(ctx: RunContext) -> dict[str, Any]:
     prefill and compilation excluded), on random prompts.
 
     Options: ``contexts`` (prompt lengths, default ``[data.seq_len]``), ``batches`` (default
-    ``[1]``), ``new_tokens`` (default 32), ``kv_cache`` (default the run's ``quant.kv_cache``).
-    Gives the series ``decode`` (by context, batch: ``decode_tokens_per_s``,
-    ``decode_step_ms``). Decoding is timing: use ``once: true`` and a quiet machine."""
+    ``[1]``), ``new_tokens`` (default 32), ``kv_cache`` (default the run's ``quant.kv_cache``),
+    ``repeats`` (default 3: every point is measured ``repeats`` times, the points interleaved
+    round-robin so a load change hits them alike). Gives the series ``decode`` (by context,
+    batch): ``decode_tokens_per_s`` and ``decode_step_ms`` = the median of the repeats, with
+    their spread ``decode_tokens_per_s_min`` / ``_max``. Decoding is timing: use ``once:
+    true`` and a quiet machine."""
+    import statistics
+
     from tfm_jax.generate import decode_speed
 
-    ctx.check_options({"contexts", "batches", "new_tokens", "kv_cache"})
+    ctx.check_options({"contexts", "batches", "new_tokens", "kv_cache", "repeats"})
     contexts = [int(c) for c in ctx.option("contexts", [ctx.cfg.data.seq_len])]
     batches = [int(b) for b in ctx.option("batches", [1])]
     new_tokens = int(ctx.option("new_tokens", 32))
+    repeats = int(ctx.option("repeats", 3))
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: at least 1")
     kv_cache = ctx.option("kv_cache", ctx.cfg.quant.kv_cache)
     setup, state = ctx.restore()
     variables = {"params": state.params, **state.model_state}
-    rows = []
+    points = [(c, b) for c in contexts for b in batches]
+    timed: dict[tuple[int, int], list[dict[str, float]]] = {p: [] for p in points}
     with setup.context():
-        for c in contexts:
-            for b in batches:
-                r = decode_speed(setup.model, variables, batch=b, context=c,
-                                 new_tokens=new_tokens, kv_cache=kv_cache,
-                                 kv_scale=ctx.cfg.quant.kv_scale)
-                rows.append({"context": c, "batch": b, "decode_tokens_per_s": r["tokens_per_s"],
-                             "decode_step_ms": r["step_ms"]})
+        for _ in range(repeats):
+            for c, b in points:
+                timed[(c, b)].append(decode_speed(
+                    setup.model, variables, batch=b, context=c, new_tokens=new_tokens,
+                    kv_cache=kv_cache, kv_scale=ctx.cfg.quant.kv_scale))
+    rows = []
+    for (c, b), rs in timed.items():
+        tps = [r["tokens_per_s"] for r in rs]
+        rows.append({"context": c, "batch": b, "decode_tokens_per_s": statistics.median(tps),
+                     "decode_tokens_per_s_min": min(tps), "decode_tokens_per_s_max": max(tps),
+                     "decode_step_ms": statistics.median(r["step_ms"] for r in rs),
+                     "decode_repeats": len(rs)})
     return {"decode": Series(("context", "batch"), rows)}
 
 

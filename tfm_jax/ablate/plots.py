@@ -62,6 +62,17 @@ def plot_file(spec: dict[str, Any]) -> str:
     return re.sub(r"[^\w.=+-]+", "_", name)
 
 
+INTEGER_AXES = ("layer", "step", "seed", "n_layers", "batch")
+
+
+def integer_ticks(ax: Any, x: str) -> None:
+    """Whole-number ticks on an axis of counts (no "layer 1.5")."""
+    if x in INTEGER_AXES:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot(spec: dict[str, Any], agg: dict[str, Any], variants: list[str],
          path: pathlib.Path) -> Optional[str]:
     """Draw one declared plot; returns None, or a message saying why it could not be drawn."""
@@ -119,6 +130,7 @@ def plot(spec: dict[str, Any], agg: dict[str, Any], variants: list[str],
             ax.set_title(spec.get("title") or f"{y} vs {x}" + (f" ({filt})" if filt else ""))
         ax.set_xlabel(x)
         ax.set_ylabel(y)
+        integer_ticks(ax, x)
         if spec.get("logx"):
             ax.set_xscale("log")
         if spec.get("logy"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import math
+import pathlib
 import re
 from typing import Any, Optional
 
@@ -262,42 +263,161 @@ def evaluate(text: str, agg: dict[str, Any], names: Optional[dict[str, Any]] = N
     return _Evaluator(agg, names).eval(parse_expression(text))
 
 
-def judge_claim(claim: dict[str, Any], agg: dict[str, Any], where: str) -> dict[str, Any]:
-    """One row of the claims table: claim, source, claimed, measured, verdict, where, note.
+def per_seed_values(metric: str, runs: list[dict[str, Any]], variants: list[str]
+                    ) -> list[tuple[Any, float]]:
+    """``metric`` evaluated on each seed's runs alone: ``[(seed, value)]`` for the seeds where
+    every variant it names finished (a difference of two variants is then a paired
+    difference). Raises NotMeasured when no seed has it."""
+    seeds = sorted({r["seed"] for r in runs if r.get("status") == "ok"}, key=str)
+    out, last = [], None
+    for s in seeds:
+        agg = aggregate([r for r in runs if r["seed"] == s], variants)
+        try:
+            out.append((s, float(evaluate(metric, agg))))
+        except NotMeasured as err:
+            last = err
+    if not out:
+        raise last or NotMeasured(f"{metric}: no finished runs")
+    return out
 
-    Verdicts: ``holds`` / ``does not hold`` (checked), ``reported`` (no check), ``not
-    measured`` (a metric it needs is missing, e.g. its variant failed or its measurement is not
-    enabled), ``error: ...`` (the expression failed)."""
+
+def device_matches(device: Optional[str], device_kind: Optional[str]) -> bool:
+    """Whether a results file's device kind (``NVIDIA H100 80GB HBM3``, ``cpu``) is the
+    hardware a claim names (``H100``, ``HPU``/``Gaudi``, ``GPU``)."""
+    if not device:
+        return True
+    kind = (device_kind or "").lower()
+    want = device.lower()
+    aliases = {"hpu": ("hpu", "gaudi"), "gaudi": ("hpu", "gaudi"),
+               "gpu": ("nvidia", "gpu", "h100", "h200", "a100", "cuda", "rocm")}
+    return any(a in kind for a in aliases.get(want, (want,)))
+
+
+def judge_claim(claim: dict[str, Any], agg: dict[str, Any], where: str,
+                runs: Optional[list[dict[str, Any]]] = None,
+                device_kind: Optional[str] = None) -> dict[str, Any]:
+    """One row of the claims table: claim, source, claimed, measured, verdict, where, note,
+    and for a declared claim (``kind``) the per-seed values, the 95 % t interval, n, sd, the
+    minimum detectable effect and the reason of the verdict.
+
+    Verdicts: ``consistent`` / ``inconsistent`` / ``inconclusive`` (a declared claim, decided by
+    :func:`tfm_jax.ablate.verdict.decide` from the per-seed values of ``runs``), ``not
+    measurable here`` (the claim names hardware the results were not measured on; the measured
+    figure is then a stand-in, its own verdict in ``stand_in_verdict``), ``reported`` (no
+    declared kind: the figure, unjudged), ``not measured`` (a metric it needs is missing),
+    ``error: ...`` (the expression failed)."""
+    from tfm_jax.ablate import verdict as V
+
     row = {"claim": claim["claim"], "source": claim.get("source", ""),
            "claimed": claim.get("expected"), "measured": None,
            "where": claim.get("where") or where, "note": claim.get("note")}
-    metric, check, expected = claim.get("metric"), claim.get("check"), claim.get("expected")
+    metric, kind = claim.get("metric"), claim.get("kind")
     if metric is None:
-        row["verdict"] = "not measured" if check else "reported"
+        row["verdict"] = "not measured" if claim.get("check") else "reported"
         return row
     try:
-        measured = evaluate(metric, agg)
-        row["measured"] = measured
-        if check is None:
+        if kind is None or runs is None:
+            row["measured"] = evaluate(metric, agg)
             row["verdict"] = "reported"
+            if claim.get("check") or kind:
+                row["why"] = ("no per-run data: not judged" if kind else
+                              "no declared kind: reported, not judged")
             return row
-        if re.fullmatch(r"\s*(<=|>=|<|>|==|~.*)\s*", check):
-            op, tol, _ = parse_check(check)
-            if not isinstance(expected, (int, float)):
-                raise ValueError(f"check {check!r} needs a numeric 'expected' (got {expected!r})")
-            ok = (abs(measured - expected) <= tol * (abs(expected) if "%" in check else 1)
-                  if op == "~" else _CMPOPS[{"<": ast.Lt, "<=": ast.LtE, ">": ast.Gt,
-                                             ">=": ast.GtE, "==": ast.Eq}[op]](measured,
-                                                                               expected))
-        else:
-            ok = evaluate(check, agg, {"measured": measured, "expected": expected})
-        row["verdict"] = "holds" if ok else "does not hold"
+        pairs = per_seed_values(metric, runs, list(agg.get("scalars", {})) or
+                                sorted({r["variant"] for r in runs}))
+        values = [v for _, v in pairs]
+        if claim.get("deterministic") and max(values) - min(values) > 1e-9 * max(
+                1.0, max(abs(v) for v in values)):
+            raise ValueError(f"declared deterministic, but the seeds differ: {values}")
+        iv = V.t_interval(values[:1] if claim.get("deterministic") else values,
+                          exact=bool(claim.get("deterministic")))
+        expected = float(claim["expected"]) if isinstance(claim.get("expected"),
+                                                          (int, float)) else 0.0
+        verdict, why = V.decide(kind, iv, expected=expected, margin=V.margin_value(claim.get("margin"), claim.get("expected"),
+                                                       f"claim {claim['claim'][:60]!r}"),
+                                direction=claim.get("direction"),
+                                timing=bool(claim.get("timing")))
+        row.update(measured=sum(values) / len(values), values=values,
+                   seeds=[s for s, _ in pairs], n=len(values),
+                   interval=[iv.lo, iv.hi] if iv else None, sd=iv.sd if iv else None,
+                   mde=V.mde(iv.sd, iv.n) if iv and iv.sd is not None else None,
+                   kind=kind, why=why)
+        if not device_matches(claim.get("device"), device_kind):
+            row["stand_in_verdict"] = verdict
+            verdict = "not measurable here"
+            on = device_kind or "another device"
+            row["why"] = (f"a claim about {claim['device']} measured on {on}: the figure is a "
+                          f"stand-in ({row['stand_in_verdict']} as such), not the verdict")
+        row["verdict"] = verdict
     except NotMeasured as err:
+        if not device_matches(claim.get("device"), device_kind):
+            row["verdict"] = "not measurable here"
+            row["why"] = (f"a claim about {claim['device']}; the results are from "
+                          f"{device_kind or 'another device'} and keep no per-run stand-in "
+                          f"({err})")
+            return row
         row["verdict"] = "not measured"
         row["note"] = (f"{row['note']} [{err}]" if row["note"] else str(err))
     except (ValueError, TypeError, ZeroDivisionError, ArithmeticError) as err:
         row["verdict"] = f"error: {err}"
     return row
+
+
+def scale_of(configs: list[Any]) -> str:
+    """``d128 L4/12/24, 300 steps, byte-level`` over the given runs' configs."""
+    def vals(get) -> str:
+        seen: list[Any] = []
+        for c in configs:
+            v = get(c)
+            if v not in seen:
+                seen.append(v)
+        return "/".join(str(v) for v in sorted(seen, key=lambda x: (str(type(x)), x)))
+
+    tok = vals(lambda c: "byte-level" if c.data.tokenizer == "byte" else
+               f"tokenizer {pathlib.Path(c.data.tokenizer).name}")
+    return (f"d{vals(lambda c: c.model.d_model)} L{vals(lambda c: c.model.n_layers)}, "
+            f"{vals(lambda c: c.train.steps)} steps, {tok}")
+
+
+def seed_plan(exp: Any, runs: Optional[list[dict[str, Any]]] = None,
+              sd: Optional[float] = None) -> list[str]:
+    """Lines of ``--dry-run``: per declared claim, the per-seed sd (from the pilot's runs, or
+    the stated ``sd``), the minimum detectable effect at the experiment's seeds and the seeds
+    its margin needs (superiority: to detect the pilot's effect)."""
+    from tfm_jax.ablate import verdict as V
+
+    n = len(exp.seeds)
+    out = [f"seeds needed (paired 95 % t test, 80 % power; {n} seed(s) declared):"]
+    for c in exp.claims:
+        if c.kind is None:
+            continue
+        if c.deterministic:
+            out.append(f"  {c.claim[:70]}: deterministic, one seed decides")
+            continue
+        s, effect = sd, None
+        if runs is not None:
+            try:
+                vals = [v for _, v in per_seed_values(c.metric, runs, list(exp.variants))]
+            except (NotMeasured, ValueError, TypeError, ZeroDivisionError) as err:
+                out.append(f"  {c.claim[:70]}: pilot lacks it ({err})")
+                continue
+            iv = V.t_interval(vals)
+            if iv is None or iv.sd is None:
+                out.append(f"  {c.claim[:70]}: pilot has {len(vals)} seed(s); needs two")
+                continue
+            s = iv.sd
+            effect = abs(iv.mean - float(c.expected or 0))
+        if s is None:
+            continue
+        margin = c.margin_value() if c.kind != "superiority" else effect
+        what = "margin" if c.kind != "superiority" else "effect"
+        need = V.seeds_needed(s, margin) if margin else None
+        out.append(f"  {c.claim[:70]}: sd {s:.3g}, min. detectable effect at {n} seeds "
+                   f"{V.mde(s, n):.3g}; "
+                   + (f"{need} seeds for {what} {margin:.3g}" if need else
+                      f"more than 10,000 seeds for {what} {margin:.3g}" if margin else
+                      "no margin or effect to size against"))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,10 +477,19 @@ def scalars_table(results: dict[str, Any]) -> str:
 
 def claims_table(results: dict[str, Any]) -> str:
     """The Markdown table of the judged claims (the "Claims" table of ``results.md``)."""
-    rows = [[str(i + 1), c["claim"], c["source"], fmt(c["claimed"]), fmt(c["measured"]),
-             c["verdict"], c["where"]] for i, c in enumerate(results["claims"])]
-    return _table(["#", "claim", "source", "claimed", "measured", "verdict", "where measured"],
-                  rows)
+    rows = [[str(i + 1), c["claim"], c["source"], fmt(c["claimed"]), measured_cell(c),
+             fmt(c.get("mde")), c["verdict"], c["where"]]
+            for i, c in enumerate(results["claims"])]
+    return _table(["#", "claim", "source", "claimed", "measured (95 % t interval)",
+                   "min. detectable", "verdict", "where measured"], rows)
+
+
+def measured_cell(c: dict[str, Any]) -> str:
+    """``mean [lo, hi] (n k)`` of a judged claim, else the measured value."""
+    iv = c.get("interval")
+    if iv is None or c.get("n", 1) < 2 or iv[0] == iv[1]:
+        return fmt(c.get("measured"))
+    return f"{fmt(c['measured'])} [{fmt(iv[0])}, {fmt(iv[1])}] (n {c['n']})"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -417,16 +546,18 @@ def markdown(results: dict[str, Any]) -> str:
             out += [_table(list(s["by"]) + variants, body), ""]
     if results["claims"]:
         out += ["## Claims", "", claims_table(results), ""]
-        notes = [(i + 1, c["note"]) for i, c in enumerate(results["claims"]) if c.get("note")]
+        notes = [(i + 1, "; ".join(x for x in (c.get("note"), c.get("why")) if x))
+                 for i, c in enumerate(results["claims"]) if c.get("note") or c.get("why")]
         if notes:
             out += ["Notes: " + " ".join(f"({i}) {n}" for i, n in notes), ""]
     out += ["## Runs", ""]
     rows = [[r["variant"], str(r["seed"]), r["status"], r.get("outcome", ""),
-             fmt(r.get("wall_s")), fmt(r.get("metrics", {}).get("val_loss")),
+             fmt(r.get("wall_s")), fmt(r.get("train_s")), fmt(r.get("measure_s")),
+             fmt(r.get("metrics", {}).get("val_loss")),
              (r.get("error") or "").splitlines()[0][:160] if r.get("error") else ""]
             for r in results["runs"]]
-    out += [_table(["variant", "seed", "status", "outcome", "wall s", "val_loss", "error"],
-                   rows), ""]
+    out += [_table(["variant", "seed", "status", "outcome", "wall s", "train s", "measure s",
+                    "val_loss", "error"], rows), ""]
     if results.get("plots"):
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in results["plots"]] + [""]
     if results.get("warnings"):

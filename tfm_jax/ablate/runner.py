@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from tfm_jax.core import interrupts, rundir
 from tfm_jax.ablate import plots as plots_lib
 from tfm_jax.ablate.measurements import MEASUREMENTS, RunContext, Series
-from tfm_jax.ablate.report import aggregate, judge_claim, markdown
+from tfm_jax.ablate.provenance import load_average, provenance
+from tfm_jax.ablate.report import aggregate, judge_claim, markdown, scale_of, seed_plan
 from tfm_jax.ablate.spec import Experiment, MeasurementSpec, load_experiment
 from tfm_jax.config import Config, ConfigError, validate
 
@@ -204,17 +205,20 @@ def describe_scale(cfg: Config) -> str:
             f"{cfg.data.seq_len} tokens")
 
 
-def short_where(devices: Optional[list], cfg: Optional[Config], n_seeds: int) -> str:
-    """The claims table's default 'where measured': ``CPU x1, d128 L4, 600 steps, 3 seeds``."""
+def short_where(devices: Optional[list], cfg: Optional[Config], n_seeds: int,
+                configs: Optional[list[Config]] = None) -> str:
+    """The claims table's default 'where measured', from ALL variants' configs:
+    ``d128 L4/12/24, 300 steps, byte-level, CPU x1, 3 seeds`` (a key that differs between
+    variants lists its values)."""
     import jax
 
     devs = list(devices or jax.devices())
-    where = f"{devs[0].platform.upper()} x{len(devs)}"
+    dev = f"{devs[0].platform.upper()} x{len(devs)}"
     if devs[0].platform != "cpu":
-        where = f"{getattr(devs[0], 'device_kind', devs[0].platform)} x{len(devs)}"
-    if cfg is not None:
-        where += f", d{cfg.model.d_model} L{cfg.model.n_layers}, {cfg.train.steps} steps"
-    return where + f", {n_seeds} seed{'s' if n_seeds > 1 else ''}"
+        dev = f"{getattr(devs[0], 'device_kind', devs[0].platform)} x{len(devs)}"
+    cfgs = list(configs or ([cfg] if cfg is not None else []))
+    parts = [scale_of(cfgs)] if cfgs else []
+    return ", ".join(parts + [dev, f"{n_seeds} seed{'s' if n_seeds > 1 else ''}"])
 
 
 class _Runner:
@@ -225,6 +229,7 @@ class _Runner:
         self.corpora: dict[tuple, Any] = {}
         self.once_done: set[str] = set()
         self.warnings: list[str] = []
+        self.provenance = provenance(command, devices)
 
     def corpus(self, cfg: Config):
         from tfm_jax import data as data_lib
@@ -278,16 +283,23 @@ class _Runner:
                 if var.init_from is not None:
                     rec["outcome"] += f" from converted {var.init_from.run}/seed{seed}"
             rec["steps"] = cfg.train.steps
+            rec["train_s"] = time.perf_counter() - t0 if result is not None else None
+            t1 = time.perf_counter()
             ctx = RunContext(cfg, cfg.run_dir, variant, seed, train_result=result,
                              devices=self.devices)
             rec["metrics"], rec["series"], errs = measure(
                 ctx, self.exp.measurements, skip_once=variant in self.once_done)
             self.once_done.add(variant)
+            rec["measure_s"] = time.perf_counter() - t1
             if errs:
                 rec["measurement_errors"] = errs
                 for name, e in errs.items():
                     self.warnings.append(f"{variant}/seed{seed}: measurement {name} failed: {e}")
             rec["curves"] = _curves(cfg.run_dir)
+            val = rec["curves"].setdefault("val", [])
+            if "val_loss" in rec["metrics"] and (not val or val[-1][0] < cfg.train.steps):
+                # a short run (eval_every past its end): the final evaluation closes the curve
+                val.append([cfg.train.steps, rec["metrics"]["val_loss"]])
             if var.init_from is not None:
                 # plotted after the source run: steps continue from its last one, and the
                 # evaluation right after conversion is the first validation point
@@ -337,32 +349,63 @@ class _Runner:
             where += "; " + describe_scale(common)
         except ConfigError:
             common = None
-        short = short_where(self.devices, common, len(exp.seeds))
-        claims = [judge_claim(c.model_dump(), agg, short) for c in exp.claims]
+        configs = []
+        for v in variants:
+            try:
+                configs.append(self.variant_config(v, exp.seeds[0]))
+            except ConfigError:
+                pass
+        short = short_where(self.devices, common, len(exp.seeds), configs)
+        if len(configs) > 1:
+            where += f" (variants: {scale_of(configs)})"
+        kind = self.provenance["device"]["device_kind"]
+        claims = [judge_claim(c.model_dump(), agg, short, runs, kind) for c in exp.claims]
+        prov = {**self.provenance, "load_end": load_average()}
         return {
             "experiment": {"name": exp.name, "description": exp.description,
                            "variants": variants, "seeds": exp.seeds,
                            "variant_descriptions": {v: exp.variants[v].description
                                                     for v in variants},
+                           "derived_from": exp.derived_from,
                            "measurements": [m.model_dump() for m in exp.measurements],
                            "plots": [p.model_dump() for p in exp.plots],
                            "claims": [c.model_dump() for c in exp.claims]},
-            "command": self.command, "where": where,
+            "command": self.command, "where": where, "provenance": prov,
             "written": datetime.datetime.now().isoformat(timespec="seconds"),
             "runs": runs, "aggregates": agg, "claims": claims, "plots": [],
             "warnings": list(self.warnings)}
 
 
+def pilot_runs(path: str) -> list[dict[str, Any]]:
+    """The runs of a pilot's results.json (``--dry-run --pilot``); ExperimentError otherwise."""
+    import json
+
+    from tfm_jax.ablate.spec import ExperimentError
+
+    p = pathlib.Path(path)
+    try:
+        runs = json.loads(p.read_text()).get("runs")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ExperimentError(f"--pilot {path}: not a readable results.json ({err})") from None
+    if not runs:
+        raise ExperimentError(f"--pilot {path}: no runs in it (a results.json of tfm-jax "
+                              "ablate)")
+    return runs
+
+
 def run_experiment(experiment: str | pathlib.Path | Experiment, *, devices: Optional[list] = None,
                    dry_run: bool = False, command: Optional[str] = None,
-                   progress: bool = True) -> ExperimentResult:
+                   progress: bool = True, pilot: Optional[str] = None,
+                   sd: Optional[float] = None) -> ExperimentResult:
     """Run (or continue) an experiment; see the module docstring. ``devices``: the devices each
     run uses (default all). ``dry_run``: validate every run's config and print the plan."""
     exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
     exp.common_config()                      # base + overrides: an error here stops everything
     command = command or " ".join(["tfm-jax ablate", str(experiment)])
     runner = _Runner(exp, devices, command)
-    plan = [(v, s) for v in exp.order() for s in exp.seeds]
+    # seed-major: the variants of one seed run back to back (an init_from source first), so a
+    # change of machine load over the experiment spreads over every variant (timings compare)
+    plan = [(v, s) for s in exp.seeds for v in exp.order()]
     out = exp.out
     if dry_run:
         for v, s in plan:
@@ -373,6 +416,8 @@ def run_experiment(experiment: str | pathlib.Path | Experiment, *, devices: Opti
                       + f" -> {cfg.run_dir}")
             except ConfigError as err:
                 print(f"{v}/seed{s}: INVALID: {err}")
+        if pilot is not None or sd is not None:
+            print("\n" + "\n".join(seed_plan(exp, pilot_runs(pilot) if pilot else None, sd)))
         return ExperimentResult({}, out, 0, {})
     rundir.check_run_dir(out)       # the experiment's folder and every run in it: no links
     out.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,11 @@ An experiment is a base config, named variants (override sets) and seeds; each
     claims:
       - claim: GQA costs only +0.12 perplexity vs MHA
         source: seed Ch1.4.2
-        metric: perplexity[gqa] - perplexity[mha]     # expression over measured means
+        metric: perplexity[gqa] - perplexity[mha]     # expression, evaluated per seed
         expected: 0.12
-        check: "<="                                   # or "~10%", or an expression
+        kind: non_inferiority                         # superiority | equivalence |
+        direction: less                               #   non_inferiority | point
+        margin: 0.2                                   # (see ClaimSpec)
 
 Every error names the key (``variants.gqa.init_from.run: ...``) and what is allowed. This module
 imports neither jax nor flax.
@@ -103,16 +105,36 @@ class PlotSpec(_Strict):
 
 
 class ClaimSpec(_Strict):
-    """A claim to test: ``metric`` is an expression over measured means (``perplexity[gqa]``,
-    ``value('kv_bytes', 'mha', context=4096)``); ``check`` compares it with ``expected``: a
-    comparator (``<``, ``<=``, ``>``, ``>=``, ``==``: measured OP expected; ``~10%`` or ``~0.05``:
-    within a relative or absolute tolerance) or a boolean expression of ``measured``,
-    ``expected`` and metrics. Without ``check`` (or ``metric``) the row is reported unjudged."""
+    """A claim to test, declared before the run. ``metric`` is an expression over measured
+    values (``perplexity[gqa] - perplexity[mha]``, ``value('kv_bytes', 'mha', context=4096)``),
+    evaluated once per seed (paired by seed); ``kind`` says how its 95 % t interval over the
+    seeds decides (:mod:`tfm_jax.ablate.verdict`):
+
+    * ``superiority`` + ``direction`` (greater / less): the metric is above / below
+      ``expected`` (default 0);
+    * ``equivalence`` + ``margin``: the metric is within ``expected ± margin`` (default 0);
+    * ``non_inferiority`` + ``direction`` + ``margin``: the metric is not worse than
+      ``expected`` by more than ``margin`` (direction less: it stays below expected + margin);
+    * ``point`` + ``margin``: the metric equals the numeric ``expected`` within ``margin``
+      (a number, or ``"10%"`` of ``expected``).
+
+    ``deterministic: true`` marks a metric that does not vary with the seed (bytes, counts,
+    FLOPs): one value decides. ``timing: true`` decides only from three or more repeats whose
+    spread is below the effect. ``device`` names the hardware the claim is about (``H100``,
+    ``HPU``): measured on any other device the row is reported as a stand-in and its verdict is
+    ``not measurable here``. ``check`` (a comparator or boolean expression) is the older,
+    undeclared form: reported, not judged. Without ``metric`` the row is reported unjudged."""
 
     claim: str
     source: str = ""
     metric: Optional[str] = None
     expected: Union[float, int, str, None] = None
+    kind: Optional[str] = None
+    direction: Optional[str] = None
+    margin: Union[float, int, str, None] = None
+    deterministic: bool = False
+    timing: bool = False
+    device: Optional[str] = Field(None, description="hardware the claim is about (H100, HPU, ...)")
     check: Optional[str] = None
     where: Optional[str] = Field(None, description="where measured (default: this machine)")
     note: Optional[str] = None
@@ -125,6 +147,42 @@ class ClaimSpec(_Strict):
         if v is not None:
             (parse_check if _is_comparator(v) else parse_expression)(v)
         return v
+
+    @model_validator(mode="after")
+    def _declaration(self) -> "ClaimSpec":
+        from tfm_jax.ablate.verdict import DIRECTIONS, KINDS
+
+        if self.kind is None:
+            return self
+        name = f"claim {self.claim[:60]!r}"
+        if self.kind not in KINDS:
+            near = difflib.get_close_matches(self.kind, KINDS, n=1, cutoff=0.5)
+            raise ValueError(f"{name}: kind {self.kind!r} is not one of {', '.join(KINDS)}"
+                             + (f"; did you mean {near[0]!r}?" if near else ""))
+        if self.metric is None:
+            raise ValueError(f"{name}: metric: kind {self.kind} needs a metric expression")
+        if self.expected is not None and not isinstance(self.expected, (int, float)):
+            raise ValueError(f"{name}: expected: kind {self.kind} needs a number "
+                             f"(got {self.expected!r})")
+        if self.kind == "point" and self.expected is None:
+            raise ValueError(f"{name}: expected: kind point needs the claimed value")
+        if self.kind in ("superiority", "non_inferiority") and self.direction not in DIRECTIONS:
+            raise ValueError(f"{name}: direction: kind {self.kind} needs direction "
+                             f"{' or '.join(DIRECTIONS)} (got {self.direction!r})")
+        if self.kind == "superiority" and self.margin is not None:
+            raise ValueError(f"{name}: margin: kind superiority takes no margin (use "
+                             "non_inferiority, or expected for a threshold)")
+        if self.kind != "superiority":
+            if self.margin is None:
+                raise ValueError(f"{name}: margin: kind {self.kind} needs a margin")
+            self.margin_value()
+        return self
+
+    def margin_value(self) -> Optional[float]:
+        """The margin as a number (``"10%"`` -> 10 % of ``|expected|``)."""
+        from tfm_jax.ablate.verdict import margin_value
+
+        return margin_value(self.margin, self.expected, f"claim {self.claim[:60]!r}")
 
 
 def _is_comparator(check: str) -> bool:
@@ -163,6 +221,8 @@ class Experiment(_Strict):
     plots: list[PlotSpec] = Field(default_factory=list)
     claims: list[ClaimSpec] = Field(default_factory=list)
     out_dir: Optional[str] = Field(None, description="default runs/ablate/<name>")
+    # set by derive: the experiment this one was derived from on the command line
+    derived_from: Optional[str] = None
     # set by load_experiment: the file's folder, for relative base paths
     source: Optional[str] = None
 
@@ -306,10 +366,21 @@ class Experiment(_Strict):
             update.update(name=name, out_dir=None)
             notes.append(f"derived from {self.name}")
         if notes:
-            update["description"] = (self.description.strip()
-                                     + f" ({'; '.join(notes)})").strip()
+            update["derived_from"] = self.derived_from or self.name
         derived = self.model_copy(update=update)
-        derived.common_config()    # base + overrides must still validate (ExperimentError)
+        cfg = derived.common_config()   # base + overrides must still validate (ExperimentError)
+        if notes:
+            # its own description: what runs now; the parent's text (its steps, seeds and
+            # notes) describes other runs and is only pointed to
+            seeds_ = derived.seeds
+            derived = derived.model_copy(update={
+                "description": f"Derived from {self.name} ({'; '.join(notes)}): "
+                f"{cfg.train.steps} steps (common config), seeds "
+                f"{', '.join(map(str, seeds_))}, variants {', '.join(derived.variants)}. "
+                f"The question each variant asks is {self.name}'s (its experiment file).",
+                "claims": [c.model_copy(update={"note": f"(written for {self.name}'s own runs) "
+                                                f"{c.note}"}) if c.note else c
+                           for c in derived.claims]})
         return derived
 
     @property
