@@ -213,7 +213,7 @@ def test_claims_table(ablation):
                                   "CPU x1, 2 seeds"), up["where"]
 
 
-def test_provenance_and_times(ablation):
+def test_provenance_and_times(ablation, corpus):
     """Every results.json records what produced it (one function writes it)."""
     import subprocess
 
@@ -225,7 +225,16 @@ def test_provenance_and_times(ablation):
     assert prov["versions"]["jax"] and prov["machine"]["cores"] >= 1 and prov["machine"]["cpu"]
     assert prov["device"]["platform"] == "cpu" and prov["device"]["count"] == 1
     assert len(prov["load_start"]) == 3 and len(prov["load_end"]) == 3
-    assert prov["command"].startswith("tfm-jax ablate") and "corpus" in prov
+    assert prov["command"].startswith("tfm-jax ablate")
+    # the corpus the runs trained on: one fingerprint (every variant reads the same file),
+    # the one each run recorded in its corpus.json
+    from tfm_jax import data as data_lib
+
+    [fp] = prov["corpus"]
+    ok = [r for r in res.results["runs"] if r["status"] == "ok"]
+    assert fp["source"] == str(corpus) and len(fp["digest"]) == 64
+    assert {r["corpus_digest"] for r in ok} == {fp["digest"]}
+    assert {data_lib.run_corpus(r["run_dir"])["digest"] for r in ok} == {fp["digest"]}
     for r in res.results["runs"]:
         if r["status"] == "ok" and "read back" not in r.get("outcome", ""):
             assert r["train_s"] > 0 and r["measure_s"] > 0

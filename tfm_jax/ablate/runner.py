@@ -230,6 +230,7 @@ class _Runner:
         self.once_done: set[str] = set()
         self.warnings: list[str] = []
         self.provenance = provenance(command, devices)
+        self.fingerprints: dict[str, dict] = {}     # corpus digest -> fingerprint, of the runs
 
     def corpus(self, cfg: Config):
         from tfm_jax import data as data_lib
@@ -283,6 +284,12 @@ class _Runner:
                 if var.init_from is not None:
                     rec["outcome"] += f" from converted {var.init_from.run}/seed{seed}"
             rec["steps"] = cfg.train.steps
+            from tfm_jax import data as data_lib
+
+            fp = data_lib.run_corpus(cfg.run_dir)       # what the run recorded it trained on
+            if fp is not None:
+                rec["corpus_digest"] = fp["digest"]
+                self.fingerprints[fp["digest"]] = fp
             rec["train_s"] = time.perf_counter() - t0 if result is not None else None
             t1 = time.perf_counter()
             ctx = RunContext(cfg, cfg.run_dir, variant, seed, train_result=result,
@@ -360,7 +367,8 @@ class _Runner:
             where += f" (variants: {scale_of(configs)})"
         kind = self.provenance["device"]["device_kind"]
         claims = [judge_claim(c.model_dump(), agg, short, runs, kind) for c in exp.claims]
-        prov = {**self.provenance, "load_end": load_average()}
+        prov = {**self.provenance, "load_end": load_average(),
+                "corpus": list(self.fingerprints.values()) or None}
         return {
             "experiment": {"name": exp.name, "description": exp.description,
                            "variants": variants, "seeds": exp.seeds,
