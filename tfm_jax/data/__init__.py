@@ -44,7 +44,7 @@ from tfm_jax.data.batching import (BOS_ID, EOS_ID, PAD_ID, eval_batches,  # noqa
 from tfm_jax.data.cache import (_STARTS_DTYPE, _TOKEN_DTYPE, FORMAT_VERSION, Corpus,  # noqa: F401
                                 _cache_root, _read_meta, _SplitWriter, atomic_write,
                                 check_fingerprint, content_digest, describe_fingerprint,
-                                inherit_run_corpus, record_run_corpus, run_corpus)
+                                inherit_run_corpus, open_cached, record_run_corpus, run_corpus)
 from tfm_jax.data.tokenizer import (ByteTokenizer, Tokenizer, auto_vocab_size,  # noqa: F401
                                     load_tokenizer, run_tokenizer)
 
@@ -278,17 +278,7 @@ def load_corpus(path: str | None, val_fraction: float = 0.05, cache_dir: str | N
                     f"data.include, e.g. ['*.py', '*.md']")
         meta = _build(out, docs, val_fraction, label, skipped)
 
-    def mmap(name: str, dtype: np.dtype, n: int) -> np.ndarray:
-        return np.memmap(out / name, dtype=dtype, mode="r", shape=(n,))
-
-    return Corpus(
-        train=mmap("train.tokens", _TOKEN_DTYPE, meta["num_train_tokens"]),
-        val=mmap("val.tokens", _TOKEN_DTYPE, meta["num_val_tokens"]),
-        train_doc_starts=mmap("train.starts", _STARTS_DTYPE, meta["num_train_docs"]),
-        val_doc_starts=mmap("val.starts", _STARTS_DTYPE, meta["num_val_docs"]),
-        train_files=tuple(meta["train_files"]), val_files=tuple(meta["val_files"]),
-        split=meta["split"], source=label, cache_dir=out,
-        skipped_files=tuple(meta.get("skipped_files", ())), digest=meta["digest"])
+    return open_cached(out, meta, label)
 
 
 def _document_corpus(files: list[Path], root: Path, label: str, explicit: bool, kind: str,

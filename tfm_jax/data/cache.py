@@ -16,6 +16,7 @@ import numpy as np
 FORMAT_VERSION = 2                # 2: meta.json records the streams' digest
 _TOKEN_DTYPE = np.dtype("<u2")   # bytes + specials (EOS=258) do not fit uint8
 _STARTS_DTYPE = np.dtype("<i8")
+_BYTES_DTYPE = np.dtype("<u2")   # UTF-8 bytes per token (subword caches: val.bytes)
 
 
 # ----------------------------------------------------------------------------- corpus cache
@@ -231,3 +232,26 @@ def inherit_run_corpus(src_run: Path, dst_run: Path) -> None:
     except OSError:
         return
     atomic_write(Path(dst_run) / RUN_CORPUS_FILE, raw)
+
+
+def open_cached(out: Path, meta: dict, label: str, *, build_summary: str = "") -> Corpus:
+    """The :class:`Corpus` of the complete cache entry ``out`` with metadata ``meta``: streams
+    memory-mapped read-only (``val.bytes`` where the entry has one: subword tokenizers)."""
+    dtype = token_dtype(meta)
+
+    def mmap(name: str, dt: np.dtype, n: int) -> np.ndarray:
+        return np.memmap(out / name, dtype=dt, mode="r", shape=(n,))
+
+    has_bytes = (out / "val.bytes").is_file()
+    return Corpus(
+        train=mmap("train.tokens", dtype, meta["num_train_tokens"]),
+        val=mmap("val.tokens", dtype, meta["num_val_tokens"]),
+        train_doc_starts=mmap("train.starts", _STARTS_DTYPE, meta["num_train_docs"]),
+        val_doc_starts=mmap("val.starts", _STARTS_DTYPE, meta["num_val_docs"]),
+        train_files=tuple(meta["train_files"]), val_files=tuple(meta["val_files"]),
+        split=meta["split"], source=label, cache_dir=out,
+        skipped_files=tuple(meta.get("skipped_files", ())),
+        val_bytes=(mmap("val.bytes", _BYTES_DTYPE, meta["num_val_tokens"]) if has_bytes
+                   else None),
+        tokenizer=meta.get("tokenizer", "byte"), build_summary=build_summary,
+        digest=meta["digest"])

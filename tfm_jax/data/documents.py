@@ -22,11 +22,10 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from tfm_jax.core.errors import DataError
-from tfm_jax.data.cache import (_STARTS_DTYPE, FORMAT_VERSION, Corpus, _read_meta, atomic_write,
-                                content_digest, token_dtype)
+from tfm_jax.data.cache import (_BYTES_DTYPE, _STARTS_DTYPE, FORMAT_VERSION, Corpus, _read_meta,
+                                atomic_write, content_digest, open_cached)
 from tfm_jax.data.tokenizer import Tokenizer
 
-_BYTES_DTYPE = np.dtype("<u2")
 _BATCH_DOCS = 256            # documents tokenized per call (HF tokenizers batch in parallel)
 _NAMES_KEPT = 1000           # document names listed in meta.json per split
 
@@ -166,18 +165,5 @@ def open_corpus(out: Path, docs: Iterable[tuple[str, str]] | None, tok: Tokenize
         if docs is None:
             raise DataError(f"no cached corpus in {out}")
         meta = build(out, docs, tok, val_fraction, label)
-    dtype = token_dtype(meta)
-
-    def mmap(name: str, dt: np.dtype, n: int) -> np.ndarray:
-        return np.memmap(out / name, dtype=dt, mode="r", shape=(n,))
-
-    return Corpus(
-        train=mmap("train.tokens", dtype, meta["num_train_tokens"]),
-        val=mmap("val.tokens", dtype, meta["num_val_tokens"]),
-        train_doc_starts=mmap("train.starts", _STARTS_DTYPE, meta["num_train_docs"]),
-        val_doc_starts=mmap("val.starts", _STARTS_DTYPE, meta["num_val_docs"]),
-        train_files=tuple(meta["train_files"]), val_files=tuple(meta["val_files"]),
-        split=meta["split"], source=label, cache_dir=out,
-        val_bytes=mmap("val.bytes", _BYTES_DTYPE, meta["num_val_tokens"]),
-        tokenizer=meta.get("tokenizer", tok.name),
-        build_summary=meta["summary"] if fresh else "", digest=meta["digest"])
+    return open_cached(out, {**meta, "tokenizer": meta.get("tokenizer", tok.name)}, label,
+                       build_summary=meta["summary"] if fresh else "")
