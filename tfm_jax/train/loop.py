@@ -317,8 +317,8 @@ class Trainer:
         if self.start_step:
             log.info(f"resumed from step {self.start_step} of {cfg.train.steps} "
                      f"({self.ckpt.directory / str(self.start_step)})")
-            for note in self.resume_notes:
-                log.info(note)
+        for note in self.resume_notes:     # (a fresh run has none; --init-from: one)
+            log.info(note)
         log.info(f"kernels: {setup.ops.describe()}")
         if cfg.train.warmup_steps > cfg.train.steps:
             log.info(f"train.warmup_steps={cfg.train.warmup_steps} exceeds train.steps="
