@@ -75,7 +75,7 @@ class SafetensorsFolder:
             raise DataError(f"{folder}: no model.safetensors nor model.safetensors.index.json"
                             + (f" (only {', '.join(other)}: save it with safetensors, e.g. "
                                "save_pretrained(safe_serialization=True))" if other else ""))
-        self._open: dict[pathlib.Path, Any] = {}
+        self._headers: dict[pathlib.Path, dict] = {}
 
     @staticmethod
     def _names(path: pathlib.Path) -> list[str]:
@@ -84,27 +84,30 @@ class SafetensorsFolder:
     def names(self) -> list[str]:
         return list(self.files)
 
-    def _handle(self, path: pathlib.Path):
-        from safetensors import safe_open
-        if path not in self._open:
-            try:
-                self._open[path] = safe_open(str(path), framework="numpy")
-            except Exception as err:   # noqa: BLE001 - safetensors raises its own errors
-                raise DataError(f"{path}: not a readable safetensors file ({err})") from None
-        return self._open[path]
-
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+        meta = self._meta(self.files[name]).get(name)
+        return tuple(meta["shape"]) if meta else ()
+
+    def _meta(self, path: pathlib.Path) -> dict:
+        if path not in self._headers:
+            self._headers[path] = _header(path)
+        return self._headers[path]
 
     def get(self, name: str) -> np.ndarray:
+        """One tensor, read through its own ``safe_open`` handle: the file's memory map is
+        released when the tensor has been copied out, so mapped pages of tensors already read
+        do not stay resident (the peak stays one copy of the parameters plus one tensor)."""
+        from safetensors import safe_open
+
         path = self.files[name]
         try:
-            return self._handle(path).get_tensor(name)
-        except (TypeError, ValueError):   # older safetensors: no bf16 in numpy -> raw bytes
+            with safe_open(str(path), framework="numpy") as f:
+                return f.get_tensor(name)
+        except Exception:   # noqa: BLE001 - older safetensors: no bf16 in numpy -> raw bytes
             return _raw_tensor(path, name)
 
     def close(self) -> None:
-        self._open.clear()
+        self._headers.clear()
 
 
 def _header(path: pathlib.Path) -> dict:
@@ -203,7 +206,8 @@ def read_params(src: str | os.PathLike, cfg: Config) -> dict:
             if not np.issubdtype(a.dtype, np.floating) and a.dtype != _np_dtype("bfloat16"):
                 raise CheckpointMismatch(f"{src}: tensor {name} has dtype {a.dtype}; floating "
                                          "point weights expected")
-            _set(params, path, np.ascontiguousarray(to_tfm(a).astype(dtype)))
+            # to_tfm is a view (transpose + axis split): one copy, into the target dtype
+            _set(params, path, np.ascontiguousarray(to_tfm(a), dtype=dtype))
             del a
     finally:
         store.close()
@@ -238,10 +242,12 @@ def _check_tree(params: Any, abstract: Any, what: str) -> None:
                                      f"wants {want.get(k)}")
 
 
-def write_fresh_run(cfg: Config, params: Any, tokenizer: Any, info: dict,
-                    info_name: str, devices: Optional[list] = None) -> pathlib.Path:
+def write_fresh_run(cfg: Config, model: HFModel, info: dict, info_name: str,
+                    devices: Optional[list] = None) -> pathlib.Path:
     """A run directory at ``cfg.run_dir``: config.yaml, the tokenizer copy, an orbax checkpoint
-    at step 0 holding ``params`` with a fresh optimizer state, and ``info_name`` (provenance)."""
+    at step 0 holding ``model.params`` with a fresh optimizer state, and ``info_name``
+    (provenance). ``model.params`` is moved to the devices and dropped from ``model`` (its
+    numpy copy is freed before the optimizer state is allocated)."""
     import jax
     import jax.numpy as jnp
 
@@ -257,18 +263,28 @@ def write_fresh_run(cfg: Config, params: Any, tokenizer: Any, info: dict,
     backends.configure(cfg.backend)
     setup = build(cfg, devices)
     abstract = setup.abstract_state()
-    _check_tree(params, abstract.params, "import")
+    _check_tree(model.params, abstract.params, "import")
     model_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract.model_state)
+    # one leaf at a time onto the devices, each numpy leaf dropped once copied
+    flat, treedef = jax.tree.flatten(model.params)
+    model.params = None
+    shardings = jax.tree.leaves(setup.state_shardings.params)
+    for i, sh in enumerate(shardings):
+        flat[i] = jax.block_until_ready(jax.device_put(flat[i], sh))
+    params = jax.tree.unflatten(treedef, flat)
+    del flat
 
     def fresh(params, model_state):
         return TrainState(jnp.zeros((), jnp.int32), params, model_state, setup.tx.init(params))
 
     with setup.context():
-        state = jax.jit(fresh, out_shardings=setup.state_shardings)(params, model_state)
+        state = jax.jit(fresh, out_shardings=setup.state_shardings,
+                        donate_argnums=0)(params, model_state)
+    del params
     out.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write(out / "config.yaml", cfg.to_yaml())
-    if tokenizer is not None:
-        tokenizer_lib.copy_into(tokenizer, out)
+    if model.tokenizer is not None:
+        tokenizer_lib.copy_into(model.tokenizer, out)
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=False)
     try:
         ckpt.save(0, state)
@@ -293,7 +309,8 @@ def import_hf(src: str | os.PathLike, out_run_dir: str | os.PathLike, *,
     info = {"source": str(m.source.absolute()), "format": "huggingface",
             "architectures": json.loads((m.source / "config.json").read_text()).get(
                 "architectures"), "checkpoint_step": 0, "optimizer_state": "fresh"}
-    return write_fresh_run(cfg, m.params, m.tokenizer, info, "import_hf.json", devices)
+    m.config = cfg
+    return write_fresh_run(cfg, m, info, "import_hf.json", devices)
 
 
 # -- export -------------------------------------------------------------------------------------
