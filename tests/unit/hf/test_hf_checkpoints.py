@@ -222,6 +222,14 @@ def test_streaming_reader_places_every_tensor(tmp_path, cfg_json, shards):
     assert sorted(back) == sorted(t)
     for k in t:
         np.testing.assert_array_equal(back[k], t[k])
+    # a scanned run's tree (layers stacked on a leading axis) exports the same tensors
+    n_layers = cfg.model.n_layers
+    stacked = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    stacked["layers"] = jax.tree.map(lambda *xs: np.stack(xs),
+                                     *[params[f"layers_{i}"] for i in range(n_layers)])
+    scanned = cfg.replace(**{"model.scan_layers": True})
+    for k, a in hf_tensors(stacked, scanned, "float32"):
+        np.testing.assert_array_equal(a, t[k])
 
 
 def test_bf16_tensors_load_and_raw_reader_agrees(tmp_path):
@@ -336,3 +344,58 @@ def test_init_from_names_the_mismatching_field(tmp_path):
                          src, tmp_path / "a")
     with pytest.raises(ConfigError, match="run.dir is the source run"):
         check_compatible(src, src, tmp_path / "a")
+
+
+def test_biased_attention_with_llama3_rope_against_numpy():
+    """Attention with q/k/v biases and llama3 RoPE frequencies vs a float64 numpy attention
+    (rotate-half RoPE, causal softmax, contiguous K/V groups)."""
+    import jax
+    import jax.numpy as jnp
+
+    from tfm_jax.config.schema import RopeScaling
+    from tfm_jax.layers.attention import Attention
+
+    b, t, d, h, hkv, dh = 2, 12, 16, 4, 2, 8
+    rule = RopeScaling(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=4)
+    attn = Attention(h, hkv, dh, rope_theta=1000.0, qkv_bias=True, rope_scaling=rule,
+                     block_q=4)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, t, d)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    from flax import linen as nn
+    p = nn.meta.unbox(attn.init(jax.random.key(0), jnp.asarray(x), jnp.asarray(pos), None))
+    p = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32) * 0.5, p)
+    got = np.asarray(attn.apply(p, jnp.asarray(x), jnp.asarray(pos), None))
+
+    w = {k: np.asarray(v, np.float64) for k, v in
+         {"q": p["params"]["q_proj"]["kernel"], "k": p["params"]["k_proj"]["kernel"],
+          "v": p["params"]["v_proj"]["kernel"], "o": p["params"]["o_proj"]["kernel"],
+          "bq": p["params"]["q_bias"]["bias"], "bk": p["params"]["k_bias"]["bias"],
+          "bv": p["params"]["v_bias"]["bias"]}.items()}
+    xd = x.astype(np.float64)
+    q = np.einsum("btd,dhe->bthe", xd, w["q"]) + w["bq"]
+    k = np.einsum("btd,dhe->bthe", xd, w["k"]) + w["bk"]
+    v = np.einsum("btd,dhe->bthe", xd, w["v"]) + w["bv"]
+    inv = []
+    for i in range(dh // 2):                      # llama3 rule, written out per frequency
+        f = 1000.0 ** (-2 * i / dh)
+        wl = 2 * np.pi / f
+        s = (4 / wl - 1.0) / (4.0 - 1.0)
+        inv.append(f if wl < 4 / 4.0 else f / 4.0 if wl > 4 / 1.0 else (1 - s) * f / 4 + s * f)
+    ang = np.arange(t)[:, None] * np.array(inv)[None]           # (T, Dh/2)
+    cos, sin = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
+
+    def rot(z):
+        z1, z2 = z[..., :dh // 2], z[..., dh // 2:]
+        return np.concatenate([z1 * cos - z2 * sin, z2 * cos + z1 * sin], -1)
+
+    q, k = rot(q), rot(k)
+    k, v = np.repeat(k, h // hkv, axis=2), np.repeat(v, h // hkv, axis=2)
+    s = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(dh)
+    s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = np.einsum("bhqk,bkhe->bqhe", a, v)
+    want = np.einsum("bqhe,hed->bqd", o, w["o"])
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
