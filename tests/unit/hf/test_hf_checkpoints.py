@@ -359,14 +359,15 @@ def test_biased_attention_with_llama3_rope_against_numpy():
     rule = RopeScaling(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
                        original_max_position_embeddings=4)
     attn = Attention(h, hkv, dh, rope_theta=1000.0, qkv_bias=True, rope_scaling=rule,
-                     block_q=4)
+                     block_q=t)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, t, d)).astype(np.float32)
     pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
     from flax import linen as nn
-    p = nn.meta.unbox(attn.init(jax.random.key(0), jnp.asarray(x), jnp.asarray(pos), None))
-    p = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32) * 0.5, p)
-    got = np.asarray(attn.apply(p, jnp.asarray(x), jnp.asarray(pos), None))
+    shapes = jax.eval_shape(attn.init, jax.random.key(0), x, pos, None)
+    p = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32) * 0.5,
+                     nn.meta.unbox(shapes))
+    got = np.asarray(jax.jit(lambda p, x, pos: attn.apply(p, x, pos, None))(p, x, pos))
 
     w = {k: np.asarray(v, np.float64) for k, v in
          {"q": p["params"]["q_proj"]["kernel"], "k": p["params"]["k_proj"]["kernel"],
