@@ -122,11 +122,33 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     _add_step(p, "with --resume: continue from")
     _add_corpus_change(p, "with --resume: continue")
+    p.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                   help="start a new run from this run's parameters (fresh optimizer, step 0; "
+                   "fine-tuning, uptraining after convert); without --config the base config is "
+                   "its config.yaml: give run.dir=NEW_DIR")
+    p.add_argument("--init-step", type=int, default=None, metavar="N",
+                   help="with --init-from: its checkpoint step N (default: the newest)")
     distributed.add_args(p)
 
 
 def run_train(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    if args.init_from is not None and args.config is None:
+        from tfm_jax.train.init_from import source_config
+
+        src = source_config(pathlib.Path(args.init_from))
+        cfg = src.replace(**{"run.dir": None})
+        if args.overrides:
+            from tfm_jax.config.schema import parse_overrides
+            cfg = cfg.replace(**parse_overrides(list(args.overrides)))
+        if cfg.run.dir is None:
+            raise ConfigError("--init-from without --config: give the new run's directory as "
+                              "run.dir=NEW_DIR")
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if args.init_from is not None and args.resume:
+        raise ConfigError("--init-from starts a new run; --resume continues one: use one")
+    if args.init_step is not None and args.init_from is None:
+        raise ConfigError("--init-step N picks a checkpoint of --init-from RUN_DIR: give both")
     if cfg.quant.recipe in WEIGHT_ONLY_RECIPES:        # a run written by `tfm-jax quantize`
         raise ConfigError(
             f"quant.recipe={cfg.quant.recipe} is weight-only post-training quantization: a "
@@ -145,6 +167,7 @@ def run_train(args) -> int:
 
     try:
         result = train_lib.train(cfg, resume=args.resume, resume_step=args.step,
+                                 init_from=args.init_from, init_step=args.init_step,
                                  allow_corpus_change=args.allow_corpus_change)
     except train_lib.Interrupted as err:
         print(f"\ntfm-jax: interrupted by {err}", file=sys.stderr)
@@ -470,6 +493,49 @@ def run_convert(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- hugging face
+
+
+def _import_hf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="local Hugging Face model folder (config.json, "
+                   "model.safetensors or a sharded index, tokenizer files)")
+    p.add_argument("--out", required=True, help="new run directory")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="dtype of the stored parameters (default float32)")
+
+
+def run_import_hf(args) -> int:
+    from tfm_jax.hf import import_hf
+
+    out = import_hf(args.src, args.out, param_dtype=args.param_dtype)
+    cfg = load_config(str(out / "config.yaml"))
+    m = cfg.model
+    print(f"imported {args.src} -> {out} ({m.n_layers} layers, d_model {m.d_model}, "
+          f"{m.n_heads}/{m.n_kv_heads} heads, vocab {m.vocab_size}; checkpoint at step 0)\n"
+          f"  config      {out / 'config.yaml'}\n  checkpoints {out / 'checkpoints'}\n"
+          f"  tokenizer   {out / 'tokenizer' if (out / 'tokenizer').is_dir() else 'none'}\n"
+          f"evaluate:  tfm-jax eval --run-dir {out}\n"
+          f"fine-tune: tfm-jax train --init-from {out} run.dir=NEW_DIR data.path=...")
+    return 0
+
+
+def _export_hf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="run to export")
+    p.add_argument("--out", required=True, help="new folder for the Hugging Face files")
+    _add_step(p, "export")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="dtype of the saved tensors (default the run's model.param_dtype)")
+
+
+def run_export_hf(args) -> int:
+    from tfm_jax.hf import export_hf
+
+    out = export_hf(args.run_dir, args.out, step=args.step, dtype=args.dtype)
+    print(f"exported {args.run_dir} -> {out} (config.json, model.safetensors)\n"
+          f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 # ----------------------------------------------------------------------------- quantize
 
 
@@ -683,6 +749,10 @@ COMMANDS: tuple[Command, ...] = (
             _kv_cache_args, run_kv_cache),
     Command(("convert",), "mean-pool a trained run's K/V heads into a new GQA/MQA run",
             _convert_args, run_convert),
+    Command(("import-hf",), "a local Hugging Face Llama/Mistral/Qwen2 folder -> a new run "
+            "directory (checkpoint at step 0)", _import_hf_args, run_import_hf),
+    Command(("export-hf",), "a run's checkpoint -> a Hugging Face folder (config.json + "
+            "model.safetensors + tokenizer) transformers loads", _export_hf_args, run_export_hf),
     Command(("quantize",), "weight-only INT8/INT4 post-training quantization of a trained run",
             _quantize_args, run_quantize),
     Command(("calibrate",), "static FP8 scales of a trained run (for quant.recipe=fp8_static)",

@@ -68,7 +68,7 @@ def attention_factory(cfg: ModelConfig, ops: Optional[Ops] = None) -> Callable[.
         Attention, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
         init_std=cfg.init_std, out_init_std=cfg.init_std / np.sqrt(2 * cfg.n_layers),
         dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], block_q=cfg.attn_block_q,
-        ops=ops)
+        ops=ops, qkv_bias=cfg.qkv_bias, rope_scaling=cfg.rope_scaling)
 
 
 class Block(nn.Module):
@@ -203,7 +203,8 @@ class TransformerLM(nn.Module):
         else:
             attn_mask = (None if causal_fast_path or decode
                          else make_attention_mask(positions, positions, token_mask))  # (B,T,T)
-        rope_sincos = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
+        rope_sincos = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta,
+                                  cfg.rope_scaling)
 
         embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype, pdtype, name="embed")
         x = nn.with_logical_constraint(embed(tokens), axes.ACT_BTD)                # (B, T, d)

@@ -35,7 +35,7 @@ RANKS = {
     "tfm_jax.platform": 5,
     "tfm_jax.model": 6,
     "tfm_jax.train": 7, "tfm_jax.generate": 7,
-    "tfm_jax.tools": 8,
+    "tfm_jax.tools": 8, "tfm_jax.hf": 8,
     "tfm_jax.ablate": 9,
     "tfm_jax.cli": 10, "tfm_jax.__main__": 10, "tfm_jax": 10,
 }

@@ -113,6 +113,29 @@ def _check_rule(rule: Any) -> tuple[str, Union[str, tuple[str, ...], None]]:
 Rule = Annotated[tuple, BeforeValidator(_check_rule)]
 
 
+class RopeScaling(_Section):
+    """``model.rope_scaling``: a frequency rule for RoPE beyond the pretraining context."""
+
+    type: Literal["llama3"] = Field(
+        "llama3", description="llama3: wavelengths longer than original_max_position_embeddings"
+        " / low_freq_factor are divided by factor, those shorter than ... / high_freq_factor kept,"
+        " and the band between interpolated smoothly (Llama 3.1)")
+    factor: Float = Field(8.0, gt=0, description="divisor of the low frequencies")
+    low_freq_factor: Float = Field(1.0, gt=0, description="wavelength threshold of the scaled "
+                                   "band: original_max_position_embeddings / low_freq_factor")
+    high_freq_factor: Float = Field(4.0, gt=0, description="wavelength threshold of the kept "
+                                    "band: original_max_position_embeddings / high_freq_factor")
+    original_max_position_embeddings: Int = Field(8192, gt=0, description="the pretraining "
+                                                  "context length")
+
+    @model_validator(mode="after")
+    def _bands(self) -> "RopeScaling":
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"model.rope_scaling.high_freq_factor={self.high_freq_factor} must "
+                             f"exceed low_freq_factor={self.low_freq_factor}")
+        return self
+
+
 class ModelConfig(_Section):
     """Decoder-only Transformer LM shape and component choices."""
 
@@ -145,6 +168,12 @@ class ModelConfig(_Section):
     bn_momentum: Float = Field(0.99, gt=0, lt=1, description="BatchNorm running-statistics "
                                "momentum")
     rope_theta: Float = Field(10000.0, gt=0, description="RoPE base (Llama-3: 500000)")
+    rope_scaling: Optional[RopeScaling] = Field(
+        None, description="RoPE frequency rule, e.g. {type: llama3, factor: 8, low_freq_factor: "
+        "1, high_freq_factor: 4, original_max_position_embeddings: 8192} (Llama 3.1); null: "
+        "the plain theta^(-2i/D) frequencies")
+    qkv_bias: bool = Field(False, description="learned biases on the query, key and value "
+                           "projections (Qwen2)")
     attn_block_q: Int = Field(
         64, ge=0, description="query block of the block-causal attention path; 0: always the "
         "general masked path (materialises the full T x T scores)")
@@ -214,6 +243,8 @@ def param_counts(m: ModelConfig, moe: Optional["MoEConfig"] = None) -> dict[str,
     d, h, hkv, dh, f, v, n = (m.d_model, m.n_heads, m.n_kv_heads, m.resolved_head_dim,
                               m.resolved_ffn_hidden, m.vocab_size, m.n_layers)
     attn = d * (h + 2 * hkv) * dh + h * dh * d
+    if m.qkv_bias:
+        attn += (h + 2 * hkv) * dh
     ffn = (3 if m.ffn_type == "swiglu" else 2) * d * f
     norm_vec = {"layernorm": 2 * d, "rmsnorm": d, "batchnorm": 2 * d, "none": 0}[m.norm]
     final = norm_vec if m.norm_position == "pre" else 0

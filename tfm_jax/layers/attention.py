@@ -32,6 +32,21 @@ class Segments:
     ids: jax.Array
 
 
+class _Bias(nn.Module):
+    """A projection's bias (H, Dh), zeros at init; its leaf is named ``bias`` (role ``bias``: no
+    weight decay, :mod:`tfm_jax.core.roles`)."""
+    heads: int
+    head_dim: int
+    head_axis: str
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("bias", nn.with_logical_partitioning(
+            nn.initializers.zeros, (self.head_axis, axes.HEAD_DIM)),
+            (self.heads, self.head_dim), self.param_dtype)
+
+
 class Attention(nn.Module):
     n_heads: int
     n_kv_heads: int
@@ -43,6 +58,8 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
     block_q: int = 64
     ops: Optional[Ops] = None   # GEMM + causal core (tfm_jax.layers.ops); None: XLA defaults
+    qkv_bias: bool = False      # learned q/k/v biases (Qwen2): q_bias/bias, k_bias/bias, ...
+    rope_scaling: Any = None    # model.rope_scaling (used only when rope_sincos is not given)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: Optional[jax.Array],
@@ -73,10 +90,18 @@ class Attention(nn.Module):
         q = proj(self.n_heads, axes.HEADS, "q_proj")                   # (B, T, H, Dh)
         k = proj(self.n_kv_heads, axes.KV_HEADS, "k_proj")             # (B, T, Hkv, Dh)
         v = proj(self.n_kv_heads, axes.KV_HEADS, "v_proj")             # (B, T, Hkv, Dh)
+        if self.qkv_bias:
+            q = q + _Bias(self.n_heads, self.head_dim, axes.HEADS, self.param_dtype,
+                          name="q_bias")().astype(q.dtype)
+            k = k + _Bias(self.n_kv_heads, self.head_dim, axes.KV_HEADS, self.param_dtype,
+                          name="k_bias")().astype(k.dtype)
+            v = v + _Bias(self.n_kv_heads, self.head_dim, axes.KV_HEADS, self.param_dtype,
+                          name="v_bias")().astype(v.dtype)
         q = nn.with_logical_constraint(q, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
         k = nn.with_logical_constraint(k, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEAD_DIM))
         if rope_sincos is None:
-            rope_sincos = rope_tables(positions, self.head_dim, self.rope_theta)
+            rope_sincos = rope_tables(positions, self.head_dim, self.rope_theta,
+                                      self.rope_scaling)
         q = apply_rope(q, rope_sincos)
         k = apply_rope(k, rope_sincos)
         if cache is not None:

@@ -7,13 +7,43 @@ import jax
 import jax.numpy as jnp
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> jax.Array:
+def inv_frequencies(head_dim: int, theta: float, scaling=None):
+    """RoPE inverse frequencies (D/2,) as a float32 numpy constant: ``theta^(-2i/D)``, then the
+    ``scaling`` rule (:class:`tfm_jax.config.schema.RopeScaling`, or None). llama3 (Llama 3.1):
+    with wavelength ``w = 2 pi / f``, ``L = original_max_position_embeddings``: ``w > L / low``
+    -> ``f / factor``; ``w < L / high`` -> ``f``; in between ``(1 - s) f / factor + s f`` with
+    ``s = (L / w - low) / (high - low)``."""
+    import numpy as np
+
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    inv = inv.astype(np.float32)
+    if scaling is None:
+        return inv
+    if scaling.type != "llama3":
+        raise ValueError(f"rope_scaling.type={scaling.type!r}: only llama3 is implemented")
+    f = inv.astype(np.float64)
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old = scaling.original_max_position_embeddings
+    wavelen = 2 * np.pi / f
+    out = np.where(wavelen > old / low, f / factor, f)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return np.where(medium, smoothed, out).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float,
+                scaling=None) -> jax.Array:
     """sin/cos tables for :func:`apply_rope`: positions (B, T) -> (2, B, T, 1, D/2) float32.
 
     ``inv_freq[i] = theta^(-2i/D)``, angle ``a = pos * inv_freq``. Computed once per forward and
-    shared by every layer (and constant for the backward pass).
+    shared by every layer (and constant for the backward pass). ``scaling``: a
+    ``model.rope_scaling`` frequency rule (:func:`inv_frequencies`).
     """
-    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # (D/2,)
+    if scaling is None:
+        inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    else:
+        inv_freq = jnp.asarray(inv_frequencies(head_dim, theta, scaling))             # (D/2,)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq                    # (B, T, D/2)
     return jnp.stack([jnp.sin(angles), jnp.cos(angles)])[:, :, :, None, :]
 

@@ -35,9 +35,11 @@ def _check_supported(cfg: ModelConfig) -> None:
         problems.append(f"ffn_type={cfg.ffn_type!r} (need 'swiglu')")
     if cfg.tie_embeddings:
         problems.append("tie_embeddings=True (need untied)")
+    if cfg.qkv_bias:
+        problems.append("qkv_bias=True (the canonical format has no biases)")
     if problems:
         raise ValueError("export_canonical: the canonical format supports only pre-norm RMSNorm "
-                         "SwiGLU untied models; got " + ", ".join(problems))
+                         "SwiGLU untied models without biases; got " + ", ".join(problems))
 
 
 def _layer_trees(params: Mapping[str, Any], cfg: ModelConfig) -> list[Mapping[str, Any]]:

@@ -141,6 +141,7 @@ def train(cfg: Config, *, resume: bool = False, resume_step: Optional[int] = Non
           devices: Optional[list] = None,
           corpus: Optional[data_lib.Corpus] = None,
           step_hook: Optional[Callable[[int], None]] = None,
+          init_from: Optional[str] = None, init_step: Optional[int] = None,
           allow_corpus_change: bool = False) -> TrainResult:
     """Run training as configured; writes the run directory. ``step_hook(step)`` is called after
     each step (tests use it to inject interruptions). A resume on a corpus other than the one
@@ -160,6 +161,7 @@ def train(cfg: Config, *, resume: bool = False, resume_step: Optional[int] = Non
                         async_save=cfg.train.async_checkpoint)
     try:   # closed on every exit: an orbax manager left open prints asyncio tracebacks at exit
         trainer = Trainer(cfg, ckpt, devices, step_hook)
+        trainer.init_from, trainer.init_step = init_from, init_step
         trainer.open(resume, corpus, resume_step, allow_corpus_change)
         return trainer.run()
     finally:
@@ -197,6 +199,9 @@ class Trainer:
         self.eval_row: dict = {}
         self.window = _Window()
         self.pending: Optional[tuple[int, dict]] = None
+        # a new run's parameters from another run (train --init-from; fresh optimizer)
+        self.init_from: Optional[str] = None
+        self.init_step: Optional[int] = None
 
     # ---------------------------------------------------------------------------------- start
 
@@ -255,6 +260,12 @@ class Trainer:
             # the count goes on from the resumed run's last train row (exact when the resumed
             # step was a log step; skips after the last row were not recorded)
             self.skipped = _last_train_row(run_dir, self.start_step).get("skipped", 0)
+        elif self.init_from is not None:
+            from tfm_jax.train import init_from as init_from_lib
+            self.state = init_from_lib.init_state(self.setup, self.init_from, self.init_step,
+                                                  self.devices)
+            self.resume_notes.append(f"parameters from {self.init_from} (fresh optimizer "
+                                     "state, step 0)")
         else:
             self.state = self.setup.init_state()
         self.step = self.start_step
@@ -318,8 +329,8 @@ class Trainer:
         if self.start_step:
             log.info(f"resumed from step {self.start_step} of {cfg.train.steps} "
                      f"({self.ckpt.directory / str(self.start_step)})")
-            for note in self.resume_notes:
-                log.info(note)
+        for note in self.resume_notes:     # (a fresh run has none; --init-from: one)
+            log.info(note)
         log.info(f"kernels: {setup.ops.describe()}")
         if cfg.train.warmup_steps > cfg.train.steps:
             log.info(f"train.warmup_steps={cfg.train.warmup_steps} exceeds train.steps="
