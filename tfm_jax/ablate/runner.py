@@ -273,7 +273,9 @@ class _Runner:
                 rec["outcome"] = f"finished earlier (step {last}), read back"
             else:
                 if state == "new" and var.init_from is not None:
-                    self.convert_from(var.init_from.run, seed, cfg)
+                    trip = self.convert_from(var.init_from, seed, cfg)
+                    if trip is not None:
+                        rec["hf_round_trip"] = trip
                     state, last = "partial", 0
                 (cfg.run_dir / MEASUREMENT_CACHE).unlink(missing_ok=True)
                 result = train_lib.train(cfg, resume=state == "partial", devices=self.devices,
@@ -334,15 +336,32 @@ class _Runner:
         self.records[(variant, seed)] = rec
         return rec
 
-    def convert_from(self, source: str, seed: int, cfg: Config) -> None:
+    def convert_from(self, init: Any, seed: int, cfg: Config) -> Optional[dict]:
+        """Converts the source run of ``init`` at ``seed`` into ``cfg.run_dir``; returns the
+        Hugging Face round trip's record (via=hf) or None."""
         from tfm_jax.tools.convert import convert_run
 
-        src = self.records.get((source, seed))
+        src = self.records.get((init.run, seed))
         if src is None or src["status"] != "ok":
             why = src.get("error", src["status"]) if src else "not run"
-            raise RuntimeError(f"init_from: source run {source}/seed{seed} did not finish "
+            raise RuntimeError(f"init_from: source run {init.run}/seed{seed} did not finish "
                                f"({why.splitlines()[0] if why else ''})")
-        convert_run(src["run_dir"], config=cfg, corpus=self.corpus(cfg), devices=self.devices)
+        hf_folder = None
+        if init.via == "hf":        # out as a Hugging Face folder, back in from it
+            import shutil
+
+            from tfm_jax.hf import export_hf
+
+            hf_folder = cfg.run_dir.parent / f"{cfg.run_dir.name}-hf"
+            shutil.rmtree(hf_folder, ignore_errors=True)   # (an interrupted earlier export)
+            export_hf(src["run_dir"], hf_folder, dtype="float32", say=lambda *a, **k: None)
+        convert_run(src["run_dir"], config=cfg, corpus=self.corpus(cfg), devices=self.devices,
+                    hf_folder=hf_folder)
+        if hf_folder is None:
+            return None
+        import json
+
+        return json.loads((cfg.run_dir / "convert.json").read_text())["hf_round_trip"]
 
     def results(self) -> dict[str, Any]:
         exp = self.exp

@@ -40,7 +40,7 @@ from __future__ import annotations
 import difflib
 import pathlib
 import re
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import pydantic
 import yaml
@@ -201,6 +201,10 @@ class InitFrom(_Strict):
 
     run: str
     convert: ConvertSpec = ConvertSpec()
+    via: Literal["checkpoint", "hf"] = Field(
+        "checkpoint", description="hf: the source run goes out as a Hugging Face folder "
+        "(export-hf, float32) and its parameters are read back from it (as import-hf reads "
+        "them) before the conversion; convert.json records the largest difference")
 
 
 class Variant(_Strict):
