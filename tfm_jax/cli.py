@@ -50,14 +50,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _run_config(args) -> Config:
     """For eval/generate: the run's saved config (if --run-dir given), with overrides."""
     if getattr(args, "run_dir", None):
-        rundir.check_run_dir(args.run_dir)          # a received run: no links inside
-        saved = pathlib.Path(args.run_dir) / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--run-dir {args.run_dir}: no config.yaml there; is it a run "
-                              "directory written by 'tfm-jax train'?")
-        stored = pathlib.Path(args.run_dir) / "tokenizer"   # the run's copy of its tokenizer
-        extra = [f"data.tokenizer={stored.absolute()}"] if stored.is_dir() else []
-        return load_config(str(saved), extra + list(args.overrides) + [f"run.dir={args.run_dir}"])
+        from tfm_jax.tools.run import run_config
+
+        return run_config(args.run_dir, args.overrides)
     return load_config(args.config, args.overrides)
 
 
@@ -68,28 +63,9 @@ def _add_step(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _restore(cfg: Config, calib_batches: int = 16, step: Optional[int] = None):
-    from tfm_jax.platform import backends
-    from tfm_jax.train.checkpoint import Checkpointer
-    from tfm_jax.tools import calibrate
-    from tfm_jax.tools.quantize import is_quantized_run, restore_quantized
-    from tfm_jax.train import build
+    from tfm_jax.tools.run import restore     # the Python API's restore (tfm_jax.load_run)
 
-    if step is not None and (is_quantized_run(cfg) or calibrate.needs_recipe_change(cfg)):
-        raise ConfigError("--step picks a checkpoint of a trained run; a quantized or "
-                          "recalibrated run is read from its newest checkpoint")
-    if is_quantized_run(cfg):      # written by `tfm-jax quantize`: int8/int4 kernels, dequantized
-        return restore_quantized(cfg)
-    if calibrate.needs_recipe_change(cfg):   # e.g. FP8 inference of an fp32-trained run
-        return calibrate.restore_with_recipe(cfg, calib_batches=calib_batches)
-    backends.configure(cfg.backend)
-    setup = build(cfg)
-    ckpt = Checkpointer(cfg.run_dir / "checkpoints", read_only=True)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint under {cfg.run_dir / 'checkpoints'}; train first "
-                                "('tfm-jax train') or pass --run-dir of a trained run")
-    state = ckpt.restore(setup.abstract_state(), step=step)
-    ckpt.close()
-    return setup, state
+    return restore(cfg, calib_batches, step)
 
 
 def _sample(setup, state, prompt: str, tokens: int, temperature: float, top_k: int,
