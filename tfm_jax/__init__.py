@@ -12,15 +12,14 @@ __all__ = ["load_run", "import_hf", "train", "Run", "__version__"]
 
 
 def __getattr__(name):
-    if name in _API or name == "api":
-        from tfm_jax import api
+    import importlib
 
+    if name in _API or name == "api":
+        api = importlib.import_module("tfm_jax.api")
         return api if name == "api" else getattr(api, name)
     if name == "train":
         # The subpackage tfm_jax.train is callable: tfm_jax.train(config) is api.train (an
         # attribute lookup cannot tell the two apart once the subpackage is imported).
-        import importlib
-
         return importlib.import_module("tfm_jax.train")
     raise AttributeError(f"module 'tfm_jax' has no attribute {name!r}")
 

@@ -39,11 +39,11 @@ def import_hf(path: str | pathlib.Path, *, param_dtype: Optional[str] = None) ->
     directory)."""
     import jax
 
-    from tfm_jax import hf
+    from tfm_jax.hf import read_hf      # the Hugging Face reader (tfm_jax.hf)
     from tfm_jax.platform import backends
     from tfm_jax.train import build
 
-    model = hf.read_hf(path, param_dtype=param_dtype)
+    model = read_hf(path, param_dtype=param_dtype)
     cfg = model.config
     backends.configure(cfg.backend)
     setup = build(cfg)

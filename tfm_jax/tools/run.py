@@ -102,6 +102,7 @@ class Run:
         self.model_state = (state.model_state if state is not None else model_state) or {}
         self.tokenizer = tokenizer
         self._forward = None
+        self._decoders: dict[tuple[int, int], Any] = {}    # (batch, max_len) -> Decoder
 
     # ------------------------------------------------------------------ basics
 
@@ -184,10 +185,12 @@ class Run:
         shards = self._batch_shards()
         batch = -(-len(ids) // shards) * shards
         q = self.config.quant
+        key = (batch, max(map(len, ids)) + max_new_tokens - 1)
+        if key not in self._decoders:
+            self._decoders[key] = make_decoder(self.setup.model, batch=key[0], max_len=key[1],
+                                               kv_cache=q.kv_cache, kv_scale=q.kv_scale)
+        decoder = self._decoders[key]
         with self.setup.context():
-            decoder = make_decoder(self.setup.model, batch=batch,
-                                   max_len=max(map(len, ids)) + max_new_tokens - 1,
-                                   kv_cache=q.kv_cache, kv_scale=q.kv_scale)
             try:
                 g = generate(decoder, self.variables, ids, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p,
