@@ -309,6 +309,46 @@ def run_generate(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- lm-eval
+
+
+def _lm_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="trained run to evaluate")
+    _add_step(p, "evaluate")
+    p.add_argument("--tasks", required=True, help="task names, comma-separated (lm-evaluation-"
+                   "harness names, or those of --include-path)")
+    p.add_argument("--include-path", default=None, help="folder of your own task YAML files")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (a fraction "
+                   "if < 1; default all)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
+    p.add_argument("--max-length", type=int, default=None, help="longest context in tokens; "
+                   "longer ones keep their end (default 8 x data.seq_len of the run)")
+    p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+
+
+def run_lm_eval(args) -> int:
+    """lm-evaluation-harness tasks on a run (tfm_jax.tools.lm_eval; the [eval] extra)."""
+    try:
+        import lm_eval  # noqa: F401  (the [eval] extra; checked before jax starts)
+    except ImportError:
+        raise ConfigError("tfm-jax lm-eval needs the lm-evaluation-harness package (lm_eval): "
+                          "pip install 'tfm-jax[eval]'") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError("--tasks: give at least one task name")
+    from tfm_jax.tools import lm_eval as harness
+    from tfm_jax.tools.run import open_run
+
+    run = open_run(args.run_dir, step=args.step)
+    res = harness.evaluate_run(run, tasks, include_path=args.include_path, limit=args.limit,
+                               batch_size=args.batch_size, max_length=args.max_length)
+    print(harness.summary(res))
+    if args.output:
+        rundir.atomic_write(pathlib.Path(args.output), harness.to_json(res))
+        print(f"results: {args.output}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- config show
 
 
@@ -631,6 +671,8 @@ COMMANDS: tuple[Command, ...] = (
             run_eval),
     Command(("generate",), "sample text from a run's latest checkpoint", _generate_args,
             run_generate),
+    Command(("lm-eval",), "lm-evaluation-harness tasks on a run (loglikelihood, "
+            "generate_until; the [eval] extra)", _lm_eval_args, run_lm_eval),
     Command(("config", "show"), "print the resolved config as YAML (--memory: train-state "
             "bytes and the step's peak memory)", _config_show_args, run_config_show),
     Command(("kv-cache",), "KV-cache bytes for MHA / GQA / MQA at a length, batch and dtype",
