@@ -27,3 +27,21 @@ def poison(setup, state, layer="layers_1"):
     params[layer]["ffn"]["wo"]["kernel"] = k
     params = jax.device_put(params, setup.state_shardings.params)
     return state.replace(params=params)
+
+
+def write_initialized_run(run_dir, overrides):
+    """A run directory as ``tfm-jax train`` leaves it (config.yaml + a checkpoint at step 0),
+    holding the initial parameters: for tests of what reads runs, without compiling a train
+    step."""
+    from tfm_jax.core import rundir
+    from tfm_jax.train import build
+    from tfm_jax.train.checkpoint import Checkpointer
+
+    cfg = load_config(None, list(overrides) + [f"run.dir={run_dir}"])
+    setup = build(cfg)
+    state = setup.init_state()
+    rundir.atomic_write(cfg.run_dir / "config.yaml", cfg.to_yaml())
+    ckpt = Checkpointer(cfg.run_dir / "checkpoints", async_save=False)
+    ckpt.save(0, state)
+    ckpt.close()
+    return cfg

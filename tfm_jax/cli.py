@@ -50,14 +50,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _run_config(args) -> Config:
     """For eval/generate: the run's saved config (if --run-dir given), with overrides."""
     if getattr(args, "run_dir", None):
-        rundir.check_run_dir(args.run_dir)          # a received run: no links inside
-        saved = pathlib.Path(args.run_dir) / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--run-dir {args.run_dir}: no config.yaml there; is it a run "
-                              "directory written by 'tfm-jax train'?")
-        stored = pathlib.Path(args.run_dir) / "tokenizer"   # the run's copy of its tokenizer
-        extra = [f"data.tokenizer={stored.absolute()}"] if stored.is_dir() else []
-        return load_config(str(saved), extra + list(args.overrides) + [f"run.dir={args.run_dir}"])
+        from tfm_jax.tools.run import run_config
+
+        return run_config(args.run_dir, args.overrides)
     return load_config(args.config, args.overrides)
 
 
@@ -74,28 +69,9 @@ def _add_corpus_change(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _restore(cfg: Config, calib_batches: int = 16, step: Optional[int] = None):
-    from tfm_jax.platform import backends
-    from tfm_jax.train.checkpoint import Checkpointer
-    from tfm_jax.tools import calibrate
-    from tfm_jax.tools.quantize import is_quantized_run, restore_quantized
-    from tfm_jax.train import build
+    from tfm_jax.tools.run import restore     # the Python API's restore (tfm_jax.load_run)
 
-    if step is not None and (is_quantized_run(cfg) or calibrate.needs_recipe_change(cfg)):
-        raise ConfigError("--step picks a checkpoint of a trained run; a quantized or "
-                          "recalibrated run is read from its newest checkpoint")
-    if is_quantized_run(cfg):      # written by `tfm-jax quantize`: int8/int4 kernels, dequantized
-        return restore_quantized(cfg)
-    if calibrate.needs_recipe_change(cfg):   # e.g. FP8 inference of an fp32-trained run
-        return calibrate.restore_with_recipe(cfg, calib_batches=calib_batches)
-    backends.configure(cfg.backend)
-    setup = build(cfg)
-    ckpt = Checkpointer(cfg.run_dir / "checkpoints", read_only=True)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint under {cfg.run_dir / 'checkpoints'}; train first "
-                                "('tfm-jax train') or pass --run-dir of a trained run")
-    state = ckpt.restore(setup.abstract_state(), step=step)
-    ckpt.close()
-    return setup, state
+    return restore(cfg, calib_batches, step)
 
 
 def _sample(setup, state, prompt: str, tokens: int, temperature: float, top_k: int,
@@ -367,6 +343,46 @@ def run_generate(args) -> int:
     print(f"prefill {g.prefill_s * 1e3:.1f} ms ({len(ids)} prompts), decode {rate}; KV cache "
           f"{q.kv_cache}, {stats['kv_cache_bytes'] / 2**10:,.1f} KiB; compile "
           f"{g.compile_s:.1f} s (not timed)", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- lm-eval
+
+
+def _lm_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="trained run to evaluate")
+    _add_step(p, "evaluate")
+    p.add_argument("--tasks", required=True, help="task names, comma-separated (lm-evaluation-"
+                   "harness names, or those of --include-path)")
+    p.add_argument("--include-path", default=None, help="folder of your own task YAML files")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (a fraction "
+                   "if < 1; default all)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
+    p.add_argument("--max-length", type=int, default=None, help="longest context in tokens; "
+                   "longer ones keep their end (default 8 x data.seq_len of the run)")
+    p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+
+
+def run_lm_eval(args) -> int:
+    """lm-evaluation-harness tasks on a run (tfm_jax.tools.lm_eval; the [eval] extra)."""
+    try:
+        import lm_eval  # noqa: F401  (the [eval] extra; checked before jax starts)
+    except ImportError:
+        raise ConfigError("tfm-jax lm-eval needs the lm-evaluation-harness package (lm_eval): "
+                          "pip install 'tfm-jax[eval]'") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError("--tasks: give at least one task name")
+    from tfm_jax.tools import lm_eval as harness
+    from tfm_jax.tools.run import open_run
+
+    run = open_run(args.run_dir, step=args.step)
+    res = harness.evaluate_run(run, tasks, include_path=args.include_path, limit=args.limit,
+                               batch_size=args.batch_size, max_length=args.max_length)
+    print(harness.summary(res))
+    if args.output:
+        rundir.atomic_write(pathlib.Path(args.output), harness.to_json(res))
+        print(f"results: {args.output}")
     return 0
 
 
@@ -743,6 +759,8 @@ COMMANDS: tuple[Command, ...] = (
             run_eval),
     Command(("generate",), "sample text from a run's latest checkpoint", _generate_args,
             run_generate),
+    Command(("lm-eval",), "lm-evaluation-harness tasks on a run (loglikelihood, "
+            "generate_until; the [eval] extra)", _lm_eval_args, run_lm_eval),
     Command(("config", "show"), "print the resolved config as YAML (--memory: train-state "
             "bytes and the step's peak memory)", _config_show_args, run_config_show),
     Command(("kv-cache",), "KV-cache bytes for MHA / GQA / MQA at a length, batch and dtype",

@@ -13,7 +13,7 @@ Layers, bottom first (a module may import its own layer or any below it):
 7. ``train``, ``generate``
 8. ``tools``
 9. ``ablate``
-10. ``cli``, ``__main__``, the package's top-level API
+10. ``cli``, ``__main__``, the package's top-level API (``api``)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ RANKS = {
     "tfm_jax.train": 7, "tfm_jax.generate": 7,
     "tfm_jax.tools": 8, "tfm_jax.hf": 8,
     "tfm_jax.ablate": 9,
-    "tfm_jax.cli": 10, "tfm_jax.__main__": 10, "tfm_jax": 10,
+    "tfm_jax.cli": 10, "tfm_jax.__main__": 10, "tfm_jax": 10, "tfm_jax.api": 10,
 }
 
 

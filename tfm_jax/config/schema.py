@@ -729,6 +729,11 @@ class RunConfig(_Section):
     tensorboard: bool = Field(True, description="write TensorBoard event files under "
                               "<run dir>/events")
     progress: bool = Field(True, description="a progress bar on an interactive terminal")
+    wandb: Literal[False, "online", "offline"] = Field(
+        False, description="also log the metrics (the TensorBoard scalars) to Weights & Biases: "
+        "online, or offline (files under <run dir>/wandb, or $WANDB_DIR; upload later with "
+        "'wandb sync'); false: off. Needs the track extra")
+    wandb_project: str = Field("tfm-jax", description="Weights & Biases project of run.wandb")
 
 
 class Config(_Section):

@@ -22,7 +22,7 @@ from tfm_jax.core import interrupts, rundir, telemetry
 from tfm_jax.model import count_params, train_flops_per_token
 from tfm_jax.platform import backends
 from tfm_jax.train.checkpoint import CheckpointMismatch, Checkpointer
-from tfm_jax.train.metrics import MetricsLogger, read_metrics
+from tfm_jax.train.metrics import MetricsLogger, read_metrics, require_wandb
 from tfm_jax.train.setup import Setup, build, eval_positions, eval_span, evaluate, fp8_dot_line
 from tfm_jax.train.state import TrainState
 from tfm_jax.train.step import _jit_nonfinite_flags, describe_nonfinite
@@ -148,6 +148,7 @@ def train(cfg: Config, *, resume: bool = False, resume_step: Optional[int] = Non
     the run recorded (``corpus.json``) stops unless ``allow_corpus_change``."""
     backends.configure(cfg.backend)
     check_trainable(cfg)
+    require_wandb(cfg.run.wandb)                  # run.wandb without wandb: one line, now
     check_runtime(cfg, len(jax.devices() if devices is None else devices))   # before any I/O
     # The run directory is data (tfm_jax.core.rundir): a new run only goes into a missing or
     # empty folder or a tfm-jax run, with no links inside; one process at a time trains it.
@@ -311,9 +312,11 @@ class Trainer:
         return loader
 
     def _new_logger(self, step: int) -> MetricsLogger:
-        return MetricsLogger(self.run_dir, resume_step=step, tensorboard=self.cfg.run.tensorboard,
-                             progress=self.cfg.run.progress, total_steps=self.t.steps,
-                             initial_step=step)
+        run = self.cfg.run
+        return MetricsLogger(self.run_dir, resume_step=step, tensorboard=run.tensorboard,
+                             progress=run.progress, total_steps=self.t.steps,
+                             initial_step=step, wandb=run.wandb, wandb_project=run.wandb_project,
+                             wandb_config=self.cfg.to_dict(), wandb_name=run.name)
 
     def _header(self, peak_source: str) -> None:
         cfg, corpus, setup, log = self.cfg, self.corpus, self.setup, self.logger

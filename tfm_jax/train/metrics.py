@@ -1,4 +1,5 @@
-"""Run telemetry: ``metrics.jsonl``, TensorBoard event files and a progress bar.
+"""Run telemetry: ``metrics.jsonl``, TensorBoard event files, optionally Weights & Biases (the
+same scalars, ``run.wandb``) and a progress bar.
 
 Only process 0 writes, without following links (:mod:`tfm_jax.core.rundir`). On resume, rows past the resumed step are dropped (from the JSONL file and,
 via ``purge_step``, from TensorBoard), so a resumed run's logs read as one uninterrupted run.
@@ -6,15 +7,44 @@ via ``purge_step``, from TensorBoard), so a resumed run's logs read as one unint
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 import pathlib
-from typing import Any
+from typing import Any, Optional
 
 import jax
 from tqdm.auto import tqdm
 
+from tfm_jax.config import ConfigError
 from tfm_jax.core import rundir
+
+WANDB_MISSING = ("run.wandb={mode} needs the wandb package: pip install 'tfm-jax[track]' "
+                 "(or set run.wandb=false)")
+
+
+def require_wandb(mode) -> None:
+    """One line (ConfigError) if ``run.wandb`` is set and ``wandb`` is not installed."""
+    if mode:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError(WANDB_MISSING.format(mode=mode)) from None
+
+
+def _open_wandb(run_dir: pathlib.Path, mode: str, project: str, name: Optional[str],
+                config: Optional[dict]):
+    """A wandb run for this run directory: its id derives from the directory, so a resumed
+    run (or a reloaded logger) continues the same wandb run. Files go under <run dir>/wandb
+    unless $WANDB_DIR says otherwise."""
+    require_wandb(mode)
+    import wandb
+
+    run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    return wandb.init(project=project, name=name or run_dir.name, id=run_id, resume="allow",
+                      mode=mode, config=config, dir=os.environ.get("WANDB_DIR") or str(run_dir),
+                      settings=wandb.Settings(console="off", silent=True))
 
 
 def _truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
@@ -29,10 +59,13 @@ def _truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
 
 class MetricsLogger:
     def __init__(self, run_dir: pathlib.Path, *, resume_step: int = 0, tensorboard: bool = True,
-                 progress: bool = True, total_steps: int = 0, initial_step: int = 0):
+                 progress: bool = True, total_steps: int = 0, initial_step: int = 0,
+                 wandb: Any = False, wandb_project: str = "tfm-jax",
+                 wandb_config: Optional[dict] = None, wandb_name: Optional[str] = None):
         self.enabled = jax.process_index() == 0
         self.path = pathlib.Path(run_dir) / "metrics.jsonl"
         self._tb = None
+        self._wandb = None
         self._bar = None
         if not self.enabled:
             return
@@ -46,6 +79,9 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "events"),
                                      purge_step=resume_step or None)
+        if wandb:
+            self._wandb = _open_wandb(pathlib.Path(run_dir), wandb, wandb_project, wandb_name,
+                                      wandb_config)
         # The bar opens at start_progress() (or the first row), after the run's header lines.
         # Only on a terminal: in a log file a bar is a stream of redraws, so there each row is
         # one plain line instead (``progress`` False: neither).
@@ -69,10 +105,13 @@ class MetricsLogger:
         row = {"step": step, **{k: v for k, v in row.items() if v is not None or k in nullable}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        scalars = {f"{kind}/{k}": v for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=step)
         self.start_progress()
         if self._bar is not None:
             # postfix first, then the update that redraws: the bar shows this window's row
@@ -109,6 +148,8 @@ class MetricsLogger:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         self._file.close()
 
 
