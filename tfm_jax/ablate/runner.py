@@ -346,22 +346,23 @@ class _Runner:
             why = src.get("error", src["status"]) if src else "not run"
             raise RuntimeError(f"init_from: source run {init.run}/seed{seed} did not finish "
                                f"({why.splitlines()[0] if why else ''})")
-        hf_folder = None
+        params_from = None
         if init.via == "hf":        # out as a Hugging Face folder, back in from it
             import shutil
 
-            from tfm_jax.hf import export_hf
+            from tfm_jax.hf import export_hf, params_via_hf
 
             hf_folder = cfg.run_dir.parent / f"{cfg.run_dir.name}-hf"
             shutil.rmtree(hf_folder, ignore_errors=True)   # (an interrupted earlier export)
             export_hf(src["run_dir"], hf_folder, dtype="float32", say=lambda *a, **k: None)
+            params_from = params_via_hf(hf_folder)
         convert_run(src["run_dir"], config=cfg, corpus=self.corpus(cfg), devices=self.devices,
-                    hf_folder=hf_folder)
-        if hf_folder is None:
+                    params_from=params_from)
+        if params_from is None:
             return None
         import json
 
-        return json.loads((cfg.run_dir / "convert.json").read_text())["hf_round_trip"]
+        return json.loads((cfg.run_dir / "convert.json").read_text())["params_from"]
 
     def results(self) -> dict[str, Any]:
         exp = self.exp

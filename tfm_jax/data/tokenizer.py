@@ -290,7 +290,8 @@ def load_tokenizer(spec: str | Path | None) -> Tokenizer:
                         "tokenizer.model")
     if not path.is_file():
         raise DataError(f"data.tokenizer={spec!r} is not 'byte', an existing tokenizer.json, a "
-                        "sentencepiece .model, or a folder holding one")
+                        "sentencepiece .model, or a folder holding one (train one with: tfm-jax "
+                        f"tokenizer train --vocab-size N --out {spec})")
     if path.suffix == ".model":
         return SentencePieceTokenizer(path)
     if path.suffix == ".json":

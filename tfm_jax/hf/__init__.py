@@ -6,7 +6,7 @@ loads. The ``config.json`` mapping lives in :mod:`tfm_jax.hf.mapping`.
 """
 
 from tfm_jax.hf.checkpoint import (HFModel, SafetensorsFolder, config_from_hf, export_hf,
-                                   import_hf, read_hf, read_params)
+                                   import_hf, params_via_hf, read_hf, read_params)
 
 __all__ = ["HFModel", "SafetensorsFolder", "config_from_hf", "export_hf", "import_hf",
-           "read_hf", "read_params"]
+           "params_via_hf", "read_hf", "read_params"]

@@ -13,7 +13,7 @@ import json
 import os
 import pathlib
 import struct
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -400,3 +400,26 @@ def export_hf(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Optio
             if (src / name).is_file():
                 rundir.atomic_write(dst / name, (src / name).read_bytes())
     return dst
+
+
+def params_via_hf(folder: str | os.PathLike) -> Callable[[Config, Any], tuple[Any, dict]]:
+    """For ``convert_run(params_from=...)``: the run's parameters read back from ``folder`` (a
+    ``export_hf`` of that run) as :func:`read_params` reads them, in the layout (and partition
+    boxes) of the restored ones, with the largest absolute difference from them (0 for a
+    float32 export)."""
+    def read(cfg: Config, like: Any) -> tuple[Any, dict]:
+        import jax
+
+        flat, treedef = jax.tree.flatten(like)
+        got = jax.tree.leaves(read_params(folder, cfg))
+        if [np.shape(a) for a in got] != [np.shape(a) for a in flat]:
+            raise CheckpointMismatch(f"{folder}: its parameters do not have the run's layout "
+                                     "(model.scan_layers runs are exported unscanned)")
+        diff = max(float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(a, np.float64))))
+                   for g, a in zip(got, flat))
+        params = jax.tree.unflatten(treedef, [np.asarray(g).astype(np.asarray(a).dtype)
+                                              for g, a in zip(got, flat)])
+        return params, {"via": "huggingface", "folder": str(pathlib.Path(folder).absolute()),
+                        "max_abs_diff": diff}
+
+    return read

@@ -27,7 +27,7 @@ import dataclasses
 import json
 import math
 import pathlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -132,31 +132,12 @@ def _check_target(src: Config, target: Config) -> None:
     converted_config(src, target.model.n_kv_heads, target.run_dir, 1)   # divisibility check
 
 
-def _params_from_hf(folder: pathlib.Path | str, cfg: Config, like: Any) -> tuple[Any, dict]:
-    """The parameters of a HF export of a run with config ``cfg``, in the layout (and boxes) of
-    ``like`` (the run's restored params), and how far they are from them."""
-    import jax
-
-    from tfm_jax.hf import read_params
-
-    flat, treedef = jax.tree.flatten(like)
-    got = jax.tree.leaves(read_params(folder, cfg))
-    shapes = [tuple(np.shape(a)) for a in flat]
-    if [tuple(np.shape(a)) for a in got] != shapes:
-        raise ValueError(f"convert: the parameters read from {folder} do not have the run's "
-                         "layout")
-    diff = max(float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(a, np.float64))))
-               for g, a in zip(got, flat))
-    params = jax.tree.unflatten(treedef, [np.asarray(g).astype(np.asarray(a).dtype)
-                                          for g, a in zip(got, flat)])
-    return params, {"folder": str(pathlib.Path(folder).absolute()), "max_abs_diff": diff}
-
-
 def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
                 out_dir: Optional[pathlib.Path | str] = None, *, steps: Optional[int] = None,
                 config: Optional[Config] = None, evaluate: bool = True,
                 corpus: Any = None, devices: Optional[list] = None,
-                hf_folder: Optional[pathlib.Path | str] = None) -> ConvertResult:
+                params_from: Optional[Callable[[Config, Any], tuple[Any, dict]]] = None,
+                ) -> ConvertResult:
     """Convert the latest checkpoint of ``run_dir`` to ``n_kv_heads`` K/V heads in a new run
     directory (default ``<run_dir>-kv<N>``); see the module docstring for what it holds.
 
@@ -164,10 +145,10 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
     (:func:`converted_config`); its model must be the source's except ``n_kv_heads`` (which
     then gives the head count), and ``run.dir`` names the output. The ablation runner's
     ``init_from`` uses this. ``corpus``: a loaded corpus to evaluate on (else loaded);
-    ``devices``: the devices to build on (default all). ``hf_folder``: a Hugging Face export of
-    this run (``tfm-jax export-hf``): the parameters are read back from it (as ``import-hf``
-    reads them) instead of from the checkpoint, and their largest difference from the
-    checkpoint's is recorded in convert.json (0 for a float32 export)."""
+    ``devices``: the devices to build on (default all). ``params_from(src_cfg, params)``: the
+    parameters to convert instead of the checkpoint's (same layout), with a record for
+    convert.json (``params_from``); e.g. :func:`tfm_jax.hf.params_via_hf` reads them back from a
+    Hugging Face export of the run."""
     import jax
     import jax.numpy as jnp
 
@@ -209,9 +190,9 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
                                what="convert")
     source_step = int(src_state.step)
     src_params = jax.device_get(src_state.params)
-    round_trip = None
-    if hf_folder is not None:
-        src_params, round_trip = _params_from_hf(hf_folder, src_cfg, src_params)
+    params_note = None
+    if params_from is not None:
+        src_params, params_note = params_from(src_cfg, src_params)
     params = convert_params(src_params, n_kv_heads)
     model_state = jax.device_get(src_state.model_state)
     del src_state
@@ -249,7 +230,7 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
             "source_n_kv_heads": src_cfg.model.n_kv_heads, "n_kv_heads": n_kv_heads,
             "method": METHOD, "checkpoint_step": 0, "optimizer_state": "fresh",
             "uptrain_steps": new_cfg.train.steps, "eval": ev}
-    if round_trip is not None:
-        info["hf_round_trip"] = round_trip
+    if params_note is not None:
+        info["params_from"] = params_note
     rundir.atomic_write(out_dir / "convert.json", json.dumps(info, indent=2))
     return ConvertResult(out_dir, new_cfg, source_step, src_cfg.model.n_kv_heads, ev)
