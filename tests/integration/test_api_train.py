@@ -64,6 +64,24 @@ def test_evaluate_equals_tfm_jax_eval(trained, env):
     assert res["loss"] == pytest.approx(cli["val_loss"], rel=1e-5)
     assert res["perplexity"] == pytest.approx(cli["val_ppl"], rel=1e-5)
     assert res["bits_per_byte"] == pytest.approx(cli["val_bpb"], rel=1e-5)
+    assert res["corpus_digest"] == cli["corpus_digest"]
+
+
+def test_evaluate_on_another_corpus_than_recorded(trained, tmp_path):
+    import shutil
+
+    from tfm_jax.core.errors import DataError
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.config.run_dir, run_dir)
+    saved = json.loads((run_dir / "corpus.json").read_text())
+    saved["fingerprint"]["digest"] = "0" * 64           # the run trained on something else
+    (run_dir / "corpus.json").write_text(json.dumps(saved))
+    run = tfm_jax.load_run(run_dir)
+    with pytest.raises(DataError, match="000000000000.*allow_corpus_change=True"):
+        run.evaluate()
+    res = run.evaluate(allow_corpus_change=True)
+    assert res["loss"] == pytest.approx(trained.evaluate()["loss"], rel=1e-6)
 
 
 def test_greedy_generate_equals_tfm_jax_generate(trained, env):

@@ -221,13 +221,17 @@ class Run:
         return self._state
 
     def evaluate(self, data: Optional[str | pathlib.Path] = None, *,
-                 batches: Optional[int] = None) -> dict[str, float]:
+                 batches: Optional[int] = None,
+                 allow_corpus_change: bool = False) -> dict[str, float]:
         """Mean next-token loss (nats/token), perplexity and bits per UTF-8 byte, as
         ``tfm-jax eval`` computes them: ``data`` None: the run's validation split; a path: that
         text file (one document) or ``.jsonl`` file (one document per line, its
         ``data.text_field``), tokenized with the run's tokenizer, every document followed by
         EOS. ``batches``: evaluation batches of ``train.batch_size`` windows of
-        ``data.seq_len`` tokens (default ``train.eval_batches``)."""
+        ``data.seq_len`` tokens (default ``train.eval_batches``). With ``data`` None the
+        validation split must be the corpus the run recorded (``corpus.json``), as for ``tfm-jax
+        eval``: a different one raises ``DataError`` naming both unless
+        ``allow_corpus_change``; the result then carries ``corpus_digest``."""
         cfg = self.config
         if batches is not None:
             if batches < 1:
@@ -236,6 +240,9 @@ class Run:
         setup = dataclasses.replace(self.setup, cfg=cfg)
         if data is None:
             corpus = data_lib.corpus_for(cfg.data, self.tokenizer)
+            data_lib.check_fingerprint(data_lib.run_corpus(cfg.run_dir), corpus.fingerprint,
+                                       what="evaluate", allow=allow_corpus_change,
+                                       flag="allow_corpus_change=True")
             stream = corpus.val
             n_bytes = lambda pos: corpus.bytes_of(pos)              # noqa: E731
         else:
@@ -249,10 +256,13 @@ class Run:
             n_bytes = lambda pos: int(per_token[pos].sum())        # noqa: E731
         row = evaluate(setup, self._train_state(), stream)
         loss = row["val_loss"]
-        return {"loss": loss, "perplexity": row["val_ppl"],
-                "bits_per_byte": data_lib.bits_per_byte(loss, row["val_tokens"],
-                                                        n_bytes(eval_positions(cfg, stream))),
-                "tokens": row["val_tokens"], "step": self.step}
+        out = {"loss": loss, "perplexity": row["val_ppl"],
+               "bits_per_byte": data_lib.bits_per_byte(loss, row["val_tokens"],
+                                                       n_bytes(eval_positions(cfg, stream))),
+               "tokens": row["val_tokens"], "step": self.step}
+        if data is None:
+            out["corpus_digest"] = corpus.digest
+        return out
 
     def unigram_baseline(self) -> float:
         """The unigram entropy of the evaluated validation tokens (nats/token), as reported by
