@@ -26,6 +26,7 @@ Errors are :class:`RunDirError` (a :class:`~tfm_jax.core.errors.DataError`): one
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import tempfile
@@ -41,6 +42,15 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 class RunDirError(DataError):
     """A run directory that cannot be used as it is (a link inside it, a folder that is not a
     run, another process using it); the message says what to do."""
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _link_error(link: pathlib.Path, run_dir: pathlib.Path) -> RunDirError:

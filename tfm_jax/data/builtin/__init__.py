@@ -12,7 +12,6 @@ whichever process gets there first.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -20,19 +19,12 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from tfm_jax.core.errors import DataError
+from tfm_jax.core.rundir import file_sha256
 
 ARCHIVE = Path(__file__).with_name("python-3.11-stdlib.tar.xz")
 ARCHIVE_SHA256 = "3b4472675c52d14845afad7f53243f7890525adc0443719027b1384814f212cd"
 LABEL = "<built-in corpus: CPython 3.11 standard library snapshot>"
 NUM_FILES = 734
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _safe_name(name: str) -> bool:
@@ -63,7 +55,7 @@ def root(cache_root: Path) -> Path:
     if not ARCHIVE.is_file():
         raise DataError(f"the built-in corpus archive {ARCHIVE} is missing; reinstall tfm-jax "
                         "or set data.path to your own text")
-    if _sha256(ARCHIVE) != ARCHIVE_SHA256:
+    if file_sha256(ARCHIVE) != ARCHIVE_SHA256:
         raise DataError(f"the built-in corpus archive {ARCHIVE} is damaged (sha256 differs from "
                         "the released one); reinstall tfm-jax")
     cache_root.mkdir(parents=True, exist_ok=True)

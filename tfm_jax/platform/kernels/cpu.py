@@ -76,6 +76,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tfm_jax.core.rundir import file_sha256
+
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = ("tfm_gemm", "tfm_attn_fwd", "tfm_attn_bwd", "tfm_swiglu_fwd", "tfm_swiglu_bwd",
            "tfm_rms_fwd", "tfm_rms_bwd", "tfm_decode_attn")
@@ -387,14 +389,6 @@ def _trusted_file(path: Path) -> None:
                            f"can write; nothing is loaded from it (remove it to rebuild)")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _makedirs_private(path: Path, root: Path) -> None:
     """Create ``path`` (under ``root``) with mode 0700 where missing; check every level."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -433,7 +427,7 @@ def _build(cache_root: Path) -> Path:
         _trusted_file(lib)
         if digest.is_file() and not digest.is_symlink():
             _trusted_file(digest)
-            if digest.read_text().strip() == _sha256(lib):
+            if digest.read_text().strip() == file_sha256(lib):
                 return lib
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build.", suffix=".so")
     os.close(fd)
@@ -448,7 +442,7 @@ def _build(cache_root: Path) -> Path:
             raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n"
                                f"{proc.stderr[-2000:]}")
         os.chmod(tmp, 0o700)
-        sha = _sha256(Path(tmp))
+        sha = file_sha256(Path(tmp))
         fd, tmp_digest = tempfile.mkstemp(dir=out_dir, prefix=".build.", suffix=".sha256")
         with os.fdopen(fd, "w") as f:
             f.write(sha + "\n")
@@ -468,7 +462,7 @@ def _verify(lib: Path) -> None:
     """RuntimeError unless ``lib`` is still this user's file with the recorded sha256."""
     _trusted_file(lib)
     digest = lib.with_name(lib.name + ".sha256")
-    if digest.is_symlink() or not digest.is_file() or digest.read_text().strip() != _sha256(lib):
+    if digest.is_symlink() or not digest.is_file() or digest.read_text().strip() != file_sha256(lib):
         raise RuntimeError(f"{lib}: its sha256 does not match the one recorded when it was "
                            f"built; not loaded")
 
