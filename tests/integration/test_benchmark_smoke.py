@@ -115,9 +115,15 @@ def test_decode_smoke(tmp_path, capsys):
     out = tmp_path / "decode.json"
     res = decode.main(["--d-model", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
                        "--ffn-hidden", "64", "--batch", "2", "--context", "16",
-                       "--new-tokens", "6", "--json", str(out)])
+                       "--new-tokens", "6", "--repeats", "2", "--json", str(out)])
     text = capsys.readouterr().out
     assert "tfm_jax / torch:" in text and "greedy ids agree" in text
+    # the headline ratio: the median of the interleaved rounds' ratios
+    rounds = [j / t for j, t in zip(res["tfm_jax"]["tokens_per_s_runs"],
+                                    res["torch"]["tokens_per_s_runs"])]
+    assert res["ratio_rounds"] == pytest.approx(rounds) and len(rounds) == 2
+    assert res["ratio"] == pytest.approx(statistics.median(rounds))
+    assert f"{res['ratio']:.2f}x (compiled loop; median of 2 interleaved rounds" in text
     on_disk = json.loads(out.read_text())
     for name in ("tfm_jax", "torch"):
         assert on_disk[name]["tokens_per_s"] > 0
