@@ -654,6 +654,94 @@ def _env_args(p: argparse.ArgumentParser) -> None:
                    "when none is cached")
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--run-dir", required=True, help="the trained run to serve")
+    _add_step(p, "serve")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    p.add_argument("--kv-memory", default="2GiB",
+                   help="KV-cache budget, e.g. 512MiB, 2GiB (default 2GiB): the page pool's size")
+    p.add_argument("--slots", type=int, default=16,
+                   help="most requests decoded together (the compiled batch; default 16)")
+    p.add_argument("--page-size", type=int, default=16, help="positions per KV page (default 16)")
+    p.add_argument("--chunk", type=int, default=64,
+                   help="prefill chunk in tokens, interleaved with decode steps (default 64)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help=f"prompt + max_tokens allowed (default {CONTEXT_FACTOR} x data.seq_len "
+                   "of the run)")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"--kv-memory {text}: give a size such as 512MiB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def run_serve(args) -> int:
+    cfg = _run_config(args)
+    budget = parse_bytes(args.kv_memory)
+    for name in ("slots", "page_size", "chunk"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port {args.port}: must lie in [0, 65535]")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise ConfigError("tfm-jax serve needs the [serve] extra: pip install "
+                          "'tfm-jax[serve]' (FastAPI + uvicorn)") from None
+    from tfm_jax.data import run_tokenizer
+    from tfm_jax.layers.paged_cache import bytes_per_page
+    from tfm_jax.model import DTYPES
+    from tfm_jax.serve.scheduler import Scheduler
+    from tfm_jax.serve.server import Engine, make_app
+
+    max_len = args.max_context or CONTEXT_FACTOR * cfg.data.seq_len
+    m, q = cfg.model, cfg.quant
+    itemsize = 1 if q.kv_cache != "none" else jnp_itemsize(DTYPES[m.dtype])
+    per_page = bytes_per_page(n_layers=m.n_layers, page_size=args.page_size,
+                              n_kv_heads=m.n_kv_heads, head_dim=m.resolved_head_dim,
+                              itemsize=itemsize, kv_cache=q.kv_cache, kv_scale=q.kv_scale)
+    num_pages = budget // per_page
+    need = -(-max_len // args.page_size) + 1
+    if num_pages < need:
+        raise ConfigError(f"--kv-memory {args.kv_memory} holds {num_pages} pages of {per_page:,} "
+                          f"bytes; one sequence of {max_len} positions needs {need} (one is "
+                          "scratch): raise --kv-memory or lower --max-context")
+    tok = run_tokenizer(cfg.run_dir, cfg.data.tokenizer)
+    setup, state = _restore(cfg, step=args.step)
+    variables = {"params": state.params, **state.model_state}
+    sched = Scheduler(setup.model, variables, slots=args.slots, num_pages=int(num_pages),
+                      page_size=args.page_size, chunk=args.chunk, max_len=max_len,
+                      kv_cache=q.kv_cache, kv_scale=q.kv_scale, detokenize=tok.decode)
+    engine = Engine(sched, tok, model_name=str(cfg.run_dir))
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"tfm-jax serve: listening on {args.host}, not loopback only: anyone who can "
+              "reach it can use it (no authentication)", file=sys.stderr)
+    print(f"tfm-jax serve: {cfg.run_dir} on http://{args.host}:{args.port} -- {num_pages - 1} "
+          f"KV pages of {args.page_size} positions ({per_page:,} bytes each), {args.slots} "
+          f"slots, context {max_len}", file=sys.stderr, flush=True)
+    uvicorn.run(make_app(engine), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def jnp_itemsize(dtype) -> int:
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
+
+
 def _tokenizer_train_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary "
@@ -694,6 +782,8 @@ COMMANDS: tuple[Command, ...] = (
     Command(("claims",), "write CLAIMS.md: every claim of the seed document with the measured "
             "figure and a verdict (from studies/*/results.json + arithmetic)",
             _claims_args, run_claims),
+    Command(("serve",), "an OpenAI-compatible completions server over a run: paged KV cache, "
+            "continuous batching", _serve_args, run_serve),
     Command(("tokenizer", "train"), "train a byte-level BPE tokenizer on the configured data "
             "(data.* overrides), offline", _tokenizer_train_args, run_tokenizer_train),
     Command(("env",), "platforms, devices, PJRT plugins, versions, CPU kernels, FP8 native or "

@@ -155,10 +155,11 @@ class Scheduler:
                              f"{page_size}); give more pages or a smaller max_len")
         self.num_pages = num_pages
         self.detokenize = detokenize
-        self.layers = pc.init_pages(
+        self._init_pages = lambda: pc.init_pages(
             n_layers=cfg.n_layers, num_pages=num_pages, page_size=page_size,
             n_kv_heads=cfg.n_kv_heads, head_dim=cfg.resolved_head_dim, dtype=DTYPES[cfg.dtype],
             kv_cache=kv_cache, kv_scale=kv_scale, stacked=cfg.scan_layers)
+        self.layers = self._init_pages()
         self.free: collections.deque[int] = collections.deque(range(1, num_pages))
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []          # admission order (the last is preempted first)
@@ -220,6 +221,15 @@ class Scheduler:
             if req in self.waiting:
                 self.waiting.remove(req)
             self._finish(req, "cancelled")
+
+    def recover(self, reason: str = "error") -> None:
+        """After a failed step: finish every running request with ``reason`` and start from
+        fresh page pools (a failed call may have consumed the donated ones); the queue stays."""
+        with self.lock:
+            for req in list(self.running):
+                self._finish(req, reason)
+            self.layers = self._init_pages()
+            self.free = collections.deque(range(1, self.num_pages))
 
     @property
     def pages_used(self) -> int:
