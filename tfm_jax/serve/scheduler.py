@@ -170,6 +170,7 @@ class Scheduler:
         self.steps = 0
         self.generated = 0                        # tokens sampled, all requests
         self.preemptions = 0
+        self.finished: collections.Counter = collections.Counter()   # requests by finish reason
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
 
@@ -252,6 +253,7 @@ class Scheduler:
     def _finish(self, req: Request, reason: str) -> None:
         self._release(req)
         req.state, req.finish_reason, req.finished_s = "done", reason, time.perf_counter()
+        self.finished[reason] += 1
         if req.on_token is not None:
             req.on_token(req)
 

@@ -22,6 +22,9 @@ import threading
 import time
 from typing import Any, Optional
 
+from fastapi import Request as HTTPRequest   # the [serve] extra (module-level: FastAPI reads
+                                             # the handlers' annotations from this namespace)
+
 from tfm_jax.serve.scheduler import Request, SamplingParams, Scheduler
 
 log = logging.getLogger("tfm_jax.serve")
@@ -170,6 +173,10 @@ class Engine:
         out = []
         for name, kind, help_, value in rows:
             out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        name = "tfm_serve_requests_finished_total"
+        out += [f"# HELP {name} requests finished, by reason", f"# TYPE {name} counter"]
+        out += [f'{name}{{reason="{r}"}} {s.finished[r]}'
+                for r in ("length", "stop", "cancelled", "error")]
         return "\n".join(out) + "\n"
 
 
@@ -192,7 +199,7 @@ def make_app(engine: Engine):
     """The FastAPI application of ``engine`` (started and closed with the app's lifespan)."""
     import contextlib
 
-    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi import FastAPI
     from fastapi.responses import PlainTextResponse, StreamingResponse
 
     @contextlib.asynccontextmanager
