@@ -218,3 +218,62 @@ def test_a_failing_step_does_not_take_the_server_down(server):
     for name in ("tfm_serve_requests_queued", "tfm_serve_pages_total",
                  "tfm_serve_tokens_per_second"):
         metric(server, name)
+
+
+# ------------------------------------------------------------------------------ the CLI command
+
+def test_cli_serve_on_a_trained_run(tmp_path, text_corpus):
+    """`tfm-jax serve` in a subprocess on a 6-step run: /health, a greedy completion equal to
+    `tfm-jax generate --temperature 0` for the same prompt, and a budget too small for one
+    sequence rejected with one line (exit 2)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               TFM_JAX_CACHE=str(tmp_path / "cache"))
+    tiny = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+            "data.seq_len=32", "train.batch_size=4", "train.warmup_steps=1",
+            "train.eval_every=3", "train.checkpoint_every=3", "train.eval_batches=1",
+            "run.progress=false"]
+    rd = tmp_path / "run"
+
+    def cli(*args, **kw):
+        return subprocess.run([sys.executable, "-m", "tfm_jax", *map(str, args)], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300, **kw)
+
+    proc = cli("train", *tiny, "train.steps=6", f"data.path={text_corpus}", f"run.dir={rd}")
+    assert proc.returncode == 0, proc.stderr
+    gen = cli("generate", "--run-dir", rd, "--prompt", "def ", "--temperature", "0",
+              "--tokens", "12", "--json")
+    assert gen.returncode == 0, gen.stderr
+    want = json.loads(gen.stdout)["completions"][0]["text"]
+
+    bad = cli("serve", "--run-dir", rd, "--kv-memory", "1KiB")
+    assert bad.returncode == 2 and bad.stderr.startswith("tfm-jax: error: --kv-memory 1KiB")
+    assert "Traceback" not in bad.stderr
+
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-m", "tfm_jax", "serve", "--run-dir", str(rd),
+                            "--port", str(port), "--kv-memory", "4MiB", "--slots", "4"],
+                           cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                if call(port, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert srv.poll() is None, srv.communicate()[1]
+            time.sleep(0.1)
+        status, body = call(port, "POST", "/v1/completions",
+                            {"prompt": "def ", "max_tokens": 12, "temperature": 0})
+        assert status == 200, body
+        assert "def " + json.loads(body)["choices"][0]["text"] == want
+    finally:
+        srv.terminate()
+        srv.wait(timeout=30)

@@ -134,16 +134,18 @@ class Scheduler:
     ``variables``: ``slots`` decode rows, ``num_pages`` pages of ``page_size`` positions (page 0
     is scratch), prefill chunks of ``chunk`` tokens, sequences up to ``max_len`` positions,
     pages stored as ``kv_cache`` (none | int8 | fp8). ``detokenize`` (ids -> str) enables stop
-    strings and ``Request.text``. Not thread-safe by itself: one thread calls :meth:`step`;
+    strings and ``Request.text``. ``static``: the static-batching baseline -- requests join
+    only an empty batch, which runs until all of them finish. Not thread-safe by itself: one thread calls :meth:`step`;
     :meth:`submit` / :meth:`cancel` may be called from others (they take the lock)."""
 
     def __init__(self, model: Any, variables: Any, *, slots: int, num_pages: int,
-                 page_size: int = 16, chunk: int = 32, max_len: Optional[int] = None,
+                 max_len: int, page_size: int = 16, chunk: int = 32,
                  kv_cache: str = "none", kv_scale: str = "per_token_head",
-                 detokenize: Optional[Callable[[Sequence[int]], str]] = None):
+                 detokenize: Optional[Callable[[Sequence[int]], str]] = None,
+                 static: bool = False):
         cfg = model.cfg
         self.model, self.variables, self.cfg = model, variables, cfg
-        self.max_len = int(max_len or cfg.max_seq_len)
+        self.max_len = int(max_len)
         if slots < 1 or chunk < 1 or page_size < 1:
             raise ValueError(f"slots, chunk and page_size must be >= 1, got {slots}, {chunk}, "
                              f"{page_size}")
@@ -155,6 +157,8 @@ class Scheduler:
                              f"{page_size}); give more pages or a smaller max_len")
         self.num_pages = num_pages
         self.detokenize = detokenize
+        self.static = static          # static batching (the baseline): admit only into an empty batch
+        self.peak_running = 0
         self._init_pages = lambda: pc.init_pages(
             n_layers=cfg.n_layers, num_pages=num_pages, page_size=page_size,
             n_kv_heads=cfg.n_kv_heads, head_dim=cfg.resolved_head_dim, dtype=DTYPES[cfg.dtype],
@@ -265,6 +269,8 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _admit(self) -> None:
+        if self.static and self.running:
+            return
         while self.waiting and None in self.slot_of:
             req = self.waiting[0]
             need = math.ceil(req._prefill_target() / self.page_size)
@@ -276,6 +282,7 @@ class Scheduler:
             self.slot_of[req.slot] = req
             req.state = "prefill"
             self.running.append(req)
+            self.peak_running = max(self.peak_running, len(self.running))
 
     def _table(self, reqs: Sequence[Optional[Request]]) -> np.ndarray:
         table = np.full((len(reqs), self.pages_per_seq), pc.SCRATCH_PAGE, np.int32)

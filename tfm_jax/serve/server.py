@@ -123,9 +123,11 @@ class Engine:
         if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)
                 and len(stop) <= 4):
             raise BadRequest("stop", "stop: a non-empty string or a list of up to 4 of them")
-        stream = req.get("stream", False)
+        stream, ignore_eos = req.get("stream", False), req.get("ignore_eos", False)
         if not isinstance(stream, bool):
             raise BadRequest("stream", "stream: must be true or false")
+        if not isinstance(ignore_eos, bool):
+            raise BadRequest("ignore_eos", "ignore_eos: must be true or false")
         ids = [int(self.tok.eos_id)] + [int(t) for t in self.tok.encode(prompt)]
         ctx = self.sched.max_len
         if len(ids) > ctx:
@@ -136,7 +138,7 @@ class Engine:
                              f"{max_tokens} exceed the context of {ctx} positions")
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, stop=tuple(stop),
-                                stop_ids=(int(self.tok.eos_id),))
+                                stop_ids=() if ignore_eos else (int(self.tok.eos_id),))
         return ids, params, stream, prompt
 
     def submit(self, ids: list[int], params: SamplingParams,
@@ -231,6 +233,10 @@ def make_app(engine: Engine):
                 "choices": [{"text": text, "index": 0, "logprobs": None,
                              "finish_reason": finish}]}
 
+    def usage(req: Request) -> dict:
+        n_in, n_out = len(req.prompt), len(req.output)
+        return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
         try:
@@ -255,8 +261,7 @@ def make_app(engine: Engine):
             if req.finish_reason == "error":
                 return _error(500, "the request failed inside the engine", kind="server_error")
             out = body(req, req.text, req.finish_reason, created)
-            out["usage"] = {"prompt_tokens": len(ids), "completion_tokens": len(req.output),
-                            "total_tokens": len(ids) + len(req.output)}
+            out["usage"] = usage(req)
             return out
 
         async def events():
@@ -275,7 +280,9 @@ def make_app(engine: Engine):
                                              "type": "server_error", "param": None}}
                             yield f"data: {json.dumps(err)}\n\n"
                         else:
-                            yield f"data: {json.dumps(body(req, '', req.finish_reason, created))}\n\n"
+                            last = body(req, '', req.finish_reason, created)
+                            last["usage"] = usage(req)
+                            yield f"data: {json.dumps(last)}\n\n"
                         yield "data: [DONE]\n\n"
                         return
             finally:                                 # a client gone mid-stream: free its pages
