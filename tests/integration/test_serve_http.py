@@ -277,3 +277,26 @@ def test_cli_serve_on_a_trained_run(tmp_path, text_corpus):
     finally:
         srv.terminate()
         srv.wait(timeout=30)
+
+
+def test_load_benchmark_smoke(tmp_path):
+    """benchmarks/serve_load.py end to end at a tiny size: every scenario's rows, each request
+    answered with its full output length, the KV budget's page counts in proportion to the KV
+    heads (MHA 4 : GQA 2 : MQA 1)."""
+    from benchmarks import serve_load
+
+    out = tmp_path / "load.json"
+    assert serve_load.main(["--requests", "6", "--output-len", "4", "8", "--prompt-len", "4",
+                            "8", "--clients", "3", "--max-len", "32", "--page-size", "8",
+                            "--slots", "4", "--json", str(out)]) == 0
+    rows = {r["scenario"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"sequential", "concurrent", "continuous", "static", "budget MHA",
+                         "budget GQA", "budget MQA"}
+    want_tokens = rows["sequential"]["tokens"]
+    assert 6 * 4 <= want_tokens <= 6 * 8
+    for r in rows.values():
+        assert r["requests"] == 6 and r["tokens"] == want_tokens, r
+        assert r["tokens_per_s"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0
+    assert rows["sequential"]["peak_running"] == 1
+    pages = [rows[f"budget {n}"]["kv_pages"] + 1 for n in ("MHA", "GQA", "MQA")]
+    assert pages[1] // pages[0] == 2 and pages[2] // pages[0] == 4
