@@ -261,6 +261,43 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    "data.seq_len of the run)")
     p.add_argument("--max-prompts", type=int, default=256,
                    help="most prompts in one batch (default 256)")
+    p.add_argument("--draft-run-dir", default=None,
+                   help="speculative decoding (greedy): this run (same tokenizer, e.g. the MQA "
+                   "conversion of the run) proposes tokens the run verifies; reports acceptance "
+                   "and the speed-up over the run alone")
+    p.add_argument("--speculate", type=int, default=4, metavar="K",
+                   help="with --draft-run-dir: draft tokens per round (default 4)")
+
+
+def _speculate(args, cfg, setup, variables, ids, want, tokens, tok) -> dict:
+    """--draft-run-dir: greedy speculative decoding of every prompt, against the run alone."""
+    from tfm_jax.data import run_tokenizer
+    from tfm_jax.serve.speculative import greedy_alone, speculative_generate
+
+    dcfg = _run_config(argparse.Namespace(run_dir=args.draft_run_dir, overrides=[],
+                                          config=None))
+    dtok = run_tokenizer(dcfg.run_dir, dcfg.data.tokenizer)
+    if dtok.fingerprint != tok.fingerprint or dcfg.model.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"--draft-run-dir {args.draft_run_dir}: its tokenizer or vocabulary "
+                          "differs from the run's; the draft must share the tokenizer")
+    dsetup, dstate = _restore(dcfg)
+    dvars = {"params": dstate.params, **dstate.model_state}
+    proposed = accepted = 0
+    spec_s = alone_s = 0.0
+    n_tok = 0
+    identical = True
+    for prompt, ref in zip(ids, want):
+        r = speculative_generate(setup.model, variables, dsetup.model, dvars, prompt,
+                                 max_new_tokens=tokens, k=args.speculate)
+        base, secs = greedy_alone(setup.model, variables, prompt, max_new_tokens=tokens)
+        proposed, accepted = proposed + r.proposed, accepted + r.accepted
+        spec_s, alone_s, n_tok = spec_s + r.seconds, alone_s + secs, n_tok + tokens
+        cut = r.tokens.index(tok.eos_id) if tok.eos_id in r.tokens else len(r.tokens)
+        identical &= r.tokens == base and r.tokens[:cut] == [int(t) for t in ref]
+    return {"k": args.speculate, "draft_run_dir": str(args.draft_run_dir),
+            "acceptance": accepted / max(proposed, 1), "tokens_per_s": n_tok / spec_s,
+            "alone_tokens_per_s": n_tok / alone_s, "speedup": alone_s / spec_s,
+            "identical": bool(identical)}
 
 
 def _read_prompts(path: Optional[str]) -> list[str]:
@@ -292,6 +329,10 @@ def run_generate(args) -> int:
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ConfigError(f"--temperature {args.temperature} / --top-k {args.top_k} / --top-p "
                           f"{args.top_p}: need temperature >= 0, top-k >= 0, 0 < top-p <= 1")
+    if args.draft_run_dir and (args.temperature != 0 or args.speculate < 1):
+        raise ConfigError(f"--draft-run-dir: speculative decoding here is greedy with "
+                          f"--speculate >= 1; pass --temperature 0 (got {args.temperature}, "
+                          f"--speculate {args.speculate})")
     if len(prompts) > args.max_prompts:
         raise ConfigError(f"{len(prompts):,} prompts: at most --max-prompts {args.max_prompts} "
                           "in one batch; split the file or raise --max-prompts")
@@ -324,12 +365,20 @@ def run_generate(args) -> int:
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                      stop_ids=[tok.eos_id], seed=args.seed)
     texts = [tok.decode(list(i) + list(new)) for i, new in zip(ids, g.tokens)]
+    spec = _speculate(args, cfg, setup, variables, ids, g.tokens, tokens, tok) \
+        if args.draft_run_dir else None
     stats = {"prefill_s": g.prefill_s, "decode_s": g.decode_s,
              "decode_tokens_per_s": g.decode_tokens_per_s if g.decode_steps else None,
              "decode_tokens": g.decode_tokens,
              "decode_steps": g.decode_steps, "compile_s": g.compile_s, "batch": batch,
              "kv_cache": q.kv_cache, "kv_scale": q.kv_scale,
              "kv_cache_bytes": bytes_of_cache(g.cache), "kernels": setup.ops.describe()}
+    if spec is not None:
+        stats["speculative"] = spec
+        print(f"speculative (k={spec['k']}): acceptance {spec['acceptance']:.2f}, "
+              f"{spec['tokens_per_s']:,.1f} tokens/s vs {spec['alone_tokens_per_s']:,.1f} alone "
+              f"(x{spec['speedup']:.2f}); greedy output identical to the run alone: "
+              f"{spec['identical']}", file=sys.stderr)
     if args.json:
         rows = [{"prompt": p, "text": t, "new_tokens": len(new), "stopped": bool(stop)}
                 for p, t, new, stop in zip(prompts, texts, g.tokens, g.stopped)]

@@ -225,7 +225,8 @@ def test_a_failing_step_does_not_take_the_server_down(server):
 def test_cli_serve_on_a_trained_run(tmp_path, text_corpus):
     """`tfm-jax serve` in a subprocess on a 6-step run: /health, a greedy completion equal to
     `tfm-jax generate --temperature 0` for the same prompt, and a budget too small for one
-    sequence rejected with one line (exit 2)."""
+    sequence rejected with one line (exit 2); `generate --draft-run-dir` (speculative) gives
+    the same text."""
     import os
     import pathlib
     import subprocess
@@ -251,6 +252,16 @@ def test_cli_serve_on_a_trained_run(tmp_path, text_corpus):
               "--tokens", "12", "--json")
     assert gen.returncode == 0, gen.stderr
     want = json.loads(gen.stdout)["completions"][0]["text"]
+
+    # speculative decoding with the run as its own draft: same text, every proposal accepted
+    spec = cli("generate", "--run-dir", rd, "--prompt", "def ", "--temperature", "0",
+               "--tokens", "12", "--json", "--draft-run-dir", rd, "--speculate", "3")
+    assert spec.returncode == 0, spec.stderr
+    out = json.loads(spec.stdout)
+    assert out["completions"][0]["text"] == want
+    assert out["speculative"]["identical"] is True and out["speculative"]["acceptance"] == 1.0
+    hot = cli("generate", "--run-dir", rd, "--draft-run-dir", rd, "--temperature", "0.8")
+    assert hot.returncode == 2 and "greedy" in hot.stderr and "Traceback" not in hot.stderr
 
     bad = cli("serve", "--run-dir", rd, "--kv-memory", "1KiB")
     assert bad.returncode == 2 and bad.stderr.startswith("tfm-jax: error: --kv-memory 1KiB")

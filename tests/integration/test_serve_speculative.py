@@ -1,6 +1,6 @@
-"""(Integration tier: seven compilations, ~8 s.) Greedy speculative decoding equals the target's greedy decoding alone (tfm_jax.generate), with
-a different draft (rejections and rollbacks) and with the target as its own draft (everything
-accepted: one target call per k + 1 tokens)."""
+"""Greedy speculative decoding equals the target's greedy decoding alone (tfm_jax.generate), with a
+different draft (rejections and rollbacks) and with the target as its own draft (everything
+accepted: one target call per k + 1 tokens). Integration tier: seven compilations, ~8 s."""
 
 import numpy as np
 import pytest

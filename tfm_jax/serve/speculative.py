@@ -105,3 +105,21 @@ def speculative_generate(target: Any, target_vars: Any, draft: Any, draft_vars: 
         d_len = min(d_len, len(seq) - 1)    # the draft's rejected proposals roll back
     return SpeculativeResult(seq[n_prompt:n_prompt + max_new_tokens], proposed, accepted,
                              target_calls, draft_calls, time.perf_counter() - t0)
+
+
+def greedy_alone(target: Any, target_vars: Any, prompt: Sequence[int], *, max_new_tokens: int,
+                 warmup: bool = True) -> tuple[list[int], float]:
+    """The baseline of the same style: the target alone, one jitted decode call per token from
+    Python (as :func:`speculative_generate` drives its calls). Returns (new ids, seconds)."""
+    if warmup:
+        greedy_alone(target, target_vars, prompt, max_new_tokens=min(max_new_tokens, 2),
+                     warmup=False)
+    t_prefill, t_step = _fns(target)
+    t0 = time.perf_counter()
+    logits, cache = t_prefill(target_vars, target.init_cache(1, len(prompt) + max_new_tokens),
+                              jnp.asarray([list(prompt)], jnp.int32))
+    out = [int(np.argmax(np.asarray(logits)[0, -1]))]
+    while len(out) < max_new_tokens:
+        logits, cache = t_step(target_vars, cache, jnp.asarray([[out[-1]]], jnp.int32))
+        out.append(int(np.argmax(np.asarray(logits)[0, -1])))
+    return out, time.perf_counter() - t0
