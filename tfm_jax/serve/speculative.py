@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,11 +50,13 @@ def _fns(model: Any):
 
 def speculative_generate(target: Any, target_vars: Any, draft: Any, draft_vars: Any,
                          prompt: Sequence[int], *, max_new_tokens: int, k: int = 4,
-                         warmup: bool = True) -> SpeculativeResult:
+                         warmup: bool = True, max_len: Optional[int] = None
+                         ) -> SpeculativeResult:
     """Greedy decoding of ``target`` (a :class:`tfm_jax.model.TransformerLM`) after ``prompt``,
     with ``draft`` proposing ``k`` tokens per round. Returns the ``max_new_tokens`` new ids
     (equal to the target's greedy decoding alone) and the acceptance counts. ``warmup``
-    compiles every call first, so ``seconds`` is decode time only."""
+    compiles every call first (same shapes: ``max_len``, the caches' length), so ``seconds``
+    is decode time only."""
     if k < 1 or max_new_tokens < 1 or not prompt:
         raise ValueError(f"speculative decoding needs k >= 1, max_new_tokens >= 1 and a "
                          f"prompt; got k={k}, max_new_tokens={max_new_tokens}, "
@@ -62,10 +64,11 @@ def speculative_generate(target: Any, target_vars: Any, draft: Any, draft_vars: 
     if target.cfg.vocab_size != draft.cfg.vocab_size:
         raise ValueError(f"the draft's vocabulary ({draft.cfg.vocab_size}) differs from the "
                          f"target's ({target.cfg.vocab_size}): they must share the tokenizer")
+    max_len = max_len or len(prompt) + max_new_tokens + k + 1
     if warmup:
         speculative_generate(target, target_vars, draft, draft_vars, prompt,
-                             max_new_tokens=min(max_new_tokens, k + 2), k=k, warmup=False)
-    max_len = len(prompt) + max_new_tokens + k + 1
+                             max_new_tokens=min(max_new_tokens, k + 2), k=k, warmup=False,
+                             max_len=max_len)
     t_prefill, t_step = _fns(target)
     d_prefill, d_step = _fns(draft)
     t0 = time.perf_counter()
@@ -108,15 +111,17 @@ def speculative_generate(target: Any, target_vars: Any, draft: Any, draft_vars: 
 
 
 def greedy_alone(target: Any, target_vars: Any, prompt: Sequence[int], *, max_new_tokens: int,
-                 warmup: bool = True) -> tuple[list[int], float]:
+                 warmup: bool = True, max_len: Optional[int] = None
+                 ) -> tuple[list[int], float]:
     """The baseline of the same style: the target alone, one jitted decode call per token from
     Python (as :func:`speculative_generate` drives its calls). Returns (new ids, seconds)."""
+    max_len = max_len or len(prompt) + max_new_tokens
     if warmup:
         greedy_alone(target, target_vars, prompt, max_new_tokens=min(max_new_tokens, 2),
-                     warmup=False)
+                     warmup=False, max_len=max_len)
     t_prefill, t_step = _fns(target)
     t0 = time.perf_counter()
-    logits, cache = t_prefill(target_vars, target.init_cache(1, len(prompt) + max_new_tokens),
+    logits, cache = t_prefill(target_vars, target.init_cache(1, max_len),
                               jnp.asarray([list(prompt)], jnp.int32))
     out = [int(np.argmax(np.asarray(logits)[0, -1]))]
     while len(out) < max_new_tokens:
