@@ -137,3 +137,14 @@ def test_sample_top_k_top_p_support():
                           for _ in range(4000)], minlength=4) / 4000
     np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
     assert sample(logits, SamplingParams(), rng) == 0
+
+
+def test_kv_memory_sizes_parse():
+    from tfm_jax.cli import parse_bytes
+    from tfm_jax.config import ConfigError
+
+    assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes("4096") == 4096
+    for bad in ("2 parsecs", "GiB", "-1MiB"):
+        with pytest.raises(ConfigError, match="--kv-memory"):
+            parse_bytes(bad)
