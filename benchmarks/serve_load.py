@@ -12,7 +12,7 @@ Reported per scenario: throughput (generated tokens / wall time from the first a
 last completion), p50 / p99 time to first token (TTFT: request sent -> first streamed token) and
 per-token latency ((last streamed event - first) / (tokens - 1); the token count comes from the
 final event's ``usage``), the peak number of requests
-decoded together, and preemptions. Scenarios:
+admitted together, the mean number of rows per decode step, and preemptions. Scenarios:
 
 * ``sequential``: 1 client, requests one at a time (the baseline for concurrency);
 * ``continuous`` vs ``static``: the same requests, same budget; static batching admits requests
@@ -198,12 +198,15 @@ def scenario(args, kv_heads: int, *, clients: int, rate: float, static: bool = F
         one_request(port, "warm up", 4)                 # compile both steps before timing
         sched.peak_running = 0
         before = sched.preemptions
+        steps0, rows0 = sched.decode_steps, sched.decode_rows
         row = load(port, workload_of(args), clients, rate, args.duration, args.seed)
     finally:
         stop()
     row.update(kv_heads=kv_heads, clients=clients, rate=rate, static=static,
                kv_pages=int(num_pages) - 1, kv_page_bytes=per_page,
-               peak_running=sched.peak_running, preemptions=sched.preemptions - before)
+               peak_running=sched.peak_running, preemptions=sched.preemptions - before,
+               mean_decode_rows=round((sched.decode_rows - rows0)
+                                      / max(sched.decode_steps - steps0, 1), 2))
     return row
 
 
@@ -245,7 +248,8 @@ def main(argv=None) -> int:
         row["scenario"] = name
         rows.append(row)
         print(f"{name:<22} kv_heads={row['kv_heads']} pages={row['kv_pages']:>4} "
-              f"peak={row['peak_running']:>2} {row['tokens_per_s']:>8.1f} tok/s  "
+              f"peak={row['peak_running']:>2} mean={row['mean_decode_rows']:>5.1f} "
+              f"{row['tokens_per_s']:>8.1f} tok/s  "
               f"TTFT p50/p99 {row['ttft_p50_ms']:.0f}/{row['ttft_p99_ms']:.0f} ms  "
               f"per-token p50/p99 {row['per_token_p50_ms']:.1f}/{row['per_token_p99_ms']:.1f} ms"
               f"  ({row['requests']} requests, {row['tokens']} tokens, "

@@ -174,6 +174,8 @@ class Scheduler:
         self.steps = 0
         self.generated = 0                        # tokens sampled, all requests
         self.preemptions = 0
+        self.decode_steps = 0
+        self.decode_rows = 0                      # sum over decode steps of the rows decoding
         self.finished: collections.Counter = collections.Counter()   # requests by finish reason
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
@@ -348,6 +350,8 @@ class Scheduler:
         tokens = np.array([[0 if r is None else r.output[-1]] for r in batch], np.int32)
         logits, self.layers = self._decode(self.variables, self.layers, self._table(batch),
                                            lengths, tokens)
+        self.decode_steps += 1
+        self.decode_rows += sum(r is not None for r in batch)
         logits = np.asarray(logits)
         for i, r in enumerate(batch):
             if r is not None:
