@@ -60,7 +60,9 @@ class Attention(nn.Module):
         ``(out, new_cache)``. Prefill (``decode=False``): the attention above over the prompt,
         and the K/V of all T tokens written at positions [0, T). Decode (``decode=True``,
         ``mask`` unused): the K/V of the T new tokens written at ``positions[:, 0]`` of each
-        row, then the queries attend to the cache through ``ops.cached_attention``.
+        row, then the queries attend to the cache through ``ops.cached_attention``. A paged
+        cache (:class:`~tfm_jax.layers.paged_cache.PagedLayerCache`) works the same way: writes
+        go through its block table, reads see each row's pages gathered in order.
         """
         d = x.shape[-1]
         ops = resolve_ops(self.ops)

@@ -10,6 +10,7 @@ import pytest
 from serve_support import HEADS, V, cfg_of, model_and_vars
 from tfm_jax.layers import kv_cache as kv
 from tfm_jax.layers import paged_cache as pc
+from tfm_jax.model import DTYPES
 
 PAGE = 4
 PAGES_PER_SEQ = 4            # 16 positions per row
@@ -87,7 +88,7 @@ def _run(model, variables, layers, tokens, lengths, steps, chunk=None):
 def _paged_layers(cfg, batch, table, kv_cache="none"):
     layers = pc.init_pages(n_layers=cfg.n_layers, num_pages=NUM_PAGES, page_size=PAGE,
                            n_kv_heads=cfg.n_kv_heads, head_dim=cfg.resolved_head_dim,
-                           kv_cache=kv_cache, stacked=cfg.scan_layers)
+                           dtype=DTYPES[cfg.dtype], kv_cache=kv_cache, stacked=cfg.scan_layers)
     return pc.with_block_table(layers, jnp.asarray(table))
 
 
@@ -126,6 +127,21 @@ def test_chunked_prefill_through_pages_equals_full_forward():
     full = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(tokens)))
     ref = np.stack([full[:, 8 + s] for s in range(4)])
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_bf16_pages_equal_the_bf16_contiguous_cache():
+    cfg = cfg_of(2, scan_layers=True, dtype="bfloat16")
+    model, variables = model_and_vars(cfg)
+    lengths = np.array([5, 9], np.int32)
+    tokens = np.random.default_rng(6).integers(0, V, (2, 16)).astype(np.int32)
+    layers = _paged_layers(cfg, 2, scattered_table(2, seed=7))
+    assert layers.k.dtype == jnp.bfloat16
+    got, _ = _run(model, variables, layers, tokens, lengths, 4)
+    want, _ = _run(model, variables, model.init_cache(2, PAGES_PER_SEQ * PAGE).layers, tokens,
+                   lengths, 4)
+    # the same bf16 values stored and read: only the gather differs
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["int8", pytest.param("fp8", marks=pytest.mark.slow)])
