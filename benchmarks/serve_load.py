@@ -63,7 +63,8 @@ def random_model(args, kv_heads: int):
     shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
                                           jnp.zeros((1, 8), jnp.int32)))
     r = np.random.default_rng(0)
-    params = jax.tree.map(lambda a: jnp.asarray(0.05 * r.normal(size=a.shape), a.dtype), shapes)  # {"params": ...}
+    # {"params": ...}: random weights, std 0.05
+    params = jax.tree.map(lambda a: jnp.asarray(0.05 * r.normal(size=a.shape), a.dtype), shapes)
     return model, params
 
 

@@ -744,12 +744,12 @@ def run_serve(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port {args.port}: must lie in [0, 65535]")
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError:
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn")):
         raise ConfigError("tfm-jax serve needs the [serve] extra: pip install "
-                          "'tfm-jax[serve]' (FastAPI + uvicorn)") from None
+                          "'tfm-jax[serve]' (FastAPI + uvicorn)")
+    import uvicorn
     from tfm_jax.data import run_tokenizer
     from tfm_jax.layers.paged_cache import bytes_per_page
     from tfm_jax.model import DTYPES

@@ -23,7 +23,8 @@ gather-based path, exact on every backend. The block table is stored in every la
 int32s per row.
 
 Quantized pages (``int8`` / ``fp8``) use the package's multiplicative scale ``q = x * scale``,
-``scale = qmax / amax`` per (token, head) or per token (:func:`tfm_jax.layers.kv_cache.quantize_kv`).
+``scale = qmax / amax`` per (token, head) or per token
+(:func:`tfm_jax.layers.kv_cache.quantize_kv`).
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ class Scheduler:
     is scratch), prefill chunks of ``chunk`` tokens, sequences up to ``max_len`` positions,
     pages stored as ``kv_cache`` (none | int8 | fp8). ``detokenize`` (ids -> str) enables stop
     strings and ``Request.text``. ``static``: the static-batching baseline -- requests join
-    only an empty batch, which runs until all of them finish. Not thread-safe by itself: one thread calls :meth:`step`;
+    only an empty batch, which runs until all of them finish. Not thread-safe by itself: one
+    thread calls :meth:`step`;
     :meth:`submit` / :meth:`cancel` may be called from others (they take the lock)."""
 
     def __init__(self, model: Any, variables: Any, *, slots: int, num_pages: int,
@@ -157,7 +158,7 @@ class Scheduler:
                              f"{page_size}); give more pages or a smaller max_len")
         self.num_pages = num_pages
         self.detokenize = detokenize
-        self.static = static          # static batching (the baseline): admit only into an empty batch
+        self.static = static          # the baseline: admit only into an empty batch
         self.peak_running = 0
         self._init_pages = lambda: pc.init_pages(
             n_layers=cfg.n_layers, num_pages=num_pages, page_size=page_size,

@@ -107,7 +107,8 @@ class Engine:
             if v is None:
                 v = default
             if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
-                raise BadRequest(name, f"{name}: must be {'a number' if kind is float else 'an integer'}")
+                what_type = "a number" if kind is float else "an integer"
+                raise BadRequest(name, f"{name}: must be {what_type}")
             v = kind(v)
             if not ok(v):
                 raise BadRequest(name, f"{name}: must be {what}, got {v}")
@@ -272,7 +273,8 @@ def make_app(engine: Engine):
                     done = req.done
                     upto = len(req.text) - _hold_back(req)
                     if upto > sent:
-                        yield f"data: {json.dumps(body(req, req.text[sent:upto], None, created))}\n\n"
+                        delta = body(req, req.text[sent:upto], None, created)
+                        yield f"data: {json.dumps(delta)}\n\n"
                         sent = upto
                     if done:
                         if req.finish_reason == "error":
