@@ -48,7 +48,7 @@ class PagedLayerCache:
 
     k: jax.Array
     v: jax.Array
-    block_table: jax.Array
+    block_table: Optional[jax.Array]      # None: pools kept apart from any batch
     k_scale: Optional[jax.Array] = None
     v_scale: Optional[jax.Array] = None
 
@@ -79,22 +79,26 @@ def init_pages(*, n_layers: int, num_pages: int, page_size: int, n_kv_heads: int
     lead = (n_layers,) if stacked else ()
     shape = lead + (num_pages, page_size, n_kv_heads, head_dim)
     store = kv.QUANT_DTYPES.get(kv_cache, dtype)
-    table = jnp.full(lead + (batch, pages_per_seq), SCRATCH_PAGE, jnp.int32)
 
-    def layer():
+    def layer():      # every array its own buffer: the pools are donated to the jitted steps
         k, v = jnp.zeros(shape, store), jnp.zeros(shape, store)
+        table = jnp.full(lead + (batch, pages_per_seq), SCRATCH_PAGE, jnp.int32)
         if kv_cache == "none":
             return PagedLayerCache(k, v, table)
         s_shape = lead + (num_pages, page_size, n_kv_heads if kv_scale == "per_token_head" else 1)
-        ones = jnp.ones(s_shape, jnp.float32)
-        return PagedLayerCache(k, v, table, ones, ones)
+        return PagedLayerCache(k, v, table, jnp.ones(s_shape, jnp.float32),
+                               jnp.ones(s_shape, jnp.float32))
 
     return layer() if stacked else tuple(layer() for _ in range(n_layers))
 
 
-def with_block_table(layers, block_table: jax.Array):
+def with_block_table(layers, block_table: Optional[jax.Array]):
     """The pools ``layers`` (stacked or a tuple) carrying ``block_table`` (B, pages_per_seq)
-    int32 (broadcast over the layers axis when stacked)."""
+    int32 (broadcast over the layers axis when stacked); None: no table."""
+    if block_table is None:
+        layers_t = layers if isinstance(layers, tuple) else (layers,)
+        out = tuple(layer.replace(block_table=None) for layer in layers_t)
+        return out if isinstance(layers, tuple) else out[0]
     block_table = jnp.asarray(block_table, jnp.int32)
     if isinstance(layers, tuple):
         return tuple(layer.replace(block_table=block_table) for layer in layers)

@@ -160,10 +160,11 @@ class Scheduler:
         self.detokenize = detokenize
         self.static = static          # the baseline: admit only into an empty batch
         self.peak_running = 0
-        self._init_pages = lambda: pc.init_pages(
+        # the pools without block tables (each step brings its batch's): only pages are donated
+        self._init_pages = lambda: pc.with_block_table(pc.init_pages(
             n_layers=cfg.n_layers, num_pages=num_pages, page_size=page_size,
             n_kv_heads=cfg.n_kv_heads, head_dim=cfg.resolved_head_dim, dtype=DTYPES[cfg.dtype],
-            kv_cache=kv_cache, kv_scale=kv_scale, stacked=cfg.scan_layers)
+            kv_cache=kv_cache, kv_scale=kv_scale, stacked=cfg.scan_layers), None)
         self.layers = self._init_pages()
         self.free: collections.deque[int] = collections.deque(range(1, num_pages))
         self.waiting: collections.deque[Request] = collections.deque()
@@ -186,8 +187,8 @@ class Scheduler:
     def _apply(self, variables, layers, table, lengths, tokens):
         cache = kv.Cache(pc.with_block_table(layers, table), lengths)
         logits, cache = self.model.apply(variables, tokens, cache=cache, decode=True)
-        # the pools go back with a (1, 1) placeholder table: one pytree shape for both steps
-        return logits, pc.with_block_table(cache.layers, jnp.zeros((1, 1), jnp.int32))
+        # the pools go back without a table: one pytree structure for both steps
+        return logits, pc.with_block_table(cache.layers, None)
 
     def _decode_fn(self, variables, layers, table, lengths, tokens):
         self.traces["decode"] += 1
