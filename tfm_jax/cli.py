@@ -260,6 +260,43 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    "data.seq_len of the run)")
     p.add_argument("--max-prompts", type=int, default=256,
                    help="most prompts in one batch (default 256)")
+    p.add_argument("--draft-run-dir", default=None,
+                   help="speculative decoding (greedy): this run (same tokenizer, e.g. the MQA "
+                   "conversion of the run) proposes tokens the run verifies; reports acceptance "
+                   "and the speed-up over the run alone")
+    p.add_argument("--speculate", type=int, default=4, metavar="K",
+                   help="with --draft-run-dir: draft tokens per round (default 4)")
+
+
+def _speculate(args, cfg, setup, variables, ids, want, tokens, tok) -> dict:
+    """--draft-run-dir: greedy speculative decoding of every prompt, against the run alone."""
+    from tfm_jax.data import run_tokenizer
+    from tfm_jax.serve.speculative import greedy_alone, speculative_generate
+
+    dcfg = _run_config(argparse.Namespace(run_dir=args.draft_run_dir, overrides=[],
+                                          config=None))
+    dtok = run_tokenizer(dcfg.run_dir, dcfg.data.tokenizer)
+    if dtok.fingerprint != tok.fingerprint or dcfg.model.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"--draft-run-dir {args.draft_run_dir}: its tokenizer or vocabulary "
+                          "differs from the run's; the draft must share the tokenizer")
+    dsetup, dstate = _restore(dcfg)
+    dvars = {"params": dstate.params, **dstate.model_state}
+    proposed = accepted = 0
+    spec_s = alone_s = 0.0
+    n_tok = 0
+    identical = True
+    for prompt, ref in zip(ids, want):
+        r = speculative_generate(setup.model, variables, dsetup.model, dvars, prompt,
+                                 max_new_tokens=tokens, k=args.speculate)
+        base, secs = greedy_alone(setup.model, variables, prompt, max_new_tokens=tokens)
+        proposed, accepted = proposed + r.proposed, accepted + r.accepted
+        spec_s, alone_s, n_tok = spec_s + r.seconds, alone_s + secs, n_tok + tokens
+        cut = r.tokens.index(tok.eos_id) if tok.eos_id in r.tokens else len(r.tokens)
+        identical &= r.tokens == base and r.tokens[:cut] == [int(t) for t in ref]
+    return {"k": args.speculate, "draft_run_dir": str(args.draft_run_dir),
+            "acceptance": accepted / max(proposed, 1), "tokens_per_s": n_tok / spec_s,
+            "alone_tokens_per_s": n_tok / alone_s, "speedup": alone_s / spec_s,
+            "identical": bool(identical)}
 
 
 def _read_prompts(path: Optional[str]) -> list[str]:
@@ -291,6 +328,10 @@ def run_generate(args) -> int:
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ConfigError(f"--temperature {args.temperature} / --top-k {args.top_k} / --top-p "
                           f"{args.top_p}: need temperature >= 0, top-k >= 0, 0 < top-p <= 1")
+    if args.draft_run_dir and (args.temperature != 0 or args.speculate < 1):
+        raise ConfigError(f"--draft-run-dir: speculative decoding here is greedy with "
+                          f"--speculate >= 1; pass --temperature 0 (got {args.temperature}, "
+                          f"--speculate {args.speculate})")
     if len(prompts) > args.max_prompts:
         raise ConfigError(f"{len(prompts):,} prompts: at most --max-prompts {args.max_prompts} "
                           "in one batch; split the file or raise --max-prompts")
@@ -323,12 +364,20 @@ def run_generate(args) -> int:
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                      stop_ids=[tok.eos_id], seed=args.seed)
     texts = [tok.decode(list(i) + list(new)) for i, new in zip(ids, g.tokens)]
+    spec = _speculate(args, cfg, setup, variables, ids, g.tokens, tokens, tok) \
+        if args.draft_run_dir else None
     stats = {"prefill_s": g.prefill_s, "decode_s": g.decode_s,
              "decode_tokens_per_s": g.decode_tokens_per_s if g.decode_steps else None,
              "decode_tokens": g.decode_tokens,
              "decode_steps": g.decode_steps, "compile_s": g.compile_s, "batch": batch,
              "kv_cache": q.kv_cache, "kv_scale": q.kv_scale,
              "kv_cache_bytes": bytes_of_cache(g.cache), "kernels": setup.ops.describe()}
+    if spec is not None:
+        stats["speculative"] = spec
+        print(f"speculative (k={spec['k']}): acceptance {spec['acceptance']:.2f}, "
+              f"{spec['tokens_per_s']:,.1f} tokens/s vs {spec['alone_tokens_per_s']:,.1f} alone "
+              f"(x{spec['speedup']:.2f}); greedy output identical to the run alone: "
+              f"{spec['identical']}", file=sys.stderr)
     if args.json:
         rows = [{"prompt": p, "text": t, "new_tokens": len(new), "stopped": bool(stop)}
                 for p, t, new, stop in zip(prompts, texts, g.tokens, g.stopped)]
@@ -736,6 +785,94 @@ def _env_args(p: argparse.ArgumentParser) -> None:
                    "when none is cached")
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--run-dir", required=True, help="the trained run to serve")
+    _add_step(p, "serve")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    p.add_argument("--kv-memory", default="2GiB",
+                   help="KV-cache budget, e.g. 512MiB, 2GiB (default 2GiB): the page pool's size")
+    p.add_argument("--slots", type=int, default=16,
+                   help="most requests decoded together (the compiled batch; default 16)")
+    p.add_argument("--page-size", type=int, default=16, help="positions per KV page (default 16)")
+    p.add_argument("--chunk", type=int, default=64,
+                   help="prefill chunk in tokens, interleaved with decode steps (default 64)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help=f"prompt + max_tokens allowed (default {CONTEXT_FACTOR} x data.seq_len "
+                   "of the run)")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"--kv-memory {text}: give a size such as 512MiB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def run_serve(args) -> int:
+    cfg = _run_config(args)
+    budget = parse_bytes(args.kv_memory)
+    for name in ("slots", "page_size", "chunk"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port {args.port}: must lie in [0, 65535]")
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn")):
+        raise ConfigError("tfm-jax serve needs the [serve] extra: pip install "
+                          "'tfm-jax[serve]' (FastAPI + uvicorn)")
+    import uvicorn
+    from tfm_jax.data import run_tokenizer
+    from tfm_jax.layers.paged_cache import bytes_per_page
+    from tfm_jax.model import DTYPES
+    from tfm_jax.serve.scheduler import Scheduler
+    from tfm_jax.serve.server import Engine, make_app
+
+    max_len = args.max_context or CONTEXT_FACTOR * cfg.data.seq_len
+    m, q = cfg.model, cfg.quant
+    itemsize = 1 if q.kv_cache != "none" else jnp_itemsize(DTYPES[m.dtype])
+    per_page = bytes_per_page(n_layers=m.n_layers, page_size=args.page_size,
+                              n_kv_heads=m.n_kv_heads, head_dim=m.resolved_head_dim,
+                              itemsize=itemsize, kv_cache=q.kv_cache, kv_scale=q.kv_scale)
+    num_pages = budget // per_page
+    need = -(-max_len // args.page_size) + 1
+    if num_pages < need:
+        raise ConfigError(f"--kv-memory {args.kv_memory} holds {num_pages} pages of {per_page:,} "
+                          f"bytes; one sequence of {max_len} positions needs {need} (one is "
+                          "scratch): raise --kv-memory or lower --max-context")
+    tok = run_tokenizer(cfg.run_dir, cfg.data.tokenizer)
+    setup, state = _restore(cfg, step=args.step)
+    variables = {"params": state.params, **state.model_state}
+    sched = Scheduler(setup.model, variables, slots=args.slots, num_pages=int(num_pages),
+                      page_size=args.page_size, chunk=args.chunk, max_len=max_len,
+                      kv_cache=q.kv_cache, kv_scale=q.kv_scale, detokenize=tok.decode)
+    engine = Engine(sched, tok, model_name=str(cfg.run_dir))
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"tfm-jax serve: listening on {args.host}, not loopback only: anyone who can "
+              "reach it can use it (no authentication)", file=sys.stderr)
+    print(f"tfm-jax serve: {cfg.run_dir} on http://{args.host}:{args.port} -- {num_pages - 1} "
+          f"KV pages of {args.page_size} positions ({per_page:,} bytes each), {args.slots} "
+          f"slots, context {max_len}", file=sys.stderr, flush=True)
+    uvicorn.run(make_app(engine), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def jnp_itemsize(dtype) -> int:
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
+
+
 def _tokenizer_train_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary "
@@ -782,6 +919,8 @@ COMMANDS: tuple[Command, ...] = (
     Command(("claims",), "write CLAIMS.md: every claim of the seed document with the measured "
             "figure and a verdict (from studies/*/results.json + arithmetic)",
             _claims_args, run_claims),
+    Command(("serve",), "an OpenAI-compatible completions server over a run: paged KV cache, "
+            "continuous batching", _serve_args, run_serve),
     Command(("tokenizer", "train"), "train a byte-level BPE tokenizer on the configured data "
             "(data.* overrides), offline", _tokenizer_train_args, run_tokenizer_train),
     Command(("env",), "platforms, devices, PJRT plugins, versions, CPU kernels, FP8 native or "

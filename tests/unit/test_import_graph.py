@@ -10,7 +10,7 @@ Layers, bottom first (a module may import its own layer or any below it):
 4. ``layers``
 5. ``platform`` (backends, environment, native kernels)
 6. ``model``
-7. ``train``, ``generate``
+7. ``train``, ``generate``, ``serve`` (scheduler; the HTTP server imports its framework lazily)
 8. ``tools``
 9. ``ablate``
 10. ``cli``, ``__main__``, the package's top-level API (``api``)
@@ -34,7 +34,7 @@ RANKS = {
     "tfm_jax.layers": 4,
     "tfm_jax.platform": 5,
     "tfm_jax.model": 6,
-    "tfm_jax.train": 7, "tfm_jax.generate": 7,
+    "tfm_jax.train": 7, "tfm_jax.generate": 7, "tfm_jax.serve": 7,
     "tfm_jax.tools": 8, "tfm_jax.hf": 8,
     "tfm_jax.ablate": 9,
     "tfm_jax.cli": 10, "tfm_jax.__main__": 10, "tfm_jax": 10, "tfm_jax.api": 10,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from tfm_jax.layers import kv_cache
+from tfm_jax.layers import kv_cache, paged_cache
 from tfm_jax.layers.attention_ops.dense import grouped_attention
 from tfm_jax.layers.linear import Linear
 from tfm_jax.layers.ops import Ops, resolve as resolve_ops
@@ -77,7 +77,9 @@ class Attention(nn.Module):
         ``(out, new_cache)``. Prefill (``decode=False``): the attention above over the prompt,
         and the K/V of all T tokens written at positions [0, T). Decode (``decode=True``,
         ``mask`` unused): the K/V of the T new tokens written at ``positions[:, 0]`` of each
-        row, then the queries attend to the cache through ``ops.cached_attention``.
+        row, then the queries attend to the cache through ``ops.cached_attention``. A paged
+        cache (:class:`~tfm_jax.layers.paged_cache.PagedLayerCache`) works the same way: writes
+        go through its block table, reads see each row's pages gathered in order.
         """
         d = x.shape[-1]
         ops = resolve_ops(self.ops)
@@ -104,13 +106,17 @@ class Attention(nn.Module):
                                       self.rope_scaling)
         q = apply_rope(q, rope_sincos)
         k = apply_rope(k, rope_sincos)
-        if cache is not None:
+        view = cache
+        if isinstance(cache, paged_cache.PagedLayerCache):   # pages + block table: gather
+            cache = paged_cache.write(cache, k, v, positions[:, 0] if decode else None)
+            view = paged_cache.gather(cache)
+        elif cache is not None:
             # prefill writes at 0 (one slice for all rows); decode at each row's length
             cache = kv_cache.write(cache, k, v, positions[:, 0] if decode else None)
-            cache = kv_cache.constrain(cache, kv_cache.layer_logical_axes(cache))
+            view = cache = kv_cache.constrain(cache, kv_cache.layer_logical_axes(cache))
         if cache is not None and decode:
-            out = ops.cached_attention(q, cache.k, cache.v, positions, cache.k_scale,
-                                       cache.v_scale)                          # (B, T, H, Dh)
+            out = ops.cached_attention(q, view.k, view.v, positions, view.k_scale,
+                                       view.v_scale)                           # (B, T, H, Dh)
         elif mask is None:
             out = ops.causal_attention(q, k, v, k_valid, block_q=self.block_q)  # (B,T,H,Dh)
         elif isinstance(mask, Segments):
