@@ -55,3 +55,9 @@ def test_native_kernels_match_xla_unscanned():
     if not kernels.OK:
         pytest.skip(f"native kernels unavailable: {kernels.WHY}")
     kernels.test_model_native_matches_xla(False, "openblas")
+
+
+def test_quantized_pages_equal_the_quantized_contiguous_cache():
+    paged = _unit_module("serve/test_paged_cache.py")
+    for fmt in ("int8", "fp8"):
+        paged.test_quantized_pages_equal_the_quantized_contiguous_cache(fmt)

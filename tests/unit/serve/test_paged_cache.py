@@ -144,7 +144,8 @@ def test_bf16_pages_equal_the_bf16_contiguous_cache():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["int8", pytest.param("fp8", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("fmt", [pytest.param("int8", marks=pytest.mark.slow),   # both run in
+                                 pytest.param("fp8", marks=pytest.mark.slow)])   # integration
 def test_quantized_pages_equal_the_quantized_contiguous_cache(fmt):
     cfg = cfg_of(2, scan_layers=True)
     model, variables = model_and_vars(cfg)
