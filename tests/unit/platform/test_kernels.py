@@ -200,6 +200,21 @@ def test_dot_general_refuses_what_it_cannot_do():
         cpu.dot_general(x, jnp.ones((2, 3)), (((1,), (1,)), ((), ())))
 
 
+@needs_kernels
+@pytest.mark.parametrize("rows,native", [(1, True), (2, False), (16, False), (31, False),
+                                         (32, True), (256, True)])
+def test_dot_general_routes_few_rows_to_xla(rows, native):
+    """Decode GEMMs with 2-31 rows go to XLA's dot (measured faster there), every other row
+    count to tfm_gemm; both agree with numpy."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 48)).astype(np.float32)
+    w = rng.standard_normal((48, 300)).astype(np.float32)
+    f = jax.jit(lambda a, b: cpu.dot_general(a, b, (((1,), (0,)), ((), ()))))
+    hlo = f.lower(x, w).as_text()
+    assert ("tfm_gemm" in hlo) == native
+    np.testing.assert_allclose(f(x, w), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+
+
 def numpy_causal_attention(q, k, v, k_valid, block):
     """Independent float64 reference with the framework's semantics: query block i sees keys
     [0, end_i), masked scores are -1e30 (finite); a query with no valid key gives 0."""
