@@ -61,3 +61,27 @@ def test_quantized_pages_equal_the_quantized_contiguous_cache():
     paged = _unit_module("serve/test_paged_cache.py")
     for fmt in ("int8", "fp8"):
         paged.test_quantized_pages_equal_the_quantized_contiguous_cache(fmt)
+
+
+def test_every_op_set_computes_the_same_scanned_model():
+    _unit_module("layers/test_ops.py").test_every_op_set_computes_the_same_model(True)
+
+
+def test_fp8_state_is_overwritten_not_optimized(tmp_path, builtin_corpus, devices):
+    _unit_module("quant/test_fp8.py").test_state_is_overwritten_not_optimized(
+        tmp_path, builtin_corpus, devices)
+
+
+def test_fp8_static_scales_from_calibration_stay_fixed(tmp_path, builtin_corpus, devices):
+    _unit_module("quant/test_fp8.py").test_static_scales_from_calibration_stay_fixed(
+        tmp_path, builtin_corpus, devices)
+
+
+def test_moe_fsdp_tensor_expert_mesh_equals_dense(devices, monkeypatch):
+    _unit_module("layers/test_moe.py").test_fsdp_and_tensor_meshes_equal_dense(
+        devices, {"fsdp": 2, "tensor": 2, "expert": 2}, monkeypatch)
+
+
+def test_weight_decay_same_parameters_with_scan_layers(tmp_path, devices):
+    _unit_module("train/test_train.py").test_weight_decay_same_parameters_with_scan_layers(
+        tmp_path, devices, [])

@@ -168,7 +168,7 @@ def _sharded_weights(mesh, ks):
 
 
 @pytest.mark.parametrize("sizes", [
-    {"fsdp": 2, "tensor": 2, "expert": 2},
+    pytest.param({"fsdp": 2, "tensor": 2, "expert": 2}, marks=pytest.mark.slow),  # integration
     pytest.param({"fsdp": 2, "expert": 4}, marks=pytest.mark.slow),
     pytest.param({"tensor": 2, "expert": 4}, marks=pytest.mark.slow)])
 def test_fsdp_and_tensor_meshes_equal_dense(devices, sizes, monkeypatch):

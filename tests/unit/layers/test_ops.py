@@ -69,9 +69,10 @@ def test_causal_cores_agree_values_and_grads(padded):
             _close(g, gr, 2e-4)
 
 
-# scan=False runs in the integration tier (tests/integration/test_heavy_unit_cases.py): the
-# default suite's time budget; the scanned case and the other op-set tests stay here.
-@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])
+# Both cases run in the integration tier (tests/integration/test_heavy_unit_cases.py): the
+# default suite's time budget; the other op-set tests stay here.
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow),
+                                  pytest.param(True, marks=pytest.mark.slow)])
 def test_every_op_set_computes_the_same_model(scan):
     """Same parameters (tree, shapes, init values) and, to fp32 rounding, the same logits and
     gradients with padding, for every op set available here."""

@@ -289,6 +289,7 @@ def test_delayed_state_follows_the_history_rule_over_steps(method):
 # The role-aware train step.
 
 
+@pytest.mark.slow     # runs in tests/integration/test_heavy_unit_cases.py
 def test_state_is_overwritten_not_optimized(tmp_path, corpus, devices):
     """Strong weight decay, a tiny clip, a large lr: the state after a step equals the op's
     cotangent bit for bit; AdamW holds no moments for it; grad_norm leaves it out."""
@@ -443,6 +444,7 @@ def test_static_needs_a_calibration_file(tmp_path, corpus, devices):
                      recipe="fp8_static"), devices=devices[:1])
 
 
+@pytest.mark.slow     # runs in tests/integration/test_heavy_unit_cases.py
 def test_static_scales_from_calibration_stay_fixed(tmp_path, corpus, devices):
     projs = [f"layers_{i}/{p}" for i in range(2) for p in
              ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "ffn/wi_0",

@@ -160,7 +160,8 @@ def _decayed_by_optimizer(cfg, devices) -> dict[str, bool]:
     return out
 
 
-@pytest.mark.parametrize("variant", [[], ["model.norm=layernorm", "model.tie_embeddings=true"]])
+@pytest.mark.parametrize("variant", [pytest.param([], marks=pytest.mark.slow),   # integration
+                                     ["model.norm=layernorm", "model.tie_embeddings=true"]])
 def test_weight_decay_same_parameters_with_scan_layers(tmp_path, devices, variant):
     """model.scan_layers stacks a layer's (d,) norm scale into (L, d): decay must not follow."""
     common = ["mesh.data=1", "train.warmup_steps=0", "train.weight_decay=0.1"] + variant
