@@ -596,7 +596,8 @@ def run_export_hf(args) -> int:
     from tfm_jax.hf import export_hf
 
     out = export_hf(args.run_dir, args.out, step=args.step, dtype=args.dtype)
-    print(f"exported {args.run_dir} -> {out} (config.json, model.safetensors)\n"
+    files = ", ".join(sorted(p.name for p in pathlib.Path(out).iterdir() if p.is_file()))
+    print(f"exported {args.run_dir} -> {out} ({files})\n"
           f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
