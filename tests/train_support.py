@@ -45,3 +45,23 @@ def write_initialized_run(run_dir, overrides):
     ckpt.save(0, state)
     ckpt.close()
     return cfg
+
+
+def cli_env(cache_dir) -> dict:
+    """Environment for ``python -m tfm_jax`` subprocesses: this checkout's package first on
+    PYTHONPATH (whatever is installed), one CPU device (not conftest's 8), a private cache, no
+    plugin from the caller's environment, unbuffered output."""
+    import os
+    import pathlib
+
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([root] + [p for p in e.get("PYTHONPATH", "").split(
+        os.pathsep) if p and os.path.abspath(p) != root])
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    e["JAX_PLATFORMS"] = "cpu"
+    e["TFM_JAX_CACHE"] = str(cache_dir)
+    e["PYTHONUNBUFFERED"] = "1"
+    for k in ("TFM_JAX_PJRT_PLUGIN", "PJRT_NAMES_AND_LIBRARY_PATHS"):
+        e.pop(k, None)
+    return e

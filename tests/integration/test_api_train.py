@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import sys
 import pytest
 
 import tfm_jax
+from train_support import cli_env
 
 ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
@@ -23,13 +23,7 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_h
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in e.get("PYTHONPATH", "").split(
-        os.pathsep) if p and os.path.abspath(p) != ROOT])
-    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    e["JAX_PLATFORMS"] = "cpu"
-    e["TFM_JAX_CACHE"] = str(tmp_path_factory.mktemp("tfm_jax_cache"))
-    return e
+    return cli_env(tmp_path_factory.mktemp("tfm_jax_cache"))
 
 
 @pytest.fixture(scope="module")

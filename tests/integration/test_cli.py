@@ -2,7 +2,6 @@
 checking exit codes, stdout/stderr text and the run directory an end-to-end run leaves behind."""
 
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -10,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from train_support import cli_env
 
 TIMEOUT = 180
 ROOT = str(pathlib.Path(__file__).resolve().parents[2])
@@ -23,15 +23,7 @@ TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_h
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ)
-    # the subprocesses import the package under test (this checkout), whatever is installed
-    e["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in e.get("PYTHONPATH", "").split(
-        os.pathsep) if p and os.path.abspath(p) != ROOT])
-    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"   # conftest's 8 devices: not here
-    e["JAX_PLATFORMS"] = "cpu"
-    e["TFM_JAX_CACHE"] = str(tmp_path_factory.mktemp("tfm_jax_cache"))
-    e["PYTHONUNBUFFERED"] = "1"
-    return e
+    return cli_env(tmp_path_factory.mktemp("tfm_jax_cache"))
 
 
 @pytest.fixture(scope="module")

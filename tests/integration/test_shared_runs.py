@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tests.rundir_support import marker_library
+from train_support import cli_env
 
 TIMEOUT = 180
 ROOT = str(pathlib.Path(__file__).resolve().parents[2])
@@ -18,16 +19,7 @@ ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in e.get("PYTHONPATH", "").split(
-        os.pathsep) if p and os.path.abspath(p) != ROOT])
-    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    e["JAX_PLATFORMS"] = "cpu"
-    e["TFM_JAX_CACHE"] = str(tmp_path_factory.mktemp("tfm_jax_cache"))
-    e["PYTHONUNBUFFERED"] = "1"
-    for k in ("TFM_JAX_PJRT_PLUGIN", "PJRT_NAMES_AND_LIBRARY_PATHS"):
-        e.pop(k, None)
-    return e
+    return cli_env(tmp_path_factory.mktemp("tfm_jax_cache"))
 
 
 def run(env, cwd, *args):
