@@ -229,6 +229,15 @@ def test_gqa_uptraining_end_to_end(tmp_path, corpus, capsys):
                      "train.batch_size=8"]) == 0
     assert cli.main(["generate", "--run-dir", str(imp), "--prompt", "def f",
                      "--tokens", "4"]) == 0
+    # the imported checkpoint holds parameters only; a copy of the run trains on from it
+    shutil.copytree(imp, tmp_path / "imp-train")
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(tmp_path / "imp-train" / "config.yaml"),
+                     "--resume", f"run.dir={tmp_path / 'imp-train'}", *TRAIN, *data,
+                     "train.steps=2"]) == 0
+    out_err = capsys.readouterr()
+    assert "holds parameters only" in out_err.out + out_err.err
+    assert (tmp_path / "imp-train" / "checkpoints" / "2").is_dir()
     assert cli.main(["convert", "--run-dir", str(imp), "--kv-heads", "2", "--out", str(conv),
                      "--steps", "2", "--no-eval"]) == 0
     capsys.readouterr()

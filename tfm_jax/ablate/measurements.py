@@ -116,7 +116,7 @@ class RunContext:
                 setup = build(self.cfg, self.devices)
                 ckpt = Checkpointer(self.run_dir / "checkpoints", read_only=True)
                 try:
-                    state = ckpt.restore(setup.abstract_state())
+                    state = setup.restore(ckpt)
                 finally:
                     ckpt.close()
                 self.cache["restored"] = (setup, state)

@@ -244,12 +244,13 @@ def _check_tree(params: Any, abstract: Any, what: str) -> None:
 
 def write_fresh_run(cfg: Config, model: HFModel, info: dict, info_name: str,
                     devices: Optional[list] = None) -> pathlib.Path:
-    """A run directory at ``cfg.run_dir``: config.yaml, the tokenizer copy, an orbax checkpoint
-    at step 0 holding ``model.params`` with a fresh optimizer state, and ``info_name``
-    (provenance). ``model.params`` is moved to the devices and dropped from ``model`` (its
-    numpy copy is freed before the optimizer state is allocated)."""
+    """A run directory at ``cfg.run_dir``: config.yaml, the tokenizer copy, a parameters-only
+    orbax checkpoint at step 0 holding ``model.params`` (no optimizer state: a run that trains
+    from it builds a fresh one, :meth:`tfm_jax.train.setup.Setup.restore`), and ``info_name``
+    (provenance). No optimizer state is allocated, so the peak stays near one copy of the
+    parameters: ``model.params`` moves to the devices a leaf at a time and is dropped from
+    ``model``."""
     import jax
-    import jax.numpy as jnp
 
     from tfm_jax.data import tokenizer as tokenizer_lib
     from tfm_jax.platform import backends
@@ -265,40 +266,34 @@ def write_fresh_run(cfg: Config, model: HFModel, info: dict, info_name: str,
     abstract = setup.abstract_state()
     _check_tree(model.params, abstract.params, "import")
     model_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract.model_state)
-    # one leaf at a time onto the devices, each numpy leaf dropped once copied
+    # one leaf at a time onto the devices, each numpy leaf dropped once copied (orbax writes
+    # device arrays without a host copy on CPU; numpy leaves it would copy twice)
     flat, treedef = jax.tree.flatten(model.params)
     model.params = None
-    shardings = jax.tree.leaves(setup.state_shardings.params)
-    for i, sh in enumerate(shardings):
+    for i, sh in enumerate(jax.tree.leaves(setup.state_shardings.params)):
         flat[i] = jax.block_until_ready(jax.device_put(flat[i], sh))
-    params = jax.tree.unflatten(treedef, flat)
+    state = TrainState(np.zeros((), np.int32), jax.tree.unflatten(treedef, flat), model_state,
+                       None)
     del flat
-
-    def fresh(params, model_state):
-        return TrainState(jnp.zeros((), jnp.int32), params, model_state, setup.tx.init(params))
-
-    with setup.context():
-        state = jax.jit(fresh, out_shardings=setup.state_shardings,
-                        donate_argnums=0)(params, model_state)
-    del params
     out.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write(out / "config.yaml", cfg.to_yaml())
     if model.tokenizer is not None:
         tokenizer_lib.copy_into(model.tokenizer, out)
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=False)
     try:
-        ckpt.save(0, state)
+        ckpt.save(0, state, optimizer=False)
         ckpt.wait()
     finally:
         ckpt.close()
+    del state
     rundir.atomic_write(out / info_name, json.dumps(info, indent=2) + "\n")
     return out
 
 
 def import_hf(src: str | os.PathLike, out_run_dir: str | os.PathLike, *,
               param_dtype: Optional[str] = None, devices: Optional[list] = None) -> pathlib.Path:
-    """A HF model folder -> a tfm-jax run directory (config.yaml, checkpoint at step 0 with a
-    fresh optimizer, the tokenizer) that ``tfm-jax eval / generate / convert / train
+    """A HF model folder -> a tfm-jax run directory (config.yaml, a parameters-only checkpoint
+    at step 0, the tokenizer) that ``tfm-jax eval / generate / convert / train
     --resume`` and ``train --init-from`` accept."""
     out = pathlib.Path(out_run_dir)
     rundir.claim_output_dir(out, "--out")                      # before reading anything big
@@ -308,7 +303,8 @@ def import_hf(src: str | os.PathLike, out_run_dir: str | os.PathLike, *,
         cfg = cfg.replace(**{"data.tokenizer": "none"})
     info = {"source": str(m.source.absolute()), "format": "huggingface",
             "architectures": json.loads((m.source / "config.json").read_text()).get(
-                "architectures"), "checkpoint_step": 0, "optimizer_state": "fresh"}
+                "architectures"), "checkpoint_step": 0,
+            "optimizer_state": "none (built fresh when the run trains)"}
     m.config = cfg
     return write_fresh_run(cfg, m, info, "import_hf.json", devices)
 
@@ -373,7 +369,7 @@ def export_hf(run_dir: str | os.PathLike, dst: str | os.PathLike, *, step: Optio
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"export-hf: {run_dir} has no checkpoint to export")
-        state = ckpt.restore(setup.abstract_state(), step=step)
+        state = setup.restore(ckpt, step=step, optimizer=False)
     finally:
         ckpt.close()
     params = jax.device_get(nn.meta.unbox(state.params))

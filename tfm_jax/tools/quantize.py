@@ -96,7 +96,7 @@ def _refuse_training(*_args, **_kw):
 def restore_quantized(cfg: Config, devices: Optional[list] = None):
     """(setup, state) of a quantized run: the checkpoint's int8 / packed-int4 kernels
     dequantized to ``model.dtype`` and placed with the params' shardings. ``state.opt_state`` is
-    empty and ``setup.train_step`` refuses; ``setup.eval_step`` and generation work as usual."""
+    None and ``setup.train_step`` refuses; ``setup.eval_step`` and generation work as usual."""
     import jax
     import jax.numpy as jnp
 
@@ -116,8 +116,8 @@ def restore_quantized(cfg: Config, devices: Optional[list] = None):
                          out_shardings=sh.params)(tree["params"])
         model_state = jax.device_put(tree["model_state"], sh.model_state)
         step = jax.device_put(tree["step"], sh.step)
-    state = TrainState(step, params, model_state, ())
-    shardings = TrainState(sh.step, sh.params, sh.model_state, ())
+    state = TrainState(step, params, model_state, None)
+    shardings = TrainState(sh.step, sh.params, sh.model_state, None)
     batch = {k: setup.batch_sharding for k in ("inputs", "targets", "mask")}
     eval_step = jax.jit(make_eval_step(setup.model), in_shardings=(shardings, batch))
     setup = dataclasses.replace(setup, state_shardings=shardings, eval_step=eval_step,

@@ -56,7 +56,7 @@ def restore(cfg: Config, calib_batches: int = 16,
             raise FileNotFoundError(f"no checkpoint under {cfg.run_dir / 'checkpoints'}; train "
                                     "first ('tfm-jax train') or pass --run-dir of a trained "
                                     "run")
-        state = ckpt.restore(setup.abstract_state(), step=step)
+        state = setup.restore(ckpt, step=step, optimizer=False)   # reading needs no optimizer
     finally:
         ckpt.close()
     return setup, state
@@ -209,15 +209,13 @@ class Run:
     # ------------------------------------------------------------------ evaluate
 
     def _train_state(self) -> TrainState:
-        """A state for the eval step (a run opened without one, e.g. imported: a zero
-        optimizer state of the right shape, built once)."""
+        """A state for the eval step, which reads no optimizer state (a run opened without a
+        checkpointed state, e.g. imported in memory: step 0, these parameters)."""
         if self._state is None:
             import jax.numpy as jnp
 
-            sh = self.setup.state_shardings
-            opt = jax.jit(self.setup.tx.init, out_shardings=sh.opt_state)(self.params)
             self._state = TrainState(jnp.zeros((), jnp.int32), self.params, self.model_state,
-                                     opt)
+                                     None)
         return self._state
 
     def evaluate(self, data: Optional[str | pathlib.Path] = None, *,

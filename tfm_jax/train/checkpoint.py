@@ -64,9 +64,15 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps()) if self.directory.exists() else []
 
-    def save(self, step: int, state: Any) -> None:
+    def save(self, step: int, state: Any, *, optimizer: bool = True) -> None:
+        """Save ``state`` (a TrainState) as ``step``. ``optimizer=False`` writes a
+        parameters-only checkpoint (``opt_state`` stored as None): what ``tfm-jax import-hf``
+        writes, whose restore (:meth:`restore`) returns ``opt_state`` None for the caller to
+        build fresh (:meth:`tfm_jax.train.setup.Setup.restore`)."""
         if self.read_only:
             raise RuntimeError(f"{self.directory} was opened read-only")
+        if not optimizer:
+            state = state.replace(opt_state=None)
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def restore(self, abstract_state: Any, step: Optional[int] = None, *,
@@ -78,8 +84,11 @@ class Checkpointer:
         line through ``say`` (default: stderr) naming it and the cause. ``restored_step`` and
         ``damaged_steps`` say what happened. A given ``step`` that is damaged raises
         :class:`CheckpointDamaged`; a tree that does not match raises
-        :class:`CheckpointMismatch` (never skipped: every step of a run has the same tree)."""
+        :class:`CheckpointMismatch` (never skipped: every step of a run has the same tree).
+        A parameters-only step (``save(..., optimizer=False)``) comes back with ``opt_state``
+        None and ``fresh_optimizer`` True."""
         self.damaged_steps: list[int] = []
+        self.fresh_optimizer = False
         if step is not None:
             state = self._restore_step(step, abstract_state)
             self.restored_step = step
@@ -126,7 +135,9 @@ class Checkpointer:
         if not where.is_dir():
             raise FileNotFoundError(f"no checkpoint {where} (steps here: "
                                     f"{', '.join(map(str, self.all_steps())) or 'none'})")
-        self._check_shapes(step, abstract_state)
+        if self._check_shapes(step, abstract_state):      # parameters only: no optimizer state
+            abstract_state = abstract_state.replace(opt_state=None)
+            self.fresh_optimizer = True
         try:
             with _quiet_orbax():
                 return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
@@ -134,10 +145,12 @@ class Checkpointer:
             _drop_aborted_read_noise()
             raise CheckpointDamaged(f"checkpoint {where} is damaged ({_cause(err)})") from err
 
-    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+    def _check_shapes(self, step: int, abstract_state: Any) -> bool:
         """Compare the checkpoint's metadata (names and shapes, no array read) with the
         configured state, so a mismatch is reported before orbax starts any asynchronous read
-        (a failing restore leaves reader threads that print tracebacks at exit)."""
+        (a failing restore leaves reader threads that print tracebacks at exit). True when the
+        step holds no optimizer state (saved with ``optimizer=False``) and the configured
+        state has one: the comparison then leaves the optimizer out."""
         try:   # the manager's single unnamed item lives in <step>/default
             with _quiet_orbax():
                 meta = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) /
@@ -146,10 +159,15 @@ class Checkpointer:
             _drop_aborted_read_noise()
             raise CheckpointDamaged(f"checkpoint {self.directory / str(step)} is damaged: its "
                                     f"metadata does not read ({_cause(err)})") from err
-        saved = _shapes(getattr(meta, "tree", meta))
-        wanted = _shapes(abstract_state)
+        tree = getattr(meta, "tree", meta)
+        params_only = (isinstance(tree, dict) and "opt_state" in tree
+                       and tree["opt_state"] is None
+                       and getattr(abstract_state, "opt_state", None) is not None)
+        saved = _shapes(tree)
+        wanted = _shapes(abstract_state.replace(opt_state=None) if params_only
+                         else abstract_state)
         if not saved:
-            return
+            return params_only
         problems = [f"{k}: checkpoint {saved[k]}, configured {wanted[k]}"
                     for k in wanted if k in saved and saved[k] != wanted[k]]
         problems += [f"{k}: not in the checkpoint" for k in wanted if k not in saved]
@@ -160,6 +178,7 @@ class Checkpointer:
             raise CheckpointMismatch(
                 f"checkpoint {self.directory}/{step} does not match the configured model (was it "
                 f"written with a different model.* config?): {'; '.join(problems[:5])}{more}")
+        return params_only
 
     def wait(self) -> None:
         if self._manager is not None:

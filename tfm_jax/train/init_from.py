@@ -72,7 +72,7 @@ def init_state(setup: Any, src: pathlib.Path | str, step: Optional[int] = None,
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"--init-from {src}: no checkpoint under "
                                     f"{src / 'checkpoints'}")
-        src_state = ckpt.restore(src_setup.abstract_state(), step=step)
+        src_state = src_setup.restore(ckpt, step=step, optimizer=False)
     finally:
         ckpt.close()
     params = jax.device_get(src_state.params)
@@ -88,7 +88,7 @@ def init_state(setup: Any, src: pathlib.Path | str, step: Optional[int] = None,
         model_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract.model_state)
 
     def fresh(params, model_state):
-        return TrainState(jnp.zeros((), jnp.int32), params, model_state, setup.tx.init(params))
+        return TrainState(jnp.zeros((), jnp.int32), params, model_state, setup.opt_init(params))
 
     with setup.context():
         return jax.jit(fresh, out_shardings=setup.state_shardings)(params, model_state)

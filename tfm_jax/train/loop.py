@@ -242,8 +242,8 @@ class Trainer:
             # Restore before writing anything: a resume with an incompatible config must leave
             # the run directory (its config.yaml above all) exactly as it was.
             try:
-                self.state = ckpt.restore(self.setup.abstract_state(), step=resume_step,
-                                          say=self.resume_notes.append)
+                self.state = self.setup.restore(ckpt, step=resume_step,
+                                                say=self.resume_notes.append)
             except CheckpointMismatch as err:
                 diff = _model_diff(run_dir / "config.yaml", cfg)
                 raise CheckpointMismatch(
@@ -256,6 +256,10 @@ class Trainer:
                     f"checkpoints after step {self.start_step} set aside (kept, not deleted; the "
                     f"run continues from step {self.start_step}): "
                     + ", ".join(f"{p.parent.name}/{p.name}" for p in moved))
+            if ckpt.fresh_optimizer:
+                self.resume_notes.append(
+                    f"checkpoint {self.start_step} holds parameters only (e.g. written by "
+                    "'tfm-jax import-hf'): the optimizer state starts fresh")
             interrupts.note(f"before training resumed from step {self.start_step}; the run's "
                             "checkpoints are unchanged")
             # the count goes on from the resumed run's last train row (exact when the resumed
@@ -498,7 +502,7 @@ class Trainer:
         self.cfg, self.setup = cfg, build(cfg, self.devices)
         latest = self.ckpt.latest_step()
         self.state = (self.setup.init_state() if latest is None
-                      else self.ckpt.restore(self.setup.abstract_state()))
+                      else self.setup.restore(self.ckpt))
         self.step, self.pending = int(self.state.step), None
         rundir.atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
         where = (f"checkpoint {latest}" if latest is not None

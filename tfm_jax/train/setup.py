@@ -45,6 +45,7 @@ class Setup:
     eval_step: Callable
     init_fn: Callable
     ops: Ops                      # the backend's ops (backends.resolve_ops)
+    opt_init: Callable            # params -> a fresh optimizer state, placed (jitted)
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
@@ -61,6 +62,25 @@ class Setup:
         shapes = jax.eval_shape(self.init_fn, jax.random.key(self.cfg.train.seed))
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, self.state_shardings)
+
+    def eval_state(self, state: TrainState) -> TrainState:
+        """``state`` as :attr:`eval_step` takes it: without the optimizer state (evaluation
+        never reads it; a run restored without one needs none)."""
+        return state.replace(opt_state=None)
+
+    def restore(self, ckpt: Any, step: Optional[int] = None, *,
+                say: Optional[Callable[[str], None]] = None, optimizer: bool = True) -> TrainState:
+        """Checkpoint ``step`` (default: the newest intact one) of ``ckpt`` (a
+        :class:`~tfm_jax.train.checkpoint.Checkpointer`) in this setup's structure and shardings.
+        A parameters-only checkpoint (written by ``tfm-jax import-hf``) gets a fresh optimizer
+        state built here from its parameters when ``optimizer`` (``ckpt.fresh_optimizer`` then
+        says so); ``optimizer=False`` leaves ``opt_state`` None for callers that only read the
+        parameters."""
+        state = ckpt.restore(self.abstract_state(), step=step, say=say)
+        if state.opt_state is None and optimizer:
+            with self.context():
+                state = state.replace(opt_state=self.opt_init(state.params))
+        return state
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         """The train step's batch as shapes (with its sharding): what lowering the step from
@@ -106,16 +126,18 @@ def build(cfg: Config, devices: Optional[list] = None, ops: Optional[Ops] = None
     def init_boxed(rng):   # (what modules sow at init is not state)
         return telemetry.split(model.init(rng, dummy, train=False))[0]
 
+    def opt_init(params):
+        if cfg.quant.fp8_weight_storage:   # moments of FP8 kernels: float, as the view
+            from tfm_jax.quant import storage
+            return tx.init(storage.dequantized_view(params))
+        return tx.init(params)
+
     def init_fn(rng) -> TrainState:
         variables = nn.meta.unbox(init_boxed(rng))
         params = variables.pop("params")
         if calibration is not None:      # fp8_static: the scales of the calibration file
             params = fp8.apply_calibration(params, calibration)
-        if cfg.quant.fp8_weight_storage:   # moments of FP8 kernels: float, as the view
-            from tfm_jax.quant import storage
-            return TrainState(jnp.zeros((), jnp.int32), params, variables,
-                              tx.init(storage.dequantized_view(params)))
-        return TrainState(jnp.zeros((), jnp.int32), params, variables, tx.init(params))
+        return TrainState(jnp.zeros((), jnp.int32), params, variables, opt_init(params))
 
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     var_specs = nn.get_partition_spec(boxed)
@@ -141,10 +163,13 @@ def build(cfg: Config, devices: Optional[list] = None, ops: Optional[Ops] = None
     train_step = jax.jit(make_train_step(cfg, model, tx),
                          in_shardings=(state_shardings, train_shardings),
                          out_shardings=(state_shardings, None), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings, batch_shardings))
+    eval_shardings = state_shardings.replace(opt_state=None)     # (Setup.eval_state)
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(eval_shardings, batch_shardings))
     jit_init = jax.jit(init_fn, out_shardings=state_shardings)
+    jit_opt_init = jax.jit(opt_init, in_shardings=(state_shardings.params,),
+                           out_shardings=state_shardings.opt_state)
     return Setup(cfg, mesh, rules, model, tx, state_shardings, batch_sharding, train_step,
-                 eval_step, jit_init, ops)
+                 eval_step, jit_init, ops, jit_opt_init)
 
 
 def fp8_dot_line(setup: Setup, state: TrainState) -> str:
@@ -162,13 +187,14 @@ def evaluate(setup: Setup, state: TrainState, val_tokens: np.ndarray) -> dict[st
     The batches are dispatched back to back and fetched once at the end (no host round trip
     per batch); the sums are taken on the host in float64, as before."""
     cfg = setup.cfg
+    eval_state = setup.eval_state(state)
     sums = []                    # device scalars: no host sync per batch, one at the end
     with setup.context():
         for batch in data_lib.eval_batches(val_tokens, batch_size=cfg.train.batch_size,
                                            seq_len=cfg.data.seq_len,
                                            max_batches=cfg.train.eval_batches,
                                            rows=data_lib.process_rows(cfg.train.batch_size)):
-            sums.append(setup.eval_step(state, setup.shard_batch(batch)))
+            sums.append(setup.eval_step(eval_state, setup.shard_batch(batch)))
     host = jax.device_get(sums)  # [(loss sum, tokens)] per batch
     total = math.fsum(float(s) for s, _ in host)
     count = math.fsum(float(n) for _, n in host)

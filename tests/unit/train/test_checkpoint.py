@@ -121,3 +121,58 @@ def test_logger_off_a_terminal_prints_each_row_once(tmp_path, capsys):
                                          "step 4/4: loss 1.2500, tok/s 120, mfu 50.0%",
                                          "step 4: val_loss 1.0000"]
     assert "train:" not in captured.err                     # no bar redraws
+
+
+def test_params_only_checkpoint_restores_with_a_fresh_optimizer(tmp_path):
+    """``save(optimizer=False)`` (what import-hf writes) stores no optimizer leaves; a plain
+    restore returns ``opt_state`` None, ``Setup.restore`` builds the fresh optimizer state --
+    equal to the one a new run starts with -- so training from it takes the same steps as
+    training from the state it was saved from; a different model is still refused by name."""
+    import numpy as np
+    import optax
+    import orbax.checkpoint as ocp
+
+    from tfm_jax.config import load_config
+    from tfm_jax.train import build
+    from tfm_jax.train.checkpoint import _shapes
+
+    base = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+            "model.ffn_hidden=64", "model.vocab_size=64", "data.tokenizer=none",
+            "data.seq_len=16", "train.batch_size=2", "train.warmup_steps=0", "mesh.data=1"]
+    setup = build(load_config(None, base), jax.devices()[:1])
+    state = setup.init_state()
+    ck = Checkpointer(tmp_path / "ck", async_save=False)
+    ck.save(0, state, optimizer=False)
+    ck.wait()
+    meta = ocp.StandardCheckpointHandler().metadata(tmp_path / "ck" / "0" / "default")
+    saved = _shapes(getattr(meta, "tree", meta))
+    assert saved and not [k for k in saved if k.startswith("opt_state")]
+
+    plain = ck.restore(setup.abstract_state())
+    assert plain.opt_state is None and ck.fresh_optimizer
+    restored = setup.restore(ck)
+    assert ck.fresh_optimizer
+    fresh, orig = jax.tree.leaves(restored.opt_state), jax.tree.leaves(state.opt_state)
+    assert len(fresh) == len(orig) > 0
+    for a, b in zip(fresh, orig):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree.structure(restored.opt_state, is_leaf=lambda x: isinstance(
+        x, optax.MaskedNode)) == jax.tree.structure(state.opt_state, is_leaf=lambda x: isinstance(
+            x, optax.MaskedNode))
+
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 64, (2, 16), np.int32),
+             "targets": rng.integers(0, 64, (2, 16), np.int32),
+             "mask": np.ones((2, 16), np.float32)}
+    losses = []
+    for s in (restored, jax.tree.map(jnp.copy, state)):
+        with setup.context():
+            for _ in range(2):
+                s, m = setup.train_step(s, setup.shard_batch(batch))
+        losses.append(float(m["loss"]))
+    assert losses[0] == losses[1]
+
+    wider = build(load_config(None, base[1:] + ["model.d_model=64"]), jax.devices()[:1])
+    with pytest.raises(CheckpointMismatch, match="params/"):
+        wider.restore(ck)
+    ck.close()

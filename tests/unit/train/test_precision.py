@@ -82,7 +82,8 @@ def test_evaluate_dispatches_every_batch_before_one_sync():
         return Lazy(3.0 * batch["mask"].sum()), Lazy(batch["mask"].sum())
 
     setup = types.SimpleNamespace(cfg=cfg, context=contextlib.nullcontext,
-                                  shard_batch=lambda b: b, eval_step=eval_step)
+                                  shard_batch=lambda b: b, eval_step=eval_step,
+                                  eval_state=lambda s: s)
     out = evaluate(setup, None, np.arange(200, dtype=np.int32) % 7)
     assert events.count("dispatch") == 4
     assert events.index("sync") > max(i for i, e in enumerate(events) if e == "dispatch")
