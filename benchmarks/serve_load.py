@@ -4,8 +4,8 @@ The server (:mod:`tfm_jax.serve.server` on uvicorn, in this process) serves a mo
 weights (the throughput of a decoder does not depend on what it learned); ``--clients`` client
 threads send streaming ``POST /v1/completions`` requests whose arrival times are a Poisson process
 of rate ``--rate`` per second (a request waits for a free client: the clients bound the
-concurrency), prompt and output lengths drawn uniformly from ``--prompt-len`` and
-``--output-len``; requests set ``ignore_eos`` (every request produces its output length). The
+concurrency), prompt lengths drawn uniformly from ``--prompt-len``, output lengths from ``--output-len``
+(uniformly, or log-uniformly with ``--output-dist log-uniform``: a long tail); requests set ``ignore_eos`` (every request produces its output length). The
 run is bounded: ``--requests`` requests or ``--duration`` seconds, whichever comes first.
 
 Reported per scenario: throughput (generated tokens / wall time from the first arrival to the
@@ -173,13 +173,26 @@ def load(port: int, workload: list, clients: int, rate: float, duration: float,
             "per_token_p99_ms": round(1e3 * float(np.percentile(per, 99)), 2)}
 
 
+def load_in_process(*args) -> dict:
+    """:func:`load` in a separate process: the clients' HTTP and JSON work does not compete
+    with the server for this process's interpreter lock."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(load, args)
+
+
 def workload_of(args) -> list:
     r = np.random.default_rng(args.seed)
     letters = "abcdefghijklmnopqrstuvwxyz "
     out = []
     for _ in range(args.requests):
         n_in = int(r.integers(args.prompt_len[0], args.prompt_len[1] + 1))
-        n_out = int(r.integers(args.output_len[0], args.output_len[1] + 1))
+        lo, hi = args.output_len
+        if args.output_dist == "log-uniform":     # long-tailed: most short, a few long
+            n_out = int(round(float(np.exp(r.uniform(np.log(lo), np.log(hi))))))
+        else:
+            n_out = int(r.integers(lo, hi + 1))
         out.append(("".join(r.choice(list(letters), n_in)), n_out))
     return out
 
@@ -200,7 +213,8 @@ def scenario(args, kv_heads: int, *, clients: int, rate: float, static: bool = F
         sched.peak_running = 0
         before = sched.preemptions
         steps0, rows0 = sched.decode_steps, sched.decode_rows
-        row = load(port, workload_of(args), clients, rate, args.duration, args.seed)
+        run = load_in_process if args.client_process else load
+        row = run(port, workload_of(args), clients, rate, args.duration, args.seed)
     finally:
         stop()
     row.update(kv_heads=kv_heads, clients=clients, rate=rate, static=static,
@@ -231,6 +245,15 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="stop launching after (s)")
     ap.add_argument("--prompt-len", type=int, nargs=2, default=[8, 32])
     ap.add_argument("--output-len", type=int, nargs=2, default=[16, 64])
+    ap.add_argument("--output-dist", choices=["uniform", "log-uniform"], default="uniform",
+                    help="how output lengths are drawn from --output-len (log-uniform: a long "
+                         "tail, as in chat traffic)")
+    ap.add_argument("--client-process", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the clients in a separate process (default; --no-client-process: "
+                         "threads beside the server)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="batching: interleaved continuous/static rounds (the ratio's median "
+                         "and range are reported)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
@@ -244,6 +267,7 @@ def main(argv=None) -> int:
             n_layers=args.layers, page_size=args.page_size, n_kv_heads=args.heads,
             head_dim=args.d_model // args.heads, itemsize=4)
     rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
 
     def show(name, row):
         row["scenario"] = name
@@ -260,14 +284,27 @@ def main(argv=None) -> int:
         show("sequential", scenario(args, args.kv_heads, clients=1, rate=0.0))
         show("concurrent", scenario(args, args.kv_heads, clients=args.clients, rate=0.0))
     if args.scenario in ("all", "batching"):
-        show("continuous", scenario(args, args.kv_heads, clients=args.clients, rate=args.rate))
-        show("static", scenario(args, args.kv_heads, clients=args.clients, rate=args.rate,
-                                static=True))
+        ratios = []
+        for rep in range(args.repeats):   # interleaved: a drift of the machine hits both
+            cont = scenario(args, args.kv_heads, clients=args.clients, rate=args.rate)
+            show("continuous", cont)
+            stat = scenario(args, args.kv_heads, clients=args.clients, rate=args.rate,
+                            static=True)
+            show("static", stat)
+            cont["round"] = stat["round"] = rep
+            ratios.append(cont["tokens_per_s"] / stat["tokens_per_s"])
+        summary = {"ratios": [round(x, 3) for x in ratios],
+                   "median": round(float(np.median(ratios)), 3)}
+        print(f"continuous / static tokens/s: median {summary['median']:.2f}x "
+              f"(range {min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} interleaved "
+              f"round{'s' if len(ratios) > 1 else ''}; outputs {args.output_dist} "
+              f"{args.output_len[0]}-{args.output_len[1]} tokens)", flush=True)
     if args.scenario in ("all", "kv-heads"):
         for kvh, name in ((args.heads, "MHA"), (max(args.heads // 2, 1), "GQA"), (1, "MQA")):
             show(f"budget {name}", scenario(args, kvh, clients=args.clients, rate=args.rate))
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows},
+        pathlib.Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows,
+                                                       "continuous_over_static": summary},
                                                       indent=1))
     return 0
 

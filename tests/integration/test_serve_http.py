@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -292,14 +293,24 @@ def test_cli_serve_on_a_trained_run(tmp_path, text_corpus):
 def test_load_benchmark_smoke(tmp_path):
     """benchmarks/serve_load.py end to end at a tiny size: every scenario's rows, each request
     answered with its full output length, the KV budget's page counts in proportion to the KV
-    heads (MHA 4 : GQA 2 : MQA 1)."""
+    heads (MHA 4 : GQA 2 : MQA 1); the continuous/static ratio is the median of the interleaved
+    rounds' ratios."""
     from benchmarks import serve_load
 
     out = tmp_path / "load.json"
     assert serve_load.main(["--requests", "6", "--output-len", "4", "8", "--prompt-len", "4",
                             "8", "--clients", "3", "--max-len", "32", "--page-size", "8",
-                            "--slots", "4", "--json", str(out)]) == 0
-    rows = {r["scenario"]: r for r in json.loads(out.read_text())["rows"]}
+                            "--slots", "4", "--repeats", "2", "--output-dist", "log-uniform",
+                            "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = {r["scenario"]: r for r in res["rows"]}
+    rounds = [(c["tokens_per_s"], s["tokens_per_s"]) for c, s in zip(
+        [r for r in res["rows"] if r["scenario"] == "continuous"],
+        [r for r in res["rows"] if r["scenario"] == "static"])]
+    ratios = [c / s for c, s in rounds]
+    assert len(ratios) == 2
+    assert res["continuous_over_static"]["ratios"] == pytest.approx(ratios, abs=1e-3)
+    assert res["continuous_over_static"]["median"] == pytest.approx(np.median(ratios), abs=1e-3)
     assert set(rows) == {"sequential", "concurrent", "continuous", "static", "budget MHA",
                          "budget GQA", "budget MQA"}
     want_tokens = rows["sequential"]["tokens"]

@@ -144,14 +144,26 @@ class Engine:
 
     def submit(self, ids: list[int], params: SamplingParams,
                loop: asyncio.AbstractEventLoop) -> tuple[Request, asyncio.Queue]:
-        """Queue a request; its queue gets ``None`` after every new token and once at the end."""
+        """Queue a request; its queue gets ``None`` when there is news (new tokens, the end),
+        coalesced: while one ``None`` waits unread or on its way, later tokens add none (the
+        reader takes all the text there is), so a busy event loop is not handed one callback
+        per token of every running request."""
         q: asyncio.Queue = asyncio.Queue()
+        on_its_way = [False]
+
+        def put() -> None:
+            on_its_way[0] = False
+            if q.empty():
+                q.put_nowait(None)
 
         def notify(_req: Request) -> None:
+            if on_its_way[0]:
+                return
+            on_its_way[0] = True
             try:
-                loop.call_soon_threadsafe(q.put_nowait, None)
+                loop.call_soon_threadsafe(put)
             except RuntimeError:                  # the event loop is gone (shutdown)
-                pass
+                on_its_way[0] = False
 
         req = self.sched.submit(ids, params, on_token=notify)
         self.wake.set()
