@@ -72,6 +72,7 @@ class Engine:
                 log.exception("serve: a scheduler step failed; failing its requests")
                 self.errors += 1
                 s.recover("error")
+            time.sleep(0)        # let the event loop take the interpreter lock between steps
             now = time.time()
             self._recent.append((now, s.generated - before))
             while self._recent and self._recent[0][0] < now - 10.0:
