@@ -23,12 +23,15 @@ fp8        ``benchmarks/fp8_gpu.py --skip-step``: FP8 (tfm-jax's own dot) vs bf1
 moe        MoE train step times of the three dispatch paths (dense reference, shard_map
            all_to_all, implicit sharding) on all local devices
 decode     ``benchmarks/decode.py`` decode throughput (tokens/s, KV cache, no torch peer)
+serve      ``benchmarks/serve_load.py --engine`` (the scheduler, no HTTP): continuous vs static
+           batching under Poisson arrivals with log-uniform outputs, and MHA / GQA / MQA at one
+           KV memory budget, at a model size where a decode step is memory-bound
 =========  ==================================================================================
 
 Each part runs in its own process (so no parent holds the GPU's memory) under its own time cap;
 a part that crashes or runs past its cap is recorded as such (with what it wrote so far) and the
-next one starts. The whole run stays under ``--budget`` seconds (default 450: the issue's 8
-minutes less start-up and the wheel install). ``--dry`` runs every part at tiny size on CPU
+next one starts. The whole run stays under ``--budget`` seconds (default 495: about 8 minutes
+with start-up and the wheel install). ``--dry`` runs every part at tiny size on CPU
 (tested by ``tests/integration/test_device_check.py``); without a GPU the full mode says so and runs dry.
 
     OUT=/tmp/dc bash benchmarks/device_check.sh            # the device machine
@@ -54,14 +57,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PARTS = ("env", "plugin", "tests", "mfu", "precision", "fp8", "moe", "decode")
-# Seconds per part on the GPU (sum 460, the default --budget 450 trims the last); each is also
+PARTS = ("env", "plugin", "tests", "mfu", "precision", "fp8", "moe", "decode", "serve")
+# Seconds per part on the GPU (sum 505, the default --budget 495 trims the last); each is also
 # cut to what is left of the budget. --dry gives every cap and the budget DRY_SLACK times more
 # (a loaded 2-core CPU compiles slowly).
-BUDGET_S = 450
+BUDGET_S = 495
 DRY_SLACK = 5
 CAPS_S = {"env": 20, "plugin": 30, "tests": 80, "mfu": 150, "precision": 45, "fp8": 55,
-          "moe": 40, "decode": 30}
+          "moe": 40, "decode": 30, "serve": 45}
 # Sized to finish in its cap (five files did not fit in 70 s): the FP8 numerics and the FP8
 # GEMM count (gpu-marked), the attention cores (cuDNN as the GPU default included), the
 # mixed-precision policy.
@@ -91,6 +94,16 @@ DECODE_ARGS = ["--d-model", "2048", "--layers", "16", "--heads", "16", "--kv-hea
                "--new-tokens", "64", "--no-torch"]
 DECODE_ARGS_DRY = ["--d-model", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2",
                    "--ffn-hidden", "128", "--context", "16", "--new-tokens", "4", "--no-torch"]
+# serve_load --engine: d_model 1024, 8 layers, 16 heads, fp32; the KV budget (160 MiB) holds 4
+# MHA sequences of max_len (160 pages of 1 MiB), GQA (8 KV heads) 2x and MQA 16x the pages
+SERVE_ARGS = ["--engine", "--d-model", "1024", "--layers", "8", "--heads", "16",
+              "--max-len", "576", "--output-dist", "log-uniform", "--output-len", "8", "512",
+              "--kv-heads", "4", "--slots", "32", "--clients", "32", "--rate", "400",
+              "--requests", "128", "--kv-memory", str(160 << 20)]
+SERVE_ARGS_DRY = ["--engine", "--d-model", "32", "--layers", "2", "--heads", "4",
+                  "--max-len", "48", "--output-dist", "log-uniform", "--output-len", "2", "16",
+                  "--prompt-len", "2", "8", "--page-size", "8", "--slots", "4", "--clients",
+                  "4", "--requests", "8"]
 
 
 # ----------------------------------------------------------------------------- the parts
@@ -335,9 +348,23 @@ def part_decode(dry: bool, save: Callable[[dict], None]) -> dict[str, Any]:
         return json.loads(path.read_text())
 
 
+def part_serve(dry: bool, save: Callable[[dict], None]) -> dict[str, Any]:
+    from benchmarks import serve_load
+
+    res: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for scenario in ("batching", "kv-heads"):
+            path = pathlib.Path(tmp) / f"{scenario}.json"
+            serve_load.main((SERVE_ARGS_DRY if dry else SERVE_ARGS)
+                            + ["--scenario", scenario, "--json", str(path)])
+            res[scenario] = json.loads(path.read_text())
+            save(res)
+    return res
+
+
 PART_FNS = {"env": part_env, "plugin": part_plugin, "tests": part_tests, "mfu": part_mfu,
             "precision": part_precision, "fp8": part_fp8, "moe": part_moe,
-            "decode": part_decode}
+            "decode": part_decode, "serve": part_serve}
 
 
 def _child(part: str, dry: bool, json_path: str, cap: int) -> int:
@@ -367,7 +394,7 @@ def _part_env(part: str, dry: bool) -> dict[str, str]:
         if part == "moe":
             flags += f" --xla_force_host_platform_device_count={DRY_MOE_DEVICES}"
         env["XLA_FLAGS"] = flags.strip()
-    elif part in ("decode", "mfu", "precision", "fp8", "moe"):
+    elif part in ("decode", "mfu", "precision", "fp8", "moe", "serve"):
         env.setdefault("JAX_PLATFORMS", "cuda")   # benchmarks/decode.py defaults to cpu
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", MEM_FRACTION)
     return env
@@ -492,6 +519,12 @@ def _headline(part: str, r: dict[str, Any]) -> str:
     if part == "decode" and isinstance(r.get("tfm_jax"), dict):
         return (f"{r['tfm_jax'].get('tokens_per_s', 0):,.0f} tok/s (batch {r.get('batch')}, "
                 f"context {r.get('context')})")
+    if part == "serve" and isinstance(r.get("batching"), dict):
+        ratio = r["batching"].get("continuous_over_static", {}).get("median")
+        kv = {row["scenario"]: row["tokens_per_s"] for row in
+              r.get("kv-heads", {}).get("rows", [])}
+        return (f"continuous/static {ratio}x; " if ratio else "") + "; ".join(
+            f"{k} {v:,.0f} tok/s" for k, v in kv.items())
     return ""
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Device check of issue #13 (and #11) on one H100/H200, under 8 minutes: env + PJRT plugins,
+# Device check of issue #13 (and #11) on one H100/H200, about 8 minutes: env + PJRT plugins,
 # the CUDA plugin registered by path, a GPU pytest subset, bf16 training MFU of a ~1B shape,
-# FP8 vs bf16 GEMM + FP8-in-HLO proof, MoE dispatch step times, decode throughput. Each part
+# FP8 vs bf16 GEMM + FP8-in-HLO proof, MoE dispatch step times, decode throughput, serving
+# (continuous vs static batching, MHA/GQA/MQA at one KV budget). Each part
 # runs in its own process under its own cap (benchmarks/device_check.py); results in
 # OUT/device_check.json (+ device_check.log, env.txt, nvidia-smi.txt).
 #
@@ -32,8 +33,8 @@ if ! "$PY" -c 'import jax, flax, optax, pydantic, orbax.checkpoint, yaml' 2>> "$
   echo "missing python packages (see $OUT/env.txt): pip install -e . first, or carry wheels in .whl/"
   exit 1
 fi
-CAP=460                        # the parts' budget (450 s) + start-up; --dry: 5x (slow CPUs)
-for a in "$@"; do if [ "$a" = "--dry" ]; then CAP=2300; fi; done
+CAP=505                        # the parts' budget (495 s) + start-up; --dry: 5x (slow CPUs)
+for a in "$@"; do if [ "$a" = "--dry" ]; then CAP=2530; fi; done
 timeout "$CAP" "$PY" benchmarks/device_check.py --out "$OUT" "$@"
 rc=$?
 if [ $rc -eq 124 ]; then echo "device_check.py hit the $CAP s cap: partial results in $OUT"; fi

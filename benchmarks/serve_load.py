@@ -2,33 +2,42 @@
 
 The server (:mod:`tfm_jax.serve.server` on uvicorn, in this process) serves a model with random
 weights (the throughput of a decoder does not depend on what it learned); ``--clients`` client
-threads send streaming ``POST /v1/completions`` requests whose arrival times are a Poisson process
-of rate ``--rate`` per second (a request waits for a free client: the clients bound the
-concurrency), prompt lengths drawn uniformly from ``--prompt-len``, output lengths from ``--output-len``
-(uniformly, or log-uniformly with ``--output-dist log-uniform``: a long tail); requests set ``ignore_eos`` (every request produces its output length). The
-run is bounded: ``--requests`` requests or ``--duration`` seconds, whichever comes first.
+threads (in their own process unless ``--no-client-process``) send streaming ``POST
+/v1/completions`` requests whose arrival times are a Poisson process of rate ``--rate`` per
+second (a request waits for a free client: the clients bound the concurrency). Prompt lengths
+are drawn uniformly from ``--prompt-len``, output lengths from ``--output-len`` (uniformly, or
+log-uniformly with ``--output-dist log-uniform``: a long tail, as in chat traffic); requests set
+``ignore_eos`` (every request produces its output length). The run is bounded: ``--requests``
+requests or ``--duration`` seconds, whichever comes first.
 
 Reported per scenario: throughput (generated tokens / wall time from the first arrival to the
 last completion), p50 / p99 time to first token (TTFT: request sent -> first streamed token) and
 per-token latency ((last streamed event - first) / (tokens - 1); the token count comes from the
-final event's ``usage``), the peak number of requests
-admitted together, the mean number of rows per decode step, and preemptions. Scenarios:
+final event's ``usage``), the peak number of requests admitted together, the mean number of
+rows per decode step, and preemptions. Scenarios:
 
 * ``sequential``: 1 client, requests one at a time (the baseline for concurrency);
-* ``continuous`` vs ``static``: the same requests, same budget; static batching admits requests
-  only into an empty batch and runs it until all of them finish;
+* ``batching``: continuous vs static batching, the same requests, same budget (static batching
+  admits requests only into an empty batch and runs it until all of them finish), ``--repeats``
+  interleaved rounds and the median of the rounds' ratios with their range;
 * ``kv-heads``: MHA / GQA / MQA variants of the same model at one KV memory budget
-  (``--kv-memory``): the budget's page count, and so the concurrent requests, grows as the KV
-  heads shrink -- the throughput that buys is measured, not assumed.
+  (``--kv-memory``, bytes): the budget's page count, and so the concurrent requests, grows as the
+  KV heads shrink -- the throughput that buys is measured, not assumed.
+
+``--engine`` runs the same scenarios without HTTP: the scheduler stepped in this process, each
+request submitted at its arrival time once a client is free -- the batching policy without the
+front end (and without the ``[serve]`` extra; what the GPU device check runs).
 
     python -m benchmarks.serve_load                          # every scenario, CPU defaults
     python -m benchmarks.serve_load --scenario kv-heads --json out.json
-    python -m benchmarks.serve_load --d-model 1024 --layers 8 --kv-memory 64MiB   # a GPU host
+    JAX_PLATFORMS=cuda python -m benchmarks.serve_load --engine --d-model 1024 --layers 8 \
+        --kv-memory 67108864                                 # a GPU host
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
 import json
 import os
@@ -132,9 +141,7 @@ def load(port: int, workload: list, clients: int, rate: float, duration: float,
          seed: int) -> dict:
     """Send ``workload`` [(prompt, n_out)] at Poisson arrival times through ``clients``
     threads; stops launching at ``duration`` seconds."""
-    r = np.random.default_rng(seed)
-    arrivals = np.cumsum(r.exponential(1.0 / rate, len(workload))) if rate > 0 else \
-        np.zeros(len(workload))
+    arrivals = _arrivals(len(workload), rate, seed)
     lock = threading.Lock()
     nxt = [0]
     out: list = []
@@ -165,12 +172,51 @@ def load(port: int, workload: list, clients: int, rate: float, duration: float,
     wall = max(x["end"] for x in out) - min(x["sent"] for x in out)
     ttft = np.array([x["ttft"] for x in out])
     per = np.array([x["per_token"] for x in out if np.isfinite(x["per_token"])])
-    return {"requests": len(out), "tokens": tokens, "wall_s": round(wall, 3),
+    return _summary(tokens, wall, ttft, per, len(out))
+
+
+def _arrivals(n: int, rate: float, seed: int) -> np.ndarray:
+    r = np.random.default_rng(seed)
+    return np.cumsum(r.exponential(1.0 / rate, n)) if rate > 0 else np.zeros(n)
+
+
+def _summary(tokens: int, wall: float, ttft: np.ndarray, per: np.ndarray, n: int) -> dict:
+    return {"requests": n, "tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 2),
             "ttft_p50_ms": round(1e3 * float(np.percentile(ttft, 50)), 1),
             "ttft_p99_ms": round(1e3 * float(np.percentile(ttft, 99)), 1),
             "per_token_p50_ms": round(1e3 * float(np.percentile(per, 50)), 2),
             "per_token_p99_ms": round(1e3 * float(np.percentile(per, 99)), 2)}
+
+
+def load_engine(sched, tok, workload: list, clients: int, rate: float, duration: float,
+                seed: int) -> dict:
+    """:func:`load` without HTTP: the scheduler stepped here, each request submitted at its
+    arrival time once one of ``clients`` is free (the batching policy alone, no front end)."""
+    from tfm_jax.serve.scheduler import SamplingParams
+
+    arrivals = _arrivals(len(workload), rate, seed)
+    todo = collections.deque(i for i in range(len(workload)) if arrivals[i] <= duration)
+    active: list = []
+    finished: list = []
+    t0 = time.perf_counter()
+    while todo or active:
+        now = time.perf_counter() - t0
+        while todo and len(active) < clients and arrivals[todo[0]] <= now:
+            prompt, n_out = workload[todo.popleft()]
+            active.append(sched.submit(tok.encode(prompt), SamplingParams(max_tokens=n_out)))
+        if sched.has_work():
+            sched.step()
+        elif todo:
+            time.sleep(max(0.0, min(arrivals[todo[0]] - now, 0.01)))
+        finished += [q for q in active if q.done]
+        active = [q for q in active if not q.done]
+    tokens = sum(len(q.output) for q in finished)
+    wall = max(q.finished_s for q in finished) - min(q.submitted_s for q in finished)
+    ttft = np.array([q.first_token_s - q.submitted_s for q in finished])
+    per = np.array([(q.finished_s - q.first_token_s) / (len(q.output) - 1)
+                    for q in finished if len(q.output) > 1])
+    return _summary(tokens, wall, ttft, per, len(finished))
 
 
 def load_in_process(*args) -> dict:
@@ -207,16 +253,27 @@ def scenario(args, kv_heads: int, *, clients: int, rate: float, static: bool = F
     sched = Scheduler(model, params, slots=args.slots, num_pages=int(num_pages),
                       page_size=args.page_size, chunk=args.chunk, max_len=args.max_len,
                       detokenize=tok.decode, static=static)
-    port, stop = serve(sched, tok)
-    try:
-        one_request(port, "warm up", 4)                 # compile both steps before timing
+    if args.engine:
+        from tfm_jax.serve.scheduler import SamplingParams
+
+        sched.submit(tok.encode("warm up"), SamplingParams(max_tokens=4))
+        sched.run()                                     # compile both steps before timing
         sched.peak_running = 0
         before = sched.preemptions
         steps0, rows0 = sched.decode_steps, sched.decode_rows
-        run = load_in_process if args.client_process else load
-        row = run(port, workload_of(args), clients, rate, args.duration, args.seed)
-    finally:
-        stop()
+        row = load_engine(sched, tok, workload_of(args), clients, rate, args.duration,
+                          args.seed)
+    else:
+        port, stop = serve(sched, tok)
+        try:
+            one_request(port, "warm up", 4)             # compile both steps before timing
+            sched.peak_running = 0
+            before = sched.preemptions
+            steps0, rows0 = sched.decode_steps, sched.decode_rows
+            run = load_in_process if args.client_process else load
+            row = run(port, workload_of(args), clients, rate, args.duration, args.seed)
+        finally:
+            stop()
     row.update(kv_heads=kv_heads, clients=clients, rate=rate, static=static,
                kv_pages=int(num_pages) - 1, kv_page_bytes=per_page,
                peak_running=sched.peak_running, preemptions=sched.preemptions - before,
@@ -248,6 +305,10 @@ def main(argv=None) -> int:
     ap.add_argument("--output-dist", choices=["uniform", "log-uniform"], default="uniform",
                     help="how output lengths are drawn from --output-len (log-uniform: a long "
                          "tail, as in chat traffic)")
+    ap.add_argument("--engine", action="store_true",
+                    help="no HTTP: step the scheduler here and submit each request at its "
+                         "arrival time (the batching policy without the front end; needs no "
+                         "[serve] extra)")
     ap.add_argument("--client-process", action=argparse.BooleanOptionalAction, default=True,
                     help="run the clients in a separate process (default; --no-client-process: "
                          "threads beside the server)")
