@@ -69,7 +69,8 @@ CAPS_S = {"env": 20, "plugin": 30, "tests": 80, "mfu": 150, "precision": 45, "fp
 # GEMM count (gpu-marked), the attention cores (cuDNN as the GPU default included), the
 # mixed-precision policy.
 GPU_TEST_FILES = ("tests/unit/quant/test_fp8.py", "tests/unit/quant/test_hlo_check.py",
-                  "tests/unit/layers/test_flash.py", "tests/unit/train/test_precision.py")
+                  "tests/unit/layers/test_flash.py", "tests/unit/train/test_precision.py",
+                  "tests/unit/serve/test_paged_kernel.py")
 # The bf16-vs-f32 loss of a short run (benchmarks/mixed_precision.py): the tiny model on the
 # built-in corpus, on the GPU; --dry: a 1-layer model, 3 steps.
 PRECISION_ARGS = ["--steps", "150", "--policies", "f32,bf16-compute,bf16-master,bf16-stochastic",

@@ -688,6 +688,12 @@ class BackendConfig(_Section):
         "key-tiled online softmax, O(T) memory (tfm_jax.layers.attention_ops.flash); xla_sdpa / cudnn = "
         "jax.nn.dot_product_attention with implementation xla / cudnn (cudnn: GPU only, "
         "bfloat16/float16, head_dim a multiple of 8, right-padded rows)")
+    paged_attention: Literal["auto", "gather", "pallas"] = Field(
+        "auto", description="decode attention over a paged KV cache (tfm-jax serve): gather = "
+        "copy each row's pages, then the ops set's cached attention (any platform); pallas = "
+        "jax's Pallas paged-attention kernel reading the pages in place (Triton on a GPU; on "
+        "other platforms Pallas' interpreter, for testing only); auto = pallas on a GPU, else "
+        "gather. Quantized pages and prefill chunks always gather")
 
 
 def _check_backend(b: BackendConfig) -> None:

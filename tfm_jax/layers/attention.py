@@ -79,7 +79,8 @@ class Attention(nn.Module):
         ``mask`` unused): the K/V of the T new tokens written at ``positions[:, 0]`` of each
         row, then the queries attend to the cache through ``ops.cached_attention``. A paged
         cache (:class:`~tfm_jax.layers.paged_cache.PagedLayerCache`) works the same way: writes
-        go through its block table, reads see each row's pages gathered in order.
+        go through its block table, reads see each row's pages gathered in order -- or, for a
+        one-token decode step with an ops set that has ``paged_attention``, read in place.
         """
         d = x.shape[-1]
         ops = resolve_ops(self.ops)
@@ -106,24 +107,29 @@ class Attention(nn.Module):
                                       self.rope_scaling)
         q = apply_rope(q, rope_sincos)
         k = apply_rope(k, rope_sincos)
-        view = cache
-        if isinstance(cache, paged_cache.PagedLayerCache):   # pages + block table: gather
+        view, out = cache, None
+        if isinstance(cache, paged_cache.PagedLayerCache):   # pages + block table
             cache = paged_cache.write(cache, k, v, positions[:, 0] if decode else None)
-            view = paged_cache.gather(cache)
+            if (decode and q.shape[1] == 1 and ops.paged_attention is not None
+                    and not cache.quantized):                # read the pages in place
+                out = ops.paged_attention(q, cache, positions)
+            else:                                            # gather a contiguous copy
+                view = paged_cache.gather(cache)
         elif cache is not None:
             # prefill writes at 0 (one slice for all rows); decode at each row's length
             cache = kv_cache.write(cache, k, v, positions[:, 0] if decode else None)
             view = cache = kv_cache.constrain(cache, kv_cache.layer_logical_axes(cache))
-        if cache is not None and decode:
-            out = ops.cached_attention(q, view.k, view.v, positions, view.k_scale,
-                                       view.v_scale)                           # (B, T, H, Dh)
-        elif mask is None:
-            out = ops.causal_attention(q, k, v, k_valid, block_q=self.block_q)  # (B,T,H,Dh)
-        elif isinstance(mask, Segments):
-            out = ops.causal_attention(q, k, v, k_valid, block_q=self.block_q,
-                                       segment_ids=mask.ids)                    # (B,T,H,Dh)
-        else:
-            out = grouped_attention(q, k, v, mask)                          # (B, T, H, Dh)
+        if out is None:                                      # (B, T, H, Dh) from the cores
+            if cache is not None and decode:
+                out = ops.cached_attention(q, view.k, view.v, positions, view.k_scale,
+                                           view.v_scale)
+            elif mask is None:
+                out = ops.causal_attention(q, k, v, k_valid, block_q=self.block_q)
+            elif isinstance(mask, Segments):
+                out = ops.causal_attention(q, k, v, k_valid, block_q=self.block_q,
+                                           segment_ids=mask.ids)
+            else:
+                out = grouped_attention(q, k, v, mask)
         out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.HEADS,
                                                axes.HEAD_DIM))
         out = Linear(d, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), in_axes=2,

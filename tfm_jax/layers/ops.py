@@ -59,6 +59,10 @@ class Ops:
       (B, S, Hkv, D), quantized when scales are given (B, S, Hkv | 1) -> (B, T, H, D). XLA sets:
       :func:`tfm_jax.layers.attention.cached_attention`; ``cpu-native``:
       :func:`tfm_jax.platform.kernels.cpu.cached_attention`.
+    * ``paged_attention(q, layer, q_positions)``: optional decode attention of one query per row
+      (B, 1, H, D) read from a :class:`~tfm_jax.layers.paged_cache.PagedLayerCache`'s pools in
+      place (:func:`tfm_jax.layers.attention_ops.paged.pallas_paged_attention`); None: the
+      pages are gathered and ``cached_attention`` reads the copy.
     * ``dot_general_cls``: a factory of a Linen module called like ``lax.dot_general``; when
       set it replaces ``matmul`` in every :class:`~tfm_jax.layers.linear.Linear`.
     * ``quant_dot_cls``: the same for a quantization recipe (e.g. the FP8 dot of
@@ -78,6 +82,7 @@ class Ops:
     weight_storage: Optional[Any] = None   # tfm_jax.quant.storage.StorageSpec: FP8 kernels
     detail: str = ""
     attention_name: str = ""     # set when ``causal_attention`` is not the set's own core
+    paged_attention: Optional[Callable] = None
 
     def with_dot_general(self, dot_general_cls: Optional[Callable]) -> "Ops":
         """The same ops with the projections' dot replaced by ``dot_general_cls``."""
@@ -115,6 +120,9 @@ class Ops:
                      f"{'stochastic' if w.stochastic_rounding else 'nearest-even'} rounding)")
         if self.attention_name:
             text += f"; attention: {self.attention_name}"
+        if self.paged_attention is not None:
+            interpreted = getattr(self.paged_attention, "keywords", {}).get("interpret")
+            text += "; paged decode: Pallas kernel" + (" (interpreted)" if interpreted else "")
         return text
 
 

@@ -1,8 +1,8 @@
 """A paged KV cache: fixed-size pages in one pool per layer, and a block table per sequence.
 
-Per layer the pool holds keys and values ``(num_pages, page_size, Hkv, Dh)`` (after RoPE, as
-:mod:`tfm_jax.layers.kv_cache`) and, quantized, their float32 scales ``(num_pages, page_size,
-Hkv or 1)``. Row ``b`` of a batch owns the pages ``block_table[b, :]``: its position ``p`` lives
+Per layer the pool holds keys and values ``(Hkv, num_pages, page_size, Dh)`` (after RoPE, as
+:mod:`tfm_jax.layers.kv_cache`; head-major, the layout paged-attention kernels read) and,
+quantized, their float32 scales ``(Hkv or 1, num_pages, page_size)``. Row ``b`` of a batch owns the pages ``block_table[b, :]``: its position ``p`` lives
 at page ``block_table[b, p // page_size]``, slot ``p % page_size``. Pages of one sequence need
 not be adjacent or ordered in the pool; a sequence's memory grows one page at a time, and pages
 freed by a finished sequence go to the next one (the scheduler, :mod:`tfm_jax.serve.scheduler`,
@@ -18,7 +18,9 @@ The model sees a :class:`PagedLayerCache` where it would see a
 lengths))``, prefill and decode alike): writes scatter into the pool (:func:`write`), reads
 gather the row's pages into a contiguous ``(B, pages_per_seq * page_size, Hkv, Dh)`` view
 (:func:`gather`) that the ops set's ``cached_attention`` masks past each row's position -- the
-gather-based path, exact on every backend. The block table is stored in every layer's cache
+gather-based path, exact on every backend. An ops set with a ``paged_attention`` kernel (the
+GPU set: :func:`tfm_jax.layers.attention_ops.paged.pallas_paged_attention`) reads the pages in
+place for one-token decode steps of unquantized pools instead. The block table is stored in every layer's cache
 (with the leading layers axis when stacked for ``nn.scan``) so the layer sees it; it is a few
 int32s per row.
 
@@ -42,8 +44,8 @@ SCRATCH_PAGE = 0
 
 @struct.dataclass
 class PagedLayerCache:
-    """One layer's page pool ``k``/``v`` (N, page_size, Hkv, Dh), the optional float32 scale
-    pools (N, page_size, Hkv or 1), and ``block_table`` (B, pages_per_seq) int32 page ids --
+    """One layer's page pool ``k``/``v`` (Hkv, N, page_size, Dh), the optional float32 scale
+    pools (Hkv or 1, N, page_size), and ``block_table`` (B, pages_per_seq) int32 page ids --
     each with a leading layers axis when stacked for ``nn.scan``."""
 
     k: jax.Array
@@ -58,7 +60,7 @@ class PagedLayerCache:
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[-3]
+        return self.k.shape[-2]
 
 
 def init_pages(*, n_layers: int, num_pages: int, page_size: int, n_kv_heads: int,
@@ -77,7 +79,7 @@ def init_pages(*, n_layers: int, num_pages: int, page_size: int, n_kv_heads: int
         raise ValueError(f"a paged cache needs num_pages >= 2 (page 0 is scratch) and "
                          f"page_size >= 1, got {num_pages}, {page_size}")
     lead = (n_layers,) if stacked else ()
-    shape = lead + (num_pages, page_size, n_kv_heads, head_dim)
+    shape = lead + (n_kv_heads, num_pages, page_size, head_dim)
     store = kv.QUANT_DTYPES.get(kv_cache, dtype)
 
     def layer():      # every array its own buffer: the pools are donated to the jitted steps
@@ -85,7 +87,7 @@ def init_pages(*, n_layers: int, num_pages: int, page_size: int, n_kv_heads: int
         table = jnp.full(lead + (batch, pages_per_seq), SCRATCH_PAGE, jnp.int32)
         if kv_cache == "none":
             return PagedLayerCache(k, v, table)
-        s_shape = lead + (num_pages, page_size, n_kv_heads if kv_scale == "per_token_head" else 1)
+        s_shape = lead + (n_kv_heads if kv_scale == "per_token_head" else 1, num_pages, page_size)
         return PagedLayerCache(k, v, table, jnp.ones(s_shape, jnp.float32),
                                jnp.ones(s_shape, jnp.float32))
 
@@ -121,7 +123,9 @@ def _slots(block_table: jax.Array, page_size: int, start: Optional[jax.Array],
 
 
 def _scatter(pool: jax.Array, new: jax.Array, page: jax.Array, slot: jax.Array) -> jax.Array:
-    return pool.at[page, slot].set(new.astype(pool.dtype))
+    """``new`` (B, T, X, ...) into the head-major ``pool`` (X, N, page_size, ...) at (page, slot)
+    (B, T)."""
+    return pool.at[:, page, slot].set(jnp.moveaxis(new, 2, 0).astype(pool.dtype))
 
 
 def write(layer: PagedLayerCache, k: jax.Array, v: jax.Array,
@@ -133,7 +137,7 @@ def write(layer: PagedLayerCache, k: jax.Array, v: jax.Array,
     if not layer.quantized:
         return layer.replace(k=_scatter(layer.k, k, page, slot), v=_scatter(layer.v, v, page, slot))
     fmt = kv.kv_format_of(layer.k.dtype)
-    per_head = layer.k_scale.shape[-1] == layer.k.shape[-2] and layer.k.shape[-2] > 1
+    per_head = layer.k_scale.shape[-3] == layer.k.shape[-4] and layer.k.shape[-4] > 1
     kq, ks = kv.quantize_kv(k, fmt, per_head)
     vq, vs = kv.quantize_kv(v, fmt, per_head)
     return layer.replace(k=_scatter(layer.k, kq, page, slot), v=_scatter(layer.v, vq, page, slot),
@@ -148,7 +152,7 @@ def gather(layer: PagedLayerCache) -> kv.LayerCache:
     table = layer.block_table
 
     def view(pool):
-        g = pool[table]                                           # (B, P, page, ...)
+        g = jnp.moveaxis(pool[:, table], 0, 3)                    # (B, P, page, X, ...)
         return g.reshape(g.shape[0], g.shape[1] * g.shape[2], *g.shape[3:])
 
     if not layer.quantized:

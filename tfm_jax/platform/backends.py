@@ -195,7 +195,9 @@ def resolve_ops(cfg: Config, devices: list) -> Ops:
     ``quant.fp8_weight_storage`` its FP8 kernels (:mod:`tfm_jax.quant.storage`); then
     ``backend.attention`` (unless ``auto``) replaces its causal core (``cudnn`` on a non-GPU
     platform raises ConfigError); ``auto`` on a GPU picks cuDNN fused attention where it is
-    supported (:func:`cudnn_attention_unsupported` says why not otherwise)."""
+    supported (:func:`cudnn_attention_unsupported` says why not otherwise).
+    ``backend.paged_attention`` (``auto``: on a GPU) sets the set's paged decode kernel
+    (:mod:`tfm_jax.layers.attention_ops.paged`; off a GPU it runs interpreted)."""
     ops = _resolve_set(cfg, devices)
     if cfg.quant.fp8:
         from tfm_jax.quant import fp8
@@ -206,8 +208,12 @@ def resolve_ops(cfg: Config, devices: list) -> Ops:
     if cfg.quant.fp8_weight_storage:
         from tfm_jax.quant import storage
         ops = ops.with_weight_storage(storage.spec_from_config(cfg.quant))
-    choice = cfg.backend.attention
     platform = devices[0].platform
+    paged = cfg.backend.paged_attention
+    if paged == "pallas" or (paged == "auto" and platform == "gpu"):
+        from tfm_jax.layers.attention_ops import paged as paged_ops
+        ops = dataclasses.replace(ops, paged_attention=paged_ops.kernel(platform != "gpu"))
+    choice = cfg.backend.attention
     if choice == "auto":
         return _gpu_attention(cfg, devices, ops) if platform == "gpu" else ops
     if choice == "cudnn" and platform != "gpu":

@@ -43,20 +43,20 @@ def test_write_then_gather_matches_numpy():
     np.testing.assert_array_equal(np.asarray(got.k)[0, :8], ref[0, :8])
     np.testing.assert_array_equal(np.asarray(got.k)[1, :10], ref[1, :10])
     np.testing.assert_array_equal(np.asarray(got.v)[1, :10], 2 * ref[1, :10])
-    # the values sit in the pages the table names, slot p % PAGE
-    np.testing.assert_array_equal(np.asarray(layer.k)[table[1, 2], 1], ref[1, 9])
+    # the values sit in the pages the table names, slot p % PAGE (pools are head-major)
+    np.testing.assert_array_equal(np.asarray(layer.k)[:, table[1, 2], 1], ref[1, 9])
     # a position past the table (row 1, position 14 -> its 4th page: scratch) stays out of
     # every owned page
     layer2 = pc.write(layer, np.full((2, 1, 2, 3), 7.0, np.float32),
                       np.full((2, 1, 2, 3), 7.0, np.float32), jnp.asarray([8, 14], jnp.int32))
-    owned = np.asarray(layer2.k)[table[1, :3]]
-    np.testing.assert_array_equal(owned, np.asarray(layer.k)[table[1, :3]])
+    owned = np.asarray(layer2.k)[:, table[1, :3]]
+    np.testing.assert_array_equal(owned, np.asarray(layer.k)[:, table[1, :3]])
     # writing past the whole table never clamps onto the last page
     layer3 = pc.write(layer, np.full((2, 2, 2, 3), 9.0, np.float32),
                       np.full((2, 2, 2, 3), 9.0, np.float32), jnp.asarray([15, 15], jnp.int32))
-    np.testing.assert_array_equal(np.asarray(layer3.k)[table[0, 3], 3], 9.0)   # position 15
-    np.testing.assert_array_equal(np.asarray(layer3.k)[table[0, 3], :3],
-                                  np.asarray(layer.k)[table[0, 3], :3])
+    np.testing.assert_array_equal(np.asarray(layer3.k)[:, table[0, 3], 3], 9.0)   # position 15
+    np.testing.assert_array_equal(np.asarray(layer3.k)[:, table[0, 3], :3],
+                                  np.asarray(layer.k)[:, table[0, 3], :3])
 
 
 def _run(model, variables, layers, tokens, lengths, steps, chunk=None):
