@@ -112,8 +112,8 @@ class Attention(nn.Module):
             cache = paged_cache.write(cache, k, v, positions[:, 0] if decode else None)
             if (decode and q.shape[1] == 1 and ops.paged_attention is not None
                     and not cache.quantized):                # read the pages in place
-                out = ops.paged_attention(q, cache, positions)
-            else:                                            # gather a contiguous copy
+                out = ops.paged_attention(q, cache, positions)   # None: shapes it cannot take
+            if out is None:                                  # gather a contiguous copy
                 view = paged_cache.gather(cache)
         elif cache is not None:
             # prefill writes at 0 (one slice for all rows); decode at each row's length

@@ -61,8 +61,9 @@ class Ops:
       :func:`tfm_jax.platform.kernels.cpu.cached_attention`.
     * ``paged_attention(q, layer, q_positions)``: optional decode attention of one query per row
       (B, 1, H, D) read from a :class:`~tfm_jax.layers.paged_cache.PagedLayerCache`'s pools in
-      place (:func:`tfm_jax.layers.attention_ops.paged.pallas_paged_attention`); None: the
-      pages are gathered and ``cached_attention`` reads the copy.
+      place (:func:`tfm_jax.layers.attention_ops.paged.pallas_paged_attention`; it returns
+      None for shapes it does not take); None: the pages are gathered and ``cached_attention``
+      reads the copy.
     * ``dot_general_cls``: a factory of a Linen module called like ``lax.dot_general``; when
       set it replaces ``matmul`` in every :class:`~tfm_jax.layers.linear.Linear`.
     * ``quant_dot_cls``: the same for a quantization recipe (e.g. the FP8 dot of

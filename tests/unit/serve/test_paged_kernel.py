@@ -58,6 +58,17 @@ def test_split_plan_divides_the_block_table():
         assert n % k == 0 and (n // k) % per == 0 and k <= 16 and per <= 8
 
 
+def test_shapes_the_compiled_kernel_cannot_take_fall_back_to_gather():
+    assert paged.unsupported(64, 16, 36) is None
+    assert "head_dim 40" in paged.unsupported(40, 16, 36)
+    assert "fewer than 16" in paged.unsupported(64, 4, 17)     # 17 pages: 1 per block
+    layer = _pools(2, 8, 4, 12, 5, [3, 9])                    # head_dim 8: not for Triton
+    q = jnp.zeros((2, 1, 4, 8), jnp.float32)
+    pos = jnp.asarray([[2], [8]], jnp.int32)
+    assert paged.pallas_paged_attention(q, layer, pos) is None
+    assert paged.pallas_paged_attention(q, layer, pos, interpret=True) is not None
+
+
 def test_backend_setting_picks_the_kernel():
     cpu = jax.devices()[:1]
     auto = backends.resolve_ops(load_config(None, []), cpu)
@@ -85,7 +96,7 @@ def test_scheduler_with_the_kernel_decodes_like_the_gather_path():
 def _decode_step_for_cuda(cfg_model):
     ops = dataclasses.replace(xla_ops(), paged_attention=paged.kernel(False))
     model = TransformerLM(cfg_model, ops=ops)
-    sched_like = Scheduler(model, {}, slots=2, num_pages=9, page_size=8, chunk=4, max_len=32)
+    sched_like = Scheduler(model, {}, slots=2, num_pages=9, page_size=16, chunk=4, max_len=64)
     variables = jax.eval_shape(lambda: model_and_vars(cfg_model)[1])
     layers = jax.eval_shape(lambda: sched_like.layers)
     table = jax.ShapeDtypeStruct((2, 4), jnp.int32)
@@ -99,17 +110,17 @@ def _decode_step_for_cuda(cfg_model):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_decode_step_lowered_for_cuda_runs_the_triton_kernel(scan):
-    cfg = cfg_of(2, scan_layers=scan)
+    cfg = cfg_of(2, scan_layers=scan, d_model=64)        # head_dim 16: shapes Triton takes
     text = _decode_step_for_cuda(cfg)
     # one call of the kernel's function per layer (scanned: one in the loop body), whose body
     # is the Triton custom call
     calls = re.findall(r"call @([\w$.]+)", text)
     assert calls.count("paged_attention") == (1 if scan else cfg.n_layers), calls
     assert calls.count("__gpu$xla.gpu.triton") == 1
-    # no gathered copy of the pools (Hkv 2, 9 pages of 8, head_dim 8): the gathers left read
-    # the embedding and the block table
+    # no gathered copy of the pools (Hkv 2, 9 pages of 16, head_dim 16): the gathers left
+    # read the embedding and the block table
     operands = re.findall(r"stablehlo\.gather.*?: \((tensor<[^>]+>)", text)
-    assert operands and not [t for t in operands if "2x9x8x8" in t], operands
+    assert operands and not [t for t in operands if "2x9x16x16" in t], operands
 
 
 @pytest.mark.gpu

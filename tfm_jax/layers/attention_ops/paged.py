@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +36,25 @@ def split_plan(pages_per_seq: int) -> tuple[int, int]:
     return k_splits, _divisor_at_most(pages_per_seq // k_splits, MAX_PAGES_PER_BLOCK)
 
 
+def unsupported(head_dim: int, page_size: int, pages_per_seq: int) -> Optional[str]:
+    """Why the compiled (Triton) kernel cannot take these shapes (None: it can): its dots need
+    at least 16 keys per compute block and a head_dim that is a multiple of 16."""
+    per_block = split_plan(pages_per_seq)[1]
+    if head_dim % 16:
+        return f"head_dim {head_dim} is not a multiple of 16"
+    if page_size * per_block < 16:
+        return (f"{page_size} x {per_block} pages = {page_size * per_block} keys per compute "
+                "block, fewer than 16 (raise the page size)")
+    return None
+
+
 def pallas_paged_attention(q: jax.Array, layer, q_positions: jax.Array, *,
-                           interpret: bool = False) -> jax.Array:
+                           interpret: bool = False) -> Optional[jax.Array]:
     """q (B, 1, H, D) at ``q_positions`` (B, 1) against ``layer``'s pages (the step's K/V
     already written; unquantized pools (Hkv, N, page_size, D), block table (B, P)) ->
-    (B, 1, H, D) in q's dtype. Row b sees positions ``<= q_positions[b, 0]``."""
+    (B, 1, H, D) in q's dtype. Row b sees positions ``<= q_positions[b, 0]``. None (compiled,
+    not interpreted) for shapes the kernel does not take (:func:`unsupported`): the caller
+    gathers the pages instead."""
     from jax.experimental.pallas.ops.gpu import paged_attention as pa
 
     b, t, h, d = q.shape
@@ -47,6 +62,8 @@ def pallas_paged_attention(q: jax.Array, layer, q_positions: jax.Array, *,
         raise ValueError(f"pallas_paged_attention takes one query per row, got {t}")
     if layer.quantized:
         raise ValueError("pallas_paged_attention reads unquantized pools only")
+    if not interpret and unsupported(d, layer.page_size, layer.block_table.shape[-1]):
+        return None
     k_splits, per_block = split_plan(layer.block_table.shape[-1])
     lengths = q_positions[:, 0].astype(jnp.int32) + 1
     qs = (q[:, 0].astype(jnp.float32) / math.sqrt(d)).astype(layer.k.dtype)      # (B, H, D)
