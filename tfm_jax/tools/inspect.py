@@ -156,9 +156,11 @@ def lower_step(cfg, platform: str = "gpu", which: str = "train") -> str:
     batch = setup.abstract_batch()
     if which != "train":     # the eval step takes the plain (inputs, targets, mask) batch
         batch = {k: batch[k] for k in ("inputs", "targets", "mask")}
-    step = setup.train_step if which == "train" else setup.eval_step
+    state = setup.abstract_state()
+    step, state = ((setup.train_step, state) if which == "train"
+                   else (setup.eval_step, setup.eval_state(state)))   # eval: no optimizer
     with setup.context():
-        return step.lower(setup.abstract_state(), batch).as_text()
+        return step.lower(state, batch).as_text()
 
 
 _ALGO = re.compile(r"lhs_precision_type\s*=\s*(\w+),\s*rhs_precision_type\s*=\s*(\w+)")

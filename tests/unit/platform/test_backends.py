@@ -328,7 +328,8 @@ def test_gaudi2_profile_moe_dispatch_is_implicit():
                                          else jnp.int32, sharding=setup.batch_sharding)
                  for k in ("inputs", "targets", "mask")}
         with setup.context():        # lowered from shapes only: nothing initialised or run
-            texts[name] = setup.eval_step.lower(setup.abstract_state(), batch).as_text()
+            texts[name] = setup.eval_step.lower(setup.eval_state(setup.abstract_state()),
+                                                batch).as_text()
     # the explicit path is a shard_map with an all_to_all; the profile's implicit path leaves
     # the collectives to XLA (none in the lowered program)
     assert "all_to_all" in texts["default"]
