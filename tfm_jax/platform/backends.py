@@ -212,7 +212,16 @@ def resolve_ops(cfg: Config, devices: list) -> Ops:
     paged = cfg.backend.paged_attention
     if paged == "pallas" or (paged == "auto" and platform == "gpu"):
         from tfm_jax.layers.attention_ops import paged as paged_ops
-        ops = dataclasses.replace(ops, paged_attention=paged_ops.kernel(platform != "gpu"))
+        why = paged_ops.unavailable()
+        if why is None:
+            ops = dataclasses.replace(ops, paged_attention=paged_ops.kernel(platform != "gpu"))
+        elif paged == "pallas":
+            raise ConfigError(f"backend.paged_attention=pallas: {why}; use "
+                              "backend.paged_attention=gather (or auto), or jax 0.10/0.11")
+        else:
+            note = f"paged decode: gather ({why})"
+            ops = dataclasses.replace(ops, detail=f"{ops.detail}; {note}" if ops.detail
+                                      else note)
     choice = cfg.backend.attention
     if choice == "auto":
         return _gpu_attention(cfg, devices, ops) if platform == "gpu" else ops

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tfm_jax.platform import backends
 from tfm_jax.config import ConfigError, ModelConfig, load_config
 from tfm_jax.layers import ops as ops_lib
+from tfm_jax.layers.attention_ops import paged
 from tfm_jax.layers.attention_ops.block import causal_attention
 from tfm_jax.layers.attention_ops.dense import (dense_causal_attention, grouped_attention,
                                                 make_attention_mask)
@@ -358,7 +359,8 @@ def test_choice_replaces_the_core_and_is_named(devices, choice, fn, word):
         assert ops.causal_attention is fn
         assert word in ops.attention_name
         assert f"; attention: {ops.attention_name}" in ops.describe()
-        assert (ops.paged_attention is not None) == (devs[0].platform == "gpu")
+        kernel = devs[0].platform == "gpu" and paged.unavailable() is None
+        assert (ops.paged_attention is not None) == kernel
 
 
 def test_cudnn_only_on_gpu(devices):

@@ -14,13 +14,16 @@ import numpy as np
 import pytest
 
 from serve_support import cfg_of, model_and_vars
-from tfm_jax.config import load_config
+from tfm_jax.config import ConfigError, load_config
 from tfm_jax.layers import paged_cache as pc
 from tfm_jax.layers.attention_ops import dense, paged
 from tfm_jax.layers.ops import xla_ops
 from tfm_jax.model import TransformerLM
 from tfm_jax.platform import backends
 from tfm_jax.serve import SamplingParams, Scheduler
+
+needs_kernel = pytest.mark.skipif(paged.unavailable() is not None,
+                                  reason=str(paged.unavailable()))
 
 
 def _pools(hkv, d, page, num_pages, pages_per_seq, lengths, seed=0):
@@ -40,6 +43,7 @@ def _pools(hkv, d, page, num_pages, pages_per_seq, lengths, seed=0):
 
 @pytest.mark.parametrize("h,hkv", [(4, 4), (8, 2), (4, 1)])
 @pytest.mark.parametrize("page,pages_per_seq", [(4, 6), (8, 4)])
+@needs_kernel
 def test_interpreted_kernel_equals_the_gather_path(h, hkv, page, pages_per_seq):
     d, lengths = 16, [1, 7, page * pages_per_seq]
     layer = _pools(hkv, d, page, 3 * pages_per_seq + 2, pages_per_seq, lengths)
@@ -66,18 +70,26 @@ def test_shapes_the_compiled_kernel_cannot_take_fall_back_to_gather():
     q = jnp.zeros((2, 1, 4, 8), jnp.float32)
     pos = jnp.asarray([[2], [8]], jnp.int32)
     assert paged.pallas_paged_attention(q, layer, pos) is None
-    assert paged.pallas_paged_attention(q, layer, pos, interpret=True) is not None
+    if paged.unavailable() is None:
+        assert paged.pallas_paged_attention(q, layer, pos, interpret=True) is not None
 
 
 def test_backend_setting_picks_the_kernel():
     cpu = jax.devices()[:1]
     auto = backends.resolve_ops(load_config(None, []), cpu)
     assert auto.paged_attention is None                       # auto: gather off a GPU
-    forced = backends.resolve_ops(load_config(None, ["backend.paged_attention=pallas"]), cpu)
-    assert forced.paged_attention is paged.kernel(True)       # interpreted on CPU
-    assert "paged decode: Pallas kernel (interpreted)" in forced.describe()
+    pallas = load_config(None, ["backend.paged_attention=pallas"])
+    why = paged.unavailable()
+    if why is None:
+        forced = backends.resolve_ops(pallas, cpu)
+        assert forced.paged_attention is paged.kernel(True)   # interpreted on CPU
+        assert "paged decode: Pallas kernel (interpreted)" in forced.describe()
+    else:                          # a jax without the kernel: one line naming why
+        with pytest.raises(ConfigError, match="backend.paged_attention=pallas: jax .* does not"):
+            backends.resolve_ops(pallas, cpu)
 
 
+@needs_kernel
 def test_scheduler_with_the_kernel_decodes_like_the_gather_path():
     model, variables = model_and_vars(cfg_of(2, scan_layers=True))
     kernel_model = TransformerLM(model.cfg, ops=dataclasses.replace(
@@ -109,6 +121,7 @@ def _decode_step_for_cuda(cfg_model):
 
 
 @pytest.mark.parametrize("scan", [False, True])
+@needs_kernel
 def test_decode_step_lowered_for_cuda_runs_the_triton_kernel(scan):
     cfg = cfg_of(2, scan_layers=scan, d_model=64)        # head_dim 16: shapes Triton takes
     text = _decode_step_for_cuda(cfg)
@@ -125,6 +138,7 @@ def test_decode_step_lowered_for_cuda_runs_the_triton_kernel(scan):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("h,hkv", [(8, 8), (8, 2), (8, 1)])
+@needs_kernel
 def test_compiled_kernel_on_a_gpu_equals_the_gather_path(h, hkv):
     d, page, pps, lengths = 64, 16, 8, [1, 100, 128]
     layer = _pools(hkv, d, page, 3 * pps + 2, pps, lengths)

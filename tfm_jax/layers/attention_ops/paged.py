@@ -9,11 +9,15 @@ no softmax scale, so the queries are scaled by ``1/sqrt(D)`` first. ``interpret=
 same kernel through Pallas' interpreter on any backend -- how it is tested on CPU against the
 gather path (``tests/unit/serve/test_paged_kernel.py``). Quantized (int8 / fp8) pools stay on
 the gather path: the kernel's scales are per-token dequantization factors of another layout.
+
+jax 0.12 removed its Triton example kernels, this one included: :func:`unavailable` says so, and
+``backend.paged_attention=auto`` then gathers (with the reason in the ``kernels:`` line).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import Optional
 
@@ -23,6 +27,16 @@ import jax.numpy as jnp
 BLOCK_H = 16                 # query heads per kernel block (the kernel pads a group to it)
 MAX_K_SPLITS = 16            # partitions of a row's pages (flash-decoding)
 MAX_PAGES_PER_BLOCK = 8      # pages per inner compute block
+
+
+def unavailable() -> Optional[str]:
+    """Why this jax has no Pallas GPU paged-attention kernel (None: it has one)."""
+    try:
+        importlib.import_module("jax.experimental.pallas.ops.gpu.paged_attention")
+    except ImportError:
+        return (f"jax {jax.__version__} does not ship jax.experimental.pallas.ops.gpu."
+                "paged_attention (jax 0.12 removed its Triton example kernels)")
+    return None
 
 
 def _divisor_at_most(n: int, cap: int) -> int:
@@ -55,8 +69,6 @@ def pallas_paged_attention(q: jax.Array, layer, q_positions: jax.Array, *,
     (B, 1, H, D) in q's dtype. Row b sees positions ``<= q_positions[b, 0]``. None (compiled,
     not interpreted) for shapes the kernel does not take (:func:`unsupported`): the caller
     gathers the pages instead."""
-    from jax.experimental.pallas.ops.gpu import paged_attention as pa
-
     b, t, h, d = q.shape
     if t != 1:
         raise ValueError(f"pallas_paged_attention takes one query per row, got {t}")
@@ -64,6 +76,8 @@ def pallas_paged_attention(q: jax.Array, layer, q_positions: jax.Array, *,
         raise ValueError("pallas_paged_attention reads unquantized pools only")
     if not interpret and unsupported(d, layer.page_size, layer.block_table.shape[-1]):
         return None
+    from jax.experimental.pallas.ops.gpu import paged_attention as pa
+
     k_splits, per_block = split_plan(layer.block_table.shape[-1])
     lengths = q_positions[:, 0].astype(jnp.int32) + 1
     qs = (q[:, 0].astype(jnp.float32) / math.sqrt(d)).astype(layer.k.dtype)      # (B, H, D)
