@@ -861,9 +861,18 @@ def run_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"tfm-jax serve: listening on {args.host}, not loopback only: anyone who can "
               "reach it can use it (no authentication)", file=sys.stderr)
+    from tfm_jax.layers.attention_ops import paged
+
+    kernel = setup.ops.paged_attention
+    interpreted = kernel is not None and getattr(kernel, "keywords", {}).get("interpret")
+    why_not = ("quantized pages" if q.kv_cache != "none" else None if interpreted else
+               paged.unsupported(m.resolved_head_dim, args.page_size,
+                                 -(-max_len // args.page_size)))
+    decode = ("gathered pages" if kernel is None else f"gathered pages ({why_not})" if why_not
+              else "Pallas paged-attention kernel" + (" (interpreted)" if interpreted else ""))
     print(f"tfm-jax serve: {cfg.run_dir} on http://{args.host}:{args.port} -- {num_pages - 1} "
           f"KV pages of {args.page_size} positions ({per_page:,} bytes each), {args.slots} "
-          f"slots, context {max_len}", file=sys.stderr, flush=True)
+          f"slots, context {max_len}; decode attention: {decode}", file=sys.stderr, flush=True)
     uvicorn.run(make_app(engine), host=args.host, port=args.port, log_level="warning")
     return 0
 
