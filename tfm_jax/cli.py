@@ -866,8 +866,7 @@ def run_serve(args) -> int:
     kernel = setup.ops.paged_attention
     interpreted = kernel is not None and getattr(kernel, "keywords", {}).get("interpret")
     why_not = ("quantized pages" if q.kv_cache != "none" else None if interpreted else
-               paged.unsupported(m.resolved_head_dim, args.page_size,
-                                 -(-max_len // args.page_size)))
+               paged.unsupported(m.resolved_head_dim, args.page_size))
     decode = ("gathered pages" if kernel is None else f"gathered pages ({why_not})" if why_not
               else "Pallas paged-attention kernel" + (" (interpreted)" if interpreted else ""))
     print(f"tfm-jax serve: {cfg.run_dir} on http://{args.host}:{args.port} -- {num_pages - 1} "

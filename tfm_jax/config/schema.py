@@ -691,7 +691,7 @@ class BackendConfig(_Section):
     paged_attention: Literal["auto", "gather", "pallas"] = Field(
         "auto", description="decode attention over a paged KV cache (tfm-jax serve): gather = "
         "copy each row's pages, then the ops set's cached attention (any platform); pallas = "
-        "jax's Pallas paged-attention kernel reading the pages in place (Triton on a GPU; on "
+        "tfm-jax's Pallas paged-attention kernel reading the pages in place (Triton on a GPU; on "
         "other platforms Pallas' interpreter, for testing only); auto = pallas on a GPU, else "
         "gather. Quantized pages and prefill chunks always gather")
 

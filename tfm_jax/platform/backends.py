@@ -217,7 +217,7 @@ def resolve_ops(cfg: Config, devices: list) -> Ops:
             ops = dataclasses.replace(ops, paged_attention=paged_ops.kernel(platform != "gpu"))
         elif paged == "pallas":
             raise ConfigError(f"backend.paged_attention=pallas: {why}; use "
-                              "backend.paged_attention=gather (or auto), or jax 0.10/0.11")
+                              "backend.paged_attention=gather (or auto)")
         else:
             note = f"paged decode: gather ({why})"
             ops = dataclasses.replace(ops, detail=f"{ops.detail}; {note}" if ops.detail

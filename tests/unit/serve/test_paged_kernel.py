@@ -56,16 +56,10 @@ def test_interpreted_kernel_equals_the_gather_path(h, hkv, page, pages_per_seq):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
 
 
-def test_split_plan_divides_the_block_table():
-    for n in (1, 2, 5, 6, 12, 36, 64, 100):
-        k, per = paged.split_plan(n)
-        assert n % k == 0 and (n // k) % per == 0 and k <= 16 and per <= 8
-
-
 def test_shapes_the_compiled_kernel_cannot_take_fall_back_to_gather():
-    assert paged.unsupported(64, 16, 36) is None
-    assert "head_dim 40" in paged.unsupported(40, 16, 36)
-    assert "fewer than 16" in paged.unsupported(64, 4, 17)     # 17 pages: 1 per block
+    assert paged.unsupported(64, 16) is None and paged.unsupported(128, 32) is None
+    assert "head_dim 40" in paged.unsupported(40, 16)
+    assert "page_size 8" in paged.unsupported(64, 8)
     layer = _pools(2, 8, 4, 12, 5, [3, 9])                    # head_dim 8: not for Triton
     q = jnp.zeros((2, 1, 4, 8), jnp.float32)
     pos = jnp.asarray([[2], [8]], jnp.int32)
@@ -117,7 +111,12 @@ def _decode_step_for_cuda(cfg_model):
     exp = jax.export.export(
         jax.jit(sched_like._decode_fn), platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
-    return exp(variables, layers, table, lengths, tokens).mlir_module()
+    try:
+        return exp(variables, layers, table, lengths, tokens).mlir_module()
+    except RuntimeError as err:        # jax 0.12 asks a GPU for its compute capability
+        if "No supported GPU devices found" not in str(err):
+            raise
+        pytest.skip(f"jax {jax.__version__} lowers a Triton kernel only with a GPU present")
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -125,11 +124,10 @@ def _decode_step_for_cuda(cfg_model):
 def test_decode_step_lowered_for_cuda_runs_the_triton_kernel(scan):
     cfg = cfg_of(2, scan_layers=scan, d_model=64)        # head_dim 16: shapes Triton takes
     text = _decode_step_for_cuda(cfg)
-    # one call of the kernel's function per layer (scanned: one in the loop body), whose body
-    # is the Triton custom call
-    calls = re.findall(r"call @([\w$.]+)", text)
-    assert calls.count("paged_attention") == (1 if scan else cfg.n_layers), calls
-    assert calls.count("__gpu$xla.gpu.triton") == 1
+    # one Triton kernel per layer (scanned: one in the loop body)
+    calls = re.findall(r"custom_call @([\w$.]+)", text)
+    assert calls.count("__gpu$xla.gpu.triton") == (1 if scan else cfg.n_layers), calls
+    assert "tfm_paged_decode" in text
     # no gathered copy of the pools (Hkv 2, 9 pages of 16, head_dim 16): the gathers left
     # read the embedding and the block table
     operands = re.findall(r"stablehlo\.gather.*?: \((tensor<[^>]+>)", text)
