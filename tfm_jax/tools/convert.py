@@ -205,7 +205,7 @@ def convert_run(run_dir: pathlib.Path | str, n_kv_heads: Optional[int] = None,
                          f"model: {have} vs {want}")
 
     def fresh(params, model_state):
-        return TrainState(jnp.zeros((), jnp.int32), params, model_state, setup.tx.init(params))
+        return TrainState(jnp.zeros((), jnp.int32), params, model_state, setup.opt_init(params))
 
     with setup.context():
         state = jax.jit(fresh, out_shardings=setup.state_shardings)(params, model_state)
