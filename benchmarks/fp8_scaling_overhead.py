@@ -99,12 +99,18 @@ def bench_shape(n: int, k: int, m: int, fmt: str, iters: int, repeats: int) -> d
     return {"shape": [n, k, m], "median_s": med,
             "gemm_gflops": 2 * n * k * m / med["gemm"] / 1e9,
             "amax_scale_over_gemm": med["amax_scale"] / med["gemm"],
+            # the same ratio per interleaved round: its spread says how far the median holds
+            "amax_scale_over_gemm_rounds": [a / g for a, g in zip(times["amax_scale"],
+                                                                  times["gemm"])],
             "qdq_over_gemm": med["qdq"] / med["gemm"],
             "dynamic_over_gemm": med["dynamic"] / med["gemm"]}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    from tfm_jax.ablate.provenance import load_average
+
     args = parse_args(argv)
+    load_start = load_average()
     rows = []
     for shape in args.shapes:
         try:
@@ -120,7 +126,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f"{r['dynamic_over_gemm']:.2f}x the GEMM")
     import jax
 
+    from tfm_jax.ablate.provenance import load_average, provenance
+
+    prov = provenance("python -m benchmarks.fp8_scaling_overhead " + " ".join(
+        sys.argv[1:] if argv is None else argv), jax.devices()[:1])
+    prov["load_start"] = load_start
+    prov["load_end"] = load_average()
     res = {"device": str(jax.devices()[0]), "fmt": args.fmt, "rows": rows,
+           "repeats": args.repeats, "provenance": prov,
            "note": "wall-clock on a shared CPU: indicative only (see the module doc)"}
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(res, indent=1))

@@ -10,7 +10,7 @@ check that the unquantized cache path computes the same thing.
     tfm-jax train train.steps=300 run.dir=runs/tiny-300          # a short trained run
     python experiments/scripts/kv_cache_quant.py --run-dir runs/tiny-300 [--batches 8] [--json out.json]
 
-Targets (issue #9): int8 within 0.5 %, fp8 within 1 % of the unquantized perplexity.
+Targets: int8 within 0.5 %, fp8 within 1 % of the unquantized perplexity.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if _ROOT not in sys.path:
 
 VARIANTS = [("none", "per_token_head"), ("int8", "per_token_head"), ("int8", "per_token"),
             ("fp8", "per_token_head"), ("fp8", "per_token")]
-TARGETS = {"int8": 0.5, "fp8": 1.0}    # max perplexity increase in %, issue #9
+TARGETS = {"int8": 0.5, "fp8": 1.0}    # max perplexity increase in %
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

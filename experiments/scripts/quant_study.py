@@ -1,4 +1,4 @@
-"""Quantization studies on a trained run (issue #10, part 3): error per format x granularity x
+"""Quantization studies on a trained run: error per format x granularity x
 strategy on real tensors, per-channel vs per-tensor for QKV vs FFN, EMA beta sensitivity, static
 vs dynamic scaling under distribution shift, and the INT8 / INT4 / FP8 inference perplexity.
 
@@ -668,7 +668,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> dict[str, Any]:
+    import jax
+
     from tfm_jax import data as data_lib
+    from tfm_jax.ablate.provenance import load_average, provenance
+    from tfm_jax.ablate.report import scale_of
     from tfm_jax.tools.calibrate import calibration_batches, restore_checkpoint
     from tfm_jax.tools.convert import load_run_config
 
@@ -694,9 +698,11 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> dict[str,
     projs = sorted(caps[-1])
     errors = study_errors(caps)
     ema_projs = [projs[0], projs[-1]]
+    command = "python -m experiments.scripts.quant_study " + " ".join(argv or [])
+    prov = provenance(command, jax.devices()[:1])
     res: dict[str, Any] = {
-        "run_dir": str(run_dir), "batches": args.batches,
-        "command": "python -m experiments.scripts.quant_study " + " ".join(argv or []),
+        "run_dir": str(run_dir), "batches": args.batches, "command": command,
+        "scale": scale_of([cfg]), "provenance": prov,
         "projections": projs, "errors": errors, "qkv_vs_ffn": qkv_vs_ffn(errors),
         "ema": study_ema(caps, ema_projs, args.ema_steps), "shift": study_shift(caps),
         "reversed": reversed_formula(caps)}
@@ -705,6 +711,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> dict[str,
     if overhead:
         res["overhead"] = overhead
     res["seconds"] = time.perf_counter() - t0
+    prov["load_end"] = load_average()
     return _report(res, out)
 
 
