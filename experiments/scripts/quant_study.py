@@ -581,9 +581,14 @@ def claims(res: dict) -> list[dict]:
 
 
 def markdown(res: dict) -> str:
+    from tfm_jax.ablate.report import provenance_text
+
     lines = [f"# Quantization study: {res['run_dir']}", "",
              f"Tensors from {res['batches']} training batches (errors on the last; delayed "
              "scales from the earlier ones). Command: `" + res["command"] + "`", ""]
+    if res.get("provenance"):
+        lines += [f"Run: {res.get('scale', '?')}. Provenance: "
+                  f"{provenance_text(res['provenance'])}", ""]
     ppl = res.get("ppl")
     if ppl:
         lines += ["## Inference perplexity", "",

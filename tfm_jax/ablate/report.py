@@ -492,6 +492,23 @@ def measured_cell(c: dict[str, Any]) -> str:
     return f"{fmt(c['measured'])} [{fmt(iv[0])}, {fmt(iv[1])}] (n {c['n']})"
 
 
+def provenance_text(prov: Optional[dict[str, Any]]) -> str:
+    """``commit 1a2b3c4d (clean), jax 0.10.2, AMD EPYC 9B14 x2 cores, load 1.7 -> 4.0`` of a
+    results file's provenance record ('' without one)."""
+    if not prov:
+        return ""
+    git, ver, mach = prov.get("git") or {}, prov.get("versions") or {}, prov.get("machine") or {}
+    commit = (git.get("commit") or "")[:8]
+    state = {True: "dirty tree", False: "clean"}.get(git.get("dirty"), "tree state unknown")
+    parts = [f"commit {commit} ({state})" if commit else "no git checkout",
+             f"jax {ver.get('jax')}" if ver.get("jax") else "",
+             f"{mach.get('cpu')} x{mach.get('cores')} cores" if mach.get("cpu") else ""]
+    ls, le = prov.get("load_start"), prov.get("load_end")
+    if ls and le:
+        parts.append(f"load {ls[0]:g} -> {le[0]:g}")
+    return ", ".join(p for p in parts if p)
+
+
 def markdown(results: dict[str, Any]) -> str:
     """``results.md``: per-variant mean ± std, series tables, claims, runs, plots."""
     exp = results["experiment"]
@@ -501,8 +518,11 @@ def markdown(results: dict[str, Any]) -> str:
     if exp.get("description"):
         out += [exp["description"].strip(), ""]
     out += [f"Command: `{results['command']}`  ", f"Written: {results['written']}  ",
-            f"Where: {results['where']}  ",
-            f"Seeds: {', '.join(map(str, exp['seeds']))} (mean ± sample std over the seeds that "
+            f"Where: {results['where']}  "]
+    prov = provenance_text(results.get("provenance"))
+    if prov:
+        out.append(f"Provenance: {prov}  ")
+    out += [f"Seeds: {', '.join(map(str, exp['seeds']))} (mean ± sample std over the seeds that "
             "finished; n in the runs table)", ""]
     out += ["## Results", "", scalars_table(results), ""]
     paired = agg.get("paired", {})

@@ -1,7 +1,6 @@
 """The studies' committed results as the claims ledger reads them (no jax).
 
-:class:`Sources` reads ``studies/<study>/results.json`` (or, for a study committed without it,
-the tables of its ``results.md``) and re-decides a claim from the per-run data under the
+:class:`Sources` reads ``studies/<study>/results.json`` and re-decides a claim from the per-run data under the
 claim's declaration in the current experiment file (:meth:`Sources.judge`, by
 :func:`tfm_jax.ablate.report.judge_claim`); :func:`from_study` turns that into a ledger
 :class:`Finding`. The ledger's verdict words are defined here.
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import re
 from typing import Any, Callable, Optional
@@ -41,7 +39,9 @@ STUDIES: dict[str, tuple[str, str]] = {
     "attention": ("studies/ablate_attention/results.json",
                   "tfm-jax ablate attention  (copy to studies/ablate_attention/)"),
     "quant": ("studies/quant_study/results.json",
-              "python -m experiments.scripts.quant_study --run-dir runs/tiny-300"),
+              "python -m experiments.scripts.quant_study --run-dir runs/tiny-300 --out "
+              "runs/quant-study --overhead-json runs/quant-overhead.json  (the run and the overhead "
+              "file: docs/low-precision.md)"),
     "fp8_training": ("studies/fp8_training/results.json", "tfm-jax ablate fp8_training"),
     "fp8_training_long": ("studies/fp8_training_long/results.json",
                           "tfm-jax ablate fp8_training_long  (copy to "
@@ -72,63 +72,8 @@ class Finding:
     note: str = ""
 
 
-
 # --------------------------------------------------------------------------------------------
 # Reading the studies' results.
-
-
-def _table_rows(text: str, section: str) -> list[list[str]]:
-    """The cells of the Markdown table under ``## section`` of a results.md."""
-    rows, inside = [], False
-    for line in text.splitlines():
-        if line.startswith("## "):
-            inside = line.strip() == f"## {section}"
-            continue
-        if inside and line.startswith("|") and not line.startswith("|---"):
-            rows.append([c.strip() for c in line.strip().strip("|").split(" | ")])
-    return rows
-
-
-def _claims_from_markdown(text: str) -> list[dict[str, Any]]:
-    """The ``## Claims`` table of an ablation's results.md (for studies committed without
-    their results.json): rows with claim, source, claimed, measured, verdict, where."""
-    return [dict(zip(("n", "claim", "source", "claimed", "measured", "verdict", "where"), c))
-            for c in _table_rows(text, "Claims") if c[0] != "#" and len(c) >= 7]
-
-
-def _runs_from_markdown(text: str) -> list[dict[str, Any]]:
-    """Per-run validation loss of the ``## Runs`` table (4 significant digits; perplexity =
-    exp(val_loss), the byte-level definition of the measurement)."""
-    runs, col = [], None
-    for c in _table_rows(text, "Runs"):
-        if c[0] == "variant":
-            col = c.index("val_loss") if "val_loss" in c else None
-            continue
-        if col is None or len(c) <= col:
-            continue
-        try:
-            loss = float(c[col].replace(",", ""))
-        except ValueError:
-            continue
-        runs.append({"variant": c[0], "seed": int(c[1]), "status": c[2],
-                     "metrics": {"val_loss": loss, "perplexity": math.exp(loss)}})
-    return runs
-
-
-def _scalars_from_markdown(text: str) -> dict[str, dict[str, Any]]:
-    """``{variant: {metric: {"mean", "std"}}}`` of the ``## Results`` table (mean ± std)."""
-    rows = _table_rows(text, "Results")
-    if not rows or rows[0][0] != "metric":
-        return {}
-    variants, out = rows[0][1:], {}
-    for c in rows[1:]:
-        for v, cell in zip(variants, c[1:]):
-            m = re.fullmatch(r"([-0-9.,]+)(?: ± ([0-9.,]+))?", cell)
-            if m:
-                out.setdefault(v, {})[c[0]] = {
-                    "mean": float(m.group(1).replace(",", "")),
-                    "std": float(m.group(2).replace(",", "")) if m.group(2) else None}
-    return out
 
 
 class Sources:
@@ -144,16 +89,6 @@ class Sources:
             path = self.root / rel
             if path.is_file():
                 self._cache[study] = json.loads(path.read_text())
-            elif path.with_suffix(".md").is_file():
-                md = path.with_suffix(".md").read_text()
-                where = re.search(r"^Where: (.*?)\s*$", md, re.M)
-                runs = _runs_from_markdown(md)
-                self._cache[study] = {
-                    "claims": _claims_from_markdown(md), "from_markdown": True, "runs": runs,
-                    "md_scalars": _scalars_from_markdown(md),
-                    "experiment": {"name": study, "variants": list(dict.fromkeys(
-                        r["variant"] for r in runs)), "seeds": sorted({r["seed"] for r in runs})},
-                    "where": where.group(1) if where else ""}
             else:
                 raise Missing(f"{rel} not found", command)
         return self._cache[study]
@@ -221,34 +156,8 @@ class Sources:
         runs = res.get("runs") or []
         variants = list(res.get("experiment", {}).get("variants") or [])
         agg = res.get("aggregates") or aggregate(runs, variants)
-        row = judge_claim(decl, agg, self.where(study), runs if runs else None,
-                          self.device_kind(study))
-        if row["verdict"] == "not measured" and res.get("md_scalars"):
-            row = self._welch(decl, row, res["md_scalars"],
-                              len(res.get("experiment", {}).get("seeds") or []))
-        return row
-
-    @staticmethod
-    def _welch(decl: dict[str, Any], row: dict[str, Any], scalars: dict[str, Any], n: int
-               ) -> dict[str, Any]:
-        """A difference ``m[a] - m[b]`` whose per-run values were not kept: the unpaired
-        Welch interval from each variant's mean ± sd (n = the seeds of the study)."""
-        hit = re.fullmatch(r"\s*(\w+)\[(\w+)\]\s*-\s*(\w+)\[(\w+)\]\s*",
-                           decl.get("metric") or "")
-        if not hit or hit.group(1) != hit.group(3):
-            return row
-        name, a, b = hit.group(1), hit.group(2), hit.group(4)
-        sa, sb = scalars.get(a, {}).get(name), scalars.get(b, {}).get(name)
-        if n < 2 or not sa or not sb or sa["std"] is None or sb["std"] is None:
-            return row
-        iv = V.welch_interval(sa["mean"], sa["std"], n, sb["mean"], sb["std"], n)
-        verdict, why = V.decide(decl["kind"], iv, expected=float(decl.get("expected") or 0),
-                                margin=None if decl.get("margin") is None
-                                else float(decl["margin"]), direction=decl.get("direction"))
-        return {**row, "verdict": verdict, "measured": iv.mean, "interval": [iv.lo, iv.hi],
-                "n": n, "mde": None, "note": decl.get("note"),
-                "why": f"{why}; unpaired Welch interval from the results table's mean ± sd "
-                       f"(per-run {name} not kept)"}
+        return judge_claim(decl, agg, self.where(study), runs if runs else None,
+                           self.device_kind(study))
 
 
 def fmt(x: Any) -> str:
@@ -300,14 +209,8 @@ def from_study(study: str, contains: str, *, measured: Optional[Callable[[Any], 
         if v == NOT_MEASURABLE and row.get("measured") is not None:
             text = f"stand-in: {text} ({row.get('stand_in_verdict')} as a stand-in)"
         elif v == NOT_MEASURABLE:
-            try:
-                committed = src.claim_row(study, contains).get("measured")
-                text = f"stand-in (committed results.md): {fmt(committed)}"
-            except Missing:
-                text = "—"
+            text = "—"
         extra = [note, str(row.get("note") or "") if not note else "", row.get("why") or ""]
-        if src.results(study).get("from_markdown"):
-            extra.append("per-run val_loss read from results.md (4 digits; no results.json)")
         return Finding(text, v, row["where"], "; ".join(x for x in extra if x))
     return extract
 

@@ -1,6 +1,6 @@
 """The claims ledger (tfm_jax.ablate.claims): CLAIMS.md regenerates from the committed results;
 rows re-decided from per-run data under the experiment files' declarations (against scipy's t
-intervals), the Markdown fallback, missing results, the arithmetic rows against hand-computed
+intervals), missing results, the arithmetic rows against hand-computed
 values, the stated rules of the quantization rows, hardware rows, the table and
 `tfm-jax claims`."""
 
@@ -114,34 +114,6 @@ def test_from_study_rejudges_per_seed_under_the_declaration(tmp_path):
     assert finding([x + 0.05 for x in ln]).verdict == INCONSISTENT
     assert finding([x + d for x, d in zip(ln, (0.03, -0.02, 0.04, -0.01, 0.02))]).verdict == \
         INCONCLUSIVE
-
-
-def test_markdown_fallback_and_welch(tmp_path):
-    md = tmp_path / "studies/ablate_attention/results.md"
-    md.parent.mkdir(parents=True)
-    md.write_text(
-        "# Ablation\n\nWhere: cpu (X), 1 device(s)\n\n## Results\n\n"
-        "| metric | single | mha |\n|---|---|---|\n"
-        "| train_loss_step100 | 2.329 ± 0.039 | 2.302 ± 0.047 |\n\n## Claims\n\n"
-        "| # | claim | source | claimed | measured | verdict | where measured |\n"
-        "|---|---|---|---|---|---|---|\n"
-        "| 1 | MHA trains 2.1x faster than one head | seed | 2.100 | 0.9164 | does not "
-        "hold | CPU x1 |\n\n## Runs\n\n"
-        "| variant | seed | status | outcome | wall s | val_loss | error |\n|---|---|---|---|---|---|---|\n"
-        + "".join(f"| {v} | {s} | ok | trained | 1.0 | {x} |  |\n" for v, s, x in (
-            ("single", 0, 1.635), ("single", 1, 1.653), ("single", 2, 1.594),
-            ("mha", 0, 1.523), ("mha", 1, 1.535), ("mha", 2, 1.506))))
-    src = Sources(tmp_path)
-    runs = src.results("attention")["runs"]
-    assert runs[3]["metrics"]["perplexity"] == pytest.approx(math.exp(1.523))
-    f = claims.from_study("attention", "generalize better")(src)          # paired, val_loss
-    d = [1.635 - 1.523, 1.653 - 1.535, 1.594 - 1.506]
-    ci = sps.ttest_1samp(d, 0).confidence_interval(0.95)
-    assert f.verdict == CONSISTENT and claims.fmt(ci.low) in f.measured
-    f = claims.from_study("attention", "converge faster")(src)           # Welch from mean ± sd
-    assert f.verdict == INCONCLUSIVE and "Welch" in f.note
-    f = claims.from_study("attention", "2.1x faster")(src)               # an H100 claim
-    assert f.verdict == NOT_MEASURABLE and "0.9164" in f.measured
 
 
 def test_welch_interval_against_scipy():
