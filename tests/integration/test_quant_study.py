@@ -93,11 +93,18 @@ def test_study_smoke(run, tmp_path, capsys):
     assert str(out / "results.md") in printed
     saved = json.loads((out / "results.json").read_text())
     assert saved["batches"] == 2 and len(saved["projections"]) == 14
+    # what produced it: the commit (or None outside a checkout), machine, load, the command
+    prov = saved["provenance"]
+    assert set(prov["git"]) == {"commit", "dirty"} and prov["versions"]["jax"] == jax.__version__
+    assert prov["load_start"] is not None and prov["load_end"] is not None
+    assert prov["command"].startswith("python -m experiments.scripts.quant_study --run-dir")
+    assert saved["scale"] == "d32 L2, 20 steps, byte-level"
     for name in ("snr_format_granularity", "snr_strategy", "per_channel_gain", "ema_beta",
                  "static_vs_dynamic_shift"):
         assert (out / f"{name}.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "## Seed Ch2 claims" in md and "| ffn | kernel | int8 |" in md
+    assert "Provenance: commit " in md or "Provenance: no git checkout" in md
     err = {(r["role"], r["format"], r["granularity"], r["strategy"]): r
            for r in res["errors"] if r["group"] == "all"}
     # sanity of the numbers: more bits, less error; finer granularity, no worse
