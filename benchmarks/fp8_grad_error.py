@@ -28,7 +28,7 @@ import sys
 
 VARIANTS = {
     "fp32, next batch (minibatch noise)": None,
-    "fp32, OpenBLAS sgemm (summation order)": ["backend.cpu_blas=openblas"],
+    "fp32, XLA's GEMMs (summation order)": ["backend.cpu_kernels=xla"],
     "input e4m3": ["quant.recipe=fp8_dynamic", "quant.fp8_operands=[input]"],
     "kernel e4m3": ["quant.recipe=fp8_dynamic", "quant.fp8_operands=[kernel]"],
     "output gradient e5m2": ["quant.recipe=fp8_dynamic", "quant.fp8_operands=[output_grad]"],
@@ -51,10 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from tfm_jax import data as data_lib
+    from tfm_jax.ablate.provenance import load_average
     from tfm_jax.train.checkpoint import restore_latest
     from tfm_jax.tools.convert import load_run_config
     from tfm_jax.train import build, masked_ce_sum
 
+    load_start = load_average()
     run = pathlib.Path(args.run_dir)
     base = load_run_config(run)
     if base.quant.recipe != "none":
@@ -114,9 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         print(f"{name:42s} {r['cos']:13.6f} {r['rel_err']:8.4f} {r['systematic']:10.3f}")
     if args.json:
+        from tfm_jax.ablate.provenance import provenance
+
+        prov = provenance("python -m benchmarks.fp8_grad_error " + " ".join(
+            sys.argv[1:] if argv is None else argv), devices)
+        prov["load_start"], prov["load_end"] = load_start, load_average()
         pathlib.Path(args.json).write_text(json.dumps(
             {"run_dir": str(run), "step": int(state.step), "batches": args.batches,
-             "variants": rows}, indent=1))
+             "variants": rows, "provenance": prov}, indent=1))
     return 0
 
 
