@@ -1,5 +1,5 @@
 """How much does each FP8 tensor change one training gradient? A probe behind the
-``fp8_error_sources`` study (README, "Where the loss goes").
+``fp8_error_sources`` study ("Where the loss goes" in docs/low-precision.md).
 
 At the weights of a trained float32 run, the gradient of the training loss on a batch is taken
 with the fp32 model and with the FP8 dot quantizing one tensor at a time
