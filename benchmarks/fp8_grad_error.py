@@ -51,19 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from tfm_jax import data as data_lib
-    from tfm_jax.ablate.provenance import load_average
+    from tfm_jax.ablate.provenance import load_average, provenance
     from tfm_jax.train.checkpoint import restore_latest
     from tfm_jax.tools.convert import load_run_config
     from tfm_jax.train import build, masked_ce_sum
 
-    load_start = load_average()
+    devices = jax.devices()[:1]
+    prov = provenance("python -m benchmarks.fp8_grad_error " + " ".join(
+        sys.argv[1:] if argv is None else argv), devices)
     run = pathlib.Path(args.run_dir)
     base = load_run_config(run)
     if base.quant.recipe != "none":
         print(f"--run-dir {run}: quant.recipe={base.quant.recipe}; give a float32 run "
               "(quant.recipe none), whose parameters fit every variant", file=sys.stderr)
         return 2
-    devices = jax.devices()[:1]
     setup = build(base, devices)
     state = restore_latest(run / "checkpoints", setup.abstract_state(), what="fp8_grad_error")
     corpus = data_lib.load_corpus(base.data.path, base.data.val_fraction, base.data.cache_dir)
@@ -116,11 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         print(f"{name:42s} {r['cos']:13.6f} {r['rel_err']:8.4f} {r['systematic']:10.3f}")
     if args.json:
-        from tfm_jax.ablate.provenance import provenance
-
-        prov = provenance("python -m benchmarks.fp8_grad_error " + " ".join(
-            sys.argv[1:] if argv is None else argv), devices)
-        prov["load_start"], prov["load_end"] = load_start, load_average()
+        prov["load_end"] = load_average()
         pathlib.Path(args.json).write_text(json.dumps(
             {"run_dir": str(run), "step": int(state.step), "batches": args.batches,
              "variants": rows, "provenance": prov}, indent=1))

@@ -107,10 +107,13 @@ def bench_shape(n: int, k: int, m: int, fmt: str, iters: int, repeats: int) -> d
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    from tfm_jax.ablate.provenance import load_average
+    import jax
+
+    from tfm_jax.ablate.provenance import load_average, provenance
 
     args = parse_args(argv)
-    load_start = load_average()
+    prov = provenance("python -m benchmarks.fp8_scaling_overhead " + " ".join(
+        sys.argv[1:] if argv is None else argv), jax.devices()[:1])
     rows = []
     for shape in args.shapes:
         try:
@@ -124,13 +127,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f"{100 * r['amax_scale_over_gemm']:6.2f} % of it | qdq "
               f"{100 * r['qdq_over_gemm']:6.1f} % | emulated dynamic dot "
               f"{r['dynamic_over_gemm']:.2f}x the GEMM")
-    import jax
-
-    from tfm_jax.ablate.provenance import load_average, provenance
-
-    prov = provenance("python -m benchmarks.fp8_scaling_overhead " + " ".join(
-        sys.argv[1:] if argv is None else argv), jax.devices()[:1])
-    prov["load_start"] = load_start
     prov["load_end"] = load_average()
     res = {"device": str(jax.devices()[0]), "fmt": args.fmt, "rows": rows,
            "repeats": args.repeats, "provenance": prov,

@@ -697,6 +697,8 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> dict[str,
             res["overhead"] = overhead
         return _report(res, out)
     t0 = time.perf_counter()
+    command = "python -m experiments.scripts.quant_study " + " ".join(argv or [])
+    prov = provenance(command, jax.devices()[:1])
     cfg = load_run_config(run_dir)
     corpus = data_lib.load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.data.cache_dir,
                                   include=cfg.data.include)
@@ -706,8 +708,6 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> dict[str,
     projs = sorted(caps[-1])
     errors = study_errors(caps)
     ema_projs = [projs[0], projs[-1]]
-    command = "python -m experiments.scripts.quant_study " + " ".join(argv or [])
-    prov = provenance(command, jax.devices()[:1])
     res: dict[str, Any] = {
         "run_dir": str(run_dir), "batches": args.batches, "command": command,
         "scale": scale_of([cfg]), "provenance": prov,
